@@ -1,0 +1,56 @@
+"""lowprec_kernels: fused low-precision kernels for PyTorch (LLM.int8, NF4/FP4, 8-bit Adam).
+
+Every capability is a ``torch.ops.lowprec`` op with a pure-PyTorch ``reference`` kernel and,
+where built and present, ``cpu`` (C++), ``cuda`` (CUDA C++) and ``triton`` kernels.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+from lowprec_kernels import _ops, reference  # noqa: F401 - define the ops, register references
+from lowprec_kernels._dispatch import available_backends, use_backend
+from lowprec_kernels.quant_state import QuantState
+
+__version__ = "0.1.0"
+
+try:
+    from lowprec_kernels import _C
+except ImportError as _err:  # the package still works on the reference backend
+    _C = None
+    _C_IMPORT_ERROR: str | None = str(_err)
+else:
+    _C_IMPORT_ERROR = None
+
+
+def _load_backend(module: str) -> None:
+    try:
+        importlib.import_module(f"lowprec_kernels.backends.{module}")
+    except ImportError as err:
+        warnings.warn(f"lowprec_kernels: backend {module!r} not loaded: {err}", stacklevel=2)
+
+
+if _C is not None:
+    _load_backend("cpu")
+    _load_backend("cuda")
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass
+else:
+    _load_backend("triton")
+
+from lowprec_kernels import functional  # noqa: E402
+
+
+def build_info() -> dict:
+    """What was compiled into ``_C`` (CPU ISA paths, CUDA archs, constants) and what is usable."""
+    info = (
+        dict(_C.build_info()) if _C is not None else {"compiled": False, "error": _C_IMPORT_ERROR}
+    )
+    info["available_backends"] = available_backends()
+    return info
+
+
+__all__ = ["QuantState", "available_backends", "build_info", "functional", "use_backend"]

@@ -1,0 +1,99 @@
+"""Backend registry: which kernel runs an op, for a device, under the active backend choice.
+
+Every op in ``_ops.py`` has one router implementation registered with ``torch.library``.
+The router validates the arguments once, then asks :func:`kernel_for` for the kernel of
+the active backend. Backends register plain Python callables with :func:`register_kernel`;
+those callables have exactly the op's signature and may assume validated arguments.
+
+Choice order when no backend is forced: ``cuda`` then ``triton`` for CUDA tensors, ``cpu``
+for CPU tensors, and ``reference`` for everything else. A forced backend (``use_backend``)
+that has no kernel for the op on that device falls back to ``reference``, never to an
+error: the reference runs on any device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+# Default preference per device type, best first; "reference" always closes the list.
+_DEFAULT_ORDER = {
+    "cuda": ("cuda", "triton", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+
+# (op name, backend) -> {device type or "any": kernel}
+_KERNELS: dict[tuple[str, str], dict[str, Callable]] = {}
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "lowprec_backend", default=None
+)
+# Backends whose runtime is present (set by the backend modules when they load).
+_AVAILABLE: dict[str, bool] = {name: name == "reference" for name in BACKENDS}
+
+
+def register_kernel(op: str, backend: str, device: str = "any") -> Callable[[Callable], Callable]:
+    """Decorator: ``fn`` implements ``torch.ops.lowprec.<op>`` for ``backend`` on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def decorate(fn: Callable) -> Callable:
+        _KERNELS.setdefault((op, backend), {})[device] = fn
+        return fn
+
+    return decorate
+
+
+def mark_available(backend: str, available: bool = True) -> None:
+    _AVAILABLE[backend] = available
+
+
+def available_backends() -> dict[str, bool]:
+    """Which backends can run here: ``{"reference": True, "cpu": bool, "cuda": bool, "triton": bool}``."""
+    return dict(_AVAILABLE)
+
+
+def active_backend() -> str | None:
+    """The backend forced by the innermost ``use_backend`` block, or None (automatic choice)."""
+    return _FORCED.get()
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every lowprec op in this block (and this thread/task) to use backend ``name``.
+
+    A forced backend that lacks a kernel for an op on the tensors' device falls back to
+    ``reference``. Forcing a backend whose runtime is missing raises ``RuntimeError``.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"use_backend: name must be one of {BACKENDS}, got {name!r}")
+    if not _AVAILABLE.get(name, False):
+        raise RuntimeError(
+            f"use_backend: backend {name!r} is not available here "
+            f"(available: {[b for b, ok in _AVAILABLE.items() if ok]})"
+        )
+    token = _FORCED.set(name)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def _lookup(op: str, backend: str, device_type: str) -> Callable | None:
+    if not _AVAILABLE.get(backend, False):
+        return None
+    table = _KERNELS.get((op, backend), {})
+    return table.get(device_type) or table.get("any")
+
+
+def kernel_for(op: str, device_type: str) -> tuple[str, Callable]:
+    """The (backend name, kernel) that runs ``op`` on ``device_type`` right now."""
+    forced = _FORCED.get()
+    order = (forced, "reference") if forced else _DEFAULT_ORDER.get(device_type, ("reference",))
+    for backend in order:
+        fn = _lookup(op, backend, device_type)
+        if fn is not None:
+            return backend, fn
+    raise NotImplementedError(f"lowprec::{op} has no reference kernel registered")

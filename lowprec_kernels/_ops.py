@@ -1,0 +1,495 @@
+"""Every ``torch.ops.lowprec`` op: its schema, its argument checks and its fake implementation.
+
+This file is the single source of truth for signatures and validation. Each op is defined
+once here with
+
+* a *checker* that raises ``TypeError``/``ValueError`` naming the bad argument and what was
+  expected; it runs in the fake implementation (meta/compile) and in eager mode before any
+  backend kernel, so no backend repeats it;
+* a *fake* implementation giving output shapes and dtypes (``torch.compile``, meta tensors);
+* one *router* kernel (``CompositeExplicitAutograd``, so every device) that runs the checker
+  and calls the kernel of the active backend (``_dispatch.kernel_for``).
+
+Backend kernels (``reference/``, ``backends/``) register against the op names below and can
+assume validated arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from lowprec_kernels._dispatch import kernel_for
+from lowprec_kernels.reference.codebooks import QUANT_TYPES_4BIT
+from lowprec_kernels.reference.int8 import int8_dequantize_weight
+
+_LIB = torch.library.Library("lowprec", "DEF")  # noqa: TOR901 - the namespace is ours alone
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCKSIZES_8BIT = tuple(2**k for k in range(6, 13))  # 64 .. 4096
+BLOCKSIZES_4BIT = tuple(2**k for k in range(5, 13))  # 32 .. 4096
+NESTED_BLOCKSIZES = BLOCKSIZES_8BIT
+CODEBOOK_SIZE_8BIT = 256
+CODEBOOK_SIZE_4BIT = 16
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _fail(exc: type[Exception], op: str, msg: str) -> None:
+    raise exc(f"lowprec.{op}: {msg}")
+
+
+def _check_tensor(op: str, name: str, t, dtypes: Sequence[torch.dtype] | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(TypeError, op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        _fail(TypeError, op, f"{name} must have dtype in ({names}), got {t.dtype}")
+
+
+def _check_nonempty(op: str, name: str, t: torch.Tensor) -> None:
+    if t.numel() == 0:
+        _fail(ValueError, op, f"{name} must not be empty (got shape {tuple(t.shape)})")
+
+
+def _check_same_device(op: str, ref_name: str, ref: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            _fail(
+                ValueError,
+                op,
+                f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}",
+            )
+
+
+def _check_numel(op: str, name: str, t: torch.Tensor, expected: int, why: str) -> None:
+    if t.numel() != expected:
+        _fail(ValueError, op, f"{name} must have {expected} elements ({why}), got {t.numel()}")
+
+
+def _check_choice(op: str, name: str, value, allowed: Sequence) -> None:
+    if value not in allowed:
+        _fail(ValueError, op, f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def _check_codebook(op: str, name: str, code: torch.Tensor, size: int) -> None:
+    _check_tensor(op, name, code, (torch.float32,))
+    _check_numel(op, name, code, size, f"a float32 codebook of {size} sorted entries")
+
+
+def num_blocks(n: int, blocksize: int) -> int:
+    return -(-n // blocksize)
+
+
+def check_quantize_blockwise(A, code, blocksize, op="quantize_blockwise") -> None:
+    _check_tensor(op, "A", A, FLOAT_DTYPES)
+    _check_nonempty(op, "A", A)
+    _check_codebook(op, "code", code, CODEBOOK_SIZE_8BIT)
+    _check_same_device(op, "A", A, code=code)
+    _check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
+
+
+def check_dequantize_blockwise(A, absmax, code, blocksize, dtype, op="dequantize_blockwise"):
+    _check_tensor(op, "A", A, (torch.uint8,))
+    _check_nonempty(op, "A", A)
+    _check_tensor(op, "absmax", absmax, (torch.float32,))
+    _check_codebook(op, "code", code, CODEBOOK_SIZE_8BIT)
+    _check_same_device(op, "A", A, absmax=absmax, code=code)
+    _check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
+    _check_choice(op, "dtype", dtype, FLOAT_DTYPES)
+    _check_numel(
+        op, "absmax", absmax, num_blocks(A.numel(), blocksize), f"one per block of {blocksize}"
+    )
+
+
+def check_quantize_4bit(A, blocksize, quant_type, op="quantize_4bit") -> None:
+    _check_tensor(op, "A", A, FLOAT_DTYPES)
+    _check_nonempty(op, "A", A)
+    _check_choice(op, "blocksize", blocksize, BLOCKSIZES_4BIT)
+    _check_choice(op, "quant_type", quant_type, QUANT_TYPES_4BIT)
+
+
+def check_4bit_weight(
+    op, A, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize
+) -> int:
+    """Checks a packed 4-bit weight and its (possibly double-quantized) scales; returns n."""
+    _check_tensor(op, "A", A, (torch.uint8,))
+    if len(shape) == 0 or any(s <= 0 for s in shape):
+        _fail(ValueError, op, f"shape must be a non-empty list of positive sizes, got {shape}")
+    n = math.prod(shape)
+    _check_numel(op, "A", A, (n + 1) // 2, f"two 4-bit codes per byte for shape {list(shape)}")
+    _check_choice(op, "blocksize", blocksize, BLOCKSIZES_4BIT)
+    _check_codebook(op, "code", code, CODEBOOK_SIZE_4BIT)
+    nb = num_blocks(n, blocksize)
+    nested = (nested_absmax, nested_code, offset)
+    if absmax is not None and isinstance(absmax, torch.Tensor) and absmax.dtype == torch.uint8:
+        if any(t is None for t in nested):
+            _fail(
+                ValueError,
+                op,
+                "a uint8 (double-quantized) absmax needs nested_absmax, nested_code and offset",
+            )
+        _check_tensor(op, "nested_absmax", nested_absmax, (torch.float32,))
+        _check_codebook(op, "nested_code", nested_code, CODEBOOK_SIZE_8BIT)
+        _check_tensor(op, "offset", offset, (torch.float32,))
+        _check_numel(op, "offset", offset, 1, "one float32 scalar")
+        _check_choice(op, "nested_blocksize", nested_blocksize, NESTED_BLOCKSIZES)
+        _check_numel(
+            op,
+            "nested_absmax",
+            nested_absmax,
+            num_blocks(nb, nested_blocksize),
+            f"one per block of {nested_blocksize} absmax codes",
+        )
+    else:
+        _check_tensor(op, "absmax", absmax, (torch.float32, torch.uint8))
+        if any(t is not None for t in nested):
+            _fail(
+                ValueError,
+                op,
+                "nested_absmax/nested_code/offset given but absmax is float32 (not double-quantized)",
+            )
+    _check_numel(op, "absmax", absmax, nb, f"one per block of {blocksize} for shape {list(shape)}")
+    _check_same_device(
+        op, "A", A, absmax=absmax, code=code, nested_absmax=nested_absmax, nested_code=nested_code,
+        offset=offset,
+    )  # fmt: skip
+    return n
+
+
+def check_dequantize_4bit(
+    A, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset, nested_blocksize
+):
+    op = "dequantize_4bit"
+    check_4bit_weight(
+        op, A, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize
+    )
+    _check_choice(op, "dtype", dtype, FLOAT_DTYPES)
+
+
+def _check_linear_input(op, x, in_features, weight_device_name, weight, bias, out_features):
+    _check_tensor(op, "x", x, FLOAT_DTYPES)
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        _fail(
+            ValueError,
+            op,
+            f"x must have last dimension in_features={in_features}, got shape {tuple(x.shape)}",
+        )
+    _check_same_device(op, weight_device_name, weight, x=x, bias=bias)
+    if bias is not None:
+        _check_tensor(op, "bias", bias, FLOAT_DTYPES)
+        if bias.dim() != 1 or bias.shape[0] != out_features:
+            _fail(
+                ValueError,
+                op,
+                f"bias must have shape ({out_features},), got {tuple(bias.shape)}",
+            )
+
+
+def check_matmul_4bit(
+    x, A, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize, bias
+):
+    op = "matmul_4bit"
+    check_4bit_weight(
+        op, A, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize
+    )
+    if len(shape) != 2:
+        _fail(ValueError, op, f"shape must be the 2-D weight shape [out, in], got {list(shape)}")
+    _check_linear_input(op, x, shape[1], "A", A, bias, shape[0])
+
+
+def check_int8_quantize_weight(W, op="int8_quantize_weight"):
+    _check_tensor(op, "W", W, FLOAT_DTYPES)
+    if W.dim() != 2:
+        _fail(ValueError, op, f"W must be 2-D [out_features, in_features], got {W.dim()}-D")
+    _check_nonempty(op, "W", W)
+
+
+def _check_threshold(op, threshold):
+    if not (threshold >= 0.0 and math.isfinite(threshold)):
+        _fail(
+            ValueError,
+            op,
+            f"threshold must be a finite number >= 0 (0 = no outliers), got {threshold}",
+        )
+
+
+def check_int8_vectorwise_quant(A, threshold, op="int8_vectorwise_quant"):
+    _check_tensor(op, "A", A, FLOAT_DTYPES)
+    if A.dim() == 0:
+        _fail(ValueError, op, "A must have at least one dimension (features last)")
+    _check_nonempty(op, "A", A)
+    _check_threshold(op, threshold)
+
+
+def _check_int8_weight(op, weight, weight_scale):
+    _check_tensor(op, "weight", weight, (torch.int8,))
+    if weight.dim() != 2:
+        _fail(
+            ValueError,
+            op,
+            f"weight must be 2-D int8 [out_features, in_features], got {weight.dim()}-D",
+        )
+    _check_tensor(op, "weight_scale", weight_scale, (torch.float32,))
+    if weight_scale.dim() != 1 or weight_scale.shape[0] != weight.shape[0]:
+        _fail(
+            ValueError,
+            op,
+            f"weight_scale must have shape ({weight.shape[0]},) (one per output row), "
+            f"got {tuple(weight_scale.shape)}",
+        )
+    _check_same_device(op, "weight", weight, weight_scale=weight_scale)
+
+
+def check_int8_scaled_mm(A, row_stats, weight, weight_scale, bias, dtype):
+    op = "int8_scaled_mm"
+    _check_int8_weight(op, weight, weight_scale)
+    _check_tensor(op, "A", A, (torch.int8,))
+    if A.dim() == 0 or A.shape[-1] != weight.shape[1]:
+        _fail(
+            ValueError,
+            op,
+            f"A must have last dimension in_features={weight.shape[1]}, got shape {tuple(A.shape)}",
+        )
+    _check_tensor(op, "row_stats", row_stats, (torch.float32,))
+    rows = A.numel() // A.shape[-1] if A.shape[-1] else 0
+    _check_numel(op, "row_stats", row_stats, rows, "one per row of A")
+    _check_choice(op, "dtype", dtype, FLOAT_DTYPES)
+    _check_same_device(op, "weight", weight, A=A, row_stats=row_stats, bias=bias)
+    if bias is not None:
+        _check_tensor(op, "bias", bias, FLOAT_DTYPES)
+        _check_numel(op, "bias", bias, weight.shape[0], "one per output feature")
+
+
+def check_int8_linear(x, weight, weight_scale, bias, threshold):
+    op = "int8_linear"
+    _check_int8_weight(op, weight, weight_scale)
+    _check_linear_input(op, x, weight.shape[1], "weight", weight, bias, weight.shape[0])
+    _check_threshold(op, threshold)
+
+
+def check_adam8bit_step(
+    p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, skipped,
+    lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, blocksize,
+):  # fmt: skip
+    op = "adam8bit_step_"
+    _check_tensor(op, "p", p, FLOAT_DTYPES)
+    _check_nonempty(op, "p", p)
+    _check_tensor(op, "g", g, (p.dtype,))
+    if g.shape != p.shape:
+        _fail(ValueError, op, f"g must have p's shape {tuple(p.shape)}, got {tuple(g.shape)}")
+    if not p.is_contiguous():
+        _fail(ValueError, op, "p must be contiguous (it is updated in place)")
+    nb = num_blocks(p.numel(), blocksize)
+    for name, t in (("state1", state1), ("state2", state2)):
+        _check_tensor(op, name, t, (torch.uint8,))
+        _check_numel(op, name, t, p.numel(), "one 8-bit code per parameter")
+        if not t.is_contiguous():
+            _fail(ValueError, op, f"{name} must be contiguous (it is updated in place)")
+    for name, t in (("absmax1", absmax1), ("absmax2", absmax2)):
+        _check_tensor(op, name, t, (torch.float32,))
+        _check_numel(op, name, t, nb, f"one per block of {blocksize}")
+    _check_codebook(op, "qmap1", qmap1, CODEBOOK_SIZE_8BIT)
+    _check_codebook(op, "qmap2", qmap2, CODEBOOK_SIZE_8BIT)
+    _check_tensor(op, "step", step, (torch.float32,))
+    _check_numel(op, "step", step, 1, "the step count as a float32 scalar tensor")
+    _check_tensor(op, "skipped", skipped, (torch.float32,))
+    _check_numel(op, "skipped", skipped, 1, "the count of skipped steps as a float32 scalar tensor")
+    _check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
+    if not lr >= 0.0:
+        _fail(ValueError, op, f"lr must be >= 0, got {lr}")
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= b < 1.0:
+            _fail(ValueError, op, f"{name} must be in [0, 1), got {b}")
+    if not eps >= 0.0:
+        _fail(ValueError, op, f"eps must be >= 0, got {eps}")
+    if not weight_decay >= 0.0:
+        _fail(ValueError, op, f"weight_decay must be >= 0, got {weight_decay}")
+    _check_same_device(
+        op, "p", p, g=g, state1=state1, state2=state2, absmax1=absmax1, absmax2=absmax2,
+        qmap1=qmap1, qmap2=qmap2, step=step, skipped=skipped,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- definitions
+
+
+def _first_tensor(args) -> torch.Tensor:
+    return next(a for a in args if isinstance(a, torch.Tensor))
+
+
+def _define(schema: str, check: Callable, fake_outputs: Callable) -> None:
+    """Defines ``lowprec::<schema>`` with its checker, fake implementation and router."""
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+
+    def fake(*args):
+        check(*args)
+        return fake_outputs(*args)
+
+    def route(*args):
+        check(*args)
+        _, kernel = kernel_for(name, _first_tensor(args).device.type)
+        return kernel(*args)
+
+    fake.__name__ = f"{name}_fake"
+    route.__name__ = f"{name}_route"
+    torch.library.register_fake(f"lowprec::{name}", fake, lib=_LIB)
+    _LIB.impl(name, route, "CompositeExplicitAutograd")
+
+
+def _empty(t: torch.Tensor, shape, dtype) -> torch.Tensor:
+    return t.new_empty(shape, dtype=dtype)
+
+
+_define(
+    "quantize_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)",
+    check_quantize_blockwise,
+    lambda A, code, bs: (
+        _empty(A, A.shape, torch.uint8),
+        _empty(A, (num_blocks(A.numel(), bs),), torch.float32),
+    ),
+)
+
+_define(
+    "dequantize_blockwise(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype)"
+    " -> Tensor",
+    check_dequantize_blockwise,
+    lambda A, absmax, code, bs, dtype: _empty(A, A.shape, dtype),
+)
+
+_define(
+    "quantize_4bit(Tensor A, int blocksize, str quant_type) -> (Tensor, Tensor)",
+    check_quantize_4bit,
+    lambda A, bs, qt: (
+        _empty(A, ((A.numel() + 1) // 2, 1), torch.uint8),
+        _empty(A, (num_blocks(A.numel(), bs),), torch.float32),
+    ),
+)
+
+_WEIGHT_4BIT_ARGS = (
+    "Tensor A, Tensor absmax, Tensor code, int blocksize, SymInt[] shape, "
+    "Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, int nested_blocksize"
+)
+
+_define(
+    "dequantize_4bit(Tensor A, Tensor absmax, Tensor code, int blocksize, SymInt[] shape, "
+    "ScalarType dtype, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
+    "int nested_blocksize) -> Tensor",
+    check_dequantize_4bit,
+    lambda A, absmax, code, bs, shape, dtype, *nested: _empty(A, shape, dtype),
+)
+
+_define(
+    f"matmul_4bit(Tensor x, {_WEIGHT_4BIT_ARGS}, Tensor? bias) -> Tensor",
+    check_matmul_4bit,
+    lambda x, A, absmax, code, bs, shape, *rest: _empty(x, (*x.shape[:-1], shape[0]), x.dtype),
+)
+
+_define(
+    "int8_quantize_weight(Tensor W) -> (Tensor, Tensor)",
+    check_int8_quantize_weight,
+    lambda W: (_empty(W, W.shape, torch.int8), _empty(W, (W.shape[0],), torch.float32)),
+)
+
+
+def _fake_int8_vectorwise_quant(A, threshold):
+    rows = A.numel() // A.shape[-1]
+    if threshold > 0.0:
+        # The number of outlier columns depends on the data: an unbacked size for compile.
+        k = torch.library.get_ctx().new_dynamic_size(max=A.shape[-1])
+    else:
+        k = 0
+    return (
+        _empty(A, A.shape, torch.int8),
+        _empty(A, (rows,), torch.float32),
+        _empty(A, (k,), torch.int64),
+    )
+
+
+_define(
+    "int8_vectorwise_quant(Tensor A, float threshold) -> (Tensor, Tensor, Tensor)",
+    check_int8_vectorwise_quant,
+    _fake_int8_vectorwise_quant,
+)
+
+_define(
+    "int8_scaled_mm(Tensor A, Tensor row_stats, Tensor weight, Tensor weight_scale, "
+    "Tensor? bias, ScalarType dtype) -> Tensor",
+    check_int8_scaled_mm,
+    lambda A, rs, W, ws, bias, dtype: _empty(A, (*A.shape[:-1], W.shape[0]), dtype),
+)
+
+_define(
+    "int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, float threshold)"
+    " -> Tensor",
+    check_int8_linear,
+    lambda x, W, ws, bias, thr: _empty(x, (*x.shape[:-1], W.shape[0]), x.dtype),
+)
+
+_define(
+    "adam8bit_step_(Tensor(a!) p, Tensor g, Tensor(b!) state1, Tensor(c!) state2, "
+    "Tensor(d!) absmax1, Tensor(e!) absmax2, Tensor qmap1, Tensor qmap2, Tensor(f!) step, "
+    "Tensor(g!) skipped, float lr, float beta1, float beta2, float eps, float weight_decay, "
+    "bool decoupled, float gnorm_scale, int blocksize) -> ()",
+    check_adam8bit_step,
+    lambda *args: None,
+)
+
+
+# --------------------------------------------------------------------------- autograd
+# The quantized weights are frozen (the QLoRA / LLM.int8 setting): gradients flow to the
+# input and the bias only.
+
+
+def _grad_bias(grad_out: torch.Tensor, bias_dtype: torch.dtype) -> torch.Tensor:
+    return grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(bias_dtype)
+
+
+def _matmul_4bit_setup(ctx, inputs, output):
+    x, A, absmax, code, bs, shape, nested_absmax, nested_code, offset, nbs, bias = inputs
+    ctx.weight_args = (A, absmax, code, bs, shape)
+    ctx.nested_args = (nested_absmax, nested_code, offset, nbs)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _matmul_4bit_backward(ctx, grad_out):
+    A, absmax, code, bs, shape = ctx.weight_args
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        W = torch.ops.lowprec.dequantize_4bit(
+            A, absmax, code, bs, shape, grad_out.dtype, *ctx.nested_args
+        )
+        grad_x = grad_out @ W
+    if ctx.needs_input_grad[10]:
+        grad_bias = _grad_bias(grad_out, ctx.bias_dtype)
+    return grad_x, None, None, None, None, None, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd(
+    "lowprec::matmul_4bit", _matmul_4bit_backward, setup_context=_matmul_4bit_setup, lib=_LIB
+)
+
+
+def _int8_linear_setup(ctx, inputs, output):
+    x, weight, weight_scale, bias, threshold = inputs
+    ctx.save_for_backward(weight, weight_scale)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _int8_linear_backward(ctx, grad_out):
+    weight, weight_scale = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_out @ int8_dequantize_weight(weight, weight_scale, grad_out.dtype)
+    if ctx.needs_input_grad[3]:
+        grad_bias = _grad_bias(grad_out, ctx.bias_dtype)
+    return grad_x, None, None, grad_bias, None
+
+
+torch.library.register_autograd(
+    "lowprec::int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup, lib=_LIB
+)

@@ -1,0 +1,1 @@
+"""Backend kernels, one module (or package) per backend; each registers with ``_dispatch``."""

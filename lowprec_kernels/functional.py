@@ -1,0 +1,188 @@
+"""The user-facing functions: thin, documented wrappers over ``torch.ops.lowprec``.
+
+Defaults follow bitsandbytes (blocksize 256 for 8-bit, 64 for 4-bit, NF4 with double
+quantization, LLM.int8 threshold 6.0). Validation happens once, in the ops (``_ops.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from lowprec_kernels import _ops  # noqa: F401 - defines torch.ops.lowprec
+from lowprec_kernels.quant_state import QuantState
+from lowprec_kernels.reference import codebooks
+
+__all__ = [
+    "dynamic_map",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "quantize_4bit",
+    "dequantize_4bit",
+    "matmul_4bit",
+    "int8_quantize_weight",
+    "int8_vectorwise_quant",
+    "int8_scaled_mm",
+    "int8_linear",
+    "adam8bit_step_",
+]
+
+NESTED_BLOCKSIZE = 256  # double quantization's blocksize (bitsandbytes' choice)
+
+
+def dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
+    """bitsandbytes' 8-bit dynamic map: float32[256], sorted ascending (a fresh tensor)."""
+    return codebooks.dynamic_map(signed, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_dynamic_map(signed: bool, device: torch.device) -> torch.Tensor:
+    # Read-only use inside this module; saves a host-to-device copy per call.
+    return codebooks.dynamic_map(signed, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
+    return codebooks.code_4bit(quant_type, device)
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 256):
+    """Blockwise 8-bit quantization: ``(codes uint8 like x, absmax float32 [nblocks])``.
+
+    ``code`` defaults to the signed dynamic map. NaN in a block makes its absmax NaN (and
+    its codes 0); an all-zero block encodes as the index of 0.0.
+    """
+    if code is None and isinstance(x, torch.Tensor):
+        code = _cached_dynamic_map(True, x.device)
+    return torch.ops.lowprec.quantize_blockwise(x, code, blocksize)
+
+
+def dequantize_blockwise(
+    q: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor | None = None,
+    blocksize: int = 256,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`: ``code[q] * absmax[block]`` in ``dtype``."""
+    if code is None and isinstance(q, torch.Tensor):
+        code = _cached_dynamic_map(True, q.device)
+    return torch.ops.lowprec.dequantize_blockwise(q, absmax, code, blocksize, dtype)
+
+
+def quantize_4bit(
+    w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True
+) -> tuple[torch.Tensor, QuantState]:
+    """4-bit quantization of a tensor of any rank: ``(packed uint8 [(n+1)//2, 1], QuantState)``.
+
+    With ``double_quant`` the block absmax values are themselves stored as 8-bit codes
+    (blocks of 256, signed dynamic map) around their mean: 4.127 bits per weight at
+    blocksize 64.
+    """
+    packed, absmax = torch.ops.lowprec.quantize_4bit(w, blocksize, quant_type)
+    nested = {}
+    if double_quant:
+        offset = absmax.mean()
+        nested_code = _cached_dynamic_map(True, w.device).clone()
+        absmax, nested_absmax = torch.ops.lowprec.quantize_blockwise(
+            absmax - offset, nested_code, NESTED_BLOCKSIZE
+        )
+        nested = dict(
+            nested_absmax=nested_absmax,
+            nested_code=nested_code,
+            nested_blocksize=NESTED_BLOCKSIZE,
+            offset=offset,
+        )
+    state = QuantState(
+        quant_type=quant_type,
+        blocksize=blocksize,
+        shape=w.shape,
+        dtype=w.dtype,
+        absmax=absmax,
+        code=_cached_code_4bit(quant_type, w.device).clone(),
+        **nested,
+    )
+    return packed, state
+
+
+def _check_state(fn: str, st) -> None:
+    if not isinstance(st, QuantState):
+        raise TypeError(
+            f"{fn}: quant_state must be a lowprec_kernels.QuantState, got {type(st).__name__}"
+        )
+
+
+def dequantize_4bit(qw: torch.Tensor, quant_state: QuantState, dtype=None) -> torch.Tensor:
+    """Decodes a 4-bit tensor to ``dtype`` (default: the original ``quant_state.dtype``)."""
+    _check_state("dequantize_4bit", quant_state)
+    absmax, code, bs, shape, *nested = quant_state.op_args()
+    return torch.ops.lowprec.dequantize_4bit(
+        qw, absmax, code, bs, shape, dtype or quant_state.dtype, *nested
+    )
+
+
+def matmul_4bit(
+    x: torch.Tensor, qw: torch.Tensor, quant_state: QuantState, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ dequantize_4bit(qw).T + bias`` fused, in x's dtype; differentiable in x and bias."""
+    _check_state("matmul_4bit", quant_state)
+    return torch.ops.lowprec.matmul_4bit(x, qw, *quant_state.op_args(), bias)
+
+
+def int8_quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-row int8 weight: ``(codes int8 [out, in], absmax float32 [out])``."""
+    return torch.ops.lowprec.int8_quantize_weight(w)
+
+
+def int8_vectorwise_quant(x: torch.Tensor, threshold: float = 0.0):
+    """Per-row int8 activations with outlier columns: ``(codes, row_absmax, outlier_cols)``.
+
+    A column is an outlier when any ``|x| >= threshold`` (threshold 0: none); outlier columns
+    are zeroed in the codes and each row's absmax ignores them. ``outlier_cols`` is a sorted
+    int64 1-D tensor, empty when there are none.
+    """
+    return torch.ops.lowprec.int8_vectorwise_quant(x, float(threshold))
+
+
+def int8_scaled_mm(
+    xq: torch.Tensor,
+    row_stats: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """The int8 GEMM with fused dequantization: ``(xq @ wq.T) * row * col / 127**2 + bias``."""
+    return torch.ops.lowprec.int8_scaled_mm(xq, row_stats, wq, w_scale, bias, dtype)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    threshold: float = 6.0,
+) -> torch.Tensor:
+    """LLM.int8 ``x @ W.T + bias``: int8 GEMM plus the outlier columns in x's dtype.
+
+    Differentiable in x (``grad_x = grad_y @ W_deq``) and bias.
+    """
+    return torch.ops.lowprec.int8_linear(x, wq, w_scale, bias, float(threshold))
+
+
+def adam8bit_step_(
+    p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, skipped, *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float = 0.0,
+    decoupled: bool = True, gnorm_scale: float = 1.0, blocksize: int = 256,
+) -> None:  # fmt: skip
+    """One fused 8-bit Adam (``decoupled=False``) or AdamW step, in place.
+
+    A gradient with any non-finite value leaves ``p``, the states and ``step`` unchanged
+    and adds one to ``skipped``.
+    """
+    torch.ops.lowprec.adam8bit_step_(
+        p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, skipped,
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+        bool(decoupled), float(gnorm_scale), int(blocksize),
+    )  # fmt: skip

@@ -1,0 +1,200 @@
+"""``QuantState``: everything needed to decode a 4-bit weight, in bitsandbytes' layout.
+
+``as_dict()`` gives bitsandbytes' packed form (``as_dict(packed=True)`` there): tensors only,
+the scalars packed as UTF-8 JSON into a uint8 tensor under
+``quant_state.bitsandbytes__<quant_type>``, so a state dict loads with
+``torch.load(weights_only=True)`` and safetensors, here and in bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from lowprec_kernels.reference.codebooks import QUANT_TYPES_4BIT
+
+_PACKED_KEY_PREFIX = "quant_state.bitsandbytes__"
+_TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str, key: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"QuantState.from_dict: {key} must name a torch dtype, got {name!r}")
+    return dtype
+
+
+class QuantState:
+    """Scales, codebook and metadata of a 4-bit quantized tensor (NF4 or FP4).
+
+    ``absmax`` is float32 per block, or with double quantization uint8 codes decoded as
+    ``nested_code[absmax] * nested_absmax[i // nested_blocksize] + offset``.
+    """
+
+    def __init__(
+        self,
+        *,
+        quant_type: str,
+        blocksize: int,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        absmax: torch.Tensor,
+        code: torch.Tensor,
+        nested_absmax: torch.Tensor | None = None,
+        nested_code: torch.Tensor | None = None,
+        nested_blocksize: int = 256,
+        offset: torch.Tensor | float | None = None,
+    ):
+        if quant_type not in QUANT_TYPES_4BIT:
+            raise ValueError(
+                f"QuantState: quant_type must be one of {QUANT_TYPES_4BIT}, got {quant_type!r}"
+            )
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"QuantState: dtype must be a floating torch.dtype, got {dtype!r}")
+        nested = (nested_absmax, nested_code, offset)
+        if any(t is not None for t in nested) and not all(t is not None for t in nested):
+            raise ValueError(
+                "QuantState: double quantization needs nested_absmax, nested_code and offset together"
+            )
+        self.quant_type = quant_type
+        self.blocksize = int(blocksize)
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        self.absmax = absmax
+        self.code = code
+        self.nested_absmax = nested_absmax
+        self.nested_code = nested_code
+        self.nested_blocksize = int(nested_blocksize)
+        if offset is not None and not isinstance(offset, torch.Tensor):
+            offset = torch.tensor(float(offset), dtype=torch.float32, device=absmax.device)
+        self.offset = offset
+
+    @property
+    def nested(self) -> bool:
+        """True when the block scales are double-quantized."""
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def op_args(self) -> tuple:
+        """The weight-describing arguments of the ``lowprec`` 4-bit ops, in schema order."""
+        return (
+            self.absmax,
+            self.code,
+            self.blocksize,
+            list(self.shape),
+            self.nested_absmax,
+            self.nested_code,
+            self.offset,
+            self.nested_blocksize,
+        )
+
+    def to(self, device) -> QuantState:
+        """A copy with every tensor on ``device``."""
+
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return QuantState(
+            quant_type=self.quant_type,
+            blocksize=self.blocksize,
+            shape=self.shape,
+            dtype=self.dtype,
+            absmax=move(self.absmax),
+            code=move(self.code),
+            nested_absmax=move(self.nested_absmax),
+            nested_code=move(self.nested_code),
+            nested_blocksize=self.nested_blocksize,
+            offset=move(self.offset),
+        )
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """bitsandbytes' packed dict: tensors only, scalars in a JSON uint8 tensor."""
+        tensors = {"absmax": self.absmax, "quant_map": self.code}
+        header = {
+            "quant_type": self.quant_type,
+            "blocksize": self.blocksize,
+            "dtype": _dtype_name(self.dtype),
+            "shape": list(self.shape),
+        }
+        if self.nested:
+            tensors["nested_absmax"] = self.nested_absmax
+            tensors["nested_quant_map"] = self.nested_code
+            header.update(
+                nested_blocksize=self.nested_blocksize,
+                nested_dtype=_dtype_name(torch.float32),
+                nested_offset=float(self.offset.item()),
+            )
+        blob = torch.tensor(list(json.dumps(header).encode("utf-8")), dtype=torch.uint8)
+        tensors[_PACKED_KEY_PREFIX + self.quant_type] = blob
+        return tensors
+
+    @classmethod
+    def from_dict(cls, d: Mapping, device=None) -> QuantState:
+        """Builds a QuantState from a packed or unpacked dict (keys may carry a prefix such as
+        ``weight.``); ``d`` is not modified."""
+        items = {k.split(".")[-1]: v for k, v in d.items() if "quant_state." not in k}
+        packed_keys = [k for k in d if "quant_state.bitsandbytes__" in k]
+        if len(packed_keys) > 1:
+            raise ValueError(f"QuantState.from_dict: more than one packed header: {packed_keys}")
+        if packed_keys:
+            blob = d[packed_keys[0]]
+            if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8:
+                raise TypeError(f"QuantState.from_dict: {packed_keys[0]} must be a uint8 tensor")
+            try:
+                header = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(
+                    f"QuantState.from_dict: {packed_keys[0]} is not valid JSON: {e}"
+                ) from e
+            qt_suffix = packed_keys[0].rsplit("bitsandbytes__", 1)[-1]
+            header.setdefault("quant_type", qt_suffix)
+        elif "quant_type" in items:
+            header = {k: v for k, v in items.items() if not isinstance(v, torch.Tensor)}
+        else:
+            raise ValueError(
+                "QuantState.from_dict: expected a packed 'quant_state.bitsandbytes__nf4|fp4' "
+                "tensor or unpacked keys (quant_type, blocksize, ...), found neither"
+            )
+        tensors = {k.split(".")[-1]: v for k, v in d.items() if isinstance(v, torch.Tensor)}
+        required = ["absmax", "quant_map"] + (
+            ["nested_absmax", "nested_quant_map"] if "nested_offset" in header else []
+        )
+        missing = [k for k in required if k not in tensors]
+        missing += [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in header]
+        if missing:
+            raise ValueError(
+                f"QuantState.from_dict: missing keys {missing} (truncated state dict?)"
+            )
+
+        def get(key):
+            return tensors[key].to(device) if device is not None else tensors[key]
+
+        nested = "nested_offset" in header
+        return cls(
+            quant_type=header["quant_type"],
+            blocksize=header["blocksize"],
+            shape=header["shape"],
+            dtype=_dtype_from_name(header["dtype"], "dtype"),
+            absmax=get("absmax"),
+            code=get("quant_map"),
+            nested_absmax=get("nested_absmax") if nested else None,
+            nested_code=get("nested_quant_map") if nested else None,
+            nested_blocksize=header.get("nested_blocksize", 256),
+            offset=float(header["nested_offset"]) if nested else None,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantState(quant_type={self.quant_type!r}, blocksize={self.blocksize}, "
+            f"shape={list(self.shape)}, dtype={self.dtype}, nested={self.nested})"
+        )

@@ -1,0 +1,71 @@
+"""The 8-bit Adam / AdamW step: the definition every backend's fused kernel matches.
+
+State: ``m`` as blockwise 8-bit codes of the signed dynamic map (``state1``, ``absmax1``),
+``v`` of the unsigned map (``state2``, ``absmax2``). One step, per element, in float32:
+
+    g = g * gnorm_scale;  Adam (not decoupled): g = g + weight_decay * p
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    AdamW (decoupled): p = p * (1 - lr * weight_decay)
+    p = p - lr * (m / (1 - beta1**t)) / (sqrt(v / (1 - beta2**t)) + eps)
+
+with ``t`` the step count after this step. Every scalar coefficient (``beta1``,
+``1 - beta1``, ``lr``, ``1 - lr * weight_decay``, the bias corrections ``1 - beta**t``, ...)
+is computed in float64 and rounded to float32 once; the arithmetic is float32 in the order
+written. ``m`` and ``v`` are then requantized with fresh block
+absmax values (``quantize_blockwise``'s exact nearest rule).
+
+A gradient holding any non-finite value skips the step for that tensor: ``p``, the states
+and ``step`` stay unchanged and ``skipped`` is incremented by one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowprec_kernels._dispatch import register_kernel
+from lowprec_kernels.reference.blockwise import dequantize_blockwise, quantize_blockwise
+
+
+def bias_corrections(beta1: float, beta2: float, step: int) -> tuple[float, float]:
+    """``(1 - beta1**step, 1 - beta2**step)`` in float64 (kernels round them to float32)."""
+    return 1.0 - beta1**step, 1.0 - beta2**step
+
+
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, step):
+    """One Adam/AdamW update of float32 tensors; returns the new ``(p, m, v)``."""
+    bc1, bc2 = bias_corrections(beta1, beta2, step)
+    g = g * gnorm_scale
+    if not decoupled and weight_decay != 0.0:
+        g = g + weight_decay * p
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * (g * g)
+    if decoupled and weight_decay != 0.0:
+        p = p * (1.0 - lr * weight_decay)
+    p = p - lr * (m / bc1) / (torch.sqrt(v / bc2) + eps)
+    return p, m, v
+
+
+@register_kernel("adam8bit_step_", "reference")
+def adam8bit_step_(
+    p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, skipped,
+    lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, blocksize,
+):  # fmt: skip
+    if not bool(torch.isfinite(g).all()):
+        skipped.add_(1)
+        return
+    t = int(step.item()) + 1
+    m = dequantize_blockwise(state1, absmax1, qmap1, blocksize, torch.float32)
+    v = dequantize_blockwise(state2, absmax2, qmap2, blocksize, torch.float32)
+    p32, m, v = adam_update(
+        p.float(), g.float(), m, v, lr, beta1, beta2, eps, weight_decay, decoupled,
+        gnorm_scale, t,
+    )  # fmt: skip
+    codes1, new_absmax1 = quantize_blockwise(m, qmap1, blocksize)
+    codes2, new_absmax2 = quantize_blockwise(v, qmap2, blocksize)
+    p.copy_(p32)
+    state1.copy_(codes1)
+    state2.copy_(codes2)
+    absmax1.copy_(new_absmax1)
+    absmax2.copy_(new_absmax2)
+    step.fill_(t)

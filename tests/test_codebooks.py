@@ -1,0 +1,78 @@
+"""The codebooks and the nearest-code rule, pinned by golden hashes and hand-worked cases."""
+
+import hashlib
+
+import pytest
+import torch
+
+from lowprec_kernels import functional as LF
+from lowprec_kernels.reference import codebooks
+
+
+def sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def test_dynamic_map_signed_golden():
+    m = LF.dynamic_map(signed=True)
+    assert m.dtype == torch.float32 and m.shape == (256,)
+    assert sha256(m) == "e732639a65f497b4ad684bb166a4467708255edd5207757de8b8f0c7e1fda89c"
+    assert m[0].item() == pytest.approx(-0.992968738079071, abs=0)
+    assert m[-1].item() == 1.0
+    assert m.abs()[m != 0].min().item() == pytest.approx(5.5e-7, rel=1e-6)
+    assert bool((m[1:] > m[:-1]).all()), "sorted ascending, no duplicates"
+
+
+def test_dynamic_map_unsigned_golden():
+    m = LF.dynamic_map(signed=False)
+    assert sha256(m) == "305f002cc11278fb769d13b25b9fd0c7c83c8402c40a878fe086f4039fde6398"
+    assert m.min().item() == 0.0 and m[-1].item() == 1.0
+
+
+def test_dynamic_map_is_a_fresh_tensor():
+    a = LF.dynamic_map()
+    a.fill_(0)
+    assert LF.dynamic_map()[-1].item() == 1.0
+
+
+def test_nf4_golden():
+    assert (
+        sha256(codebooks.nf4_code())
+        == "8501941daa1b8a90ad1bbfeb632e5101b5dddbc4bb52d6e55abcfd777e60c06a"
+    )
+
+
+def test_fp4_golden():
+    code = codebooks.fp4_code()
+    assert sha256(code) == "b830bcf8857895e5676b8e2ce608a60bb8af9b3ce6270073e9de34814196f09c"
+    expected = [0, 1 / 192, 2 / 3, 1, 1 / 3, 1 / 2, 1 / 6, 1 / 4]
+    torch.testing.assert_close(code[:8], torch.tensor(expected), rtol=0, atol=1e-7)
+    torch.testing.assert_close(code[8:], -code[:8])
+
+
+def test_thresholds_are_exact_midpoints_rounded_down():
+    code = LF.dynamic_map()
+    t = codebooks.encode_thresholds(code)
+    assert t.shape == (256,) and t[-1].item() == float("inf")
+    mid = (code[:-1].double() + code[1:].double()) / 2
+    assert bool((t[:-1].double() <= mid).all())
+    # The next float32 above each threshold is already above the midpoint.
+    above = torch.nextafter(t[:-1], torch.tensor(float("inf")))
+    assert bool((above.double() > mid).all())
+
+
+def test_encode_nearest_hand_cases():
+    code = torch.tensor([-1.0, 0.0, 0.5, 1.0])
+    t = codebooks.encode_thresholds(code)
+    v = torch.tensor([-1.0, -0.5, -0.4999, 0.25, 0.2501, 0.75, 0.7501, 1.0, float("nan")])
+    # -0.5 and 0.25 and 0.75 are exact midpoints: ties go to the lower index.
+    assert codebooks.encode_nearest(v, t).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 0]
+
+
+def test_encode_nearest_matches_argmin_on_random_values():
+    code = LF.dynamic_map()
+    v = torch.rand(20000) * 2 - 1
+    idx = codebooks.encode_nearest(v, codebooks.encode_thresholds(code))
+    dist = (v.double().unsqueeze(1) - code.double().unsqueeze(0)).abs()
+    # argmin picks the first minimum, i.e. the lower index on a tie.
+    assert torch.equal(idx, dist.argmin(dim=1))

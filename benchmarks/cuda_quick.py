@@ -1,0 +1,69 @@
+"""One quick pass of every op on CUDA with each GPU backend, small and odd shapes.
+
+Run under ``compute-sanitizer`` by ``benchmarks/gpu_check.sh``: it exercises each kernel's
+edge cases (partial blocks, M = 1, odd sizes) so out-of-bounds accesses and races show up.
+Exits non-zero when a backend disagrees with the reference.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import lowprec_kernels as lpk
+from lowprec_kernels import functional as LF
+
+
+def cases(device):
+    """(name, callable) pairs; each callable returns tensors to compare across backends."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    x_odd = randn(4096 + 17)
+    w = randn(67, 130)
+    x = randn(3, 130, dtype=torch.float16)
+    qw, st = LF.quantize_4bit(w, blocksize=64)
+    wq, ws = LF.int8_quantize_weight(w)
+    x8 = randn(5, 130) * 3
+    yield "quantize_blockwise", lambda: LF.quantize_blockwise(x_odd, blocksize=256)
+    q, a = LF.quantize_blockwise(x_odd, blocksize=256)
+    yield "dequantize_blockwise", lambda: LF.dequantize_blockwise(q, a, blocksize=256)
+    yield "quantize_4bit", lambda: LF.quantize_4bit(w, blocksize=64)[0]
+    yield "dequantize_4bit", lambda: LF.dequantize_4bit(qw, st)
+    yield "matmul_4bit", lambda: LF.matmul_4bit(x, qw, st)
+    yield "int8_quantize_weight", lambda: LF.int8_quantize_weight(w)
+    yield "int8_vectorwise_quant", lambda: LF.int8_vectorwise_quant(x8, threshold=6.0)
+    yield "int8_linear", lambda: LF.int8_linear(x8, wq, ws, threshold=6.0)
+
+
+def close(a, b) -> bool:
+    if isinstance(a, (tuple, list)):
+        return all(close(x, y) for x, y in zip(a, b))
+    if a.dtype.is_floating_point:
+        return torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2, equal_nan=True)
+    return torch.equal(a, b)
+
+
+def main() -> int:
+    device = "cuda"
+    failures = 0
+    for name, fn in cases(device):
+        with lpk.use_backend("reference"):
+            ref = fn()
+        for backend in ("cuda", "triton"):
+            if not lpk.available_backends()[backend]:
+                continue
+            with lpk.use_backend(backend):
+                out = fn()
+            torch.cuda.synchronize()
+            ok = close(out, ref)
+            failures += not ok
+            print(f"{name:24s} {backend:7s} {'ok' if ok else 'MISMATCH'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Makes a fresh machine ready: a venv in .venv with requirements-dev.txt, and the _C
+# extension built in place (CPU always; CUDA too when torch has CUDA and nvcc is found).
+# Reruns are cheap: pip runs only when requirements-dev.txt changed, and ninja rebuilds
+# only what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+stamp_of() { sha256sum "$@" | sha256sum | cut -c1-16; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+req_stamp=$(stamp_of requirements-dev.txt)
+if [ "$(cat "$VENV/.requirements-stamp" 2>/dev/null)" != "$req_stamp" ]; then
+  echo "setup: installing requirements-dev.txt (torch 2.14.1 comes from this machine's disk)"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+  echo "$req_stamp" >"$VENV/.requirements-stamp"
+fi
+
+# CUDA_HOME from the nvcc on PATH, which may be a wrapper script that execs the real one.
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
+  nvcc_path=$(command -v nvcc)
+  real=$(grep -o '/[^ "]*/bin/nvcc' "$nvcc_path" 2>/dev/null | head -n1 || true)
+  [ -n "$real" ] || real=$(readlink -f "$nvcc_path")
+  export CUDA_HOME=$(dirname "$(dirname "$real")")
+fi
+
+src_stamp=$(stamp_of setup.py $(find csrc -type f | sort))-${LOWPREC_BUILD_CUDA:-auto}-${TORCH_CUDA_ARCH_LIST:-default}
+if [ "$(cat "$VENV/.build-stamp" 2>/dev/null)" != "$src_stamp" ] || ! ls lowprec_kernels/_C*.so >/dev/null 2>&1; then
+  echo "setup: building lowprec_kernels._C (CUDA_HOME=${CUDA_HOME:-none}, LOWPREC_BUILD_CUDA=${LOWPREC_BUILD_CUDA:-auto})"
+  start=$(date +%s)
+  MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+    --no-build-isolation --no-deps -e .
+  echo "setup: build took $(($(date +%s) - start)) s"
+  echo "$src_stamp" >"$VENV/.build-stamp"
+fi
+"$VENV/bin/python" -c "import lowprec_kernels as l; print('setup: backends', l.available_backends())"

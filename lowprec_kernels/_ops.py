@@ -283,6 +283,7 @@ def check_adam8bit_step(
         _fail(ValueError, op, f"g must have p's shape {tuple(p.shape)}, got {tuple(g.shape)}")
     if not p.is_contiguous():
         _fail(ValueError, op, "p must be contiguous (it is updated in place)")
+    _check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
     nb = num_blocks(p.numel(), blocksize)
     for name, t in (("state1", state1), ("state2", state2)):
         _check_tensor(op, name, t, (torch.uint8,))
@@ -298,7 +299,6 @@ def check_adam8bit_step(
     _check_numel(op, "step", step, 1, "the step count as a float32 scalar tensor")
     _check_tensor(op, "skipped", skipped, (torch.float32,))
     _check_numel(op, "skipped", skipped, 1, "the count of skipped steps as a float32 scalar tensor")
-    _check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
     if not lr >= 0.0:
         _fail(ValueError, op, f"lr must be >= 0, got {lr}")
     for name, b in (("beta1", beta1), ("beta2", beta2)):
@@ -400,7 +400,10 @@ def _fake_int8_vectorwise_quant(A, threshold):
     rows = A.numel() // A.shape[-1]
     if threshold > 0.0:
         # The number of outlier columns depends on the data: an unbacked size for compile.
-        k = torch.library.get_ctx().new_dynamic_size(max=A.shape[-1])
+        cols = A.shape[-1]
+        # new_dynamic_size takes only a static bound; a symbolic width gets a _check instead.
+        k = torch.library.get_ctx().new_dynamic_size(max=cols if isinstance(cols, int) else None)
+        torch._check(k <= cols)
     else:
         k = 0
     return (

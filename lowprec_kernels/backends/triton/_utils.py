@@ -1,0 +1,112 @@
+"""Helpers shared by the Triton kernel families: interpreter detection, launch heuristics,
+device selection and the cached encode thresholds of a codebook."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from lowprec_kernels.reference.codebooks import encode_thresholds
+
+# The Triton interpreter runs a kernel one program at a time in numpy, so it cannot tune:
+# every launch configuration is chosen by heuristic, never by multi-config autotuning.
+WARP_SIZE = 32
+# Elements each thread should own in a memory-bound tile; more gives fewer, fatter
+# programs, fewer gives more parallelism. 8 fp32 = two 128-bit accesses per thread.
+ELEMENTS_PER_THREAD = 8
+MAX_NUM_WARPS = 8
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def kernel_devices() -> tuple[str, ...]:
+    """Device types the Triton kernels register for: CUDA, plus CPU under the interpreter."""
+    return ("cuda", "cpu") if interpreter_active() else ("cuda",)
+
+
+def num_warps_for(tile_elements: int) -> int:
+    """Warps for a memory-bound tile of ``tile_elements``: about ELEMENTS_PER_THREAD each."""
+    warps = tile_elements // (WARP_SIZE * ELEMENTS_PER_THREAD)
+    return max(1, min(MAX_NUM_WARPS, triton.next_power_of_2(max(warps, 1))))
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the *current* CUDA device; make that the tensor's device."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+# --- exact conversions to and from fp32 ----------------------------------------------------
+# The interpreter converts bf16 <-> fp32 with its own bit routine, which truncates instead of
+# rounding to nearest even and mangles subnormals. These helpers do the conversion with
+# integer ops instead: the same bits as torch (and as the GPU's own cvt) on every target.
+
+BF16_CANONICAL_NAN = 0x7FC0  # the quiet NaN c10::BFloat16 writes (NaN bits are not pinned)
+
+
+@triton.jit
+def to_fp32(x):
+    """``x`` widened to fp32 exactly (bf16: the 16 bits become the top half of the fp32)."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def fp32_to_bf16_rtne(x):
+    """fp32 -> bf16 rounded to nearest even, by bits (as torch's c10::BFloat16 does it)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    lsb = (bits >> 16) & 1
+    rounded = (bits + 0x7FFF + lsb) >> 16  # a NaN payload could round to inf: fixed below
+    rounded = tl.where(x != x, BF16_CANONICAL_NAN, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def fp32_to(x, dtype: tl.constexpr):
+    """``x`` (fp32) rounded to nearest even in ``dtype``, identically on GPU and interpreter."""
+    if dtype == tl.bfloat16:
+        return fp32_to_bf16_rtne(x)
+    else:
+        return x.to(dtype)
+
+
+# --- encode thresholds ----------------------------------------------------------------------
+
+# A sorted codebook of 256 entries becomes a 256-entry threshold table for the kernels'
+# branch-free binary search. The table is computed once per (codebook tensor, version)
+# and reused, since callers (the 8-bit optimizers above all) pass the same map every step.
+_THRESHOLD_CACHE_SIZE = 16
+_threshold_cache: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def threshold_table(code: torch.Tensor) -> torch.Tensor:
+    """``encode_thresholds(code)`` (float32[256], +inf padded) on code's device, cached.
+
+    The table is the reference's, so every backend encodes with the same thresholds.
+    """
+    version = None if code.is_inference() else code._version  # inference tensors: no counter
+    cached = _threshold_cache.get(id(code))
+    if version is not None and cached is not None:
+        ref, cached_version, table = cached
+        if ref() is code and cached_version == version:
+            return table
+    table = encode_thresholds(code).to(device=code.device, dtype=torch.float32).contiguous()
+    if version is not None:
+        if len(_threshold_cache) >= _THRESHOLD_CACHE_SIZE:
+            _threshold_cache.clear()
+        _threshold_cache[id(code)] = (weakref.ref(code), version, table)
+    return table

@@ -1,0 +1,107 @@
+"""The benchmark CLI (ARCHITECTURE.md §3, §6).
+
+    python -m lowprec_kernels.bench [int8|nf4|adam|blockwise|all] [--device cpu|cuda]
+        [--quick | --smoke] [--json PATH] [--plot PATH] [--backend NAME ...]
+
+Prints a header with the machine and its measured ceilings, then one table per suite.
+Exit status: 0 when every requested suite ran (or is not implemented yet), 1 if one failed,
+2 for unusable arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from typing import Any
+
+import torch
+
+from lowprec_kernels.bench import SUITES, load_suite
+from lowprec_kernels.bench.harness import (
+    EFFORTS,
+    Bench,
+    Settings,
+    header,
+    machine_info,
+    measure_ceilings,
+    pin_threads,
+    plot,
+    report,
+    table,
+    write_json,
+)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m lowprec_kernels.bench",
+        description="Microbenchmarks of lowprec_kernels against baselines measured in the "
+        "same run, with the machine's roofline.",
+    )
+    p.add_argument("suite", nargs="?", default="all", choices=(*SUITES, "all"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    effort = p.add_mutually_exclusive_group()
+    effort.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer sizes and repeats: the whole run well under 2 minutes",
+    )
+    effort.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, one repeat: checks that the suites run; "
+                        "numbers meaningless")  # fmt: skip
+    p.add_argument("--json", metavar="PATH", help="write every number and the machine info")
+    p.add_argument("--plot", metavar="PATH", help="speedup bar chart (PNG, needs matplotlib)")
+    p.add_argument("--backend", nargs="+", metavar="NAME",
+                   help="candidate backends to time against reference "
+                   "(default: the device's native ones: cpu | cuda triton)")  # fmt: skip
+    return p.parse_args(argv)
+
+
+def run_suite(name: str, settings: Settings, ceilings) -> dict[str, Any]:
+    """{status, rows, notes} of one suite; prints its table as soon as it is done."""
+    module = load_suite(name)
+    print(f"\n== {name}")
+    if module is None:
+        print("not implemented yet")
+        return {"status": "not implemented yet", "rows": [], "notes": []}
+    bench = Bench(settings)
+    try:
+        rows = module.rows(bench)
+    except Exception as e:  # noqa: BLE001 - one broken suite must not hide the others
+        traceback.print_exc()
+        print(f"error: {type(e).__name__}: {e}")
+        return {"status": f"error: {type(e).__name__}: {e}", "rows": [], "notes": bench.notes}
+    print(table(rows, ceilings))
+    for message in bench.notes:
+        print(f"note: {message}")
+    return {"status": "ok", "rows": rows, "notes": bench.notes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch sees no CUDA device", file=sys.stderr)
+        return 2
+    effort = EFFORTS["smoke" if args.smoke else "quick" if args.quick else "full"]
+    settings = Settings(args.device, effort, tuple(args.backend) if args.backend else None)
+
+    pin_threads()
+    ceilings = measure_ceilings(settings)
+    machine = machine_info(args.device)
+    print(header(machine, ceilings, settings), flush=True)
+
+    names = SUITES if args.suite == "all" else (args.suite,)
+    results = {name: run_suite(name, settings, ceilings) for name in names}
+
+    if args.json:
+        write_json(report(machine, ceilings, settings, results, argv), args.json)
+        print(f"\n--json: wrote {args.json}")
+    if args.plot:
+        print(plot([row for r in results.values() for row in r["rows"]], args.plot))
+    return 1 if any(r["status"].startswith("error") for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

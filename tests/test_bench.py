@@ -1,0 +1,105 @@
+"""Smoke tests of the benchmark harness and CLI: tiny sizes, one repeat, structure only.
+
+Nothing here asserts on speed: timings on shared machines are noise at these sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lowprec_kernels import bench
+from lowprec_kernels.bench import harness
+from lowprec_kernels.bench.__main__ import main
+
+SMOKE = harness.Settings("cpu", harness.EFFORTS["smoke"])
+
+
+def test_parse_cache_size():
+    assert harness._parse_size("32768K\n") == 32 << 20
+    assert harness._parse_size("1M") == 1 << 20
+    assert harness.last_level_cache_bytes("cpu") > 0
+
+
+def test_rotation_holds_distinct_copies_past_target():
+    sample = (torch.zeros(1000), torch.zeros(10, dtype=torch.uint8))
+    target = 10 * harness.nbytes(sample) + 1
+    rot = harness.Rotation(sample, target)
+    assert len(rot) * harness.nbytes(sample) >= target
+    pointers = {rot.next()[0].data_ptr() for _ in range(len(rot))}
+    assert len(pointers) == len(rot)  # every copy is its own memory
+    assert harness.Rotation(sample, 0).copies.__len__() == 2  # at least two, alternating
+
+
+def test_compare_interleaves_and_reports_ratio():
+    calls = []
+    rot = harness.Rotation(torch.ones(64), 0)
+    timing = harness.compare(lambda x: calls.append("A"), lambda x: calls.append("B"), rot, SMOKE)
+    assert calls[-2:] == ["A", "B"]
+    assert timing.pairs == 1 and timing.seconds > 0 and timing.baseline_seconds > 0
+    lo, hi = timing.speedup_iqr
+    assert lo <= timing.speedup <= hi
+
+
+def test_roofline_takes_the_binding_limit():
+    ceilings = harness.Ceilings(copy_gbps=10.0, fp32_gflops=100.0, bf16_gflops=200.0,
+                                int8_gops=None)  # fmt: skip
+    timing = harness.Timing(seconds=4.0, seconds_iqr=(4.0, 4.0), best_seconds=4.0, pairs=1)
+    # 1 s of memory traffic at best, 3 s of fp32 GEMM at best: compute bound, 3 s / 4 s.
+    gemm = harness.Row("s", "gemm", (4, 4), "float32", "cpu", timing,
+                       bytes_moved=10 * 10**9, ops=300 * 10**9, compute="fp32")  # fmt: skip
+    r = gemm.roofline(ceilings)
+    assert r["limit"] == "fp32_gemm"
+    assert math.isclose(r["roofline_fraction"], 0.75)
+    assert math.isclose(r["gbps"], 2.5) and math.isclose(r["gops"], 75.0)
+    memory_only = harness.Row("s", "q", (4,), "float32", "cpu", timing, bytes_moved=20 * 10**9)
+    r = memory_only.roofline(ceilings)
+    assert r["limit"] == "copy" and math.isclose(r["roofline_fraction"], 0.5)
+
+
+def test_missing_suite_is_reported_not_raised(monkeypatch):
+    monkeypatch.setattr(bench, "SUITES", (*bench.SUITES, "not_written_yet"))
+    assert bench.load_suite("not_written_yet") is None
+    with pytest.raises(ValueError, match="unknown suite"):
+        bench.load_suite("bogus")
+
+
+def test_cli_smoke_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["all", "--smoke", "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "ceilings (cpu" in printed and "== blockwise" in printed
+
+    data = json.loads(path.read_text())
+    assert data["command"].endswith("all --smoke --json " + str(path))
+    machine = data["machine"]
+    for key in ("cpu_model", "cores_available", "torch", "llc_bytes", "available_backends"):
+        assert key in machine
+    assert machine["available_backends"]["reference"] is True
+    ceilings = data["ceilings"]
+    assert ceilings["copy_gbps"] > 0 and ceilings["fp32_gflops"] > 0
+    assert ceilings["bf16_gflops"] > 0
+
+    assert set(data["suites"]) == set(bench.SUITES)
+    for name, suite in data["suites"].items():
+        assert suite["status"] in ("ok", "not implemented yet"), (name, suite["status"])
+    blockwise = data["suites"]["blockwise"]
+    assert blockwise["status"] == "ok"
+    whats = {row["what"] for row in blockwise["rows"]}
+    assert {"copy_ (same bytes)", "quantize bs=256", "dequantize bs=256"} <= whats
+    for row in blockwise["rows"]:
+        assert row["timing"]["seconds"] > 0
+        assert row["bytes_moved"] > 0 and row["gbps"] > 0
+        assert row["limit"] == "copy" and row["roofline_fraction"] > 0
+        if row["backend"] != "torch":  # kernel rows run interleaved with a copy_ floor
+            assert row["timing"]["floor_fraction"] > 0
+        if row["baseline"] is not None:
+            assert row["baseline"] == "reference" and row["timing"]["speedup"] > 0
+
+
+def test_cli_rejects_unknown_suite():
+    with pytest.raises(SystemExit):
+        main(["nope"])

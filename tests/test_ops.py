@@ -1,0 +1,562 @@
+"""Every ``torch.ops.lowprec`` op: opcheck, meta/fake shapes, the bad-input table, backends."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+import lowprec_kernels as lpk
+from lowprec_kernels import _dispatch
+from lowprec_kernels import functional as LF
+from lowprec_kernels.reference import codebooks
+
+ops = torch.ops.lowprec
+
+ALL_OPS = [
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "quantize_4bit",
+    "dequantize_4bit",
+    "matmul_4bit",
+    "int8_quantize_weight",
+    "int8_vectorwise_quant",
+    "int8_scaled_mm",
+    "int8_linear",
+    "adam8bit_step_",
+]
+
+
+def randn_nonzero(*shape, dtype=torch.float32):
+    x = torch.randn(*shape)
+    return torch.where(x == 0, torch.full_like(x, 0.5), x).to(dtype)
+
+
+def arg_names(op: str) -> list[str]:
+    return [a.name for a in getattr(ops, op).default._schema.arguments]
+
+
+def test_every_op_is_covered():
+    names = torch._C._dispatch_get_all_op_names()
+    defined = {n.split("::", 1)[1] for n in names if n.startswith("lowprec::")}
+    assert defined == set(ALL_OPS)
+
+
+# ---------------------------------------------------------------- valid sample inputs
+
+
+def _fourbit(shape=(5, 33), blocksize=32, quant_type="nf4", double_quant=False):
+    w = randn_nonzero(*shape)
+    qw, st = LF.quantize_4bit(w, blocksize, quant_type, double_quant)
+    return qw, st
+
+
+def _adam(n=300, dtype=torch.float32, blocksize=64):
+    p = randn_nonzero(n, dtype=dtype)
+    nb = -(-n // blocksize)
+    return dict(
+        p=p,
+        g=randn_nonzero(n, dtype=dtype),
+        state1=torch.randint(0, 256, (n,), dtype=torch.uint8),
+        state2=torch.randint(0, 256, (n,), dtype=torch.uint8),
+        absmax1=torch.rand(nb) + 0.1,
+        absmax2=torch.rand(nb) + 0.1,
+        qmap1=codebooks.dynamic_map(True),
+        qmap2=codebooks.dynamic_map(False),
+        step=torch.tensor(3.0),
+        skipped=torch.tensor(0.0),
+        lr=1e-3,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.01,
+        decoupled=True,
+        gnorm_scale=1.0,
+        blocksize=blocksize,
+    )
+
+
+def valid_args(op: str, variant: str = "") -> dict:
+    """Valid named arguments of ``op`` (odd sizes, n % blocksize != 0)."""
+    if op == "quantize_blockwise":
+        return dict(A=randn_nonzero(3, 77), code=codebooks.dynamic_map(True), blocksize=64)
+    if op == "dequantize_blockwise":
+        q = torch.randint(0, 256, (3, 77), dtype=torch.uint8)
+        return dict(
+            A=q, absmax=torch.rand(4) + 0.1, code=codebooks.dynamic_map(True), blocksize=64,
+            dtype=torch.float16,
+        )  # fmt: skip
+    if op == "quantize_4bit":
+        return dict(A=randn_nonzero(5, 33, dtype=torch.bfloat16), blocksize=32, quant_type="nf4")
+    if op in ("dequantize_4bit", "matmul_4bit"):
+        qw, st = _fourbit(double_quant=variant == "nested", quant_type="fp4" if variant else "nf4")
+        absmax, code, bs, shape, n_absmax, n_code, offset, n_bs = st.op_args()
+        weight = dict(
+            A=qw, absmax=absmax, code=code, blocksize=bs, shape=shape, nested_absmax=n_absmax,
+            nested_code=n_code, offset=offset, nested_blocksize=n_bs,
+        )  # fmt: skip
+        if op == "dequantize_4bit":
+            return dict(
+                A=qw, absmax=absmax, code=code, blocksize=bs, shape=shape, dtype=torch.float16,
+                nested_absmax=n_absmax, nested_code=n_code, offset=offset,
+                nested_blocksize=n_bs,
+            )  # fmt: skip
+        return dict(x=randn_nonzero(3, 33), **weight, bias=randn_nonzero(5))
+    if op == "int8_quantize_weight":
+        return dict(W=randn_nonzero(7, 13))
+    if op == "int8_vectorwise_quant":
+        A = randn_nonzero(2, 3, 13)
+        A[1, 2, 4] = 9.0
+        return dict(A=A, threshold=6.0 if variant == "outliers" else 0.0)
+    if op == "int8_scaled_mm":
+        return dict(
+            A=torch.randint(-127, 128, (2, 3, 13), dtype=torch.int8),
+            row_stats=torch.rand(6) + 0.1,
+            weight=torch.randint(-127, 128, (5, 13), dtype=torch.int8),
+            weight_scale=torch.rand(5) + 0.1,
+            bias=randn_nonzero(5),
+            dtype=torch.bfloat16,
+        )
+    if op == "int8_linear":
+        x = randn_nonzero(3, 13)
+        x[0, 2] = -20.0
+        return dict(
+            x=x,
+            weight=torch.randint(-127, 128, (5, 13), dtype=torch.int8),
+            weight_scale=torch.rand(5) + 0.1,
+            bias=randn_nonzero(5),
+            threshold=6.0,
+        )
+    if op == "adam8bit_step_":
+        return _adam()
+    raise AssertionError(op)
+
+
+def call(op: str, args: dict):
+    return getattr(ops, op)(*[args[n] for n in arg_names(op)])
+
+
+SAMPLES = [
+    ("quantize_blockwise", ""),
+    ("dequantize_blockwise", ""),
+    ("quantize_4bit", ""),
+    ("dequantize_4bit", ""),
+    ("dequantize_4bit", "nested"),
+    ("matmul_4bit", ""),
+    ("matmul_4bit", "nested"),
+    ("int8_quantize_weight", ""),
+    ("int8_vectorwise_quant", ""),
+    ("int8_vectorwise_quant", "outliers"),
+    ("int8_scaled_mm", ""),
+    ("int8_linear", ""),
+    ("adam8bit_step_", ""),
+]
+SAMPLE_IDS = [f"{op}-{v}" if v else op for op, v in SAMPLES]
+
+
+# ---------------------------------------------------------------- opcheck
+
+
+@pytest.mark.parametrize(("op", "variant"), SAMPLES, ids=SAMPLE_IDS)
+def test_opcheck(op, variant):
+    args = valid_args(op, variant)
+    if op in ("matmul_4bit", "int8_linear"):
+        # so that test_autograd_registration sees an input that needs a gradient
+        args["x"].requires_grad_()
+        args["bias"].requires_grad_()
+    # int8_vectorwise_quant with threshold > 0 has a data-dependent output size (the number
+    # of outlier columns). Its fake implementation allocates an unbacked SymInt for it, so the
+    # full opcheck (incl. test_faketensor and test_aot_dispatch_dynamic) is expected to pass:
+    # nothing is restricted here.
+    torch.library.opcheck(getattr(ops, op).default, tuple(args[n] for n in arg_names(op)))
+
+
+# ---------------------------------------------------------------- meta / fake shapes
+
+
+def _to_meta(v):
+    return v.to("meta") if isinstance(v, torch.Tensor) else v
+
+
+def _flat(out):
+    return [] if out is None else list(out) if isinstance(out, tuple | list) else [out]
+
+
+@pytest.mark.parametrize(
+    ("op", "variant"),
+    [s for s in SAMPLES if s != ("int8_vectorwise_quant", "outliers")],
+    ids=[i for i in SAMPLE_IDS if i != "int8_vectorwise_quant-outliers"],
+)
+def test_meta_matches_eager(op, variant):
+    args = valid_args(op, variant)
+    meta_out = _flat(call(op, {k: _to_meta(v) for k, v in args.items()}))
+    real_out = _flat(call(op, args))
+    assert len(meta_out) == len(real_out)
+    for m, r in zip(meta_out, real_out):
+        assert m.device.type == "meta"
+        assert (m.shape, m.dtype) == (r.shape, r.dtype)
+
+
+EXPECTED_SHAPES = {
+    "quantize_blockwise": [((3, 77), torch.uint8), ((4,), torch.float32)],
+    "dequantize_blockwise": [((3, 77), torch.float16)],
+    "quantize_4bit": [((83, 1), torch.uint8), ((6,), torch.float32)],
+    "dequantize_4bit": [((5, 33), torch.float16)],
+    "matmul_4bit": [((3, 5), torch.float32)],
+    "int8_quantize_weight": [((7, 13), torch.int8), ((7,), torch.float32)],
+    "int8_vectorwise_quant": [((2, 3, 13), torch.int8), ((6,), torch.float32), ((0,), torch.int64)],
+    "int8_scaled_mm": [((2, 3, 5), torch.bfloat16)],
+    "int8_linear": [((3, 5), torch.float32)],
+    "adam8bit_step_": [],
+}
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_fake_shapes(op):
+    args = valid_args(op)
+    with FakeTensorMode() as mode:
+        fake = {
+            k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()
+        }
+        out = _flat(call(op, fake))
+    assert [(tuple(t.shape), t.dtype) for t in out] == EXPECTED_SHAPES[op]
+
+
+def test_fake_vectorwise_outliers_is_data_dependent():
+    args = valid_args("int8_vectorwise_quant", "outliers")
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        q, rs, cols = ops.int8_vectorwise_quant(mode.from_tensor(args["A"]), 6.0)
+    assert q.shape == (2, 3, 13) and rs.shape == (6,)
+    assert cols.dim() == 1 and cols.dtype == torch.int64
+    assert isinstance(cols.shape[0], torch.SymInt), "an unbacked size, not a guess"
+    # Plain meta tensors cannot express that size: torch refuses rather than guessing.
+    with pytest.raises(RuntimeError, match="data-dependent"):
+        ops.int8_vectorwise_quant(args["A"].to("meta"), 6.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_empty_batch_is_valid(dtype):
+    qw, st = _fourbit((5, 64), 64)
+    y = LF.matmul_4bit(torch.empty(0, 64, dtype=dtype), qw, st)
+    assert y.shape == (0, 5) and y.dtype == dtype
+    y = LF.int8_scaled_mm(
+        torch.empty(2, 0, 8, dtype=torch.int8), torch.empty(0),
+        torch.ones(3, 8, dtype=torch.int8), torch.ones(3), dtype=dtype,
+    )  # fmt: skip
+    assert y.shape == (2, 0, 3) and y.dtype == dtype
+
+
+# ---------------------------------------------------------------- the bad-input table
+
+
+def _meta(v):
+    return v.to("meta")
+
+
+def _noncontig(n, dtype=torch.float32):
+    return randn_nonzero(n, 2, dtype=dtype)[:, 0]
+
+
+# (op, variant, id, {arg: new value or callable(args) -> new value}, exception, argument name)
+BAD = [
+    # quantize_blockwise
+    ("quantize_blockwise", "", "A-int", {"A": torch.ones(3, 5, dtype=torch.int32)}, TypeError, "A"),
+    ("quantize_blockwise", "", "A-float64", {"A": torch.ones(10, dtype=torch.float64)}, TypeError, "A"),
+    ("quantize_blockwise", "", "A-empty", {"A": torch.empty(0, 4)}, ValueError, "A"),
+    ("quantize_blockwise", "", "code-fp64", {"code": lambda a: a["code"].double()}, TypeError, "code"),
+    ("quantize_blockwise", "", "code-size", {"code": lambda a: a["code"][:255]}, ValueError, "code"),
+    ("quantize_blockwise", "", "code-device", {"code": lambda a: _meta(a["code"])}, ValueError, "code"),
+    ("quantize_blockwise", "", "blocksize-32", {"blocksize": 32}, ValueError, "blocksize"),
+    ("quantize_blockwise", "", "blocksize-100", {"blocksize": 100}, ValueError, "blocksize"),
+    ("quantize_blockwise", "", "blocksize-8192", {"blocksize": 8192}, ValueError, "blocksize"),
+    # dequantize_blockwise
+    ("dequantize_blockwise", "", "A-float", {"A": lambda a: a["A"].float()}, TypeError, "A"),
+    ("dequantize_blockwise", "", "A-empty", {"A": torch.empty(0, dtype=torch.uint8)}, ValueError, "A"),
+    ("dequantize_blockwise", "", "absmax-fp16", {"absmax": lambda a: a["absmax"].half()}, TypeError, "absmax"),
+    ("dequantize_blockwise", "", "absmax-len", {"absmax": torch.ones(3)}, ValueError, "absmax"),
+    ("dequantize_blockwise", "", "absmax-device", {"absmax": lambda a: _meta(a["absmax"])}, ValueError, "absmax"),
+    ("dequantize_blockwise", "", "blocksize-mismatch", {"blocksize": 128}, ValueError, "absmax"),
+    ("dequantize_blockwise", "", "blocksize-48", {"blocksize": 48}, ValueError, "blocksize"),
+    ("dequantize_blockwise", "", "dtype-int", {"dtype": torch.int32}, ValueError, "dtype"),
+    ("dequantize_blockwise", "", "dtype-fp64", {"dtype": torch.float64}, ValueError, "dtype"),
+    ("dequantize_blockwise", "", "code-size", {"code": torch.zeros(16)}, ValueError, "code"),
+    # quantize_4bit
+    ("quantize_4bit", "", "A-int", {"A": torch.ones(4, dtype=torch.int64)}, TypeError, "A"),
+    ("quantize_4bit", "", "A-empty", {"A": torch.empty(3, 0)}, ValueError, "A"),
+    ("quantize_4bit", "", "blocksize-16", {"blocksize": 16}, ValueError, "blocksize"),
+    ("quantize_4bit", "", "blocksize-96", {"blocksize": 96}, ValueError, "blocksize"),
+    ("quantize_4bit", "", "blocksize-8192", {"blocksize": 8192}, ValueError, "blocksize"),
+    ("quantize_4bit", "", "quant_type", {"quant_type": "int4"}, ValueError, "quant_type"),
+    # dequantize_4bit: the QuantState not matching the packed data
+    ("dequantize_4bit", "", "A-float", {"A": lambda a: a["A"].float()}, TypeError, "A"),
+    ("dequantize_4bit", "", "shape-mismatch", {"shape": [5, 35]}, ValueError, "A"),
+    ("dequantize_4bit", "", "shape-zero", {"shape": [0, 33]}, ValueError, "shape"),
+    ("dequantize_4bit", "", "shape-empty", {"shape": []}, ValueError, "shape"),
+    ("dequantize_4bit", "", "blocksize-mismatch", {"blocksize": 64}, ValueError, "absmax"),
+    ("dequantize_4bit", "", "blocksize-48", {"blocksize": 48}, ValueError, "blocksize"),
+    ("dequantize_4bit", "", "absmax-len", {"absmax": lambda a: a["absmax"][:-1]}, ValueError, "absmax"),
+    ("dequantize_4bit", "", "absmax-fp16", {"absmax": lambda a: a["absmax"].half()}, TypeError, "absmax"),
+    ("dequantize_4bit", "", "absmax-device", {"absmax": lambda a: _meta(a["absmax"])}, ValueError, "absmax"),
+    ("dequantize_4bit", "", "code-size", {"code": torch.zeros(256)}, ValueError, "code"),
+    ("dequantize_4bit", "", "dtype-int", {"dtype": torch.int8}, ValueError, "dtype"),
+    ("dequantize_4bit", "", "nested-without-uint8", {"nested_absmax": torch.ones(1), "nested_code": codebooks.dynamic_map(), "offset": torch.tensor(0.0)}, ValueError, "nested_absmax"),
+    ("dequantize_4bit", "", "uint8-absmax-without-nested", {"absmax": lambda a: a["absmax"].to(torch.uint8)}, ValueError, "nested_absmax"),
+    ("dequantize_4bit", "nested", "nested_absmax-len", {"nested_absmax": torch.ones(2)}, ValueError, "nested_absmax"),
+    ("dequantize_4bit", "nested", "nested_absmax-fp16", {"nested_absmax": lambda a: a["nested_absmax"].half()}, TypeError, "nested_absmax"),
+    ("dequantize_4bit", "nested", "nested_code-size", {"nested_code": torch.zeros(16)}, ValueError, "nested_code"),
+    ("dequantize_4bit", "nested", "offset-size", {"offset": torch.zeros(2)}, ValueError, "offset"),
+    ("dequantize_4bit", "nested", "nested_blocksize", {"nested_blocksize": 100}, ValueError, "nested_blocksize"),
+    ("dequantize_4bit", "nested", "absmax-len", {"absmax": lambda a: a["absmax"][:-1]}, ValueError, "absmax"),
+    ("dequantize_4bit", "nested", "offset-device", {"offset": lambda a: _meta(a["offset"])}, ValueError, "offset"),
+    # matmul_4bit
+    ("matmul_4bit", "", "x-int", {"x": torch.ones(3, 33, dtype=torch.int32)}, TypeError, "x"),
+    ("matmul_4bit", "", "x-lastdim", {"x": torch.ones(3, 32)}, ValueError, "x"),
+    ("matmul_4bit", "", "x-0d", {"x": torch.tensor(1.0)}, ValueError, "x"),
+    ("matmul_4bit", "", "x-device", {"x": lambda a: _meta(a["x"])}, ValueError, "x"),
+    ("matmul_4bit", "", "bias-shape", {"bias": torch.ones(4)}, ValueError, "bias"),
+    ("matmul_4bit", "", "bias-2d", {"bias": torch.ones(1, 5)}, ValueError, "bias"),
+    ("matmul_4bit", "", "bias-int", {"bias": torch.ones(5, dtype=torch.int32)}, TypeError, "bias"),
+    ("matmul_4bit", "", "bias-device", {"bias": lambda a: _meta(a["bias"])}, ValueError, "bias"),
+    ("matmul_4bit", "", "shape-3d", {"shape": [5, 3, 11]}, ValueError, "shape"),
+    ("matmul_4bit", "", "shape-mismatch", {"shape": [6, 33]}, ValueError, "A"),
+    ("matmul_4bit", "nested", "nested_absmax-len", {"nested_absmax": torch.ones(3)}, ValueError, "nested_absmax"),
+    # int8_quantize_weight
+    ("int8_quantize_weight", "", "W-1d", {"W": torch.ones(5)}, ValueError, "W"),
+    ("int8_quantize_weight", "", "W-3d", {"W": torch.ones(2, 3, 4)}, ValueError, "W"),
+    ("int8_quantize_weight", "", "W-int8", {"W": torch.ones(2, 3, dtype=torch.int8)}, TypeError, "W"),
+    ("int8_quantize_weight", "", "W-empty", {"W": torch.empty(0, 3)}, ValueError, "W"),
+    # int8_vectorwise_quant
+    ("int8_vectorwise_quant", "", "A-int", {"A": torch.ones(2, 3, dtype=torch.int8)}, TypeError, "A"),
+    ("int8_vectorwise_quant", "", "A-0d", {"A": torch.tensor(1.0)}, ValueError, "A"),
+    ("int8_vectorwise_quant", "", "A-empty", {"A": torch.empty(0, 3)}, ValueError, "A"),
+    ("int8_vectorwise_quant", "", "threshold-neg", {"threshold": -1.0}, ValueError, "threshold"),
+    ("int8_vectorwise_quant", "", "threshold-nan", {"threshold": float("nan")}, ValueError, "threshold"),
+    ("int8_vectorwise_quant", "", "threshold-inf", {"threshold": float("inf")}, ValueError, "threshold"),
+    # int8_scaled_mm
+    ("int8_scaled_mm", "", "A-float", {"A": lambda a: a["A"].float()}, TypeError, "A"),
+    ("int8_scaled_mm", "", "A-lastdim", {"A": torch.ones(2, 3, 12, dtype=torch.int8)}, ValueError, "A"),
+    ("int8_scaled_mm", "", "A-device", {"A": lambda a: _meta(a["A"])}, ValueError, "A"),
+    ("int8_scaled_mm", "", "row_stats-len", {"row_stats": torch.ones(5)}, ValueError, "row_stats"),
+    ("int8_scaled_mm", "", "row_stats-fp16", {"row_stats": torch.ones(6, dtype=torch.float16)}, TypeError, "row_stats"),
+    ("int8_scaled_mm", "", "weight-3d", {"weight": torch.ones(1, 5, 13, dtype=torch.int8)}, ValueError, "weight"),
+    ("int8_scaled_mm", "", "weight-float", {"weight": torch.ones(5, 13)}, TypeError, "weight"),
+    ("int8_scaled_mm", "", "weight_scale-len", {"weight_scale": torch.ones(4)}, ValueError, "weight_scale"),
+    ("int8_scaled_mm", "", "weight_scale-fp16", {"weight_scale": torch.ones(5, dtype=torch.float16)}, TypeError, "weight_scale"),
+    ("int8_scaled_mm", "", "bias-len", {"bias": torch.ones(6)}, ValueError, "bias"),
+    ("int8_scaled_mm", "", "bias-int", {"bias": torch.ones(5, dtype=torch.int64)}, TypeError, "bias"),
+    ("int8_scaled_mm", "", "dtype-int", {"dtype": torch.int32}, ValueError, "dtype"),
+    # int8_linear
+    ("int8_linear", "", "weight-1d", {"weight": torch.ones(13, dtype=torch.int8)}, ValueError, "weight"),
+    ("int8_linear", "", "weight-3d", {"weight": torch.ones(1, 5, 13, dtype=torch.int8)}, ValueError, "weight"),
+    ("int8_linear", "", "weight-float", {"weight": torch.ones(5, 13)}, TypeError, "weight"),
+    ("int8_linear", "", "weight_scale-len", {"weight_scale": torch.ones(6)}, ValueError, "weight_scale"),
+    ("int8_linear", "", "weight_scale-2d", {"weight_scale": torch.ones(5, 1)}, ValueError, "weight_scale"),
+    ("int8_linear", "", "weight_scale-device", {"weight_scale": lambda a: _meta(a["weight_scale"])}, ValueError, "weight_scale"),
+    ("int8_linear", "", "threshold-neg", {"threshold": -0.5}, ValueError, "threshold"),
+    ("int8_linear", "", "threshold-nan", {"threshold": float("nan")}, ValueError, "threshold"),
+    ("int8_linear", "", "x-int", {"x": torch.ones(3, 13, dtype=torch.int32)}, TypeError, "x"),
+    ("int8_linear", "", "x-int8", {"x": torch.ones(3, 13, dtype=torch.int8)}, TypeError, "x"),
+    ("int8_linear", "", "x-lastdim", {"x": torch.ones(3, 14)}, ValueError, "x"),
+    ("int8_linear", "", "x-device", {"x": lambda a: _meta(a["x"])}, ValueError, "x"),
+    ("int8_linear", "", "bias-shape", {"bias": torch.ones(13)}, ValueError, "bias"),
+    ("int8_linear", "", "bias-2d", {"bias": torch.ones(5, 1)}, ValueError, "bias"),
+    # adam8bit_step_
+    ("adam8bit_step_", "", "lr-neg", {"lr": -1e-3}, ValueError, "lr"),
+    ("adam8bit_step_", "", "lr-nan", {"lr": float("nan")}, ValueError, "lr"),
+    ("adam8bit_step_", "", "beta1-one", {"beta1": 1.0}, ValueError, "beta1"),
+    ("adam8bit_step_", "", "beta1-neg", {"beta1": -0.1}, ValueError, "beta1"),
+    ("adam8bit_step_", "", "beta2-big", {"beta2": 1.5}, ValueError, "beta2"),
+    ("adam8bit_step_", "", "beta2-nan", {"beta2": float("nan")}, ValueError, "beta2"),
+    ("adam8bit_step_", "", "eps-neg", {"eps": -1e-8}, ValueError, "eps"),
+    ("adam8bit_step_", "", "weight_decay-neg", {"weight_decay": -0.1}, ValueError, "weight_decay"),
+    ("adam8bit_step_", "", "blocksize-32", {"blocksize": 32}, ValueError, "blocksize"),
+    ("adam8bit_step_", "", "blocksize-32-absmax-fits", {"blocksize": 32, "absmax1": torch.ones(10), "absmax2": torch.ones(10)}, ValueError, "blocksize"),
+    ("adam8bit_step_", "", "blocksize-100", {"blocksize": 100, "absmax1": torch.ones(3), "absmax2": torch.ones(3)}, ValueError, "blocksize"),
+    ("adam8bit_step_", "", "p-noncontiguous", {"p": _noncontig(300)}, ValueError, "p"),
+    ("adam8bit_step_", "", "p-int", {"p": torch.ones(300, dtype=torch.int32)}, TypeError, "p"),
+    ("adam8bit_step_", "", "p-empty", {"p": torch.empty(0), "g": torch.empty(0)}, ValueError, "p"),
+    ("adam8bit_step_", "", "g-shape", {"g": torch.ones(299)}, ValueError, "g"),
+    ("adam8bit_step_", "", "g-dtype", {"g": torch.ones(300, dtype=torch.float16)}, TypeError, "g"),
+    ("adam8bit_step_", "", "g-device", {"g": lambda a: _meta(a["g"])}, ValueError, "g"),
+    ("adam8bit_step_", "", "state1-size", {"state1": torch.zeros(299, dtype=torch.uint8)}, ValueError, "state1"),
+    ("adam8bit_step_", "", "state1-dtype", {"state1": torch.zeros(300)}, TypeError, "state1"),
+    ("adam8bit_step_", "", "state1-noncontiguous", {"state1": torch.zeros(300, 2, dtype=torch.uint8)[:, 0]}, ValueError, "state1"),
+    ("adam8bit_step_", "", "state2-size", {"state2": torch.zeros(600, dtype=torch.uint8)}, ValueError, "state2"),
+    ("adam8bit_step_", "", "state2-device", {"state2": lambda a: _meta(a["state2"])}, ValueError, "state2"),
+    ("adam8bit_step_", "", "absmax1-size", {"absmax1": torch.ones(4)}, ValueError, "absmax1"),
+    ("adam8bit_step_", "", "absmax2-dtype", {"absmax2": torch.ones(5, dtype=torch.float16)}, TypeError, "absmax2"),
+    ("adam8bit_step_", "", "qmap1-size", {"qmap1": torch.zeros(16)}, ValueError, "qmap1"),
+    ("adam8bit_step_", "", "qmap2-dtype", {"qmap2": torch.zeros(256, dtype=torch.float64)}, TypeError, "qmap2"),
+    ("adam8bit_step_", "", "step-dtype", {"step": torch.tensor(3, dtype=torch.int64)}, TypeError, "step"),
+    ("adam8bit_step_", "", "step-size", {"step": torch.zeros(2)}, ValueError, "step"),
+    ("adam8bit_step_", "", "skipped-size", {"skipped": torch.zeros(2)}, ValueError, "skipped"),
+]  # fmt: skip
+
+
+def _apply(args: dict, changes: dict) -> dict:
+    out = dict(args)
+    for k, v in changes.items():
+        out[k] = v(args) if callable(v) else v
+    return out
+
+
+@pytest.mark.parametrize(
+    ("op", "variant", "changes", "exc", "name"),
+    [pytest.param(op, v, ch, exc, name, id=f"{op}-{i}") for op, v, i, ch, exc, name in BAD],
+)
+def test_bad_input(op, variant, changes, exc, name):
+    args = _apply(valid_args(op, variant), changes)
+    snapshot = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    # The checker's messages read "lowprec.<op>: <argument> must ...", or name the argument
+    # among those that must come together (double quant): the argument is named either way.
+    with pytest.raises(exc, match=rf"lowprec\.{op}: .*\b{name}\b"):
+        call(op, args)
+    # A failed call writes nothing: in particular the optimizer state stays as it was.
+    for k, before in snapshot.items():
+        if before.device.type != "meta":
+            assert torch.equal(args[k], before), f"{k} modified by a failed call"
+
+
+def test_bad_table_names_every_adam_scalar():
+    named = {name for op, *_, name in BAD if op == "adam8bit_step_"}
+    assert {"lr", "beta1", "beta2", "eps", "weight_decay", "blocksize"} <= named
+
+
+# ---------------------------------------------------------------- functional-level checks
+
+
+def _state_with(st: lpk.QuantState, **changes) -> lpk.QuantState:
+    fields = dict(
+        quant_type=st.quant_type, blocksize=st.blocksize, shape=st.shape, dtype=st.dtype,
+        absmax=st.absmax, code=st.code, nested_absmax=st.nested_absmax,
+        nested_code=st.nested_code, nested_blocksize=st.nested_blocksize, offset=st.offset,
+    )  # fmt: skip
+    fields.update(changes)
+    return lpk.QuantState(**fields)
+
+
+@pytest.mark.parametrize(
+    ("changes", "name"),
+    [
+        ({"shape": (10, 999)}, "A"),
+        ({"shape": (9, 1000)}, "A"),
+        ({"shape": (1000, 10)}, "x"),  # same numel and blocks: only the matmul can tell
+        ({"blocksize": 64}, "absmax"),
+        ({"blocksize": 16}, "blocksize"),
+        ({"absmax": torch.ones(312, dtype=torch.uint8)}, "absmax"),
+        ({"nested_absmax": torch.ones(3)}, "nested_absmax"),
+        ({"nested_blocksize": 64}, "nested_absmax"),  # 313 codes need 5 blocks of 64, not 2
+        ({"nested_blocksize": 100}, "nested_blocksize"),
+    ],
+    ids=[
+        "shape", "rows", "transposed", "blocksize-mismatch", "blocksize-16", "absmax-len",
+        "nested-len", "nested-bs-mismatch", "nested-bs-100",
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("fn", ["dequantize_4bit", "matmul_4bit"])
+def test_mismatched_quant_state(fn, changes, name):
+    # 10 x 1000 at blocksize 32: 313 absmax codes (the last block partial), 2 nested blocks
+    qw, st = _fourbit((10, 1000), 32, "nf4", double_quant=True)
+    assert st.absmax.numel() == 313 and st.nested_absmax.numel() == 2
+    bad = _state_with(st, **changes)
+    if fn == "dequantize_4bit":
+        if name == "x":
+            assert LF.dequantize_4bit(qw, bad).shape == (1000, 10)  # a valid reshape
+            return
+        with pytest.raises(ValueError, match=rf"lowprec\.{fn}: .*\b{name}\b"):
+            LF.dequantize_4bit(qw, bad)
+    else:
+        with pytest.raises(ValueError, match=rf"lowprec\.{fn}: .*\b{name}\b"):
+            LF.matmul_4bit(randn_nonzero(2, 1000), qw, bad)
+
+
+@pytest.mark.parametrize("fn", ["dequantize_4bit", "matmul_4bit"])
+def test_quant_state_of_wrong_type(fn):
+    qw, st = _fourbit()
+    with pytest.raises(TypeError, match="quant_state"):
+        if fn == "dequantize_4bit":
+            LF.dequantize_4bit(qw, st.as_dict())
+        else:
+            LF.matmul_4bit(randn_nonzero(2, 33), qw, st.as_dict())
+
+
+def test_quant_state_constructor_checks():
+    qw, st = _fourbit()
+    with pytest.raises(ValueError, match="quant_type"):
+        _state_with(st, quant_type="int4")
+    with pytest.raises(TypeError, match="dtype"):
+        _state_with(st, dtype=torch.int8)
+    with pytest.raises(ValueError, match="nested_absmax"):
+        _state_with(st, nested_absmax=torch.ones(1))
+
+
+def test_functional_adam_failure_leaves_state_untouched():
+    a = _adam()
+    before = {k: v.clone() for k, v in a.items() if isinstance(v, torch.Tensor)}
+    kw = {k: a[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "blocksize")}
+    tensors = [a[k] for k in arg_names("adam8bit_step_")[:10]]
+    with pytest.raises(ValueError, match="beta2"):
+        LF.adam8bit_step_(*tensors, **{**kw, "beta2": 1.0})
+    for k, v in before.items():
+        assert torch.equal(a[k], v), k
+
+
+# ---------------------------------------------------------------- backends
+
+
+def test_use_backend_unknown_name():
+    with pytest.raises(ValueError, match="name"), lpk.use_backend("fortran"):
+        pass
+
+
+def test_use_backend_unavailable(monkeypatch):
+    monkeypatch.setitem(_dispatch._AVAILABLE, "cuda", False)
+    with pytest.raises(RuntimeError, match="cuda"), lpk.use_backend("cuda"):
+        pass
+
+
+def test_use_backend_reference_always_available():
+    assert lpk.available_backends()["reference"] is True
+    with lpk.use_backend("reference"):
+        assert _dispatch.active_backend() == "reference"
+        assert _dispatch.kernel_for("int8_linear", "cpu")[0] == "reference"
+    assert _dispatch.active_backend() is None
+
+
+def test_forced_backend_without_kernel_falls_back_to_reference(monkeypatch):
+    """A forced, available backend with a kernel for one op only: that op runs it, every
+    other op falls back to reference. Registration is test-local (monkeypatched tables)."""
+    calls = []
+
+    def dummy_quantize_weight(W):
+        calls.append(W.shape)
+        return torch.zeros(W.shape, dtype=torch.int8), torch.ones(W.shape[0])
+
+    # A pretend "cuda" backend for CPU tensors: available, no kernels but the dummy one.
+    kernels = {k: v for k, v in _dispatch._KERNELS.items() if k[1] != "cuda"}
+    kernels[("int8_quantize_weight", "cuda")] = {"cpu": dummy_quantize_weight}
+    monkeypatch.setattr(_dispatch, "_KERNELS", kernels)
+    monkeypatch.setitem(_dispatch._AVAILABLE, "cuda", True)
+
+    W = randn_nonzero(4, 9)
+    x = randn_nonzero(3, 70)
+    with lpk.use_backend("cuda"):
+        assert _dispatch.kernel_for("int8_quantize_weight", "cpu")[0] == "cuda"
+        assert _dispatch.kernel_for("quantize_blockwise", "cpu")[0] == "reference"
+        q, s = LF.int8_quantize_weight(W)
+        qb, ab = LF.quantize_blockwise(x, blocksize=64)
+    assert calls == [torch.Size([4, 9])]
+    assert q.eq(0).all() and s.eq(1).all(), "the forced backend's kernel ran"
+    with lpk.use_backend("reference"):
+        qb_ref, ab_ref = LF.quantize_blockwise(x, blocksize=64)
+        q_ref, _ = LF.int8_quantize_weight(W)
+    assert torch.equal(qb, qb_ref) and torch.equal(ab, ab_ref), "fallback is the reference"
+    assert not q_ref.eq(0).all()
+    # The checks run before any backend kernel, forced or not.
+    with lpk.use_backend("cuda"), pytest.raises(ValueError, match="W"):
+        LF.int8_quantize_weight(torch.ones(3))
+    assert len(calls) == 1
+
+
+def test_register_kernel_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        _dispatch.register_kernel("int8_linear", "opencl")

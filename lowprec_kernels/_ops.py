@@ -496,3 +496,39 @@ def _int8_linear_backward(ctx, grad_out):
 torch.library.register_autograd(
     "lowprec::int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup, lib=_LIB
 )
+
+
+# --------------------------------------------------------------------------- autocast
+# Under torch.autocast the linear ops compute in the autocast dtype, as F.linear does. Only
+# the activation and bias are cast: scales and codebooks stay float32 (a blanket
+# register_autocast would cast them too and break the format).
+
+
+def _register_autocast(name: str, cast_positions: tuple[int, ...]) -> None:
+    op = getattr(torch.ops.lowprec, name).default
+    for device_type in ("cpu", "cuda"):
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = getattr(torch._C.DispatchKey, key_name)
+
+        def cast_and_redispatch(*args, _key=key, _device_type=device_type):
+            dtype = torch.get_autocast_dtype(_device_type)
+            args = list(args)
+            for i in cast_positions:
+                t = args[i]
+                if (
+                    isinstance(t, torch.Tensor)
+                    and t.is_floating_point()
+                    and t.device.type == _device_type
+                ):
+                    args[i] = t.to(dtype)
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return op(*args)
+
+        op.py_impl(key)(cast_and_redispatch)  # the path torch.compile traces
+        _LIB.impl(
+            name, lambda _keyset, *a, _f=cast_and_redispatch: _f(*a), key_name, with_keyset=True
+        )
+
+
+_register_autocast("matmul_4bit", cast_positions=(0, 10))  # x, bias
+_register_autocast("int8_linear", cast_positions=(0, 3))  # x, bias

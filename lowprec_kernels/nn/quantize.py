@@ -1,0 +1,45 @@
+"""``quantize_model``: swap a model's ``nn.Linear`` layers for quantized ones, in place."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+METHODS = ("nf4", "fp4", "int8")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """``pattern`` equals ``name`` or its last dotted components (``lm_head`` ~ ``model.lm_head``)."""
+    return name == pattern or name.endswith("." + pattern)
+
+
+def quantize_model(
+    model: nn.Module, method: str = "nf4", skip: Iterable[str] = ("lm_head",), **layer_kwargs
+) -> nn.Module:
+    """Replaces every ``nn.Linear`` of ``model`` (except those matching ``skip``) in place.
+
+    ``method``: ``"nf4"`` / ``"fp4"`` (:class:`Linear4bit`) or ``"int8"``
+    (:class:`Linear8bitLt`); ``layer_kwargs`` go to the layer's ``from_linear``. Layers whose
+    ``in_features`` is not a multiple of the blocksize are quantized too (blocks then cross
+    rows). Returns ``model``.
+    """
+    from lowprec_kernels.nn import Linear4bit, Linear8bitLt
+
+    if method not in METHODS:
+        raise ValueError(f"quantize_model: method must be one of {METHODS}, got {method!r}")
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and not any(_matches(name, s) for s in skip)
+    ]
+    for name, linear in targets:
+        if method == "int8":
+            new = Linear8bitLt.from_linear(linear, **layer_kwargs)
+        else:
+            new = Linear4bit.from_linear(linear, quant_type=method, **layer_kwargs)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    return model

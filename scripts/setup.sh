@@ -21,17 +21,10 @@ if [ "$(cat "$VENV/.requirements-stamp" 2>/dev/null)" != "$req_stamp" ]; then
   echo "$req_stamp" >"$VENV/.requirements-stamp"
 fi
 
-# CUDA_HOME from the nvcc on PATH, which may be a wrapper script that execs the real one.
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
-  nvcc_path=$(command -v nvcc)
-  real=$(grep -o '/[^ "]*/bin/nvcc' "$nvcc_path" 2>/dev/null | head -n1 || true)
-  [ -n "$real" ] || real=$(readlink -f "$nvcc_path")
-  export CUDA_HOME=$(dirname "$(dirname "$real")")
-fi
-
+# setup.py finds the CUDA toolkit itself (CUDA_HOME, else the nvcc on PATH, through wrappers).
 src_stamp=$(stamp_of setup.py $(find csrc -type f | sort))-${LOWPREC_BUILD_CUDA:-auto}-${TORCH_CUDA_ARCH_LIST:-default}
 if [ "$(cat "$VENV/.build-stamp" 2>/dev/null)" != "$src_stamp" ] || ! ls lowprec_kernels/_C*.so >/dev/null 2>&1; then
-  echo "setup: building lowprec_kernels._C (CUDA_HOME=${CUDA_HOME:-none}, LOWPREC_BUILD_CUDA=${LOWPREC_BUILD_CUDA:-auto})"
+  echo "setup: building lowprec_kernels._C (LOWPREC_BUILD_CUDA=${LOWPREC_BUILD_CUDA:-auto})"
   start=$(date +%s)
   MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
     --no-build-isolation --no-deps -e .

@@ -3,6 +3,9 @@
 # This is the command .ci/run calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# In CI the CUDA sources must compile and link (there is no GPU to run them): a CUDA build
+# failure fails the run instead of silently falling back to a CPU-only build.
+if [ "${CI:-}" = true ]; then export LOWPREC_BUILD_CUDA=${LOWPREC_BUILD_CUDA:-1}; fi
 bash scripts/setup.sh
 VENV=${VENV:-.venv}
 echo "== ruff"

@@ -1,0 +1,76 @@
+// Argument checks shared by the CPU and CUDA bindings. They guard the raw-pointer kernels
+// against memory errors only: user-facing validation (with messages naming the argument) is
+// done once, in Python (lowprec_kernels/_ops.py), before a backend kernel is called.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+#include "lowprec/common.h"
+
+namespace lowprec {
+
+inline FloatType float_type_of(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return FloatType::kFloat32;
+    case at::kHalf:
+      return FloatType::kFloat16;
+    case at::kBFloat16:
+      return FloatType::kBFloat16;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " must be float32, float16 or bfloat16, got ",
+                  t.scalar_type());
+  }
+}
+
+inline void check_tensor(const at::Tensor& t, const char* op, const char* name,
+                         c10::DeviceType device_type) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device().type() == device_type, op, ": ", name, " must be on ", device_type,
+              ", got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* op,
+                        const char* name) {
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+}
+
+inline void check_blocksize_8bit(int64_t blocksize, const char* op) {
+  TORCH_CHECK(is_power_of_two(blocksize) && blocksize >= kBlocksizeMin8bit &&
+                  blocksize <= kBlocksizeMax8bit,
+              op, ": blocksize must be a power of two in [", kBlocksizeMin8bit, ", ",
+              kBlocksizeMax8bit, "], got ", blocksize);
+}
+
+// `values` is the float side (quantize input or dequantize output), `codes` the uint8 side.
+inline void check_blockwise_8bit(const char* op, c10::DeviceType device_type,
+                                 const at::Tensor& values, const at::Tensor& codes,
+                                 const at::Tensor& absmax, const at::Tensor& code,
+                                 int64_t blocksize) {
+  check_tensor(values, op, "values", device_type);
+  check_tensor(codes, op, "codes", device_type);
+  check_tensor(absmax, op, "absmax", device_type);
+  check_tensor(code, op, "code", device_type);
+  check_dtype(codes, at::kByte, op, "codes");
+  check_dtype(absmax, at::kFloat, op, "absmax");
+  check_dtype(code, at::kFloat, op, "code");
+  check_blocksize_8bit(blocksize, op);
+  TORCH_CHECK(code.numel() == kCodebookSize8bit, op, ": code must have ", kCodebookSize8bit,
+              " entries, got ", code.numel());
+  const int64_t n = values.numel();
+  TORCH_CHECK(codes.numel() == n, op, ": codes must have ", n, " elements, got ", codes.numel());
+  const int64_t num_blocks = (n + blocksize - 1) / blocksize;
+  TORCH_CHECK(absmax.numel() == num_blocks, op, ": absmax must have ", num_blocks,
+              " elements, got ", absmax.numel());
+  for (const at::Tensor* t : {&codes, &absmax, &code}) {
+    TORCH_CHECK(t->device() == values.device(), op, ": all tensors must be on ", values.device(),
+                ", got ", t->device());
+  }
+}
+
+}  // namespace lowprec

@@ -1,0 +1,44 @@
+// Which CPU instruction-set path the kernels take. Every path is compiled into the one .so
+// (per-function target attributes, no global -mavx512f), and the choice is made at run time,
+// so the extension runs on any x86-64 (and builds, scalar only, elsewhere).
+//
+// Choice: the best path this CPU supports, lowered by the environment variable
+// LOWPREC_CPU_ISA=avx512|avx2|scalar (read once, when the first kernel runs) or by
+// set_active_cpu_isa() (exposed as _C.set_cpu_isa, used by tests to exercise every path).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define LOWPREC_X86_SIMD 1
+// Instruction sets a function body may use; the caller must have checked cpu_supports().
+#define LP_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define LP_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#else
+#define LOWPREC_X86_SIMD 0
+#endif
+
+namespace lowprec::cpu {
+
+// Ordered: a higher value is a superset of the lower ones.
+enum class CpuIsa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+const char* cpu_isa_name(CpuIsa isa);
+// "scalar" | "avx2" | "avx512" -> true and *isa; anything else -> false.
+bool parse_cpu_isa(const std::string& name, CpuIsa* isa);
+
+// Paths compiled into this build, lowest first.
+std::vector<CpuIsa> compiled_cpu_isas();
+// Compiled, and supported by this CPU and operating system.
+bool cpu_supports(CpuIsa isa);
+CpuIsa best_supported_cpu_isa();
+
+// The path kernels take now.
+CpuIsa active_cpu_isa();
+// Precondition: cpu_supports(isa).
+void set_active_cpu_isa(CpuIsa isa);
+// What LOWPREC_CPU_ISA asked for ("" when unset), for build_info.
+std::string requested_cpu_isa();
+
+}  // namespace lowprec::cpu

@@ -1,0 +1,137 @@
+// The Python module lowprec_kernels._C: kernel entry points, the CPU ISA switch and
+// build_info(). The only translation unit that includes pybind11 (the slowest headers), so
+// adding a kernel family adds a few m.def lines here and nothing heavier.
+#include <torch/csrc/utils/pybind.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "bindings.h"
+#include "cpu/cpu_isa.h"
+#include "lowprec/blockwise8.h"
+#include "lowprec/common.h"
+#if defined(LOWPREC_WITH_CUDA)
+#include "cuda/blockwise8.h"
+#endif
+
+// Set by setup.py; defaults keep a hand-rolled build working.
+#ifndef LOWPREC_TORCH_VERSION
+#define LOWPREC_TORCH_VERSION "unknown"
+#endif
+#ifndef LOWPREC_CUDA_ARCH_LIST
+#define LOWPREC_CUDA_ARCH_LIST ""
+#endif
+
+namespace py = pybind11;
+
+namespace lowprec {
+namespace {
+
+std::string compiler_description() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return std::string("gcc ") + __VERSION__;
+#elif defined(_MSC_VER)
+  return "msvc " + std::to_string(_MSC_VER);
+#else
+  return "unknown";
+#endif
+}
+
+py::list cpu_isa_names(bool supported_only) {
+  py::list names;
+  for (cpu::CpuIsa isa : cpu::compiled_cpu_isas()) {
+    if (!supported_only || cpu::cpu_supports(isa)) names.append(cpu::cpu_isa_name(isa));
+  }
+  return names;
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["compiled"] = true;
+  info["cpu_isa_compiled"] = cpu_isa_names(/*supported_only=*/false);
+  info["cpu_isa_supported"] = cpu_isa_names(/*supported_only=*/true);
+  info["cpu_isa"] = cpu::cpu_isa_name(cpu::active_cpu_isa());
+  const std::string requested = cpu::requested_cpu_isa();
+  info["cpu_isa_env"] = requested.empty() ? py::object(py::none()) : py::object(py::str(requested));
+  info["cpu_threading"] = "at::parallel_for";
+#if defined(LOWPREC_WITH_CUDA)
+  info["cuda_compiled"] = true;
+  info["cuda_arch_list"] = LOWPREC_CUDA_ARCH_LIST;
+  info["cuda_runtime_version"] = cuda::compiled_cuda_runtime_version();
+#else
+  info["cuda_compiled"] = false;
+  info["cuda_arch_list"] = py::none();
+  info["cuda_runtime_version"] = py::none();
+#endif
+  info["compiler"] = compiler_description();
+  info["cplusplus"] = static_cast<long>(__cplusplus);
+  info["torch_version"] = LOWPREC_TORCH_VERSION;
+
+  py::dict constants;
+  constants["int8_scale"] = kInt8Scale;
+  constants["codebook_size_8bit"] = kCodebookSize8bit;
+  constants["codebook_size_4bit"] = kCodebookSize4bit;
+  constants["blocksize_min_8bit"] = kBlocksizeMin8bit;
+  constants["blocksize_max_8bit"] = kBlocksizeMax8bit;
+  info["constants"] = constants;
+  return info;
+}
+
+std::string get_cpu_isa() {
+  return cpu::cpu_isa_name(cpu::active_cpu_isa());
+}
+
+// "auto" restores the best path this CPU supports. Returns the path now active.
+std::string set_cpu_isa(const std::string& name) {
+  cpu::CpuIsa isa = cpu::best_supported_cpu_isa();
+  if (name != "auto") {
+    if (!cpu::parse_cpu_isa(name, &isa)) {
+      throw std::invalid_argument("set_cpu_isa: name must be one of 'avx512', 'avx2', 'scalar', " +
+                                  std::string("'auto', got '") + name + "'");
+    }
+    if (!cpu::cpu_supports(isa)) {
+      throw std::invalid_argument("set_cpu_isa: '" + name + "' is not " +
+                                  "supported by this CPU or build");
+    }
+  }
+  cpu::set_active_cpu_isa(isa);
+  return get_cpu_isa();
+}
+
+// Exposes the shared threshold rule so tests can compare it with the Python reference.
+float midpoint_threshold_for_test(float lower, float upper) {
+  return midpoint_threshold(lower, upper);
+}
+
+}  // namespace
+}  // namespace lowprec
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace lowprec;
+  m.doc() = "lowprec_kernels native kernels (CPU, and CUDA when compiled)";
+
+  m.def("build_info", &build_info,
+        "What was compiled (CPU ISA paths, CUDA archs), the ISA chosen now, and the constants "
+        "the C++ side uses.");
+  m.def("get_cpu_isa", &get_cpu_isa, "The CPU path kernels take now: avx512, avx2 or scalar.");
+  m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"),
+        "Force the CPU path (avx512, avx2, scalar; auto = best supported) for this process. "
+        "Raises ValueError for a path this CPU or build lacks. Returns the active path.");
+  m.def("midpoint_threshold", &midpoint_threshold_for_test, py::arg("lower"), py::arg("upper"),
+        "The encoding threshold between two codebook entries (lowprec/blockwise8.h).");
+
+  // Kernels run without the GIL: they touch no Python objects.
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("quantize_blockwise_cpu", &quantize_blockwise_cpu, py::arg("A"), py::arg("code"),
+        py::arg("blocksize"), py::arg("out_codes"), py::arg("out_absmax"), no_gil);
+  m.def("dequantize_blockwise_cpu", &dequantize_blockwise_cpu, py::arg("codes"), py::arg("absmax"),
+        py::arg("code"), py::arg("blocksize"), py::arg("out"), no_gil);
+#if defined(LOWPREC_WITH_CUDA)
+  m.def("quantize_blockwise_cuda", &quantize_blockwise_cuda, py::arg("A"), py::arg("code"),
+        py::arg("blocksize"), py::arg("out_codes"), py::arg("out_absmax"), no_gil);
+  m.def("dequantize_blockwise_cuda", &dequantize_blockwise_cuda, py::arg("codes"),
+        py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("out"), no_gil);
+#endif
+}

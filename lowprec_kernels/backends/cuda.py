@@ -1,0 +1,43 @@
+"""The ``cuda`` backend: CUDA C++ kernels of ``lowprec_kernels._C`` registered for CUDA tensors.
+
+Present when the extension was built with CUDA (``_C.build_info()["cuda_compiled"]``) and
+usable when a GPU is visible. Kernels have exactly their op's signature and receive
+validated arguments; the native functions launch on the current stream of the tensors'
+device. One section per kernel family.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowprec_kernels import _C
+from lowprec_kernels._alloc import empty
+from lowprec_kernels._dispatch import mark_available, register_kernel
+from lowprec_kernels._ops import num_blocks
+
+COMPILED = hasattr(_C, "quantize_blockwise_cuda")
+
+
+# --------------------------------------------------------------------------- blockwise 8-bit
+
+
+@register_kernel("quantize_blockwise", backend="cuda", device="cuda")
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+    A = A.contiguous()
+    codes = empty(A.shape, torch.uint8, A.device)
+    absmax = empty((num_blocks(A.numel(), blocksize),), torch.float32, A.device)
+    _C.quantize_blockwise_cuda(A, code.contiguous(), blocksize, codes, absmax)
+    return codes, absmax
+
+
+@register_kernel("dequantize_blockwise", backend="cuda", device="cuda")
+def dequantize_blockwise(
+    A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
+):
+    A = A.contiguous()
+    out = empty(A.shape, dtype, A.device)
+    _C.dequantize_blockwise_cuda(A, absmax.contiguous(), code.contiguous(), blocksize, out)
+    return out
+
+
+mark_available("cuda", COMPILED and torch.cuda.is_available())

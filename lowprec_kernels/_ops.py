@@ -273,9 +273,8 @@ def check_int8_linear(x, weight, weight_scale, bias, threshold):
 
 def check_adam8bit_step(
     p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, skipped,
-    lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, blocksize,
+    lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, blocksize, *, op="adam8bit_step_",
 ):  # fmt: skip
-    op = "adam8bit_step_"
     _check_tensor(op, "p", p, FLOAT_DTYPES)
     _check_nonempty(op, "p", p)
     _check_tensor(op, "g", g, (p.dtype,))
@@ -312,6 +311,31 @@ def check_adam8bit_step(
         op, "p", p, g=g, state1=state1, state2=state2, absmax1=absmax1, absmax2=absmax2,
         qmap1=qmap1, qmap2=qmap2, step=step, skipped=skipped,
     )  # fmt: skip
+
+
+def check_adam8bit_multi_step(
+    params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, skipped, *hyper
+):  # fmt: skip
+    op = "adam8bit_multi_step_"
+    lists = dict(
+        params=params, grads=grads, state1=state1, state2=state2, absmax1=absmax1,
+        absmax2=absmax2, steps=steps, skipped=skipped,
+    )  # fmt: skip
+    if len(params) == 0:
+        _fail(ValueError, op, "params must hold at least one tensor")
+    for name, tensors in lists.items():
+        if len(tensors) != len(params):
+            _fail(
+                ValueError,
+                op,
+                f"{name} must hold {len(params)} tensors (one per param), got {len(tensors)}",
+            )
+    for i, per_tensor in enumerate(zip(*lists.values())):
+        p, g, s1, s2, a1, a2, step, skip = per_tensor
+        check_adam8bit_step(
+            p, g, s1, s2, a1, a2, qmap1, qmap2, step, skip, *hyper, op=f"{op}: tensor {i}"
+        )
+        _check_same_device(op, "params[0]", params[0], **{f"params[{i}]": p})
 
 
 # --------------------------------------------------------------------------- definitions
@@ -439,6 +463,18 @@ _define(
     "Tensor(g!) skipped, float lr, float beta1, float beta2, float eps, float weight_decay, "
     "bool decoupled, float gnorm_scale, int blocksize) -> ()",
     check_adam8bit_step,
+    lambda *args: None,
+)
+
+# The same step over many tensors of one param group: one call (and, on GPU, few launches)
+# for a whole model instead of one per parameter.
+_define(
+    "adam8bit_multi_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
+    "Tensor(c!)[] state2, Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, "
+    "Tensor qmap2, Tensor(f!)[] steps, Tensor(g!)[] skipped, float lr, float beta1, "
+    "float beta2, float eps, float weight_decay, bool decoupled, float gnorm_scale, "
+    "int blocksize) -> ()",
+    check_adam8bit_multi_step,
     lambda *args: None,
 )
 

@@ -23,6 +23,7 @@ ALL_OPS = [
     "int8_scaled_mm",
     "int8_linear",
     "adam8bit_step_",
+    "adam8bit_multi_step_",
 ]
 
 
@@ -128,7 +129,22 @@ def valid_args(op: str, variant: str = "") -> dict:
         )
     if op == "adam8bit_step_":
         return _adam()
+    if op == "adam8bit_multi_step_":
+        return _adam_multi()
     raise AssertionError(op)
+
+
+_PER_TENSOR = ("p", "g", "state1", "state2", "absmax1", "absmax2", "step", "skipped")
+_MULTI_NAMES = ("params", "grads", "state1", "state2", "absmax1", "absmax2", "steps", "skipped")
+
+
+def _adam_multi(sizes=(300, 70)):
+    """Two tensors of one param group, in adam8bit_multi_step_'s list arguments."""
+    singles = [_adam(n) for n in sizes]
+    args = {k: v for k, v in singles[0].items() if k not in _PER_TENSOR}
+    for single_name, name in zip(_PER_TENSOR, _MULTI_NAMES):
+        args[name] = [s[single_name] for s in singles]
+    return args
 
 
 def call(op: str, args: dict):
@@ -149,6 +165,7 @@ SAMPLES = [
     ("int8_scaled_mm", ""),
     ("int8_linear", ""),
     ("adam8bit_step_", ""),
+    ("adam8bit_multi_step_", ""),
 ]
 SAMPLE_IDS = [f"{op}-{v}" if v else op for op, v in SAMPLES]
 
@@ -174,6 +191,8 @@ def test_opcheck(op, variant):
 
 
 def _to_meta(v):
+    if isinstance(v, list):
+        return [_to_meta(t) for t in v]
     return v.to("meta") if isinstance(v, torch.Tensor) else v
 
 
@@ -207,6 +226,7 @@ EXPECTED_SHAPES = {
     "int8_scaled_mm": [((2, 3, 5), torch.bfloat16)],
     "int8_linear": [((3, 5), torch.float32)],
     "adam8bit_step_": [],
+    "adam8bit_multi_step_": [],
 }
 
 
@@ -214,9 +234,13 @@ EXPECTED_SHAPES = {
 def test_fake_shapes(op):
     args = valid_args(op)
     with FakeTensorMode() as mode:
-        fake = {
-            k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()
-        }
+
+        def to_fake(v):
+            if isinstance(v, list):
+                return [to_fake(t) for t in v]
+            return mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
+
+        fake = {k: to_fake(v) for k, v in args.items()}
         out = _flat(call(op, fake))
     assert [(tuple(t.shape), t.dtype) for t in out] == EXPECTED_SHAPES[op]
 
@@ -389,6 +413,12 @@ BAD = [
     ("adam8bit_step_", "", "step-dtype", {"step": torch.tensor(3, dtype=torch.int64)}, TypeError, "step"),
     ("adam8bit_step_", "", "step-size", {"step": torch.zeros(2)}, ValueError, "step"),
     ("adam8bit_step_", "", "skipped-size", {"skipped": torch.zeros(2)}, ValueError, "skipped"),
+    # adam8bit_multi_step_: the lists must match; each tensor is checked as adam8bit_step_'s
+    ("adam8bit_multi_step_", "", "params-empty", {n: [] for n in _MULTI_NAMES}, ValueError, "params"),
+    ("adam8bit_multi_step_", "", "grads-short", {"grads": lambda a: a["grads"][:1]}, ValueError, "grads"),
+    ("adam8bit_multi_step_", "", "steps-long", {"steps": lambda a: a["steps"] * 2}, ValueError, "steps"),
+    ("adam8bit_multi_step_", "", "state1-size", {"state1": lambda a: [a["state1"][0], a["state1"][0]]}, ValueError, "state1"),
+    ("adam8bit_multi_step_", "", "lr-neg", {"lr": -1.0}, ValueError, "lr"),
 ]  # fmt: skip
 
 
@@ -405,15 +435,22 @@ def _apply(args: dict, changes: dict) -> dict:
 )
 def test_bad_input(op, variant, changes, exc, name):
     args = _apply(valid_args(op, variant), changes)
-    snapshot = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    snapshot = {
+        f"{k}[{i}]" if isinstance(v, list) else k: t.clone()
+        for k, v in args.items()
+        for i, t in (enumerate(v) if isinstance(v, list) else [(0, v)])
+        if isinstance(t, torch.Tensor)
+    }
     # The checker's messages read "lowprec.<op>: <argument> must ...", or name the argument
     # among those that must come together (double quant): the argument is named either way.
     with pytest.raises(exc, match=rf"lowprec\.{op}: .*\b{name}\b"):
         call(op, args)
     # A failed call writes nothing: in particular the optimizer state stays as it was.
     for k, before in snapshot.items():
+        name, _, index = k.partition("[")
+        now = args[name][int(index[:-1])] if index else args[name]
         if before.device.type != "meta":
-            assert torch.equal(args[k], before), f"{k} modified by a failed call"
+            assert torch.equal(now, before), f"{k} modified by a failed call"
 
 
 def test_bad_table_names_every_adam_scalar():

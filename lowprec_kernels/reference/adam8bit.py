@@ -69,3 +69,13 @@ def adam8bit_step_(
     absmax1.copy_(new_absmax1)
     absmax2.copy_(new_absmax2)
     step.fill_(t)
+
+
+@register_kernel("adam8bit_multi_step_", "reference")
+def adam8bit_multi_step_(
+    params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, skipped, *hyper
+):  # fmt: skip
+    for p, g, s1, s2, a1, a2, step, skip in zip(
+        params, grads, state1, state2, absmax1, absmax2, steps, skipped
+    ):
+        adam8bit_step_(p, g, s1, s2, a1, a2, qmap1, qmap2, step, skip, *hyper)

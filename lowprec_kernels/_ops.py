@@ -227,6 +227,7 @@ def check_int8_vectorwise_quant(A, threshold, op="int8_vectorwise_quant"):
 
 def _check_int8_weight(op, weight, weight_scale):
     _check_tensor(op, "weight", weight, (torch.int8,))
+    _check_nonempty(op, "weight", weight)
     if weight.dim() != 2:
         _fail(
             ValueError,

@@ -353,3 +353,16 @@ def test_int8_linear_empty_batch(dtype):
     x = torch.empty(0, 8, dtype=dtype)
     y = ref(LF.int8_linear, x, wq, ws, None, 6.0)
     assert y.shape == (0, 5) and y.dtype == dtype
+
+
+def test_row_scale_is_one_division():
+    """``127 / absmax`` is one IEEE float32 division, not ``reciprocal(absmax) * 127``.
+
+    This pair (found by search on fp16-valued weights) sits where the two roundings part:
+    one division gives code -44, the reciprocal route -43.
+    """
+    W = torch.tensor([[-1.1044921875, 3.224609375]])
+    q, scale = ref(LF.int8_quantize_weight, W)
+    assert scale.tolist() == [3.224609375]
+    assert q.tolist() == [[-44, 127]]
+    assert torch.round(W[0, 0] * (127.0 / scale)).item() == -43, "the route we do not take"

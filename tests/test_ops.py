@@ -383,6 +383,8 @@ BAD = [
     ("int8_linear", "", "x-device", {"x": lambda a: _meta(a["x"])}, ValueError, "x"),
     ("int8_linear", "", "bias-shape", {"bias": torch.ones(13)}, ValueError, "bias"),
     ("int8_linear", "", "bias-2d", {"bias": torch.ones(5, 1)}, ValueError, "bias"),
+    ("int8_linear", "", "weight-no-in-features", {"weight": torch.ones(5, 0, dtype=torch.int8), "x": torch.ones(3, 0)}, ValueError, "weight"),
+    ("int8_scaled_mm", "", "weight-no-in-features", {"weight": torch.ones(5, 0, dtype=torch.int8), "A": torch.ones(2, 3, 0, dtype=torch.int8)}, ValueError, "weight"),
     # adam8bit_step_
     ("adam8bit_step_", "", "lr-neg", {"lr": -1e-3}, ValueError, "lr"),
     ("adam8bit_step_", "", "lr-nan", {"lr": float("nan")}, ValueError, "lr"),

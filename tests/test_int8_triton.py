@@ -388,3 +388,30 @@ def test_linear_autograd_through_triton(dev):
     W = w_deq64(wq.cpu(), ws.cpu())
     torch.testing.assert_close(x.grad.cpu().double(), gy.cpu().double() @ W, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.grad, gy.sum(0))
+
+
+# --------------------------------------------------------------------------- opcheck
+
+
+def _opcheck_samples(dev):
+    wq, ws = ref(LF.int8_quantize_weight, randn(5, 13, device=dev))
+    x = planted((2, 3), 13, torch.float16, dev, cols=(4,))
+    xq, rs, _ = ref(LF.int8_vectorwise_quant, x, 0.0)
+    bias = randn(5, device=dev)
+    return {
+        "int8_quantize_weight": (randn(7, 13, dtype=torch.bfloat16, device=dev),),
+        "int8_vectorwise_quant": (x, 6.0),
+        "int8_scaled_mm": (xq, rs, wq, ws, bias, torch.float16),
+        "int8_linear": (x.float().requires_grad_(), wq, ws, bias.clone().requires_grad_(), 6.0),
+    }
+
+
+@pytest.mark.parametrize(
+    "op", ["int8_quantize_weight", "int8_vectorwise_quant", "int8_scaled_mm", "int8_linear"]
+)
+def test_opcheck_with_triton_kernels(dev, op):
+    # The fake implementations (shapes, dtypes, the unbacked outlier count) and autograd
+    # registration hold for the Triton kernels' outputs too.
+    args = _opcheck_samples(dev)[op]
+    with _dispatch.use_backend("triton"):
+        torch.library.opcheck(getattr(torch.ops.lowprec, op).default, args)

@@ -27,6 +27,7 @@ The interpreter cannot autotune, so tile sizes are chosen by heuristic from the 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import triton
@@ -321,7 +322,7 @@ def _quantize_rows(x2d: torch.Tensor, flags: torch.Tensor | None):
     n_rows, n_cols = x2d.shape
     codes = empty((n_rows, n_cols), torch.int8, x2d.device)
     absmax = empty((n_rows,), torch.float32, x2d.device)
-    block_cols = min(triton.next_power_of_2(n_cols), MAX_ROW_TILE_COLS)
+    block_cols = min(triton.next_power_of_2(max(n_cols, 1)), MAX_ROW_TILE_COLS)
     block_rows = min(ROW_TILE_ELEMENTS // block_cols, triton.next_power_of_2(n_rows))
     with device_guard(x2d):
         _quantize_rows_kernel[(triton.cdiv(n_rows, block_rows),)](
@@ -383,12 +384,17 @@ def _int8_gemm(a2d, row_stats, weight, weight_scale, bias, out2d, x2d=None, outl
 # --- op kernels (validated arguments: lowprec_kernels/_ops.py) ---------------------------------
 
 
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as 2-D [rows, features] (a view when the strides allow it; 0 features too)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def int8_quantize_weight(W: torch.Tensor):
     return _quantize_rows(W, None)
 
 
 def int8_vectorwise_quant(A: torch.Tensor, threshold: float):
-    x2d = A.reshape(-1, A.shape[-1])  # a view when the strides allow it
+    x2d = _as_rows(A)
     flags, cols = _outlier_columns(x2d, threshold)
     codes, absmax = _quantize_rows(x2d, flags)
     out_cols = empty(cols.shape, torch.int64, A.device)
@@ -400,9 +406,7 @@ def int8_scaled_mm(A, row_stats, weight, weight_scale, bias, dtype):
     N = weight.shape[0]
     out = empty((*A.shape[:-1], N), dtype, A.device)
     if out.numel() > 0:
-        _int8_gemm(
-            A.reshape(-1, A.shape[-1]), row_stats, weight, weight_scale, bias, out.view(-1, N)
-        )
+        _int8_gemm(_as_rows(A), row_stats, weight, weight_scale, bias, out.view(-1, N))
     return out
 
 
@@ -411,7 +415,7 @@ def int8_linear(x, weight, weight_scale, bias, threshold):
     out = empty((*x.shape[:-1], N), x.dtype, x.device)
     if out.numel() == 0:
         return out
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = _as_rows(x)
     flags, cols = _outlier_columns(x2d, threshold)
     codes, absmax = _quantize_rows(x2d, flags)
     _int8_gemm(codes, absmax, weight, weight_scale, bias, out.view(-1, N), x2d, cols)

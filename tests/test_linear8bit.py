@@ -435,6 +435,8 @@ def test_bad_weights():
         Linear8bitLt.from_linear(types.SimpleNamespace(weight=wq, bias=None))
     with pytest.raises(ValueError, match="SCB"):
         Linear8bitLt.from_quantized(wq, None)
+    with pytest.raises(TypeError, match=r"\bweight\b"):
+        Linear8bitLt.from_quantized(wq.tolist(), scb)
     with pytest.raises(ValueError, match="weight_scale"):
         Linear8bitLt.from_quantized(wq, scb[:4])
     with pytest.raises(TypeError, match="weight_scale"):

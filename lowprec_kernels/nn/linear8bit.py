@@ -79,7 +79,8 @@ class Linear8bitLt(nn.Module):
         bias: torch.Tensor | None = None,
         threshold: float = 6.0,
     ) -> Linear8bitLt:
-        """A layer around int8 codes ``weight`` [out, in] and their fp32 row scales ``SCB``."""
+        """A layer around int8 codes ``weight`` [out, in] and their fp32 row scales ``SCB``
+        (bitsandbytes' names); the layer shares their storage."""
         if SCB is None:
             raise ValueError(
                 "Linear8bitLt.from_quantized: SCB (the per-row scales of the int8 weight) "
@@ -87,7 +88,10 @@ class Linear8bitLt(nn.Module):
             )
         # The op's own checker names the argument that is wrong (weight, weight_scale, bias,
         # threshold); a batch of no rows stands in for x.
-        no_rows = torch.empty(0, *weight.shape[1:2], device=getattr(weight, "device", None))
+        is_2d = isinstance(weight, torch.Tensor) and weight.dim() == 2
+        no_rows = torch.empty(
+            0, weight.shape[1] if is_2d else 0, device=getattr(weight, "device", None)
+        )
         check_int8_linear(no_rows, weight, SCB, bias, threshold)
         layer = cls(
             weight.shape[1], weight.shape[0], bias=False, threshold=threshold, device="meta"
@@ -112,15 +116,15 @@ class Linear8bitLt(nn.Module):
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) / .half() cast floating buffers: SCB must stay fp32 (the format),
         # so it only follows the move's device. The int8 weight is not floating: untouched.
-        scb = self.SCB
+        scb = self._buffers["SCB"]
         self._buffers["SCB"] = None
         try:
             super()._apply(fn, recurse)
         finally:
-            moved = fn(scb) if scb is not None else None
-            if moved is not None and moved.dtype != scb.dtype:
-                moved = scb.to(device=moved.device)
-            self._buffers["SCB"] = moved
+            self._buffers["SCB"] = scb
+        if scb is not None:
+            moved = fn(scb)
+            self._buffers["SCB"] = moved if moved.dtype == scb.dtype else scb.to(moved.device)
         return self
 
     # --- state_dict: bitsandbytes' keys ----------------------------------------------------

@@ -41,7 +41,7 @@ except ImportError:
 else:
     _load_backend("triton")
 
-from lowprec_kernels import functional  # noqa: E402
+from lowprec_kernels import functional, nn  # noqa: E402, F401 - nn: the layers, lpk.nn
 
 
 def build_info() -> dict:

@@ -24,7 +24,7 @@ def quantize_model(
     ``in_features`` is not a multiple of the blocksize are quantized too (blocks then cross
     rows). Returns ``model``.
     """
-    from lowprec_kernels.nn import Linear4bit, Linear8bitLt
+    import lowprec_kernels.nn as quantized  # each method needs only its own layer class
 
     if method not in METHODS:
         raise ValueError(f"quantize_model: method must be one of {METHODS}, got {method!r}")
@@ -36,9 +36,9 @@ def quantize_model(
     ]
     for name, linear in targets:
         if method == "int8":
-            new = Linear8bitLt.from_linear(linear, **layer_kwargs)
+            new = quantized.Linear8bitLt.from_linear(linear, **layer_kwargs)
         else:
-            new = Linear4bit.from_linear(linear, quant_type=method, **layer_kwargs)
+            new = quantized.Linear4bit.from_linear(linear, quant_type=method, **layer_kwargs)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)

@@ -53,4 +53,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["QuantState", "available_backends", "build_info", "functional", "use_backend"]
+__all__ = ["QuantState", "available_backends", "build_info", "functional", "nn", "use_backend"]

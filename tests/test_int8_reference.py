@@ -69,7 +69,7 @@ def test_quantize_weight_random(shape, dtype):
     absmax = W.float().abs().amax(1)
     assert torch.equal(s, absmax), "quantized as given: the absmax of the dtype's own values"
     assert torch.equal(q, documented_codes(W, absmax))
-    # Within one code (only at a rounding tie of the fp32 reciprocal) of round(127 w / absmax).
+    # Within one code (only at a rounding tie of the fp32 scale) of round(127 w / absmax).
     exact = torch.round(127.0 * W.double() / absmax.double().unsqueeze(1))
     assert (q.double() - exact).abs().max().item() <= 1
     assert q.abs().amax(1).eq(127).all(), "each row's largest element codes to +-127"

@@ -167,13 +167,12 @@ def _quantize_rows_kernel(
     absmax = tl.where(has_nan > 0, float("nan"), absmax)
     tl.store(absmax_ptr + rows, absmax, mask=rows < n_rows)
 
-    # The reference's scale: `127 / absmax` in torch is `absmax.reciprocal() * 127`, two
-    # fp32 roundings (as in bitsandbytes), so a code at a .5 tie matches only this way.
-    # IEEE division (plain `/` is approximate on NVIDIA): inf for a zero absmax, NaN for a
+    # The reference's scale: `127 / absmax` as ONE fp32 division, so a code at a .5 tie
+    # matches. IEEE division (plain `/` is approximate on NVIDIA): inf for a zero absmax, NaN for a
     # NaN one, 0 for an infinite one; the NaN codes that follow become 0, as specified.
     # Rows past the end divide 1 by 1 instead of 0 (their results are never stored).
     divisor = tl.where(rows < n_rows, absmax, 1.0)
-    scale = tl.math.div_rn(tl.full((BLOCK_ROWS,), 1.0, tl.float32), divisor) * INT8_SCALE
+    scale = tl.math.div_rn(tl.full((BLOCK_ROWS,), INT8_SCALE, tl.float32), divisor)
     for k in range(0, n_cols, BLOCK_COLS):
         cols = k + col_offsets
         x = _load_inlier_tile(

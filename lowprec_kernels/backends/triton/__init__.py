@@ -18,7 +18,10 @@ else:
     _TRITON_IMPORTS = True
 
 if _TRITON_IMPORTS:
-    from lowprec_kernels.backends.triton import blockwise  # noqa: F401  (registers kernels)
+    from lowprec_kernels.backends.triton import (
+        blockwise,  # noqa: F401  (registers kernels)
+        fourbit,  # noqa: F401  (registers kernels)
+    )
     from lowprec_kernels.backends.triton._utils import interpreter_active
 
     mark_available("triton", torch.cuda.is_available() or interpreter_active())

@@ -24,8 +24,6 @@ def quantize_model(
     ``in_features`` is not a multiple of the blocksize are quantized too (blocks then cross
     rows). Returns ``model``.
     """
-    from lowprec_kernels.nn import Linear4bit, Linear8bitLt
-
     if method not in METHODS:
         raise ValueError(f"quantize_model: method must be one of {METHODS}, got {method!r}")
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
@@ -35,9 +33,14 @@ def quantize_model(
         if type(module) is nn.Linear and not any(_matches(name, s) for s in skip)
     ]
     for name, linear in targets:
+        # Each layer class is imported only when its method is asked for.
         if method == "int8":
+            from lowprec_kernels.nn import Linear8bitLt
+
             new = Linear8bitLt.from_linear(linear, **layer_kwargs)
         else:
+            from lowprec_kernels.nn import Linear4bit
+
             new = Linear4bit.from_linear(linear, quant_type=method, **layer_kwargs)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

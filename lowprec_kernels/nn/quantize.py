@@ -6,6 +6,9 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from lowprec_kernels.nn.linear4bit import Linear4bit
+from lowprec_kernels.nn.linear8bit import Linear8bitLt
+
 METHODS = ("nf4", "fp4", "int8")
 
 
@@ -24,8 +27,6 @@ def quantize_model(
     ``in_features`` is not a multiple of the blocksize are quantized too (blocks then cross
     rows). Returns ``model``.
     """
-    import lowprec_kernels.nn as quantized  # each method needs only its own layer class
-
     if method not in METHODS:
         raise ValueError(f"quantize_model: method must be one of {METHODS}, got {method!r}")
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
@@ -36,9 +37,9 @@ def quantize_model(
     ]
     for name, linear in targets:
         if method == "int8":
-            new = quantized.Linear8bitLt.from_linear(linear, **layer_kwargs)
+            new = Linear8bitLt.from_linear(linear, **layer_kwargs)
         else:
-            new = quantized.Linear4bit.from_linear(linear, quant_type=method, **layer_kwargs)
+            new = Linear4bit.from_linear(linear, quant_type=method, **layer_kwargs)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)

@@ -20,6 +20,7 @@ else:
 if _TRITON_IMPORTS:
     from lowprec_kernels.backends.triton import (
         blockwise,  # noqa: F401  (registers kernels)
+        fourbit,  # noqa: F401  (registers kernels)
         int8,  # noqa: F401  (registers kernels)
     )
     from lowprec_kernels.backends.triton._utils import interpreter_active

@@ -1,0 +1,308 @@
+"""``Linear4bit``: ``nn.Linear`` with its weight stored as NF4 / FP4 codes (QLoRA).
+
+The weight is a :class:`Params4bit`: a frozen ``nn.Parameter`` holding the packed codes
+(``uint8 [(n+1)//2, 1]``) with their :class:`~lowprec_kernels.QuantState` as
+``.quant_state``, as bitsandbytes' ``Params4bit``. The forward pass is the fused op
+``matmul_4bit``; gradients reach the input and the bias, never the weight (QLoRA).
+
+State dicts use bitsandbytes' keys (``weight``, ``weight.absmax``, ``weight.quant_map``,
+``weight.nested_absmax``, ``weight.nested_quant_map``,
+``weight.quant_state.bitsandbytes__nf4`` / ``__fp4``, ``bias``): plain tensors only, so they
+load with ``torch.load(weights_only=True)`` and through safetensors, and a state dict written
+by bitsandbytes' ``Linear4bit`` loads here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from lowprec_kernels import functional as LF
+from lowprec_kernels.quant_state import QuantState
+
+_PACKED_HEADER = "quant_state.bitsandbytes__"
+
+
+def _rebuild_params4bit(data, requires_grad, quant_state):
+    return Params4bit(data, requires_grad, quant_state)
+
+
+class Params4bit(nn.Parameter):
+    """Packed 4-bit codes (``uint8 [(n+1)//2, 1]``) with their ``quant_state``; frozen.
+
+    ``.to(device)`` / ``.cuda()`` / ``.cpu()`` move the codes and the QuantState together;
+    the codes never change dtype (``nn.Module.to(dtype)`` leaves non-float tensors alone; a
+    direct ``.to(float_dtype)`` raises: use :meth:`dequantize`). ``copy.deepcopy`` and
+    ``pickle`` keep the type and the QuantState.
+    """
+
+    quant_state: QuantState | None
+
+    def __new__(cls, data=None, requires_grad=False, quant_state=None):
+        if data is None:
+            data = torch.empty(0, dtype=torch.uint8)
+        self = torch.Tensor._make_subclass(cls, data, requires_grad)
+        self.quant_state = quant_state
+        return self
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        blocksize: int = 64,
+        quant_type: str = "nf4",
+        double_quant: bool = True,
+    ) -> Params4bit:
+        """Quantizes a float weight of any shape."""
+        with torch.no_grad():
+            packed, state = LF.quantize_4bit(weight.detach(), blocksize, quant_type, double_quant)
+        return cls(packed, requires_grad=False, quant_state=state)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The decoded weight, in ``dtype`` (default: the original weight's dtype)."""
+        return LF.dequantize_4bit(self.data, self.quant_state, dtype)
+
+    def to(self, *args, **kwargs) -> Params4bit:
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and dtype != torch.uint8:
+            raise TypeError(
+                f"Params4bit.to: the packed 4-bit codes stay uint8, got dtype={dtype}; "
+                "use .dequantize(dtype) for a float weight"
+            )
+        if device is None:
+            return self
+        data = self.data.to(device=device, non_blocking=non_blocking)
+        if data.device == self.device:
+            return self
+        state = None if self.quant_state is None else self.quant_state.to(data.device)
+        return Params4bit(data, self.requires_grad, state)
+
+    def detach(self) -> Params4bit:
+        # A Params4bit stays one when detached: nn.Parameter(...) of it (nn.Module._apply's
+        # path for a move to another tensor type, e.g. to "meta", or with swap_tensors)
+        # requires it.
+        return Params4bit(super().detach(), False, self.quant_state)
+
+    def cuda(self, device=None, non_blocking: bool = False) -> Params4bit:
+        return self.to("cuda" if device is None else device, non_blocking=non_blocking)
+
+    def cpu(self) -> Params4bit:
+        return self.to("cpu")
+
+    def __deepcopy__(self, memo):
+        if id(self) not in memo:
+            memo[id(self)] = Params4bit(
+                self.data.clone(memory_format=torch.preserve_format),
+                self.requires_grad,
+                copy.deepcopy(self.quant_state, memo),
+            )
+        return memo[id(self)]
+
+    def __reduce_ex__(self, proto):
+        # nn.Parameter's own reduce rebuilds a plain Parameter: keep the type.
+        return _rebuild_params4bit, (self.data, self.requires_grad, self.quant_state)
+
+
+class Linear4bit(nn.Linear):
+    """``y = x @ W.T + bias`` with W stored as 4-bit NF4 / FP4 codes, blockwise scales.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        compute_dtype: ``None`` computes in the input's dtype; a float dtype casts x (and
+            the bias) to it and casts the output back to the input's dtype. Under
+            ``torch.autocast`` the op computes in the autocast dtype (as ``F.linear``); with
+            ``compute_dtype=None`` the output then has the autocast dtype.
+        quant_type: ``"nf4"`` or ``"fp4"``.
+        blocksize: elements per absmax block (32 .. 4096, powers of two).
+        double_quant: store the block absmax values as 8-bit codes (4.127 bits per weight).
+        device, dtype: where the layer lives and the float dtype it is initialized in (the
+            QuantState's dtype, i.e. what ``weight.dequantize()`` returns, and the bias').
+
+    A constructed layer is initialized exactly as ``nn.Linear`` and quantized at
+    construction (our kernels run on CPU, so there is no need to wait for ``.to("cuda")``
+    as bitsandbytes does). Loading a float ``nn.Linear`` state dict quantizes its weight
+    with this layer's settings; loading a quantized one takes its settings.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        device=None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.compute_dtype = compute_dtype
+        self.weight = Params4bit.from_weight(self.weight, blocksize, quant_type, double_quant)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        compute_dtype: torch.dtype | None = None,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+    ) -> Linear4bit:
+        """A Linear4bit holding ``linear``'s weight quantized and a copy of its bias.
+
+        The layer lives on ``linear``'s device; its QuantState dtype is ``linear``'s weight
+        dtype. ``linear`` is not modified.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(
+                f"Linear4bit.from_linear: linear must be an nn.Linear, got {type(linear).__name__}"
+            )
+        # Built on the meta device (no init work, no memory), then given the real tensors.
+        layer = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            compute_dtype=compute_dtype, quant_type=quant_type, blocksize=blocksize,
+            double_quant=double_quant, device="meta", dtype=linear.weight.dtype,
+        )  # fmt: skip
+        layer.weight = Params4bit.from_weight(linear.weight, blocksize, quant_type, double_quant)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(
+                linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad
+            )
+        return layer
+
+    # --- quantization settings, read from the weight's QuantState --------------------------
+
+    @property
+    def quant_state(self) -> QuantState:
+        return self.weight.quant_state
+
+    @property
+    def quant_type(self) -> str:
+        return self.quant_state.quant_type
+
+    @property
+    def blocksize(self) -> int:
+        return self.quant_state.blocksize
+
+    @property
+    def double_quant(self) -> bool:
+        return self.quant_state.nested
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialization; on a quantized layer, re-initialized and requantized."""
+        weight = self.weight
+        if not isinstance(weight, Params4bit):  # nn.Linear.__init__, before quantization
+            super().reset_parameters()
+            return
+        st = weight.quant_state
+        shape = (self.out_features, self.in_features)
+        self.weight = nn.Parameter(torch.empty(shape, dtype=st.dtype, device=weight.device))
+        super().reset_parameters()
+        self.weight = Params4bit.from_weight(self.weight, st.blocksize, st.quant_type, st.nested)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        # A non-float x is passed on uncast, so the op rejects it with its own clear error.
+        cast = self.compute_dtype is not None and x.is_floating_point()
+        x_compute = x.to(self.compute_dtype) if cast else x
+        bias = self.bias
+        if bias is not None and x_compute.is_floating_point():
+            bias = bias.to(x_compute.dtype)
+        y = LF.matmul_4bit(x_compute, weight, weight.quant_state, bias)
+        return y.to(x.dtype) if cast else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, quant_type={self.quant_type}, blocksize={self.blocksize}, "
+            f"double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
+        )
+
+    # --- device / dtype moves -------------------------------------------------------------------
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module._apply swaps only the weight's data (param.data = fn(param)), which leaves
+        # the QuantState behind: move it to wherever the codes went.
+        super()._apply(fn, recurse)
+        weight = self.weight
+        state = getattr(weight, "quant_state", None)
+        if state is not None and state.absmax.device != weight.device:
+            weight.quant_state = state.to(weight.device)
+        return self
+
+    # --- state dict (bitsandbytes' layout) ------------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # weight (codes), bias
+        if not keep_vars:  # a plain tensor, as torch.load(weights_only=True) requires
+            destination[prefix + "weight"] = self.weight.as_subclass(torch.Tensor).detach()
+        for key, value in self.weight.quant_state.as_dict().items():
+            destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ):  # fmt: skip
+        weight_key = prefix + "weight"
+        weight = state_dict.get(weight_key)
+        if weight is not None:
+            self.weight = self._weight_from_state_dict(weight, state_dict, weight_key)
+
+        # nn.Module loads the bias; the weight and its "weight.*" entries (consumed above)
+        # are hidden from it. Without a weight, those entries are left to be reported.
+        def consumed(key):
+            return key == weight_key or (weight is not None and key.startswith(weight_key + "."))
+
+        rest = {k: v for k, v in state_dict.items() if not consumed(k)}
+        super()._load_from_state_dict(
+            rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if weight is not None and weight_key in missing_keys:
+            missing_keys.remove(weight_key)
+
+    def _weight_from_state_dict(self, weight, state_dict, weight_key) -> Params4bit:
+        name = type(self).__name__
+        shape = (self.out_features, self.in_features)
+        device = self.weight.device
+        state_prefix = weight_key + "."
+        entries = {
+            k[len(state_prefix) :]: v for k, v in state_dict.items() if k.startswith(state_prefix)
+        }
+        if weight.is_floating_point() and not entries:  # an nn.Linear checkpoint: quantize it
+            if tuple(weight.shape) != shape:
+                raise ValueError(
+                    f"{name}: float '{weight_key}' must have shape {shape}, got {tuple(weight.shape)}"
+                )
+            st = self.quant_state
+            return Params4bit.from_weight(
+                weight.to(device=device, dtype=st.dtype), st.blocksize, st.quant_type, st.nested
+            )
+        required = ["absmax", "quant_map"]
+        absmax = entries.get("absmax")
+        if isinstance(absmax, torch.Tensor) and absmax.dtype == torch.uint8:  # double quant
+            required += ["nested_absmax", "nested_quant_map"]
+        missing = [state_prefix + k for k in required if k not in entries]
+        if not any(k.startswith(_PACKED_HEADER) for k in entries):
+            missing.append(state_prefix + _PACKED_HEADER + "nf4 (or fp4)")
+        if missing:
+            raise ValueError(
+                f"{name}: the state dict lacks {missing}, needed to load the quantized "
+                f"'{weight_key}' (a truncated checkpoint?)"
+            )
+        # Copies, as nn.Module's own loading copies: the layer never aliases the state dict.
+        entries = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in entries.items()}
+        st = QuantState.from_dict(entries, device=device)
+        if tuple(st.shape) != shape:
+            raise ValueError(
+                f"{name}: '{weight_key}' holds a quantized weight of shape {list(st.shape)}, "
+                f"this layer needs {list(shape)}"
+            )
+        # (bitsandbytes can store the codes in another dtype, quant_storage; not supported.)
+        if weight.dtype != torch.uint8 or weight.numel() != (st.numel + 1) // 2:
+            raise ValueError(
+                f"{name}: '{weight_key}' must hold {(st.numel + 1) // 2} uint8 bytes (two 4-bit "
+                f"codes each), got {weight.numel()} of {weight.dtype}"
+            )
+        return Params4bit(weight.to(device).reshape(-1, 1).clone(), False, st)

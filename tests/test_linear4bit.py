@@ -1,0 +1,512 @@
+"""``lpk.nn.Linear4bit`` / ``Params4bit``: construction, forward and backward against the
+reference, compute dtypes and autocast, bitsandbytes-layout state dicts (torch.load with
+weights_only, safetensors, bitsandbytes both ways), moves, copies, torch.compile, bad input.
+
+The op itself is tested per backend elsewhere (test_fourbit_*.py); here the module must be
+exactly the op on the right arguments, on every backend.
+"""
+
+import copy
+import io
+import pickle
+import re
+
+import pytest
+import torch
+from conftest import backend_params, run_on
+from torch import nn
+
+from lowprec_kernels import functional as LF
+from lowprec_kernels.nn import Linear4bit, Params4bit
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+# A state dict's keys, in bitsandbytes' order (Linear4bit._save_to_state_dict there).
+KEYS_NESTED = ["weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+               "weight.nested_quant_map"]  # fmt: skip
+KEYS_SINGLE = ["weight", "bias", "weight.absmax", "weight.quant_map"]
+
+
+def randn_nonzero(*shape, dtype=torch.float32):
+    x = torch.randn(*shape)
+    return torch.where(x == 0, torch.full_like(x, 0.5), x).to(dtype)
+
+
+def expected_keys(quant_type="nf4", double_quant=True):
+    keys = KEYS_NESTED if double_quant else KEYS_SINGLE
+    return keys + [f"weight.quant_state.bitsandbytes__{quant_type}"]
+
+
+def w_deq(layer, dtype=torch.float32):
+    return run_on("reference", LF.dequantize_4bit, layer.weight, layer.quant_state, dtype)
+
+
+def assert_same_quantized(a: Linear4bit, b: Linear4bit):
+    """Same codes, same QuantState, same bias."""
+    assert torch.equal(a.weight, b.weight)
+    sa, sb = a.quant_state, b.quant_state
+    assert (sa.quant_type, sa.blocksize, sa.shape, sa.dtype, sa.nested) == (
+        sb.quant_type, sb.blocksize, sb.shape, sb.dtype, sb.nested,
+    )  # fmt: skip
+    for name in ("absmax", "code", "nested_absmax", "nested_code", "offset"):
+        ta, tb = getattr(sa, name), getattr(sb, name)
+        assert (ta is None and tb is None) or torch.equal(ta, tb), name
+    assert (a.bias is None and b.bias is None) or torch.equal(a.bias, b.bias)
+
+
+@pytest.fixture
+def layer():
+    return Linear4bit(100, 37)  # in % 64 != 0: blocks cross rows
+
+
+# ---------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_constructor_initializes_like_linear_then_quantizes(quant_type, double_quant):
+    torch.manual_seed(1)
+    linear = nn.Linear(100, 37)
+    torch.manual_seed(1)
+    layer = Linear4bit(100, 37, quant_type=quant_type, blocksize=32, double_quant=double_quant)
+    assert isinstance(layer, nn.Linear) and isinstance(layer.weight, Params4bit)
+    assert isinstance(layer.weight, nn.Parameter) and not layer.weight.requires_grad
+    assert layer.weight.dtype == torch.uint8 and layer.weight.shape == (1850, 1)
+    assert layer.quant_state is layer.weight.quant_state
+    assert (layer.quant_type, layer.blocksize, layer.double_quant) == (quant_type, 32, double_quant)
+    # The same initialization as nn.Linear (same RNG draws), then quantized as LF does it.
+    assert torch.equal(layer.bias, linear.bias)
+    qw, st = run_on(
+        "reference", LF.quantize_4bit, linear.weight.detach(), 32, quant_type, double_quant
+    )
+    assert torch.equal(layer.weight, qw) and torch.equal(layer.quant_state.absmax, st.absmax)
+    assert [p for p in layer.parameters() if p.requires_grad] == [layer.bias]
+    assert f"quant_type={quant_type}" in repr(layer)
+
+
+def test_constructor_dtype_device_and_no_bias():
+    layer = Linear4bit(64, 8, bias=False, dtype=torch.bfloat16)
+    assert layer.bias is None and layer.quant_state.dtype == torch.bfloat16
+    assert layer.weight.dequantize().dtype == torch.bfloat16
+    meta = Linear4bit(64, 8, device="meta")  # no memory, no init work: for large models
+    assert meta.weight.device.type == "meta" and meta.quant_state.absmax.device.type == "meta"
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, name",
+    [
+        (dict(quant_type="int4"), ValueError, "quant_type"),
+        (dict(blocksize=48), ValueError, "blocksize"),
+    ],
+)
+def test_constructor_bad_settings(kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        Linear4bit(64, 8, **kwargs)
+
+
+def test_reset_parameters_requantizes(layer):
+    before = layer.weight.clone()
+    torch.manual_seed(5)
+    layer.reset_parameters()
+    assert isinstance(layer.weight, Params4bit) and not torch.equal(layer.weight, before)
+    assert (layer.quant_type, layer.blocksize, layer.double_quant) == ("nf4", 64, True)
+    torch.manual_seed(5)
+    fresh = nn.Linear(100, 37)
+    assert torch.equal(layer.bias, fresh.bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_from_linear(dtype):
+    linear = nn.Linear(70, 24).to(dtype)
+    snapshot = copy.deepcopy(linear.state_dict())
+    layer = Linear4bit.from_linear(
+        linear, quant_type="fp4", blocksize=32, double_quant=False, compute_dtype=torch.float16
+    )
+    qw, st = run_on("reference", LF.quantize_4bit, linear.weight.detach(), 32, "fp4", False)
+    assert torch.equal(layer.weight, qw) and torch.equal(layer.quant_state.absmax, st.absmax)
+    assert layer.quant_state.dtype == dtype and layer.compute_dtype == torch.float16
+    assert layer.weight.device == linear.weight.device
+    assert torch.equal(layer.bias, linear.bias) and layer.bias.requires_grad
+    with torch.no_grad():
+        linear.bias.add_(1)  # the layer holds a copy
+    assert not torch.equal(layer.bias, linear.bias)
+    assert torch.equal(linear.weight, snapshot["weight"]), "from_linear leaves linear alone"
+    assert Linear4bit.from_linear(nn.Linear(64, 8, bias=False)).bias is None
+    with pytest.raises(TypeError, match="linear"):
+        Linear4bit.from_linear(nn.Conv1d(4, 4, 1))
+
+
+# ---------------------------------------------------------------- forward / backward
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead", [(1,), (3,), (17,), (2, 5)], ids=str)
+@pytest.mark.parametrize("device_backend", backend_params(include_reference=True))
+def test_forward_is_the_op(device_backend, lead, dtype):
+    device, backend = device_backend
+    layer = Linear4bit(100, 37, dtype=dtype, device=device)
+    x = randn_nonzero(*lead, 100, dtype=dtype).to(device)
+    y = run_on(backend, layer, x)
+    assert y.shape == (*lead, 37) and y.dtype == dtype
+    expected = run_on(backend, LF.matmul_4bit, x, layer.weight, layer.quant_state, layer.bias)
+    assert torch.equal(y, expected)
+    # And the op is x @ W.T + b (within one rounding to x's dtype, fp32 summation over K).
+    W = w_deq(layer).double()
+    y64 = x.double() @ W.T + layer.bias.double()
+    scale = x.double().abs() @ W.abs().T + layer.bias.double().abs()
+    bound = 2 * (UNIT_ROUNDOFF[dtype] * y64.abs() + (100 * 2.0**-24 + UNIT_ROUNDOFF[dtype]) * scale)
+    assert bool(((y.double() - y64).abs() <= bound + 2.0**-24).all())
+
+
+def test_compute_dtype_casts_in_and_back():
+    layer = Linear4bit(64, 16, compute_dtype=torch.float16)
+    x = randn_nonzero(3, 64)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    expected = LF.matmul_4bit(x.half(), layer.weight, layer.quant_state, layer.bias.half())
+    assert torch.equal(y, expected.float())
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_computes_in_the_autocast_dtype(autocast_dtype):
+    layer = Linear4bit(64, 16)
+    x = randn_nonzero(3, 64)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        y = layer(x)
+        ref_linear = nn.functional.linear(x, w_deq(layer), layer.bias)
+    assert y.dtype == autocast_dtype == ref_linear.dtype, "as F.linear under autocast"
+    expected = LF.matmul_4bit(x.to(autocast_dtype), layer.weight, layer.quant_state,
+                              layer.bias.to(autocast_dtype))  # fmt: skip
+    assert torch.equal(y, expected)
+    # A layer with a compute_dtype still returns the input's dtype.
+    layer.compute_dtype = torch.float32
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        assert layer(x).dtype == torch.float32
+
+
+def test_autocast_backward_with_grad_scaler():
+    layer = Linear4bit(64, 16)
+    opt = torch.optim.SGD([layer.bias], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = randn_nonzero(4, 64).requires_grad_()
+    before = layer.bias.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = layer(x).float().square().mean()
+    scaler.scale(loss).backward()
+    assert x.grad.dtype == torch.float32 and layer.bias.grad.dtype == torch.float32
+    scaler.step(opt)
+    scaler.update()
+    assert layer.bias.isfinite().all() and not torch.equal(layer.bias, before)
+    assert layer.weight.grad is None
+
+
+@pytest.mark.parametrize("compute_dtype", [None, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_to_input_and_bias_only(dtype, compute_dtype):
+    layer = Linear4bit(70, 33, dtype=dtype, compute_dtype=compute_dtype)
+    x = randn_nonzero(2, 3, 70, dtype=dtype).requires_grad_()
+    y = layer(x)
+    gy = randn_nonzero(*y.shape, dtype=dtype)
+    y.backward(gy)
+    assert layer.weight.grad is None
+    assert x.grad.dtype == dtype and layer.bias.grad.dtype == dtype
+    # Against the reference op's backward on the same (cast) arguments ...
+    cd = compute_dtype or dtype
+    x_r = x.detach().to(cd).requires_grad_()
+    b_r = layer.bias.detach().to(cd).requires_grad_()
+    run_on("reference", LF.matmul_4bit, x_r, layer.weight, layer.quant_state, b_r).backward(
+        gy.to(cd)
+    )
+    assert torch.equal(x.grad, x_r.grad.to(dtype)) and torch.equal(
+        layer.bias.grad, b_r.grad.to(dtype)
+    )
+    # ... and against float64: grad_x = gy @ W, grad_b = gy summed over every row. Rounding
+    # W and gy into the compute dtype (u each), fp32 accumulation (K * 2**-24), two more
+    # roundings (into the compute dtype, then x's): bound on the sum of magnitudes, doubled.
+    W = w_deq(layer).double()
+    g64 = gy.double().reshape(-1, 33)
+    u = UNIT_ROUNDOFF[cd] + UNIT_ROUNDOFF[dtype]
+    bound_x = 2 * (2 * u + 33 * 2.0**-24) * (g64.abs() @ W.abs()) + 1e-30
+    assert bool(((x.grad.double().reshape(-1, 70) - g64 @ W).abs() <= bound_x).all())
+    bound_b = 2 * (2 * u + 6 * 2.0**-24) * g64.abs().sum(0)
+    assert bool(((layer.bias.grad.double() - g64.sum(0)).abs() <= bound_b).all())
+
+
+# ---------------------------------------------------------------- state dict
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_state_dict_layout(quant_type, double_quant):
+    layer = Linear4bit(100, 37, quant_type=quant_type, double_quant=double_quant)
+    sd = layer.state_dict()
+    assert list(sd) == expected_keys(quant_type, double_quant)
+    assert all(type(v) is torch.Tensor for v in sd.values()), "plain tensors only"
+    assert sd["weight"].dtype == torch.uint8 and sd["weight"].shape == (1850, 1)
+    kept = layer.state_dict(keep_vars=True)
+    assert kept["weight"] is layer.weight and kept["bias"] is layer.bias
+
+
+def _reload_check(sd, source: Linear4bit, fresh: Linear4bit):
+    fresh.load_state_dict(sd, strict=True)
+    assert isinstance(fresh.weight, Params4bit) and not fresh.weight.requires_grad
+    assert_same_quantized(fresh, source)
+    x = randn_nonzero(5, source.in_features)
+    assert torch.equal(fresh(x), source(x))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_torch_save_load_weights_only(quant_type, double_quant):
+    source = Linear4bit(
+        100, 37, quant_type=quant_type, double_quant=double_quant, dtype=torch.float16
+    )
+    buf = io.BytesIO()
+    torch.save(source.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    # A fresh layer with other settings takes the checkpoint's.
+    other = "fp4" if quant_type == "nf4" else "nf4"
+    fresh = Linear4bit(100, 37, quant_type=other, blocksize=32, double_quant=not double_quant)
+    _reload_check(sd, source, fresh)
+    assert fresh.quant_state.dtype == torch.float16
+
+
+def test_safetensors_round_trip(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    source = Linear4bit(100, 37, dtype=torch.bfloat16)
+    path = tmp_path / "layer.safetensors"
+    safetensors_torch.save_file(source.state_dict(), str(path))
+    _reload_check(safetensors_torch.load_file(str(path)), source, Linear4bit(100, 37))
+
+
+def test_load_into_a_model_with_prefixes():
+    source = nn.Sequential(Linear4bit(64, 32), nn.ReLU(), Linear4bit(32, 8, quant_type="fp4"))
+    fresh = nn.Sequential(Linear4bit(64, 32), nn.ReLU(), Linear4bit(32, 8))
+    fresh.load_state_dict(source.state_dict(), strict=True)
+    x = randn_nonzero(3, 64)
+    assert torch.equal(fresh(x), source(x)) and fresh[2].quant_type == "fp4"
+
+
+def test_float_linear_state_dict_is_quantized_with_the_layers_settings():
+    linear = nn.Linear(100, 37)
+    layer = Linear4bit(100, 37, quant_type="fp4", blocksize=32)
+    layer.load_state_dict(linear.state_dict(), strict=True)
+    assert_same_quantized(layer, Linear4bit.from_linear(linear, quant_type="fp4", blocksize=32))
+    with pytest.raises(ValueError, match="weight"):
+        Linear4bit(100, 38).load_state_dict(linear.state_dict())
+
+
+@pytest.mark.parametrize(
+    "drop",
+    [
+        "weight.absmax",
+        "weight.quant_map",
+        "weight.nested_absmax",
+        "weight.nested_quant_map",
+        "weight.quant_state.bitsandbytes__nf4",
+    ],  # fmt: skip
+)
+def test_truncated_state_dict_names_the_missing_key(layer, drop):
+    sd = layer.state_dict()
+    del sd[drop]
+    with pytest.raises(ValueError, match=re.escape(drop.removesuffix("nf4"))):
+        Linear4bit(100, 37).load_state_dict(sd)
+
+
+def test_state_dict_mismatches_raise(layer):
+    sd = layer.state_dict()
+    with pytest.raises(ValueError, match=r"shape \[37, 100\]"):
+        Linear4bit(100, 36).load_state_dict(sd)
+    for bad_weight in (sd["weight"][:-1], sd["weight"].to(torch.bfloat16)):
+        with pytest.raises(ValueError, match="'weight' must hold 1850 uint8 bytes"):
+            Linear4bit(100, 37).load_state_dict(dict(sd, weight=bad_weight))
+    # Quantized entries without the weight: nothing to load them into.
+    orphan = {k: v for k, v in sd.items() if k != "weight"}
+    with pytest.raises(RuntimeError, match="weight.absmax"):
+        Linear4bit(100, 37).load_state_dict(orphan, strict=True)
+    result = Linear4bit(100, 37).load_state_dict({"bias": sd["bias"]}, strict=False)
+    assert result.missing_keys == ["weight"]
+
+
+def test_loading_copies_instead_of_aliasing(layer):
+    sd = copy.deepcopy(layer.state_dict())  # (a state dict's tensors are views of the layer's)
+    fresh = Linear4bit(100, 37)
+    fresh.load_state_dict(sd)
+    sd["weight.absmax"].zero_()
+    sd["weight"].zero_()
+    assert_same_quantized(fresh, layer)
+
+
+# ---------------------------------------------------------------- bitsandbytes, both ways
+
+
+def _bnb_layer(bnb, linear, quant_type, double_quant):
+    """bitsandbytes' Linear4bit holding ``linear``'s weights, quantized on the CPU: it
+    quantizes on the first move to a device (``Params4bit._quantize`` via ``.to``)."""
+    theirs = bnb.nn.Linear4bit(linear.in_features, linear.out_features, quant_type=quant_type,
+                               compress_statistics=double_quant)  # fmt: skip
+    theirs.load_state_dict(linear.state_dict())
+    theirs = theirs.to("cpu")
+    assert theirs.weight.bnb_quantized and theirs.weight.dtype == torch.uint8
+    return theirs
+
+
+def _close_to(ours, theirs, K):
+    # Same decoded weights; bitsandbytes multiplies in fp32 and may fuse the double-quant
+    # decode: fp32 summation over K terms relative to the sum of magnitudes.
+    return torch.testing.assert_close(ours, theirs, rtol=K * 2.0**-23, atol=K * 2.0**-23)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bitsandbytes_state_dict_loads_here(quant_type, double_quant):
+    bnb = pytest.importorskip("bitsandbytes")
+    linear = nn.Linear(200, 24)
+    theirs = _bnb_layer(bnb, linear, quant_type, double_quant)
+    sd = theirs.state_dict()  # before any forward (their CPU forward may repack the weight)
+    assert list(sd) == expected_keys(quant_type, double_quant)
+    ours = Linear4bit(200, 24)
+    ours.load_state_dict(sd, strict=True)
+    assert (ours.quant_type, ours.double_quant) == (quant_type, double_quant)
+    assert list(ours.state_dict()) == list(sd)
+    for k, v in ours.state_dict().items():
+        if "quant_state" not in k:
+            assert torch.equal(v, sd[k]), k
+    x = randn_nonzero(3, 200)
+    with torch.no_grad():
+        _close_to(ours(x), theirs(x), 200)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_our_state_dict_loads_in_bitsandbytes(quant_type, double_quant):
+    bnb = pytest.importorskip("bitsandbytes")
+    ours = Linear4bit.from_linear(
+        nn.Linear(200, 24), quant_type=quant_type, double_quant=double_quant
+    )
+    sd = ours.state_dict()
+    # bitsandbytes' Linear4bit has no loader for quantized state dicts of its own; its
+    # documented path (the one transformers takes) is Params4bit.from_prequantized.
+    theirs = bnb.nn.Linear4bit(200, 24, quant_type=quant_type, compress_statistics=double_quant)
+    stats = {k.removeprefix("weight."): v for k, v in sd.items() if k.startswith("weight.")}
+    theirs.weight = bnb.nn.Params4bit.from_prequantized(
+        sd["weight"], stats, device="cpu", module=theirs
+    )
+    theirs.bias = nn.Parameter(sd["bias"].clone())
+    assert list(theirs.state_dict()) == list(sd)
+    x = randn_nonzero(3, 200)
+    with torch.no_grad():
+        _close_to(ours(x), theirs(x), 200)
+
+
+# ---------------------------------------------------------------- moves and copies
+
+
+def test_to_dtype_keeps_the_weight_quantized(layer):
+    codes = layer.weight.clone()
+    state = layer.quant_state
+    for convert, dtype in [(lambda m: m.to(torch.float16), torch.float16),
+                           (lambda m: m.bfloat16(), torch.bfloat16),
+                           (lambda m: m.half(), torch.float16),
+                           (lambda m: m.float(), torch.float32)]:  # fmt: skip
+        assert convert(layer) is layer
+        assert isinstance(layer.weight, Params4bit) and torch.equal(layer.weight, codes)
+        assert layer.quant_state.dtype == torch.float32 and layer.quant_state.absmax is state.absmax
+        assert layer.bias.dtype == dtype
+        x = randn_nonzero(2, 100, dtype=dtype)
+        assert layer(x).dtype == dtype
+    with pytest.raises(TypeError, match="uint8"):
+        layer.weight.to(torch.float16)
+
+
+def test_to_device_moves_codes_and_state(layer, device):
+    for target in (device, "meta"):
+        moved = copy.deepcopy(layer).to(target)
+        st = moved.quant_state
+        assert isinstance(moved.weight, Params4bit) and moved.weight.device.type == target
+        assert {
+            t.device.type for t in (st.absmax, st.code, st.nested_absmax, st.nested_code, st.offset)
+        } == {target}
+    assert layer.to(layer.weight.device) is layer
+    weight = layer.weight
+    assert weight.to(weight.device) is weight and weight.cpu().quant_state is weight.quant_state
+
+
+def test_deepcopy_and_pickle_keep_the_weight_quantized(layer):
+    x = randn_nonzero(4, 100)
+    y = layer(x)
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert isinstance(clone.weight, Params4bit)
+        assert_same_quantized(clone, layer)
+        assert torch.equal(clone(x), y)
+        assert clone.weight.data_ptr() != layer.weight.data_ptr()
+        assert clone.quant_state.absmax.data_ptr() != layer.quant_state.absmax.data_ptr()
+    param = pickle.loads(pickle.dumps(layer.weight))
+    assert type(param) is Params4bit and param.quant_state.quant_type == "nf4"
+    buf = io.BytesIO()
+    torch.save(layer, buf)  # the whole module (a trusted pickle, not weights_only)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), y)
+
+
+def test_detach_keeps_the_type(layer):
+    detached = layer.weight.detach()
+    assert type(detached) is Params4bit and detached.quant_state is layer.quant_state
+    assert type(nn.Parameter(layer.weight, requires_grad=False)) is Params4bit
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        Linear4bit(64, 48), nn.GELU(), Linear4bit(48, 32, bias=False), nn.SiLU(),
+        Linear4bit(32, 8, quant_type="fp4", blocksize=32),
+    )  # fmt: skip
+    x = randn_nonzero(5, 64).requires_grad_()
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = torch.compile(model, fullgraph=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    grad_compiled = x.grad.clone()
+    x.grad = None
+    y_eager = model(x)
+    y_eager.square().sum().backward()
+    # The 4-bit ops are opaque to the compiler (custom ops), so they compute exactly as in
+    # eager; Inductor's fused GELU / SiLU may differ from eager's by an ulp or two, which
+    # the layers after them carry: a few fp32 ulps.
+    torch.testing.assert_close(y, y_eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_compiled, x.grad, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_input_gets_a_clear_error(layer):
+    with pytest.raises(TypeError, match="x must have dtype"):
+        layer(torch.ones(2, 100, dtype=torch.int32))
+    layer.compute_dtype = torch.float16  # an integer x is not cast into the compute dtype
+    with pytest.raises(TypeError, match="x must have dtype"):
+        layer(torch.ones(2, 100, dtype=torch.int64))
+    layer.compute_dtype = None
+    with pytest.raises(ValueError, match="x must have last dimension in_features=100"):
+        layer(torch.ones(2, 99))
+    with pytest.raises(ValueError, match="x must be on A's device"):
+        layer(torch.ones(2, 100, device="meta"))
+
+
+def test_mismatched_quant_state_gets_a_clear_error(layer):
+    other = Linear4bit(64, 37)
+    layer.weight.quant_state = other.quant_state  # a state for another shape
+    with pytest.raises(ValueError, match="A must have"):
+        layer(torch.ones(2, 100))
+    layer.weight.quant_state = Linear4bit(100, 37, blocksize=32).quant_state
+    layer.weight.quant_state.blocksize = 64  # scales for blocks of 32, read as blocks of 64
+    with pytest.raises(ValueError, match="absmax must have"):
+        layer(torch.ones(2, 100))
+    layer.weight.quant_state = None
+    with pytest.raises(TypeError, match="quant_state"):
+        layer(torch.ones(2, 100))

@@ -1,0 +1,142 @@
+"""``lpk.nn.quantize_model``: which layers are swapped, with which settings, and the outputs.
+
+The NF4 / FP4 methods (``Linear4bit``); the int8 method is tested with ``Linear8bitLt``.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lowprec_kernels as lpk
+from lowprec_kernels.nn import Linear4bit, quantize_model
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 70), nn.GELU())
+        self.odd = nn.Linear(70, 50)  # in_features 70: not a multiple of any blocksize
+        self.lm_head = nn.Linear(50, 10)
+
+    def forward(self, x):
+        return self.lm_head(torch.relu(self.odd(self.layers(x))))
+
+
+class Model(nn.Module):
+    """``model.lm_head`` is the head's full name, as in Hugging Face causal LMs."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = Block()
+        self.norm = nn.LayerNorm(10)
+
+    def forward(self, x):
+        return self.norm(self.model(x))
+
+
+LINEAR_NAMES = ["model.layers.0", "model.layers.2", "model.odd", "model.lm_head"]
+
+
+def linear_types(model):
+    return {name: type(model.get_submodule(name)) for name in LINEAR_NAMES}
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return Model()
+
+
+def dequantized_copy(quantized: nn.Module, original: nn.Module) -> nn.Module:
+    """``original`` with every quantized layer's weight replaced by its decoded weight."""
+    float_model = copy.deepcopy(original)
+    for name, module in quantized.named_modules():
+        if isinstance(module, Linear4bit):
+            target = float_model.get_submodule(name)
+            with torch.no_grad():
+                target.weight.copy_(module.weight.dequantize(torch.float32))
+    return float_model
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+def test_quantizes_every_linear_but_the_skipped(model, method):
+    original = copy.deepcopy(model)
+    returned = quantize_model(model, method=method)
+    assert returned is model, "in place, and returned"
+    assert linear_types(model) == {
+        "model.layers.0": Linear4bit,
+        "model.layers.2": Linear4bit,
+        "model.odd": Linear4bit,
+        "model.lm_head": nn.Linear,  # skip=("lm_head",) matches the last component
+    }
+    assert all(m.quant_type == method for m in model.modules() if isinstance(m, Linear4bit))
+    odd = model.model.odd
+    assert odd.quant_state.shape == (50, 70) and 70 % odd.blocksize != 0
+    # Each layer is from_linear of the original: the model is exactly the float model with
+    # the decoded weights (same ops on the same values; the 4-bit matmul accumulates in
+    # float64 on the reference backend and rounds once, torch's fp32 matmul does not).
+    x = torch.randn(4, 64)
+    y = model(x)
+    torch.testing.assert_close(y, dequantized_copy(model, original)(x), rtol=1e-5, atol=1e-5)
+    # Close to the float model: 4-bit weights move each output by a few percent of its
+    # scale. The LayerNorm output has unit scale; the bound is loose on purpose (NF4's
+    # relative weight error is ~0.1 at worst, FP4's coarser).
+    err = (y - original(x)).norm() / original(x).norm()
+    assert err < (0.15 if method == "nf4" else 0.3), err
+
+
+@pytest.mark.parametrize(
+    "skip, kept",
+    [
+        (("lm_head",), {"model.lm_head"}),
+        ("odd", {"model.odd"}),  # a single string
+        (("model.layers.0", "lm_head"), {"model.layers.0", "model.lm_head"}),  # a full name
+        (("layers.2",), {"model.layers.2"}),  # the last two components
+        ((), set()),
+        (("head", "layers"), set()),  # parts of a name component never match
+    ],
+)
+def test_skip_matching(model, skip, kept):
+    quantize_model(model, "nf4", skip=skip)
+    types = linear_types(model)
+    assert {name for name, t in types.items() if t is nn.Linear} == kept
+    assert all(t is Linear4bit for name, t in types.items() if name not in kept)
+
+
+def test_layer_kwargs_are_forwarded(model):
+    quantize_model(model, "fp4", blocksize=32, double_quant=False, compute_dtype=torch.float16)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 3
+    for layer in layers:
+        assert (layer.quant_type, layer.blocksize, layer.double_quant) == ("fp4", 32, False)
+        assert layer.compute_dtype == torch.float16
+    assert model(torch.randn(2, 64)).dtype == torch.float32  # compute fp16, output as input
+
+
+def test_model_at_the_top_level_and_idempotent():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+    quantize_model(seq, "nf4", skip=())
+    assert isinstance(seq[0], Linear4bit) and isinstance(seq[2], Linear4bit)
+    first = seq[0]
+    quantize_model(seq, "nf4", skip=())  # already quantized layers are left as they are
+    assert seq[0] is first
+
+
+def test_quantized_model_state_dict_round_trip(model):
+    quantize_model(model, "nf4")
+    fresh = quantize_model(Model(), "nf4", blocksize=128)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_bad_method(model):
+    with pytest.raises(ValueError, match="method"):
+        quantize_model(model, method="int4")
+
+
+def test_reachable_from_the_package():
+    assert lpk.nn.quantize_model is quantize_model and lpk.nn.Linear4bit is Linear4bit

@@ -53,7 +53,9 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
 # rounding to nearest even and mangles subnormals. These helpers do the conversion with
 # integer ops instead: the same bits as torch (and as the GPU's own cvt) on every target.
 
-BF16_CANONICAL_NAN = 0x7FC0  # the quiet NaN c10::BFloat16 writes (NaN bits are not pinned)
+# The quiet NaN c10::BFloat16 writes (NaN bits are not pinned). A tl.constexpr: jit code
+# compiled for a GPU may read no other kind of global.
+BF16_CANONICAL_NAN = tl.constexpr(0x7FC0)
 
 
 @triton.jit

@@ -46,6 +46,17 @@ def ieee_sqrt(x: torch.Tensor) -> torch.Tensor:
 def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, step):
     """One Adam/AdamW update of float32 tensors; returns the new ``(p, m, v)``."""
     bc1, bc2 = bias_corrections(beta1, beta2, step)
+    return adam_update_corrected(
+        p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, bc1, bc2
+    )
+
+
+def adam_update_corrected(
+    p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, bc1, bc2
+):  # fmt: skip
+    """``adam_update`` with the bias corrections given: Python floats, or float32 tensors
+    broadcasting against ``m`` (the same values rounded once, e.g. computed on the device
+    from step tensors)."""
     g = g * gnorm_scale
     if not decoupled and weight_decay != 0.0:
         g = g + weight_decay * p

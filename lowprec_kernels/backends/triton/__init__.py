@@ -18,6 +18,7 @@ else:
     _TRITON_IMPORTS = True
 
 if _TRITON_IMPORTS:
+    import lowprec_kernels.backends.triton.adam8bit  # noqa: F401  (registers kernels)
     from lowprec_kernels.backends.triton import blockwise  # noqa: F401  (registers kernels)
     from lowprec_kernels.backends.triton._utils import interpreter_active
 

@@ -41,7 +41,7 @@ except ImportError:
 else:
     _load_backend("triton")
 
-from lowprec_kernels import functional  # noqa: E402
+from lowprec_kernels import functional, optim  # noqa: E402
 
 
 def build_info() -> dict:
@@ -53,4 +53,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["QuantState", "available_backends", "build_info", "functional", "use_backend"]
+__all__ = ["QuantState", "available_backends", "build_info", "functional", "optim", "use_backend"]

@@ -640,6 +640,31 @@ def test_state_memory_is_a_quarter_of_torch_adamw():
     assert ratio <= 0.27, ratio
 
 
+def test_opcheck_of_the_optimizers_fused_op():
+    """The private op the optimizers call (hyperparameters as a tensor, for torch.compile):
+    schema and mutation annotations, fake implementation, AOT dispatch."""
+    from lowprec_kernels.optim.adam8bit import _hyperparameters_tensor
+
+    sizes, dtypes = (300, 70), (torch.float32, torch.bfloat16)
+
+    def per_tensor(make):
+        return [make(n, d) for n, d in zip(sizes, dtypes)]
+
+    args = (
+        per_tensor(lambda n, d: torch.randn(n, dtype=d)),
+        per_tensor(lambda n, d: torch.randn(n, dtype=d)),
+        per_tensor(lambda n, d: torch.randint(0, 256, (n,), dtype=torch.uint8)),
+        per_tensor(lambda n, d: torch.randint(0, 256, (n,), dtype=torch.uint8)),
+        per_tensor(lambda n, d: torch.rand(-(-n // 64)) + 0.1),
+        per_tensor(lambda n, d: torch.rand(-(-n // 64)) + 0.1),
+        LF.dynamic_map(True), LF.dynamic_map(False),
+        per_tensor(lambda n, d: torch.tensor(3.0)),
+        per_tensor(lambda n, d: torch.tensor(0.0)),
+        _hyperparameters_tensor(1e-3, 0.9, 0.999, 1e-8, 0.01), True, 64,
+    )  # fmt: skip
+    torch.library.opcheck(torch.ops.lowprec_optim.adam8bit_group_step_.default, args)
+
+
 # ---------------------------------------------------------------- torch.compile
 
 

@@ -334,7 +334,7 @@ class AdamW8bit(Adam8bit):
 def _hyperparameters_tensor(lr, beta1, beta2, eps, weight_decay) -> torch.Tensor:
     """float64 [5] on the CPU. Built by multiplying a tensor by each value, the form
     torch.compile turns into a graph input that follows the value (see ``_group_step``)."""
-    one = torch.ones((), dtype=torch.float64)
+    one = torch.ones((), dtype=torch.float64, device="cpu")
     values = [
         x.detach().to("cpu", torch.float64).reshape(()) if isinstance(x, torch.Tensor) else one * x
         for x in (lr, beta1, beta2, eps, weight_decay)

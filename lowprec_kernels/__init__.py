@@ -41,7 +41,7 @@ except ImportError:
 else:
     _load_backend("triton")
 
-from lowprec_kernels import functional, nn  # noqa: E402, F401 - nn: the layers, lpk.nn
+from lowprec_kernels import functional, nn, optim  # noqa: E402, F401 - lpk.nn, lpk.optim
 
 
 def build_info() -> dict:
@@ -53,4 +53,12 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["QuantState", "available_backends", "build_info", "functional", "nn", "use_backend"]
+__all__ = [
+    "QuantState",
+    "available_backends",
+    "build_info",
+    "functional",
+    "nn",
+    "optim",
+    "use_backend",
+]

@@ -18,10 +18,11 @@ else:
     _TRITON_IMPORTS = True
 
 if _TRITON_IMPORTS:
-    from lowprec_kernels.backends.triton import (
-        blockwise,  # noqa: F401  (registers kernels)
-        fourbit,  # noqa: F401  (registers kernels)
-        int8,  # noqa: F401  (registers kernels)
+    from lowprec_kernels.backends.triton import (  # each import registers its kernels
+        adam8bit,  # noqa: F401
+        blockwise,  # noqa: F401
+        fourbit,  # noqa: F401
+        int8,  # noqa: F401
     )
     from lowprec_kernels.backends.triton._utils import interpreter_active
 

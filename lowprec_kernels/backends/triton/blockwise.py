@@ -45,6 +45,41 @@ def _launch_config(blocksize: int, n_blocks: int) -> tuple[int, int, int]:
     return blocks_per_program, num_warps_for(tile), triton.cdiv(n_blocks, blocks_per_program)
 
 
+# --- the encode rule as jit helpers, for kernels that quantize a tile they computed ---------
+# (the fused 8-bit Adam step requantizes its updated states with exactly this rule; the
+# kernel below spells the same steps out inline).
+
+
+@triton.jit
+def block_absmax(x):
+    """Largest |x| of each row of a 2-D fp32 tile, NaN when the row holds a NaN."""
+    absmax = tl.max(tl.abs(x), axis=1)
+    row_has_nan = tl.max((x != x).to(tl.int32), axis=1) > 0
+    return tl.where(row_has_nan, float("nan"), absmax)
+
+
+@triton.jit
+def nearest_codes(
+    x,
+    absmax,
+    thresholds_ptr,
+    CODEBOOK_BITS: tl.constexpr,
+    TINY_ABSMAX: tl.constexpr,
+    TINY_ABSMAX_SCALE: tl.constexpr,
+):
+    """int32 index of the codebook entry nearest to ``x / absmax`` for each row of a 2-D tile
+    (``absmax`` one per row): the rule and the reasons of ``_quantize_blockwise_kernel``."""
+    divisor = tl.where(absmax == 0.0, 1.0, absmax)
+    scale = tl.where(divisor < TINY_ABSMAX, TINY_ABSMAX_SCALE, 1.0)
+    v = tl.math.div_rn(x * scale[:, None], (divisor * scale)[:, None])
+    index = tl.zeros(x.shape, dtype=tl.int32)
+    for bit in tl.static_range(CODEBOOK_BITS - 1, -1, -1):
+        step = 1 << bit
+        threshold = tl.load(thresholds_ptr + index + (step - 1))
+        index = tl.where(v > threshold, index + step, index)
+    return index
+
+
 @triton.jit
 def _quantize_blockwise_kernel(
     a_ptr,

@@ -1,0 +1,434 @@
+"""The fused 8-bit Adam / AdamW step in Triton: every tensor of a param group in one pass.
+
+The definition is ``reference/adam8bit.py``; this kernel reproduces it bit for bit: float32
+arithmetic in the written order (launched with ``enable_fp_fusion=False`` so no multiply-add
+is contracted into an FMA; ``tl.math.div_rn`` / ``tl.math.sqrt_rn`` because Triton's ``/``
+and ``sqrt`` are approximate on NVIDIA GPUs, and those two lower to ``div.rn.f32`` /
+``sqrt.rn.f32``, which keep subnormals), every scalar coefficient computed in float64 and
+rounded to float32 once, and the states requantized with the shared exact-nearest encoder
+of ``blockwise.py``.
+
+Many tensors, few launches. A param group's tensors (grouped by parameter dtype, which is a
+compile-time constant of the kernel) are described by an int64 *address table*, one column
+per tensor (the addresses of p, g, the states, step and skipped, its size and its first
+program), and a *program table* giving each program its tensor. Every program owns
+``BLOCKS_PER_PROGRAM`` quantization blocks of one tensor. A step is then, per dtype group:
+
+1. ``_find_nonfinite_kernel``: flags each tensor whose gradient holds a NaN or an Inf;
+2. the bias corrections ``1 - beta**t`` of each tensor's own step, in float64 (torch ops on
+   the device: Triton's interpreter has no float64 ``pow``);
+3. ``_adam8bit_update_kernel``: the fused update of every unflagged tensor;
+4. ``_count_steps_kernel``: ``step += 1`` for the updated tensors, ``skipped += 1`` for the
+   flagged ones. It runs last because every program of step 3 reads the old step.
+
+Nothing waits for the device: a flagged tensor is skipped by the kernels themselves. Both
+tables are cached by the addresses and sizes they were built from (so an optimizer's steady
+state re-sends nothing), and a freshly built table goes to the GPU by a non-blocking copy.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from lowprec_kernels._dispatch import register_kernel
+from lowprec_kernels.backends.triton._utils import (
+    device_guard,
+    fp32_to,
+    kernel_devices,
+    num_warps_for,
+    threshold_table,
+    to_fp32,
+)
+from lowprec_kernels.backends.triton.blockwise import (
+    CODEBOOK_BITS,
+    TILE_ELEMENTS,
+    TINY_ABSMAX,
+    TINY_ABSMAX_SCALE,
+    block_absmax,
+    nearest_codes,
+)
+from lowprec_kernels.reference.adam8bit import bias_corrections
+
+# Rows of the address table (one column per tensor).
+FIELD_P = tl.constexpr(0)
+FIELD_G = tl.constexpr(1)
+FIELD_STATE1 = tl.constexpr(2)
+FIELD_STATE2 = tl.constexpr(3)
+FIELD_ABSMAX1 = tl.constexpr(4)
+FIELD_ABSMAX2 = tl.constexpr(5)
+FIELD_STEP = tl.constexpr(6)
+FIELD_SKIPPED = tl.constexpr(7)
+FIELD_NUMEL = tl.constexpr(8)
+FIELD_FIRST_PROGRAM = tl.constexpr(9)
+NUM_FIELDS = 10
+# Tensors per program of the step-count kernel.
+COUNT_TILE = 1024
+# Bytes every address must be a multiple of for the kernels to assume vector-aligned rows
+# (the caching allocator gives 512; views with odd offsets lose the hint, not correctness).
+ALIGNMENT = 16
+# Cached tables per kind; cleared when full (an optimizer needs one or two per param group).
+TABLE_CACHE_SIZE = 64
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _tensor_ptr(table_ptr, field, n_tensors, tensor, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointer to element 0 of ``tensor``'s operand ``field`` (from the address table)."""
+    ptr = tl.load(table_ptr + field * n_tensors + tensor).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+# Every program but a tensor's last covers whole blocks inside the tensor: those take the
+# unmasked path (MASKED=False), whose accesses the compiler can vectorize; masking with a
+# size loaded from memory would make every access a scalar one.
+
+
+@triton.jit
+def _load(ptr, offsets, in_tensor, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + offsets, mask=in_tensor, other=0)
+    else:
+        return tl.load(ptr + offsets)
+
+
+@triton.jit
+def _store(ptr, offsets, value, in_tensor, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offsets, value, mask=in_tensor)
+    else:
+        tl.store(ptr + offsets, value)
+
+
+@triton.jit
+def _find_nonfinite_kernel(
+    table_ptr,
+    program_tensor_ptr,
+    nonfinite_ptr,
+    n_tensors,
+    G_DTYPE: tl.constexpr,
+    TILE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tensor = tl.load(program_tensor_ptr + pid)
+    first = tl.load(table_ptr + FIELD_FIRST_PROGRAM * n_tensors + tensor)
+    numel = tl.load(table_ptr + FIELD_NUMEL * n_tensors + tensor)
+    g_ptr = _tensor_ptr(table_ptr, FIELD_G, n_tensors, tensor, G_DTYPE, ALIGNED)
+    start = (pid - first).to(tl.int64) * TILE
+    offsets = start + tl.arange(0, TILE)
+    if start + TILE <= numel:
+        g = to_fp32(_load(g_ptr, offsets, None, MASKED=False))
+    else:
+        g = to_fp32(_load(g_ptr, offsets, offsets < numel, MASKED=True))
+    bad = tl.max(((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32), axis=0)
+    tl.atomic_max(nonfinite_ptr + tensor, bad, mask=bad > 0)
+
+
+@triton.jit
+def _update_tile(
+    p_ptr, g_ptr, state1_ptr, state2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr,
+    thresholds1_ptr, thresholds2_ptr, bias_correction1, bias_correction2, first_block, numel,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, lr, weight_decay, decay_factor,
+    gnorm_scale,
+    P_DTYPE: tl.constexpr, APPLY_L2: tl.constexpr, APPLY_DECAY: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, MASKED: tl.constexpr,
+    CODEBOOK_BITS: tl.constexpr, TINY_ABSMAX: tl.constexpr, TINY_ABSMAX_SCALE: tl.constexpr,
+):  # fmt: skip
+    """One program's tile of ``BLOCKS_PER_PROGRAM`` quantization blocks, one per row."""
+    blocks = first_block + tl.arange(0, BLOCKS_PER_PROGRAM)
+    offsets = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    in_tensor = offsets < numel
+    block_in_tensor = blocks * BLOCKSIZE < numel
+
+    p = to_fp32(_load(p_ptr, offsets, in_tensor, MASKED))
+    g = to_fp32(_load(g_ptr, offsets, in_tensor, MASKED))
+    codes1 = _load(state1_ptr, offsets, in_tensor, MASKED).to(tl.int32)
+    codes2 = _load(state2_ptr, offsets, in_tensor, MASKED).to(tl.int32)
+    absmax1 = _load(absmax1_ptr, blocks, block_in_tensor, MASKED)
+    absmax2 = _load(absmax2_ptr, blocks, block_in_tensor, MASKED)
+    m = tl.load(qmap1_ptr + codes1) * absmax1[:, None]
+    v = tl.load(qmap2_ptr + codes2) * absmax2[:, None]
+    if MASKED:
+        # Lanes past the tensor's end hold zeros throughout (g and p load as 0), which is
+        # also how the requantization below must count them.
+        m = tl.where(in_tensor, m, 0.0)
+        v = tl.where(in_tensor, v, 0.0)
+
+    # The reference's float32 expressions, one rounding per operation, in its order.
+    g = g * gnorm_scale
+    if APPLY_L2:
+        g = g + weight_decay * p
+    m = beta1 * m + one_minus_beta1 * g
+    v = beta2 * v + one_minus_beta2 * (g * g)
+    if APPLY_DECAY:
+        p = p * decay_factor
+    step_size = lr * tl.math.div_rn(m, bias_correction1)
+    denominator = tl.math.sqrt_rn(tl.math.div_rn(v, bias_correction2)) + eps
+    p = p - tl.math.div_rn(step_size, denominator)
+    _store(p_ptr, offsets, fp32_to(p, P_DTYPE), in_tensor, MASKED)
+
+    # Requantize with fresh block absmax.
+    new_absmax1 = block_absmax(m)
+    new_absmax2 = block_absmax(v)
+    codes1 = nearest_codes(
+        m, new_absmax1, thresholds1_ptr, CODEBOOK_BITS, TINY_ABSMAX, TINY_ABSMAX_SCALE
+    )
+    codes2 = nearest_codes(
+        v, new_absmax2, thresholds2_ptr, CODEBOOK_BITS, TINY_ABSMAX, TINY_ABSMAX_SCALE
+    )
+    _store(state1_ptr, offsets, codes1.to(tl.uint8), in_tensor, MASKED)
+    _store(state2_ptr, offsets, codes2.to(tl.uint8), in_tensor, MASKED)
+    _store(absmax1_ptr, blocks, new_absmax1, block_in_tensor, MASKED)
+    _store(absmax2_ptr, blocks, new_absmax2, block_in_tensor, MASKED)
+
+
+@triton.jit
+def _adam8bit_update_kernel(
+    table_ptr, program_tensor_ptr, nonfinite_ptr, bias_corrections_ptr, qmap1_ptr, qmap2_ptr,
+    thresholds1_ptr, thresholds2_ptr, n_tensors,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, lr, weight_decay, decay_factor,
+    gnorm_scale,
+    P_DTYPE: tl.constexpr, APPLY_L2: tl.constexpr, APPLY_DECAY: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, ALIGNED: tl.constexpr,
+    CODEBOOK_BITS: tl.constexpr, TINY_ABSMAX: tl.constexpr, TINY_ABSMAX_SCALE: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    tensor = tl.load(program_tensor_ptr + pid)
+    # A tensor with a non-finite gradient is left exactly as it was.
+    if tl.load(nonfinite_ptr + tensor) == 0:
+        first = tl.load(table_ptr + FIELD_FIRST_PROGRAM * n_tensors + tensor)
+        numel = tl.load(table_ptr + FIELD_NUMEL * n_tensors + tensor)
+        p_ptr = _tensor_ptr(table_ptr, FIELD_P, n_tensors, tensor, P_DTYPE, ALIGNED)
+        g_ptr = _tensor_ptr(table_ptr, FIELD_G, n_tensors, tensor, P_DTYPE, ALIGNED)
+        state1_ptr = _tensor_ptr(table_ptr, FIELD_STATE1, n_tensors, tensor, tl.uint8, ALIGNED)
+        state2_ptr = _tensor_ptr(table_ptr, FIELD_STATE2, n_tensors, tensor, tl.uint8, ALIGNED)
+        absmax1_ptr = _tensor_ptr(table_ptr, FIELD_ABSMAX1, n_tensors, tensor, tl.float32, ALIGNED)
+        absmax2_ptr = _tensor_ptr(table_ptr, FIELD_ABSMAX2, n_tensors, tensor, tl.float32, ALIGNED)
+        bias_correction1 = tl.load(bias_corrections_ptr + tensor)
+        bias_correction2 = tl.load(bias_corrections_ptr + n_tensors + tensor)
+        first_block = (pid - first).to(tl.int64) * BLOCKS_PER_PROGRAM
+        whole_tile = (first_block + BLOCKS_PER_PROGRAM) * BLOCKSIZE <= numel
+        if whole_tile:
+            _update_tile(
+                p_ptr, g_ptr, state1_ptr, state2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr,
+                qmap2_ptr, thresholds1_ptr, thresholds2_ptr, bias_correction1,
+                bias_correction2, first_block, numel, beta1, one_minus_beta1, beta2,
+                one_minus_beta2, eps, lr, weight_decay, decay_factor, gnorm_scale, P_DTYPE,
+                APPLY_L2, APPLY_DECAY, BLOCKSIZE, BLOCKS_PER_PROGRAM, False, CODEBOOK_BITS,
+                TINY_ABSMAX, TINY_ABSMAX_SCALE,
+            )  # fmt: skip
+        else:
+            _update_tile(
+                p_ptr, g_ptr, state1_ptr, state2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr,
+                qmap2_ptr, thresholds1_ptr, thresholds2_ptr, bias_correction1,
+                bias_correction2, first_block, numel, beta1, one_minus_beta1, beta2,
+                one_minus_beta2, eps, lr, weight_decay, decay_factor, gnorm_scale, P_DTYPE,
+                APPLY_L2, APPLY_DECAY, BLOCKSIZE, BLOCKS_PER_PROGRAM, True, CODEBOOK_BITS,
+                TINY_ABSMAX, TINY_ABSMAX_SCALE,
+            )  # fmt: skip
+
+
+@triton.jit
+def _count_steps_kernel(table_ptr, nonfinite_ptr, n_tensors, TILE: tl.constexpr):
+    tensors = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    exists = tensors < n_tensors
+    nonfinite = tl.load(nonfinite_ptr + tensors, mask=exists, other=0) != 0
+    step_ptrs = tl.load(table_ptr + FIELD_STEP * n_tensors + tensors, mask=exists, other=0)
+    skipped_ptrs = tl.load(table_ptr + FIELD_SKIPPED * n_tensors + tensors, mask=exists, other=0)
+    step_ptrs = step_ptrs.to(tl.pointer_type(tl.float32))
+    skipped_ptrs = skipped_ptrs.to(tl.pointer_type(tl.float32))
+    stepped = exists & ~nonfinite
+    tl.store(step_ptrs, tl.load(step_ptrs, mask=stepped) + 1.0, mask=stepped)
+    skip = exists & nonfinite
+    tl.store(skipped_ptrs, tl.load(skipped_ptrs, mask=skip) + 1.0, mask=skip)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+_program_tables: dict[tuple, torch.Tensor] = {}
+_address_tables: dict[tuple, torch.Tensor] = {}
+
+
+def _cached(cache: dict, key: tuple, build) -> torch.Tensor:
+    table = cache.get(key)
+    if table is None:
+        if len(cache) >= TABLE_CACHE_SIZE:
+            cache.clear()
+        table = cache[key] = build()
+    return table
+
+
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built table on ``device``, without making the host wait for the device."""
+    if device.type == "cpu":
+        return table
+    return table.pin_memory().to(device, non_blocking=True)
+
+
+def _programs_per_tensor(numels: list[int], blocksize: int, blocks_per_program: int) -> list[int]:
+    return [triton.cdiv(triton.cdiv(n, blocksize), blocks_per_program) for n in numels]
+
+
+def _program_table(numels: list[int], blocksize: int, blocks_per_program: int, device):
+    """int32 [n_programs]: the tensor each program works on."""
+
+    def build():
+        counts = torch.tensor(_programs_per_tensor(numels, blocksize, blocks_per_program))
+        table = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
+        return _to_device(table, device)
+
+    key = (tuple(numels), blocksize, blocks_per_program, device)
+    return _cached(_program_tables, key, build)
+
+
+def _address_table(operands: list[list[torch.Tensor]], numels, blocksize, bpp, device):
+    """int64 [NUM_FIELDS, n_tensors]: the address rows in FIELD_* order, then sizes, then
+    each tensor's first program."""
+    addresses = tuple(tuple(t.data_ptr() for t in row) for row in operands)
+
+    def build():
+        counts = _programs_per_tensor(numels, blocksize, bpp)
+        first_program = [0, *itertools.accumulate(counts)][:-1]
+        rows = [list(row) for row in addresses] + [list(numels), first_program]
+        return _to_device(torch.tensor(rows, dtype=torch.int64), device)
+
+    key = (addresses, tuple(numels), blocksize, bpp, device)
+    return _cached(_address_tables, key, build)
+
+
+def _bias_corrections(steps: list[torch.Tensor], beta1: float, beta2: float) -> torch.Tensor:
+    """float32 [2, n_tensors]: the reference's float64 bias corrections for ``t = step + 1``,
+    rounded once; torch ops on the device, so the steps never travel to the host."""
+    t = (torch.stack([s.reshape(()) for s in steps]) + 1).to(torch.float64)
+    return torch.stack(bias_corrections(beta1, beta2, t)).to(torch.float32)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _launch_config(blocksize: int) -> tuple[int, int]:
+    """(blocks per program, num_warps): the same tile as the blockwise kernels."""
+    blocks_per_program = max(1, TILE_ELEMENTS // blocksize)
+    return blocks_per_program, num_warps_for(blocks_per_program * blocksize)
+
+
+def _multi_step_one_dtype(
+    params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, skipped,
+    lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, blocksize,
+):  # fmt: skip
+    device = params[0].device
+    n_tensors = len(params)
+    numels = [p.numel() for p in params]
+    blocks_per_program, num_warps = _launch_config(blocksize)
+    operands = [params, grads, state1, state2, absmax1, absmax2, steps, skipped]
+    aligned = all(t.data_ptr() % ALIGNMENT == 0 for row in operands[:6] for t in row)
+    table = _address_table(operands, numels, blocksize, blocks_per_program, device)
+    program_tensor = _program_table(numels, blocksize, blocks_per_program, device)
+    n_programs = program_tensor.numel()
+    p_dtype = _TL_DTYPE[params[0].dtype]
+
+    nonfinite = torch.zeros(n_tensors, dtype=torch.int32, device=device)
+    _find_nonfinite_kernel[(n_programs,)](
+        table,
+        program_tensor,
+        nonfinite,
+        n_tensors,
+        G_DTYPE=p_dtype,
+        TILE=blocks_per_program * blocksize,
+        ALIGNED=aligned,
+        num_warps=num_warps,
+    )
+    bias_corrections = _bias_corrections(steps, beta1, beta2)
+    # Coefficients in float64 here; Triton passes float arguments as float32 (rounded to
+    # nearest), which is the single rounding the definition asks for.
+    _adam8bit_update_kernel[(n_programs,)](
+        table,
+        program_tensor,
+        nonfinite,
+        bias_corrections,
+        qmap1,
+        qmap2,
+        threshold_table(qmap1),
+        threshold_table(qmap2),
+        n_tensors,
+        beta1,
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        eps,
+        lr,
+        weight_decay,
+        1.0 - lr * weight_decay,
+        gnorm_scale,
+        P_DTYPE=p_dtype,
+        APPLY_L2=(not decoupled) and weight_decay != 0.0,
+        APPLY_DECAY=decoupled and weight_decay != 0.0,
+        BLOCKSIZE=blocksize,
+        BLOCKS_PER_PROGRAM=blocks_per_program,
+        ALIGNED=aligned,
+        CODEBOOK_BITS=CODEBOOK_BITS,
+        TINY_ABSMAX=TINY_ABSMAX,
+        TINY_ABSMAX_SCALE=TINY_ABSMAX_SCALE,
+        num_warps=num_warps,
+        enable_fp_fusion=False,
+    )
+    _count_steps_kernel[(triton.cdiv(n_tensors, COUNT_TILE),)](
+        table, nonfinite, n_tensors, TILE=COUNT_TILE
+    )
+
+
+def adam8bit_multi_step_(
+    params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, skipped,
+    lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, blocksize,
+):  # fmt: skip
+    # Scalar arguments may arrive as ints; the kernels' float arguments must be floats.
+    hyper = (
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled),
+        float(gnorm_scale), int(blocksize),
+    )  # fmt: skip
+    grads = [g.contiguous() for g in grads]
+    # absmax is updated in place through raw addresses: a strided one goes through a copy.
+    absmax1_dense = [a.contiguous() for a in absmax1]
+    absmax2_dense = [a.contiguous() for a in absmax2]
+    qmap1, qmap2 = qmap1.contiguous(), qmap2.contiguous()
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        by_dtype.setdefault(p.dtype, []).append(i)
+    with device_guard(params[0]):
+        for indices in by_dtype.values():
+
+            def pick(tensors, indices=indices):
+                return [tensors[i] for i in indices]
+
+            _multi_step_one_dtype(
+                pick(params), pick(grads), pick(state1), pick(state2), pick(absmax1_dense),
+                pick(absmax2_dense), qmap1, qmap2, pick(steps), pick(skipped), *hyper,
+            )  # fmt: skip
+    for dense, original in zip(absmax1_dense + absmax2_dense, absmax1 + absmax2):
+        if dense is not original:
+            original.copy_(dense)
+
+
+def adam8bit_step_(
+    p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, skipped, *hyper
+):  # fmt: skip
+    adam8bit_multi_step_(
+        [p], [g], [state1], [state2], [absmax1], [absmax2], qmap1, qmap2, [step], [skipped],
+        *hyper,
+    )  # fmt: skip
+
+
+for _device in kernel_devices():
+    register_kernel("adam8bit_step_", backend="triton", device=_device)(adam8bit_step_)
+    register_kernel("adam8bit_multi_step_", backend="triton", device=_device)(adam8bit_multi_step_)

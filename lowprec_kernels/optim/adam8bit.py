@@ -1,0 +1,516 @@
+"""8-bit Adam and AdamW: m and v kept as blockwise 8-bit codes, one fused step per group.
+
+The update is ``reference/adam8bit.py``'s (ARCHITECTURE.md §4, §4.1): float32 arithmetic,
+bias corrections from each tensor's own step, AdamW decaying the parameter before the
+update as ``torch.optim.AdamW`` does, Adam adding ``weight_decay * p`` to the gradient as
+``torch.optim.Adam`` does.
+
+State, per parameter ``p`` in ``optimizer.state[p]`` (bitsandbytes' names):
+
+=============  ===================================================================
+``step``       float32 0-dim tensor on p's device: steps taken (skipped ones excluded)
+``skipped``    float32 0-dim tensor: steps skipped for a non-finite gradient
+``state1``     m: uint8 codes shaped like p (signed dynamic map), or float32 for
+               tensors with fewer than ``min_8bit_size`` elements
+``state2``     v: uint8 codes (unsigned dynamic map), or float32 likewise
+``absmax1/2``  float32 [ceil(numel / blocksize)]: one scale per block (8-bit only)
+``qmap1/2``    float32 [256]: the signed / unsigned dynamic maps (8-bit only)
+=============  ===================================================================
+
+A gradient holding a NaN or an Inf raises nothing: that parameter's values, state and
+``step`` stay exactly as they were, the other parameters update, and its ``skipped``
+counter goes up by one. Read one counter with ``optimizer.state[p]["skipped"].item()``, or
+the total over all parameters with ``optimizer.skipped_steps()``. Nothing waits for the
+device during a step unless ``lr`` is a tensor on the GPU (it is read on the host).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from copy import deepcopy
+from typing import Any
+
+import torch
+
+from lowprec_kernels import functional as LF
+from lowprec_kernels._ops import BLOCKSIZES_8BIT, CODEBOOK_SIZE_8BIT, FLOAT_DTYPES, num_blocks
+from lowprec_kernels.reference.adam8bit import adam_update_corrected, bias_corrections
+
+# bitsandbytes' state_dict() nests a parameter's quantization tensors under this key.
+_BNB_WRAPPED_STATE = "__bnb_optimizer_quant_state__"
+
+
+@functools.lru_cache(maxsize=16)
+def _dynamic_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (signed, unsigned) dynamic maps on ``device``, shared by every 8-bit state there:
+    one map per device is what lets a whole param group go through one fused call."""
+    return LF.dynamic_map(signed=True, device=device), LF.dynamic_map(signed=False, device=device)
+
+
+def _check_hyperparameters(group: dict[str, Any]) -> None:
+    """ValueError naming the argument, worded as torch.optim's own checks."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Invalid learning rate: lr must be a number or a one-element "
+                             f"tensor, got a tensor of shape {tuple(lr.shape)}")  # fmt: skip
+        lr = lr.item()
+    if not lr >= 0.0:
+        raise ValueError(f"Invalid learning rate: lr={lr} (must be >= 0)")
+    betas = group["betas"]
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: betas[{i}]={beta} "
+                             "(must be in [0, 1))")  # fmt: skip
+    if not group["eps"] >= 0.0:
+        raise ValueError(f"Invalid epsilon value: eps={group['eps']} (must be >= 0)")
+    if not group["weight_decay"] >= 0.0:
+        raise ValueError(
+            f"Invalid weight_decay value: weight_decay={group['weight_decay']} (must be >= 0)"
+        )
+    if group["blocksize"] not in BLOCKSIZES_8BIT:
+        raise ValueError(
+            f"Invalid blocksize: blocksize={group['blocksize']} (must be one of {BLOCKSIZES_8BIT})"
+        )
+    min_8bit_size = group["min_8bit_size"]
+    if not (isinstance(min_8bit_size, int) and min_8bit_size >= 0):
+        raise ValueError(
+            f"Invalid min_8bit_size: min_8bit_size={min_8bit_size!r} (must be an int >= 0)"
+        )
+
+
+def _hyperparameter(x):
+    """A hyperparameter as the update takes it. A Python float passes through untouched:
+    under torch.compile a symbolic float stays symbolic (float() would specialize on its
+    value). A tensor (lr) becomes a float64 0-dim tensor, never a number: .item() would end
+    the compiled graph."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(torch.float64).reshape(())
+    if isinstance(x, int):
+        return float(x)
+    return x
+
+
+def _split_by_device(*lists: list[torch.Tensor]) -> list[list[list[torch.Tensor]]]:
+    """Per device of the first list's tensors (in order of appearance), the lists cut down to
+    the positions on that device: one fused call needs all its tensors on one device."""
+    devices: list[torch.device] = []
+    for t in lists[0]:
+        if t.device not in devices:
+            devices.append(t.device)
+    positions = [[i for i, t in enumerate(lists[0]) if t.device == d] for d in devices]
+    return [[[tensors[i] for i in ix] for tensors in lists] for ix in positions]
+
+
+class Adam8bit(torch.optim.Optimizer):
+    """Adam with 8-bit states (bitsandbytes' ``Adam8bit``); ``weight_decay`` is L2, added to
+    the gradient as in ``torch.optim.Adam``.
+
+    Args:
+        params: parameters or param groups (dicts with their own hyperparameters).
+        lr: learning rate, a float or a one-element tensor, read as float64 (a tensor lr
+            changes without recompiling a compiled step; keep it on the CPU, where the
+            fused kernels' launcher reads it without waiting for the GPU).
+        betas: coefficients of the running averages of the gradient and its square.
+        eps: added to the denominator.
+        weight_decay: L2 penalty (``AdamW8bit``: decoupled decay).
+        blocksize: elements per quantization block of the 8-bit states (64 .. 4096).
+        min_8bit_size: tensors with fewer elements keep float32 states.
+
+    Parameters must be float32, float16 or bfloat16 (their gradients of the same dtype);
+    the update is computed in float32 and rounded once into the parameter's dtype. See the
+    module docstring for the state layout and how skipped steps are counted.
+    """
+
+    decoupled_weight_decay = False
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        blocksize: int = 256,
+        min_8bit_size: int = 4096,
+    ):
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, blocksize=blocksize,
+            min_8bit_size=min_8bit_size,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``, with the group's hyperparameters checked
+        first (the constructor's groups come through here too)."""
+        given = {k: v for k, v in param_group.items() if k != "params"}
+        _check_hyperparameters({**self.defaults, **given})
+        super().add_param_group(param_group)
+
+    # ----------------------------------------------------------------------- state
+
+    def _init_state(self, p: torch.Tensor, state: dict, group: dict) -> None:
+        if p.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{type(self).__name__}: parameters must be float32, float16 or bfloat16, "
+                f"got {p.dtype} (shape {tuple(p.shape)})"
+            )
+        device = p.device
+        state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+        state["skipped"] = torch.zeros((), dtype=torch.float32, device=device)
+        if p.numel() >= group["min_8bit_size"]:
+            n_blocks = num_blocks(p.numel(), group["blocksize"])
+            state["state1"] = torch.zeros(p.shape, dtype=torch.uint8, device=device)
+            state["state2"] = torch.zeros(p.shape, dtype=torch.uint8, device=device)
+            state["absmax1"] = torch.zeros(n_blocks, dtype=torch.float32, device=device)
+            state["absmax2"] = torch.zeros(n_blocks, dtype=torch.float32, device=device)
+            state["qmap1"], state["qmap2"] = _dynamic_maps(device)
+        else:
+            state["state1"] = torch.zeros(p.shape, dtype=torch.float32, device=device)
+            state["state2"] = torch.zeros(p.shape, dtype=torch.float32, device=device)
+
+    def _init_group(
+        self, group, params8, grads8, state1, state2, absmax1, absmax2, qmap1, qmap2, steps8,
+        skipped8, params32, grads32, exp_avgs, exp_avg_sqs, steps32, skipped32,
+    ) -> None:  # fmt: skip
+        """Sorts the group's parameters that have a gradient into the 8-bit and the float32
+        state lists, creating state on first use. (torch.compile runs a method of this name
+        eagerly instead of tracing it, as for torch's own optimizers.)"""
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                self._init_state(p, state, group)
+            if state["state1"].dtype == torch.uint8:
+                params8.append(p)
+                grads8.append(p.grad)
+                state1.append(state["state1"])
+                state2.append(state["state2"])
+                absmax1.append(state["absmax1"])
+                absmax2.append(state["absmax2"])
+                qmap1.append(state["qmap1"])
+                qmap2.append(state["qmap2"])
+                steps8.append(state["step"])
+                skipped8.append(state["skipped"])
+            else:
+                params32.append(p)
+                grads32.append(p.grad)
+                exp_avgs.append(state["state1"])
+                exp_avg_sqs.append(state["state2"])
+                steps32.append(state["step"])
+                skipped32.append(state["skipped"])
+
+    def skipped_steps(self) -> int:
+        """Updates skipped for a non-finite gradient, summed over all parameters (one step
+        with two bad gradients counts two). Reads every counter, so it waits for the device."""
+        return int(sum(s["skipped"].item() for s in self.state.values() if "skipped" in s))
+
+    # ----------------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step; ``closure`` (re-evaluating the loss) as in ``torch.optim``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params8, grads8, state1, state2, absmax1, absmax2, qmap1, qmap2 = ([] for _ in range(8))
+            steps8, skipped8, params32, grads32, exp_avgs, exp_avg_sqs = ([] for _ in range(6))
+            steps32, skipped32 = [], []
+            self._init_group(
+                group, params8, grads8, state1, state2, absmax1, absmax2, qmap1, qmap2, steps8,
+                skipped8, params32, grads32, exp_avgs, exp_avg_sqs, steps32, skipped32,
+            )  # fmt: skip
+            beta1, beta2 = group["betas"]
+            hyper = dict(
+                lr=_hyperparameter(group["lr"]), beta1=_hyperparameter(beta1),
+                beta2=_hyperparameter(beta2), eps=_hyperparameter(group["eps"]),
+                weight_decay=_hyperparameter(group["weight_decay"]),
+                decoupled=self.decoupled_weight_decay,
+            )  # fmt: skip
+            for p, g, s1, s2, a1, a2, q1, q2, st, sk in _split_by_device(
+                params8, grads8, state1, state2, absmax1, absmax2, qmap1, qmap2, steps8, skipped8
+            ):
+                _step_8bit(
+                    p, g, s1, s2, a1, a2, q1[0], q2[0], st, sk, blocksize=group["blocksize"],
+                    **hyper,
+                )  # fmt: skip
+            for p, g, m, v, st, sk in _split_by_device(
+                params32, grads32, exp_avgs, exp_avg_sqs, steps32, skipped32
+            ):
+                _step_fp32_state(p, g, m, v, st, sk, **hyper)
+        return loss
+
+    # ----------------------------------------------------------------------- checkpoints
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a ``state_dict()`` of this optimizer (or of bitsandbytes' ``Adam8bit`` /
+        ``AdamW8bit``, whose ``step`` is an int and which counts no skipped steps).
+
+        Everything is checked before anything changes: a state dict of another model (a
+        different number of groups or parameters, a state whose size does not match its
+        parameter, absmax not matching the blocksize, a foreign quantization map) raises
+        ``ValueError`` and leaves this optimizer as it was. Unlike ``torch.optim``, state
+        tensors keep their own dtypes (float32 scales and states are not cast to a half
+        parameter's dtype) and are copied, never shared with ``state_dict``.
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"loaded state dict has no {key!r} entry")
+        groups = self.param_groups
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, "
+                f"this optimizer has {len(groups)}"
+            )
+        for i, (group, saved) in enumerate(zip(groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"loaded state dict's parameter group {i} has {len(saved['params'])} "
+                    f"parameters, this optimizer's has {len(group['params'])}"
+                )
+        new_groups = []
+        for group, saved in zip(groups, saved_groups):
+            new_group = {**self.defaults, **saved, "params": group["params"]}
+            if "param_names" in group and "param_names" not in saved:
+                new_group["param_names"] = group["param_names"]
+            _check_hyperparameters(new_group)
+            new_groups.append(new_group)
+        owner = {}  # saved parameter id -> (parameter, its new group)
+        for saved, new_group in zip(saved_groups, new_groups):
+            for saved_id, p in zip(saved["params"], new_group["params"]):
+                owner[saved_id] = (p, new_group)
+        state = defaultdict(dict)
+        for saved_id, saved_state in state_dict["state"].items():
+            if saved_id not in owner:
+                raise ValueError(
+                    f"loaded state dict has state for parameter {saved_id!r}, "
+                    "which none of its parameter groups lists"
+                )
+            p, group = owner[saved_id]
+            state[p] = _loaded_param_state(p, saved_state, group, f"parameter {saved_id}")
+        self.__setstate__({"state": state, "param_groups": new_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+
+class AdamW8bit(Adam8bit):
+    """AdamW with 8-bit states (bitsandbytes' ``AdamW8bit``): ``p *= 1 - lr * weight_decay``
+    before the Adam update, as ``torch.optim.AdamW``. Arguments as ``Adam8bit``."""
+
+    decoupled_weight_decay = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        blocksize: int = 256,
+        min_8bit_size: int = 4096,
+    ):
+        super().__init__(params, lr, betas, eps, weight_decay, blocksize, min_8bit_size)
+
+
+# --------------------------------------------------------------------------- updates
+
+
+def _hyperparameters_tensor(lr, beta1, beta2, eps, weight_decay) -> torch.Tensor:
+    """float64 [5] on the CPU. Built by multiplying a tensor by each value, the form
+    torch.compile turns into a graph input that follows the value (see ``_group_step``)."""
+    one = torch.ones((), dtype=torch.float64, device="cpu")
+    values = [
+        x.detach().to("cpu", torch.float64).reshape(()) if isinstance(x, torch.Tensor) else one * x
+        for x in (lr, beta1, beta2, eps, weight_decay)
+    ]
+    return torch.stack(values)
+
+
+@torch.library.custom_op(
+    "lowprec_optim::adam8bit_group_step_",
+    mutates_args=("params", "state1", "state2", "absmax1", "absmax2", "steps", "skipped"),
+)
+def _group_step(
+    params: list[torch.Tensor], grads: list[torch.Tensor], state1: list[torch.Tensor],
+    state2: list[torch.Tensor], absmax1: list[torch.Tensor], absmax2: list[torch.Tensor],
+    qmap1: torch.Tensor, qmap2: torch.Tensor, steps: list[torch.Tensor],
+    skipped: list[torch.Tensor], hyperparameters: torch.Tensor, decoupled: bool,
+    blocksize: int,
+) -> None:  # fmt: skip
+    """``lowprec::adam8bit_multi_step_`` with (lr, beta1, beta2, eps, weight_decay) read from
+    a float64 CPU tensor (no device sync).
+
+    Why a tensor: under torch.compile a changing Python float (an LR schedule) becomes a
+    symbolic float, and this torch either recompiles for every value a custom op's float
+    argument takes or, with inductor, silently keeps passing the value it compiled with.
+    A tensor argument is an ordinary graph input. The optimizers call this op only.
+    """
+    lr, beta1, beta2, eps, weight_decay = hyperparameters.tolist()
+    torch.ops.lowprec.adam8bit_multi_step_(
+        params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, skipped,
+        lr, beta1, beta2, eps, weight_decay, decoupled, 1.0, blocksize,
+    )  # fmt: skip
+
+
+@_group_step.register_fake
+def _group_step_fake(*args) -> None:
+    return None
+
+
+def _step_8bit(
+    params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, skipped, *,
+    lr, beta1, beta2, eps, weight_decay, decoupled, blocksize,
+):  # fmt: skip
+    """One fused op call for the 8-bit tensors of a group on one device."""
+    # The kernels update p in place: a strided parameter goes through a contiguous copy.
+    dense = [p if p.is_contiguous() else p.contiguous() for p in params]
+    hyperparameters = _hyperparameters_tensor(lr, beta1, beta2, eps, weight_decay)
+    _group_step(
+        dense, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, skipped,
+        hyperparameters, decoupled, blocksize,
+    )  # fmt: skip
+    for p, d in zip(params, dense):
+        if d is not p:
+            p.copy_(d)
+
+
+def _step_fp32_state(
+    params, grads, exp_avgs, exp_avg_sqs, steps, skipped, *,
+    lr, beta1, beta2, eps, weight_decay, decoupled,
+):  # fmt: skip
+    """The same update with float32 m, v (tensors below ``min_8bit_size``) on one device.
+
+    All tensors are concatenated so a group costs a fixed number of kernels rather than a
+    few dozen per tensor; per-tensor quantities (the bias corrections of each tensor's own
+    step, whether its gradient is finite) are expanded to its elements.
+    """
+    sizes = [p.numel() for p in params]
+
+    def flat(tensors):
+        return torch.cat([t.reshape(-1) for t in tensors]).float()
+
+    p, g, m, v = flat(params), flat(grads), flat(exp_avgs), flat(exp_avg_sqs)
+    # |g| summed in float64 is finite exactly when every element is (no float32 or half
+    # input can overflow it): one multi-tensor reduction finds the non-finite gradients.
+    finite = torch.stack(torch._foreach_norm(grads, 1, dtype=torch.float64)).isfinite()
+    t = (torch.stack([s.reshape(()) for s in steps]) + 1).to(torch.float64)
+    bc1, bc2 = (bc.to(torch.float32) for bc in bias_corrections(beta1, beta2, t))
+    per_tensor = torch.stack([bc1, bc2, finite.to(torch.float32)], dim=1)
+    per_element = torch.cat([row.expand(n, 3) for row, n in zip(per_tensor.unbind(0), sizes)])
+    bc1, bc2, keep = per_element[:, 0], per_element[:, 1], per_element[:, 2] != 0
+    new_p, new_m, new_v = adam_update_corrected(
+        p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, 1.0, bc1, bc2
+    )
+    for targets, new, old in ((params, new_p, p), (exp_avgs, new_m, m), (exp_avg_sqs, new_v, v)):
+        kept = torch.where(keep, new, old)
+        torch._foreach_copy_(targets, [x.view(t.shape) for x, t in zip(kept.split(sizes), targets)])
+    stepped = finite.to(torch.float32)
+    torch._foreach_add_(steps, list(stepped.unbind(0)))
+    torch._foreach_add_(skipped, list((1.0 - stepped).unbind(0)))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _scalar_count(value, where: str, name: str) -> float:
+    """A step or skip count from a state dict: a number or a one-element tensor, >= 0."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{where}: {name} must hold one number, got shape {tuple(value.shape)}"
+            )
+        value = value.item()
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _count_tensor(value: float, device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+def _loaded_param_state(p: torch.Tensor, saved, group: dict, where: str) -> dict:
+    """A parameter's checked state from a state dict, as fresh tensors on p's device."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where}: state must be a dict, got {type(saved).__name__}")
+    if isinstance(saved.get(_BNB_WRAPPED_STATE), dict):  # bitsandbytes 0.50 nests them
+        saved = {**saved, **saved[_BNB_WRAPPED_STATE]}
+    missing = [k for k in ("step", "state1", "state2") if k not in saved]
+    if missing:
+        raise ValueError(f"{where}: state lacks {missing}")
+    for name in ("state1", "state2"):
+        t = saved[name]
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{where}: {name} must be a tensor, got {type(t).__name__}")
+        if t.numel() != p.numel():
+            raise ValueError(
+                f"{where}: {name} has {t.numel()} elements but the parameter has {p.numel()} "
+                f"(shape {tuple(p.shape)}): the state dict is not of this model"
+            )
+    is_8bit = saved["state1"].dtype == torch.uint8
+    for name in ("state1", "state2"):
+        dtype = saved[name].dtype
+        if (dtype == torch.uint8) != is_8bit or not (
+            dtype == torch.uint8 or dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"{where}: state1 and state2 must both be uint8 codes or both float, got "
+                f"{saved['state1'].dtype} and {saved['state2'].dtype}"
+            )
+    device = p.device
+
+    def fresh(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return t.detach().to(device=device, dtype=dtype, copy=True).reshape(p.shape)
+
+    state = {
+        "step": _count_tensor(_scalar_count(saved["step"], where, "step"), device),
+        "skipped": _count_tensor(_scalar_count(saved.get("skipped", 0), where, "skipped"), device),
+    }
+    if not is_8bit:
+        state["state1"] = fresh(saved["state1"], torch.float32)
+        state["state2"] = fresh(saved["state2"], torch.float32)
+        return state
+    n_blocks = num_blocks(p.numel(), group["blocksize"])
+    for name in ("absmax1", "absmax2"):
+        t = saved.get(name)
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            raise ValueError(f"{where}: 8-bit state needs a float tensor {name}")
+        if t.numel() != n_blocks:
+            raise ValueError(
+                f"{where}: {name} has {t.numel()} elements, expected {n_blocks} (one per block "
+                f"of {group['blocksize']} of {p.numel()} elements)"
+            )
+    maps = _dynamic_maps(device)
+    for name, expected, kind in zip(("qmap1", "qmap2"), maps, ("signed", "unsigned")):
+        t = saved.get(name)
+        if (
+            not isinstance(t, torch.Tensor)
+            or t.numel() != CODEBOOK_SIZE_8BIT
+            or not torch.equal(t.detach().to("cpu", torch.float32).reshape(-1), expected.cpu())
+        ):
+            raise ValueError(f"{where}: {name} must be the {kind} 8-bit dynamic map")
+    state["state1"] = fresh(saved["state1"], torch.uint8)
+    state["state2"] = fresh(saved["state2"], torch.uint8)
+    state["absmax1"] = saved["absmax1"].detach().to(device, torch.float32, copy=True).reshape(-1)
+    state["absmax2"] = saved["absmax2"].detach().to(device, torch.float32, copy=True).reshape(-1)
+    state["qmap1"], state["qmap2"] = maps
+    return state
+
+
+__all__ = ["Adam8bit", "AdamW8bit"]

@@ -1,0 +1,97 @@
+"""AdamW8bit under DistributedDataParallel: two CPU processes (gloo) stay bit-identical.
+
+The test spawns its own two ranks on a free localhost port. Each rank trains a small model
+on its own shard of the data; DDP all-reduces the gradients, so both ranks must take
+exactly the same 8-bit steps. Each rank writes its final parameters and optimizer state
+to a file, and the test compares them bit for bit (and with a single-process run on the
+averaged gradient, which DDP's all-reduce must reproduce).
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+WORLD_SIZE = 2
+STEPS = 4
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    # 64*96 = 6144 weights: 8-bit state; biases and the head keep float32 state.
+    return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 1))
+
+
+def _data(rank: int):
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(32, 64, generator=g)
+    return x, x[:, :1] * 0.5 - x[:, 1:2]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    import lowprec_kernels as lpk
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE
+    )
+    try:
+        model = nn.parallel.DistributedDataParallel(_model())
+        opt = lpk.optim.AdamW8bit(model.parameters(), lr=1e-2)
+        x, y = _data(rank)
+        for _ in range(STEPS):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+        state = {i: opt.state[p] for i, p in enumerate(model.parameters())}
+        torch.save(
+            {"params": [p.detach() for p in model.parameters()], "state": state},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _single_process_on_averaged_gradients():
+    import lowprec_kernels as lpk
+
+    model = _model()
+    opt = lpk.optim.AdamW8bit(model.parameters(), lr=1e-2)
+    shards = [_data(rank) for rank in range(WORLD_SIZE)]
+    for _ in range(STEPS):
+        grads = []
+        for x, y in shards:
+            model.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for p, *per_rank in zip(model.parameters(), *grads):
+            p.grad = sum(per_rank) / WORLD_SIZE
+        opt.step()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+def test_ddp_ranks_stay_bit_identical(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    for i, (a, b) in enumerate(zip(ranks[0]["params"], ranks[1]["params"])):
+        assert torch.equal(a, b), f"parameter {i} differs between ranks"
+    for i in ranks[0]["state"]:
+        for key, value in ranks[0]["state"][i].items():
+            assert torch.equal(value, ranks[1]["state"][i][key]), f"state {i} {key} differs"
+    assert ranks[0]["state"][0]["state1"].dtype == torch.uint8
+    assert ranks[0]["state"][0]["step"].item() == STEPS
+    # DDP's all-reduce averages in float32 like the single-process sum / 2 (exact for two
+    # ranks: one rounding of the sum, an exact halving), so the runs agree bit for bit.
+    for i, (a, b) in enumerate(zip(ranks[0]["params"], _single_process_on_averaged_gradients())):
+        assert torch.equal(a, b), f"parameter {i}: DDP differs from the averaged-gradient run"

@@ -480,6 +480,39 @@ _define(
 )
 
 
+# The optimizers' entry point: adam8bit_multi_step_ with the hyperparameters in a tensor.
+@torch.library.custom_op(
+    "lowprec::adam8bit_group_step_",
+    mutates_args=("params", "state1", "state2", "absmax1", "absmax2", "steps", "skipped"),
+)
+def adam8bit_group_step_(
+    params: list[torch.Tensor], grads: list[torch.Tensor], state1: list[torch.Tensor],
+    state2: list[torch.Tensor], absmax1: list[torch.Tensor], absmax2: list[torch.Tensor],
+    qmap1: torch.Tensor, qmap2: torch.Tensor, steps: list[torch.Tensor],
+    skipped: list[torch.Tensor], hyperparameters: torch.Tensor, decoupled: bool,
+    blocksize: int,
+) -> None:  # fmt: skip
+    """``lowprec::adam8bit_multi_step_`` with (lr, beta1, beta2, eps, weight_decay) read from
+    a float64 CPU tensor (no device sync).
+
+    Why a tensor: under torch.compile a changing Python float (an LR schedule) becomes a
+    symbolic float, and this torch either recompiles for every value a custom op's float
+    argument takes or, with inductor, silently keeps passing the value it compiled with.
+    A tensor argument is an ordinary graph input. The optimizers call this op only; its
+    checks and kernels are those of ``adam8bit_multi_step_``.
+    """
+    lr, beta1, beta2, eps, weight_decay = hyperparameters.tolist()
+    torch.ops.lowprec.adam8bit_multi_step_(
+        params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, skipped,
+        lr, beta1, beta2, eps, weight_decay, decoupled, 1.0, blocksize,
+    )  # fmt: skip
+
+
+@adam8bit_group_step_.register_fake
+def _adam8bit_group_step_fake(*args) -> None:
+    return None
+
+
 # --------------------------------------------------------------------------- autograd
 # The quantized weights are frozen (the QLoRA / LLM.int8 setting): gradients flow to the
 # input and the bias only.

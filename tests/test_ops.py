@@ -39,7 +39,9 @@ def arg_names(op: str) -> list[str]:
 def test_every_op_is_covered():
     names = torch._C._dispatch_get_all_op_names()
     defined = {n.split("::", 1)[1] for n in names if n.startswith("lowprec::")}
-    assert defined == set(ALL_OPS)
+    # adam8bit_group_step_ (the optimizers' wrapper of adam8bit_multi_step_, hyperparameters
+    # in a tensor) has its opcheck in tests/test_optim.py.
+    assert defined == set(ALL_OPS) | {"adam8bit_group_step_"}
 
 
 # ---------------------------------------------------------------- valid sample inputs

@@ -662,7 +662,7 @@ def test_opcheck_of_the_optimizers_fused_op():
         per_tensor(lambda n, d: torch.tensor(0.0)),
         _hyperparameters_tensor(1e-3, 0.9, 0.999, 1e-8, 0.01), True, 64,
     )  # fmt: skip
-    torch.library.opcheck(torch.ops.lowprec_optim.adam8bit_group_step_.default, args)
+    torch.library.opcheck(torch.ops.lowprec.adam8bit_group_step_.default, args)
 
 
 # ---------------------------------------------------------------- torch.compile

@@ -333,44 +333,13 @@ class AdamW8bit(Adam8bit):
 
 def _hyperparameters_tensor(lr, beta1, beta2, eps, weight_decay) -> torch.Tensor:
     """float64 [5] on the CPU. Built by multiplying a tensor by each value, the form
-    torch.compile turns into a graph input that follows the value (see ``_group_step``)."""
+    torch.compile turns into a graph input that follows the value (see ``lowprec::adam8bit_group_step_`` in ``_ops.py``)."""
     one = torch.ones((), dtype=torch.float64, device="cpu")
     values = [
         x.detach().to("cpu", torch.float64).reshape(()) if isinstance(x, torch.Tensor) else one * x
         for x in (lr, beta1, beta2, eps, weight_decay)
     ]
     return torch.stack(values)
-
-
-@torch.library.custom_op(
-    "lowprec_optim::adam8bit_group_step_",
-    mutates_args=("params", "state1", "state2", "absmax1", "absmax2", "steps", "skipped"),
-)
-def _group_step(
-    params: list[torch.Tensor], grads: list[torch.Tensor], state1: list[torch.Tensor],
-    state2: list[torch.Tensor], absmax1: list[torch.Tensor], absmax2: list[torch.Tensor],
-    qmap1: torch.Tensor, qmap2: torch.Tensor, steps: list[torch.Tensor],
-    skipped: list[torch.Tensor], hyperparameters: torch.Tensor, decoupled: bool,
-    blocksize: int,
-) -> None:  # fmt: skip
-    """``lowprec::adam8bit_multi_step_`` with (lr, beta1, beta2, eps, weight_decay) read from
-    a float64 CPU tensor (no device sync).
-
-    Why a tensor: under torch.compile a changing Python float (an LR schedule) becomes a
-    symbolic float, and this torch either recompiles for every value a custom op's float
-    argument takes or, with inductor, silently keeps passing the value it compiled with.
-    A tensor argument is an ordinary graph input. The optimizers call this op only.
-    """
-    lr, beta1, beta2, eps, weight_decay = hyperparameters.tolist()
-    torch.ops.lowprec.adam8bit_multi_step_(
-        params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, skipped,
-        lr, beta1, beta2, eps, weight_decay, decoupled, 1.0, blocksize,
-    )  # fmt: skip
-
-
-@_group_step.register_fake
-def _group_step_fake(*args) -> None:
-    return None
 
 
 def _step_8bit(
@@ -381,7 +350,7 @@ def _step_8bit(
     # The kernels update p in place: a strided parameter goes through a contiguous copy.
     dense = [p if p.is_contiguous() else p.contiguous() for p in params]
     hyperparameters = _hyperparameters_tensor(lr, beta1, beta2, eps, weight_decay)
-    _group_step(
+    torch.ops.lowprec.adam8bit_group_step_(
         dense, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, skipped,
         hyperparameters, decoupled, blocksize,
     )  # fmt: skip

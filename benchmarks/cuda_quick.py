@@ -37,6 +37,18 @@ def cases(device):
     yield "int8_quantize_weight", lambda: LF.int8_quantize_weight(w)
     yield "int8_vectorwise_quant", lambda: LF.int8_vectorwise_quant(x8, threshold=6.0)
     yield "int8_linear", lambda: LF.int8_linear(x8, wq, ws, threshold=6.0)
+    p0, g0 = randn(3000 + 5), randn(3000 + 5)
+    q1, a1 = LF.quantize_blockwise(randn(3005) * 0.01, LF.dynamic_map(True, device), 256)
+    q2, a2 = LF.quantize_blockwise(randn(3005).abs() * 1e-4, LF.dynamic_map(False, device), 256)
+
+    def adam_step():
+        state = [p0.clone(), g0, q1.clone(), q2.clone(), a1.clone(), a2.clone()]
+        maps = [LF.dynamic_map(True, device), LF.dynamic_map(False, device)]
+        counters = [torch.zeros((), device=device), torch.zeros((), device=device)]
+        LF.adam8bit_step_(*state, *maps, *counters, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+        return state[0], state[2], state[3], state[4], state[5], counters[0]
+
+    yield "adam8bit_step_", adam_step
 
 
 def close(a, b) -> bool:

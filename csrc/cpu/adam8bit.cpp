@@ -37,6 +37,7 @@
 // intrinsics (_mm512_undefined_*): a known false positive.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 namespace lowprec::cpu {
@@ -240,6 +241,27 @@ LP_TARGET_AVX2 inline uint32_t avx2_reduce_max_u32(__m256i value) {
   return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
 }
 
+// table[index] per lane for a table of 8 << kIndexBits floats (kIndexBits = 1 or 2), by
+// vpermps on each register of 8 and blends on the index's higher bits: gathers cost several
+// times more on current AMD cores.
+LP_TARGET_AVX2 inline __m256 avx2_select_by_bit(__m256i index, int bit, __m256 if_clear,
+                                                __m256 if_set) {
+  const __m256 sign_is_bit =
+      _mm256_castsi256_ps(_mm256_sll_epi32(index, _mm_cvtsi32_si128(31 - bit)));
+  return _mm256_blendv_ps(if_clear, if_set, sign_is_bit);
+}
+
+LP_TARGET_AVX2 inline __m256 avx2_lookup16(const void* table, __m256i index) {
+  const float* t = static_cast<const float*>(table);
+  return avx2_select_by_bit(index, 3, _mm256_permutevar8x32_ps(_mm256_load_ps(t), index),
+                            _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8), index));
+}
+
+LP_TARGET_AVX2 inline __m256 avx2_lookup32(const void* table, __m256i index) {
+  const float* t = static_cast<const float*>(table);
+  return avx2_select_by_bit(index, 4, avx2_lookup16(t, index), avx2_lookup16(t + 16, index));
+}
+
 // The segmented encoder of lowprec/adam8bit.h on 8 lanes, for v in [-1, 1]; `near` gets the
 // lanes near a threshold, whose code must come from the exact search.
 LP_TARGET_AVX2 inline __m256i avx2_encode(__m256 v, const SegmentedEncoder& enc, int* near) {
@@ -252,14 +274,14 @@ LP_TARGET_AVX2 inline __m256i avx2_encode(__m256 v, const SegmentedEncoder& enc,
   const __m256i key = _mm256_or_si256(
       _mm256_slli_epi32(_mm256_srli_epi32(bits, 31), 4),
       _mm256_and_si256(_mm256_srli_epi32(field, 1), _mm256_set1_epi32(kSegmentKeyCount - 1)));
-  const __m256 boundary = _mm256_i32gather_ps(enc.key_boundary, key, sizeof(float));
-  __m256i segment = _mm256_i32gather_epi32(enc.key_segment, key, sizeof(int32_t));
+  const __m256 boundary = avx2_lookup32(enc.key_boundary, key);
+  __m256i segment = _mm256_castps_si256(avx2_lookup32(enc.key_segment, key));
   // An all-ones lane (above the boundary) is -1: subtracting it adds one.
   segment = _mm256_sub_epi32(segment, _mm256_castps_si256(_mm256_cmp_ps(v, boundary, _CMP_GT_OQ)));
-  const __m256 scale = _mm256_i32gather_ps(enc.segment_scale, segment, sizeof(float));
-  const __m256 offset = _mm256_i32gather_ps(enc.segment_offset, segment, sizeof(float));
-  const __m256i first = _mm256_i32gather_epi32(enc.segment_first_code, segment, sizeof(int32_t));
-  const __m256i last = _mm256_i32gather_epi32(enc.segment_last_code, segment, sizeof(int32_t));
+  const __m256 scale = avx2_lookup16(enc.segment_scale, segment);
+  const __m256 offset = avx2_lookup16(enc.segment_offset, segment);
+  const __m256i first = _mm256_castps_si256(avx2_lookup16(enc.segment_first_code, segment));
+  const __m256i last = _mm256_castps_si256(avx2_lookup16(enc.segment_last_code, segment));
   const __m256 position = _mm256_fmadd_ps(v, scale, offset);
   const __m256i code = _mm256_cvttps_epi32(_mm256_add_ps(position, _mm256_set1_ps(kSegmentWindow)));
   *near = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_xor_si256(
@@ -613,34 +635,11 @@ LP_TARGET_AVX512_VBMI void encode_avx512(const float* values, int64_t count, flo
   }
 }
 
-// The hardware prefetchers alone leave the update far below the memory bandwidth (it
-// consumes its streams slowly and in bursts per block), so each block asks for the data of a
-// block this many elements ahead.
-constexpr int64_t kPrefetchDistanceElements = 4096;
-constexpr int kCacheLineBytes = 64;
-
-template <FloatType T>
-inline void prefetch_ahead(const Adam8bitTensor& t, int64_t begin, int64_t count) {
-  if (begin >= t.n) return;
-  count = std::min(count, t.n - begin);
-  constexpr int64_t kElementBytes = T == FloatType::kFloat32 ? 4 : 2;
-  const char* p = static_cast<const char*>(t.p) + begin * kElementBytes;
-  const char* g = static_cast<const char*>(t.g) + begin * kElementBytes;
-  for (int64_t offset = 0; offset < count * kElementBytes; offset += kCacheLineBytes) {
-    __builtin_prefetch(p + offset, 1);
-    __builtin_prefetch(g + offset, 0);
-  }
-  for (int64_t offset = 0; offset < count; offset += kCacheLineBytes) {
-    __builtin_prefetch(t.state1 + begin + offset, 1);
-    __builtin_prefetch(t.state2 + begin + offset, 1);
-  }
-}
-
 // Per block, two passes over at most 4096 elements (the new m and v wait in L1 between them):
-//   1. decode m and v (64 codes at a time), update them, take their absmax;
-//   2. update p and encode m and v: three independent chains per vector (p through three
-//      divisions and a square root, each state through a division and the encoder), which
-//      keeps both the divider and the permute / arithmetic units busy.
+//   1. decode m and v (64 codes at a time), update m, v and p, take the absmax of m and v;
+//   2. encode m and v.
+// The divider (three divisions and a square root per vector in pass 1, two divisions in
+// pass 2) works alongside the permutes and arithmetic of the decoder and the encoder.
 template <FloatType T, bool kAddWeightDecay>
 LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const AdamCoefficients& c,
                                                 int64_t first_block, int64_t end_block,
@@ -669,7 +668,6 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const A
     const int64_t begin = block * blocksize;
     const int64_t count = std::min(blocksize, t.n - begin);
     const int64_t vectors = (count + kAvx512Lanes - 1) / kAvx512Lanes;
-    prefetch_ahead<T>(t, begin + kPrefetchDistanceElements, blocksize);
 
     const __m512 old_scale1 = _mm512_set1_ps(t.absmax1[block]);
     const __m512 old_scale2 = _mm512_set1_ps(t.absmax2[block]);
@@ -687,14 +685,19 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const A
         const int64_t k = group + j * kAvx512Lanes;
         if (k >= count) break;
         const __mmask16 lanes = avx512_lanes(count - k);
+        const __m512 p_old = avx512_load<T>(t.p, begin + k, lanes);
         __m512 g = _mm512_mul_ps(avx512_load<T>(t.g, begin + k, lanes), gnorm_scale);
-        if constexpr (kAddWeightDecay) {
-          g = _mm512_add_ps(g, _mm512_mul_ps(weight_decay, avx512_load<T>(t.p, begin + k, lanes)));
-        }
+        if constexpr (kAddWeightDecay) g = _mm512_add_ps(g, _mm512_mul_ps(weight_decay, p_old));
         const __m512 m = _mm512_add_ps(_mm512_mul_ps(beta1, _mm512_mul_ps(m_table[j], old_scale1)),
                                        _mm512_mul_ps(one_minus_beta1, g));
         const __m512 v = _mm512_add_ps(_mm512_mul_ps(beta2, _mm512_mul_ps(v_table[j], old_scale2)),
                                        _mm512_mul_ps(one_minus_beta2, _mm512_mul_ps(g, g)));
+        const __m512 numerator = _mm512_mul_ps(lr, _mm512_div_ps(m, bias_correction1));
+        const __m512 denominator =
+            _mm512_add_ps(_mm512_sqrt_ps(_mm512_div_ps(v, bias_correction2)), eps);
+        const __m512 p =
+            _mm512_sub_ps(_mm512_mul_ps(p_old, decay), _mm512_div_ps(numerator, denominator));
+        avx512_store<T>(t.p, begin + k, lanes, p);
         _mm512_store_ps(new_m + k, m);
         _mm512_store_ps(new_v + k, v);
         max1 = _mm512_mask_max_epu32(max1, lanes, max1,
@@ -708,67 +711,86 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const A
     t.absmax1[block] = absmax1;
     t.absmax2[block] = absmax2;
 
-    const bool encode_here = segmented_encoding_applies(absmax1, encoder1) &&
-                             segmented_encoding_applies(absmax2, encoder2);
+    if (!segmented_encoding_applies(absmax1, encoder1) ||
+        !segmented_encoding_applies(absmax2, encoder2)) {
+      encode_avx512(new_m, count, absmax1, encoder1, t.state1 + begin);
+      encode_avx512(new_v, count, absmax2, encoder2, t.state2 + begin);
+      continue;
+    }
     const __m512 divisor1 = _mm512_set1_ps(absmax1);
     const __m512 divisor2 = _mm512_set1_ps(absmax2);
     unsigned any_near = 0;
     for (int64_t j = 0; j < vectors; ++j) {
       const int64_t k = j * kAvx512Lanes;
       const __mmask16 lanes = avx512_lanes(count - k);
-      const __m512 m = _mm512_load_ps(new_m + k);
-      const __m512 v = _mm512_load_ps(new_v + k);
-      __m512 p = _mm512_mul_ps(avx512_load<T>(t.p, begin + k, lanes), decay);
-      const __m512 numerator = _mm512_mul_ps(lr, _mm512_div_ps(m, bias_correction1));
-      const __m512 denominator =
-          _mm512_add_ps(_mm512_sqrt_ps(_mm512_div_ps(v, bias_correction2)), eps);
-      p = _mm512_sub_ps(p, _mm512_div_ps(numerator, denominator));
-      avx512_store<T>(t.p, begin + k, lanes, p);
-      if (encode_here) {
-        __mmask16 near_m;
-        __mmask16 near_v;
-        const __m512i code1 = avx512_encode(_mm512_div_ps(m, divisor1), registers1, &near_m);
-        const __m512i code2 = avx512_encode(_mm512_div_ps(v, divisor2), registers2, &near_v);
-        avx512_store_codes(t.state1 + begin + k, lanes, code1);
-        avx512_store_codes(t.state2 + begin + k, lanes, code2);
-        near1[j] = near_m & lanes;
-        near2[j] = near_v & lanes;
-        any_near |= near1[j] | near2[j];
-      }
+      __mmask16 near_m;
+      __mmask16 near_v;
+      const __m512i code1 =
+          avx512_encode(_mm512_div_ps(_mm512_load_ps(new_m + k), divisor1), registers1, &near_m);
+      const __m512i code2 =
+          avx512_encode(_mm512_div_ps(_mm512_load_ps(new_v + k), divisor2), registers2, &near_v);
+      avx512_store_codes(t.state1 + begin + k, lanes, code1);
+      avx512_store_codes(t.state2 + begin + k, lanes, code2);
+      near1[j] = near_m & lanes;
+      near2[j] = near_v & lanes;
+      any_near |= near1[j] | near2[j];
     }
-    if (!encode_here) {
-      encode_avx512(new_m, count, absmax1, encoder1, t.state1 + begin);
-      encode_avx512(new_v, count, absmax2, encoder2, t.state2 + begin);
-    } else if (__builtin_expect(any_near != 0, 0)) {
+    if (__builtin_expect(any_near != 0, 0)) {
       encode_near_lanes(new_m, absmax1, near1, vectors, encoder1, t.state1 + begin);
       encode_near_lanes(new_v, absmax2, near2, vectors, encoder2, t.state2 + begin);
     }
   }
 }
 
+// Independent running maxima in the finiteness pass: one would chain every load to the last
+// and hold the scan well below the memory bandwidth.
+constexpr int kFiniteAccumulators = 4;
+
+// Exponent bits of each element (16 floats or 32 halves per register), masked.
+template <FloatType T>
+LP_TARGET_AVX512_VBMI inline __m512i avx512_exponent_bits(const char* data) {
+  if constexpr (T == FloatType::kFloat32) {
+    return _mm512_and_si512(_mm512_loadu_si512(data), _mm512_set1_epi32(non_finite_exponent<T>()));
+  } else {
+    return _mm512_and_si512(_mm512_loadu_si512(data),
+                            _mm512_set1_epi16(static_cast<int16_t>(non_finite_exponent<T>())));
+  }
+}
+
+template <FloatType T>
+LP_TARGET_AVX512_VBMI inline __m512i avx512_max_bits(__m512i a, __m512i b) {
+  if constexpr (T == FloatType::kFloat32) {
+    return _mm512_max_epu32(a, b);
+  } else {
+    return _mm512_max_epu16(a, b);
+  }
+}
+
 template <FloatType T>
 LP_TARGET_AVX512_VBMI bool all_finite_avx512(const void* g, int64_t begin, int64_t end) {
-  constexpr int64_t kPerVector = T == FloatType::kFloat32 ? 16 : 32;
-  const int64_t elem_size = T == FloatType::kFloat32 ? 4 : 2;
+  constexpr int64_t kElementBytes = T == FloatType::kFloat32 ? 4 : 2;
+  constexpr int64_t kPerVector = 64 / kElementBytes;
+  constexpr int64_t kPerStep = kPerVector * kFiniteAccumulators;
   const char* base = static_cast<const char*>(g);
+  __m512i largest[kFiniteAccumulators];
+  for (__m512i& l : largest)
+    l = _mm512_setzero_si512();
   int64_t i = begin;
+  for (; i + kPerStep <= end; i += kPerStep) {
+    for (int a = 0; a < kFiniteAccumulators; ++a) {
+      largest[a] = avx512_max_bits<T>(
+          largest[a], avx512_exponent_bits<T>(base + (i + a * kPerVector) * kElementBytes));
+    }
+  }
+  for (int a = 1; a < kFiniteAccumulators; ++a)
+    largest[0] = avx512_max_bits<T>(largest[0], largest[a]);
   bool finite;
   if constexpr (T == FloatType::kFloat32) {
-    const __m512i exponent = _mm512_set1_epi32(non_finite_exponent<T>());
-    __m512i largest = _mm512_setzero_si512();
-    for (; i + kPerVector <= end; i += kPerVector) {
-      const __m512i x = _mm512_loadu_si512(base + i * elem_size);
-      largest = _mm512_max_epu32(largest, _mm512_and_si512(x, exponent));
-    }
-    finite = _mm512_cmpeq_epi32_mask(largest, exponent) == 0;
+    finite = _mm512_cmpeq_epi32_mask(largest[0], _mm512_set1_epi32(non_finite_exponent<T>())) == 0;
   } else {
-    const __m512i exponent = _mm512_set1_epi16(static_cast<int16_t>(non_finite_exponent<T>()));
-    __m512i largest = _mm512_setzero_si512();
-    for (; i + kPerVector <= end; i += kPerVector) {
-      const __m512i x = _mm512_loadu_si512(base + i * elem_size);
-      largest = _mm512_max_epu16(largest, _mm512_and_si512(x, exponent));
-    }
-    finite = _mm512_cmpeq_epi16_mask(largest, exponent) == 0;
+    finite =
+        _mm512_cmpeq_epi16_mask(
+            largest[0], _mm512_set1_epi16(static_cast<int16_t>(non_finite_exponent<T>()))) == 0;
   }
   return finite && all_finite_scalar<T>(g, i, end);
 }

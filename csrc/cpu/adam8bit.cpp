@@ -19,6 +19,7 @@
 #include <cfloat>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -894,65 +895,80 @@ int64_t range_of(const std::vector<int64_t>& starts, int64_t item) {
   return std::upper_bound(starts.begin(), starts.end(), item) - starts.begin() - 1;
 }
 
-// Steps tensors [first, end) of the call: finiteness of all their gradients, then the update
-// of the finite ones, then the step / skip counters.
+// Steps tensors [first, end) of the call: the finiteness of all their gradients, then the
+// update of the finite ones, then the step / skip counters.
+//
+// Both phases run in one parallel region (on a shared machine each region can wait a scheduler
+// time slice for a core another process holds). Workers claim check chunks, wait until every
+// chunk is checked (only for chunks that other running workers hold: a worker that starts late
+// finds nothing left, so this cannot deadlock even when the pool runs workers one at a time),
+// then claim update tasks, skipping the blocks of flagged tensors.
 void step_batch(const Adam8bitTensor* tensors, int64_t first, int64_t end,
                 const Adam8bitTables& tables, const Adam8bitHyper& hyper, Adam8bitPath path) {
   const int64_t count = end - first;
   std::vector<int64_t> chunk_starts(count);
+  std::vector<int64_t> block_starts(count + 1);
+  std::vector<AdamCoefficients> coefficients(count);
+  std::vector<double> new_steps(count);
   int64_t chunks = 0;
+  int64_t elements = 0;
+  block_starts[0] = 0;
   for (int64_t k = 0; k < count; ++k) {
+    const Adam8bitTensor& t = tensors[first + k];
     chunk_starts[k] = chunks;
-    chunks += num_blocks(tensors[first + k].n, kCheckChunkElements);
+    chunks += num_blocks(t.n, kCheckChunkElements);
+    block_starts[k + 1] = block_starts[k] + num_blocks(t.n, hyper.blocksize);
+    elements += t.n;
+    // t = int(step) + 1, as the reference reads it.
+    new_steps[k] = trunc(static_cast<double>(*t.step)) + 1.0;
+    coefficients[k] =
+        adam_coefficients(hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
+                          hyper.decoupled, hyper.gnorm_scale, new_steps[k]);
   }
+  const int64_t blocks = block_starts[count];
+  const int64_t blocks_per_task = std::max<int64_t>(1, kMinElementsPerTask / hyper.blocksize);
+  const int64_t tasks = num_blocks(blocks, blocks_per_task);
+
   std::unique_ptr<std::atomic<bool>[]> non_finite(new std::atomic<bool>[count]);
   for (int64_t k = 0; k < count; ++k)
     non_finite[k].store(false, std::memory_order_relaxed);
-  parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+  std::atomic<int64_t> next_chunk{0};
+  std::atomic<int64_t> chunks_done{0};
+  std::atomic<int64_t> next_task{0};
+  auto work = [&]() {
+    for (int64_t chunk; (chunk = next_chunk.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       const int64_t k = range_of(chunk_starts, chunk);
-      if (non_finite[k].load(std::memory_order_relaxed)) continue;
       const Adam8bitTensor& t = tensors[first + k];
       const int64_t begin = (chunk - chunk_starts[k]) * kCheckChunkElements;
       const int64_t stop = std::min(t.n, begin + kCheckChunkElements);
-      if (!all_finite_for(path, t.type)(t.g, begin, stop)) {
+      if (!non_finite[k].load(std::memory_order_relaxed) &&
+          !all_finite_for(path, t.type)(t.g, begin, stop)) {
         non_finite[k].store(true, std::memory_order_relaxed);
       }
+      chunks_done.fetch_add(1, std::memory_order_release);
     }
-  });
-
-  // The finite tensors' blocks, one range across tensors.
-  std::vector<int64_t> block_starts;
-  std::vector<int64_t> updated;
-  std::vector<AdamCoefficients> coefficients;
-  std::vector<double> new_steps;
-  int64_t blocks = 0;
-  for (int64_t k = 0; k < count; ++k) {
-    const Adam8bitTensor& t = tensors[first + k];
-    // t = int(step) + 1, as the reference reads it.
-    const double new_step = trunc(static_cast<double>(*t.step)) + 1.0;
-    new_steps.push_back(new_step);
-    if (non_finite[k].load(std::memory_order_relaxed)) continue;
-    block_starts.push_back(blocks);
-    updated.push_back(first + k);
-    coefficients.push_back(adam_coefficients(hyper.lr, hyper.beta1, hyper.beta2, hyper.eps,
-                                             hyper.weight_decay, hyper.decoupled, hyper.gnorm_scale,
-                                             new_step));
-    blocks += num_blocks(t.n, hyper.blocksize);
-  }
-  const int64_t blocks_per_task = std::max<int64_t>(1, kMinElementsPerTask / hyper.blocksize);
-  parallel_for(0, blocks, blocks_per_task, [&](int64_t block_begin, int64_t block_end) {
-    for (int64_t block = block_begin; block < block_end;) {
-      const int64_t u = range_of(block_starts, block);
-      const Adam8bitTensor& t = tensors[updated[u]];
-      const int64_t tensor_end =
-          u + 1 < static_cast<int64_t>(block_starts.size()) ? block_starts[u + 1] : blocks;
-      const int64_t stop = std::min(block_end, tensor_end);
-      const AdamCoefficients& c = coefficients[u];
-      update_blocks_for(path, t.type, c.add_weight_decay)(
-          t, c, block - block_starts[u], stop - block_starts[u], hyper.blocksize, tables);
-      block = stop;
+    while (chunks_done.load(std::memory_order_acquire) < chunks)
+      std::this_thread::yield();
+    for (int64_t task; (task = next_task.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+      const int64_t task_end = std::min(blocks, (task + 1) * blocks_per_task);
+      for (int64_t block = task * blocks_per_task; block < task_end;) {
+        const int64_t k = range_of(block_starts, block);
+        const int64_t stop = std::min(task_end, block_starts[k + 1]);
+        if (!non_finite[k].load(std::memory_order_relaxed)) {
+          const Adam8bitTensor& t = tensors[first + k];
+          const AdamCoefficients& c = coefficients[k];
+          update_blocks_for(path, t.type, c.add_weight_decay)(
+              t, c, block - block_starts[k], stop - block_starts[k], hyper.blocksize, tables);
+        }
+        block = stop;
+      }
     }
+  };
+  const int64_t workers =
+      std::clamp<int64_t>(elements / kMinElementsPerTask, 1, max_parallel_workers());
+  parallel_for(0, workers, 1, [&](int64_t worker_begin, int64_t worker_end) {
+    for (int64_t worker = worker_begin; worker < worker_end; ++worker)
+      work();
   });
 
   for (int64_t k = 0; k < count; ++k) {

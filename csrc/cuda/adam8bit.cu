@@ -44,7 +44,8 @@ constexpr int64_t kCheckTileElements = kCheckThreads * kCheckItemsPerThread;
 // Grid-stride loops cover more tiles than this many thread blocks.
 constexpr int64_t kMaxGridBlocks = 65535;
 
-// One launch's tensors. tile_start[k] is the first tile of tensor k (tiles of the launching
+// One launch's tensors, passed as a __grid_constant__ kernel parameter (indexed in place, never
+// copied per thread). tile_start[k] is the first tile of tensor k (tiles of the launching
 // kernel: check tiles or update tiles); tile_start[count] is the total.
 struct LaunchGroup {
   Adam8bitTensorArgs tensors[kTensorsPerLaunch];
@@ -93,7 +94,8 @@ __device__ __forceinline__ bool tile_is_finite(const void* g, int64_t begin, int
   return finite;
 }
 
-__global__ void __launch_bounds__(kCheckThreads) adam8bit_check_kernel(const LaunchGroup group) {
+__global__ void __launch_bounds__(kCheckThreads)
+    adam8bit_check_kernel(const __grid_constant__ LaunchGroup group) {
   const int64_t tiles = group.tile_start[group.count];
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int k = tensor_of_tile(group, tile);
@@ -146,8 +148,9 @@ struct SharedTables {
   uint2 warp_maxima[kUpdateWarps];
 };
 
-// One tile (groups_per_tile quantization blocks) of one tensor.
-template <typename T>
+// One tile (groups_per_tile quantization blocks) of one tensor; each thread holds kItems
+// elements of its block (blocksize / group_threads).
+template <typename T, int kItems>
 __device__ __forceinline__ void update_tile(const Adam8bitTensorArgs& t, const AdamCoefficients& c,
                                             int64_t tile, int blocksize, int group_threads,
                                             SharedTables& shared) {
@@ -155,22 +158,21 @@ __device__ __forceinline__ void update_tile(const Adam8bitTensorArgs& t, const A
   const int groups_per_tile = kUpdateThreads / group_threads;
   const int group = threadIdx.x / group_threads;
   const int lane = threadIdx.x % group_threads;
-  const int items_per_thread = blocksize / group_threads;
   const int64_t block = tile * groups_per_tile + group;
   const bool block_exists = block < num_blocks;
   const int64_t begin = block * blocksize + lane;
   const float old_absmax1 = block_exists ? t.absmax1[block] : 0.0f;
   const float old_absmax2 = block_exists ? t.absmax2[block] : 0.0f;
 
-  float m[kUpdateMaxItemsPerThread];
-  float v[kUpdateMaxItemsPerThread];
+  float m[kItems];
+  float v[kItems];
   uint32_t max1 = 0;
   uint32_t max2 = 0;
 #pragma unroll
-  for (int k = 0; k < kUpdateMaxItemsPerThread; ++k) {
+  for (int k = 0; k < kItems; ++k) {
     const int64_t i = begin + static_cast<int64_t>(k) * group_threads;
     m[k] = v[k] = 0.0f;
-    if (k < items_per_thread && block_exists && i < t.n) {
+    if (block_exists && i < t.n) {
       float p = load_float<T>(t.p, i);
       m[k] = shared.qmap1[t.state1[i]] * old_absmax1;
       v[k] = shared.qmap2[t.state2[i]] * old_absmax2;
@@ -189,19 +191,20 @@ __device__ __forceinline__ void update_tile(const Adam8bitTensorArgs& t, const A
     t.absmax2[block] = absmax2;
   }
 #pragma unroll
-  for (int k = 0; k < kUpdateMaxItemsPerThread; ++k) {
+  for (int k = 0; k < kItems; ++k) {
     const int64_t i = begin + static_cast<int64_t>(k) * group_threads;
-    if (k < items_per_thread && i < t.n) {
+    if (i < t.n) {
       t.state1[i] = encode_8bit(scale_by_absmax(m[k], absmax1), shared.thresholds1);
       t.state2[i] = encode_8bit(scale_by_absmax(v[k], absmax2), shared.thresholds2);
     }
   }
 }
 
+template <int kItems>
 __global__ void __launch_bounds__(kUpdateThreads)
-    adam8bit_update_kernel(const LaunchGroup group, const float* __restrict__ qmap1,
-                           const float* __restrict__ qmap2, const Adam8bitHyperArgs hyper,
-                           int group_threads) {
+    adam8bit_update_kernel(const __grid_constant__ LaunchGroup group,
+                           const float* __restrict__ qmap1, const float* __restrict__ qmap2,
+                           const Adam8bitHyperArgs hyper, int group_threads) {
   __shared__ SharedTables shared;
   if (threadIdx.x < kCodebookSize8bit) {
     shared.qmap1[threadIdx.x] = qmap1[threadIdx.x];
@@ -231,19 +234,19 @@ __global__ void __launch_bounds__(kUpdateThreads)
     const int64_t local_tile = tile - group.tile_start[k];
     switch (t.type) {
       case FloatType::kFloat16:
-        update_tile<__half>(t, c, local_tile, blocksize, group_threads, shared);
+        update_tile<__half, kItems>(t, c, local_tile, blocksize, group_threads, shared);
         break;
       case FloatType::kBFloat16:
-        update_tile<__nv_bfloat16>(t, c, local_tile, blocksize, group_threads, shared);
+        update_tile<__nv_bfloat16, kItems>(t, c, local_tile, blocksize, group_threads, shared);
         break;
       default:
-        update_tile<float>(t, c, local_tile, blocksize, group_threads, shared);
+        update_tile<float, kItems>(t, c, local_tile, blocksize, group_threads, shared);
         break;
     }
   }
 }
 
-__global__ void adam8bit_finish_kernel(const LaunchGroup group) {
+__global__ void adam8bit_finish_kernel(const __grid_constant__ LaunchGroup group) {
   const int k = threadIdx.x;
   if (k >= group.count) return;
   const Adam8bitTensorArgs& t = group.tensors[k];
@@ -260,6 +263,30 @@ int64_t ceil_div(int64_t a, int64_t b) {
 
 unsigned grid_for(int64_t tiles) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(tiles, kMaxGridBlocks)));
+}
+
+// Elements per thread: the smallest blocks use group threads of kUpdateMinItemsPerThread items,
+// blocks larger than kUpdateThreads * kUpdateMinItemsPerThread use the whole thread block. The
+// kernel is compiled per count, so a thread holds only the registers its blocks need.
+void launch_update(const LaunchGroup& group, const float* qmap1, const float* qmap2,
+                   const Adam8bitHyperArgs& hyper, int group_threads, cudaStream_t stream) {
+  const int items = static_cast<int>(hyper.blocksize / group_threads);
+  const unsigned grid = grid_for(group.tile_start[group.count]);
+  static_assert(kUpdateMaxItemsPerThread == 16, "one instantiation per item count below");
+  switch (items) {
+    case 4:
+      adam8bit_update_kernel<4>
+          <<<grid, kUpdateThreads, 0, stream>>>(group, qmap1, qmap2, hyper, group_threads);
+      break;
+    case 8:
+      adam8bit_update_kernel<8>
+          <<<grid, kUpdateThreads, 0, stream>>>(group, qmap1, qmap2, hyper, group_threads);
+      break;
+    default:
+      adam8bit_update_kernel<16>
+          <<<grid, kUpdateThreads, 0, stream>>>(group, qmap1, qmap2, hyper, group_threads);
+      break;
+  }
 }
 
 }  // namespace
@@ -289,8 +316,7 @@ cudaError_t launch_adam8bit_multi_step(const Adam8bitTensorArgs* tensors, int64_
           update.tile_start[k] + ceil_div(ceil_div(t.n, hyper.blocksize), blocks_per_tile);
     }
     adam8bit_check_kernel<<<grid_for(check.tile_start[size]), kCheckThreads, 0, stream>>>(check);
-    adam8bit_update_kernel<<<grid_for(update.tile_start[size]), kUpdateThreads, 0, stream>>>(
-        update, qmap1, qmap2, hyper, group_threads);
+    launch_update(update, qmap1, qmap2, hyper, group_threads, stream);
     adam8bit_finish_kernel<<<1, kTensorsPerLaunch, 0, stream>>>(update);
     status = cudaGetLastError();
     if (status != cudaSuccess) return status;

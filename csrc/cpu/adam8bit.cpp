@@ -3,13 +3,16 @@
 // portable scalar code. All apply lowprec/adam8bit.h and produce identical results: the
 // reference's parameters bit for bit and its codes and scales exactly.
 //
-// One tensor, one step:
-//   1. finiteness: one pass over the gradient (before any write, so that a skipped tensor is
-//      left untouched). Done for a batch of tensors at a time, so a small tensor's gradient is
-//      still in the cache when the update reads it again.
-//   2. update, per quantization block: decode m and v, update, write p and keep the new m, v
-//      (at most 2 x 16 KiB, in L1), take the new absmax of each, encode them into the codes.
-// Blocks of every tensor of a batch form one range split across PyTorch's intra-op threads.
+// One step of a batch of tensors, in one parallel region (step_batch):
+//   1. finiteness: one pass over every gradient before any write, so that a skipped tensor is
+//      left untouched. A batch holds at most kCheckBatchBytes of gradients, so that they are
+//      still in the cache when the update reads them again.
+//   2. update, per quantization block, in two passes over the block held in L1 (at most
+//      2 x 16 KiB of new m and v): decode m and v, update them and p, write p, take the new
+//      absmax of m and v; then encode m and v into their codes.
+// The encoder is the segmented one of lowprec/adam8bit.h (arithmetic, exact, with the exact
+// search for the few values near a threshold); the AVX-512 decoder looks the maps up by byte
+// permutes, 64 codes at a time.
 #include "adam8bit.h"
 
 #include <math.h>

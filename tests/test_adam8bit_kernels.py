@@ -387,6 +387,27 @@ def test_cpu_isa_paths_skip_non_finite(cpu_isa, dtype):
     assert [k.skipped.item() for k in kernels] == [1.0, 0.0, 1.0]
 
 
+@needs_native_cpu
+def test_cpu_gradient_batches():
+    """Gradients larger than one finiteness batch (8 MiB): each batch is checked, then updated;
+    a non-finite value in the second skips only its tensor."""
+    qmap1, qmap2 = dynamic_map(True), dynamic_map(False)
+    sizes = [2_200_000, 2_200_000, 1000]
+    refs = [State(randn_nonzero(n, torch.float32, "cpu"), 256) for n in sizes]
+    grads = [randn_nonzero(n, torch.float32, "cpu") for n in sizes]
+    grads[1][-3] = float("-inf")
+    kernels = [st.clone() for st in refs]
+    run_both(
+        "adam8bit_multi_step_",
+        "cpu",
+        multi_step_args(kernels, grads, qmap1, qmap2, VARIANTS[0], 256),
+        multi_step_args(refs, grads, qmap1, qmap2, VARIANTS[0], 256),
+    )
+    for kernel, ref in zip(kernels, refs):
+        assert_state_matches(kernel, ref, "cpu")
+    assert [k.skipped.item() for k in kernels] == [0.0, 1.0, 0.0]
+
+
 # ---------------------------------------------------------------- CPU: the state encoder
 
 

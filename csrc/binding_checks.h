@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "lowprec/common.h"
 
@@ -70,6 +71,60 @@ inline void check_blockwise_8bit(const char* op, c10::DeviceType device_type,
   for (const at::Tensor* t : {&codes, &absmax, &code}) {
     TORCH_CHECK(t->device() == values.device(), op, ": all tensors must be on ", values.device(),
                 ", got ", t->device());
+  }
+}
+
+// ------------------------------------------------------------------------------ 8-bit Adam
+
+// The tensors of one adam8bit_multi_step_ call: every list one entry per parameter, each
+// entry contiguous on `device_type`, all on params[0]'s device.
+inline void check_adam8bit_multi_step(
+    const char* op, c10::DeviceType device_type, const std::vector<at::Tensor>& params,
+    const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& state1,
+    const std::vector<at::Tensor>& state2, const std::vector<at::Tensor>& absmax1,
+    const std::vector<at::Tensor>& absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2,
+    const std::vector<at::Tensor>& steps, const std::vector<at::Tensor>& skipped,
+    int64_t blocksize) {
+  check_blocksize_8bit(blocksize, op);
+  const size_t count = params.size();
+  for (const auto* list : {&grads, &state1, &state2, &absmax1, &absmax2, &steps, &skipped}) {
+    TORCH_CHECK(list->size() == count, op, ": every list must hold ", count,
+                " tensors (one per param), got ", list->size());
+  }
+  for (const at::Tensor* code : {&qmap1, &qmap2}) {
+    check_tensor(*code, op, "qmap", device_type);
+    check_dtype(*code, at::kFloat, op, "qmap");
+    TORCH_CHECK(code->numel() == kCodebookSize8bit, op, ": qmap must have ", kCodebookSize8bit,
+                " entries, got ", code->numel());
+  }
+  for (size_t i = 0; i < count; ++i) {
+    const at::Tensor& p = params[i];
+    check_tensor(p, op, "param", device_type);
+    float_type_of(p, op, "param");
+    TORCH_CHECK(p.device() == params[0].device() && qmap1.device() == p.device() &&
+                    qmap2.device() == p.device(),
+                op, ": all tensors must be on ", params[0].device());
+    const int64_t n = p.numel();
+    const int64_t num_blocks = (n + blocksize - 1) / blocksize;
+    struct Expected {
+      const at::Tensor* t;
+      const char* name;
+      at::ScalarType dtype;
+      int64_t numel;
+    };
+    for (const Expected& e : {Expected{&grads[i], "grad", p.scalar_type(), n},
+                              Expected{&state1[i], "state1", at::kByte, n},
+                              Expected{&state2[i], "state2", at::kByte, n},
+                              Expected{&absmax1[i], "absmax1", at::kFloat, num_blocks},
+                              Expected{&absmax2[i], "absmax2", at::kFloat, num_blocks},
+                              Expected{&steps[i], "step", at::kFloat, 1},
+                              Expected{&skipped[i], "skipped", at::kFloat, 1}}) {
+      check_tensor(*e.t, op, e.name, device_type);
+      check_dtype(*e.t, e.dtype, op, e.name);
+      TORCH_CHECK(e.t->numel() == e.numel, op, ": ", e.name, " of tensor ", i, " must have ",
+                  e.numel, " elements, got ", e.t->numel());
+      TORCH_CHECK(e.t->device() == p.device(), op, ": all tensors must be on ", p.device());
+    }
   }
 }
 

@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <tuple>
+#include <vector>
 
 namespace lowprec {
 
@@ -15,12 +17,38 @@ void quantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& code, int64_t
 void dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax,
                               const at::Tensor& code, int64_t blocksize, const at::Tensor& out);
 
+// cpu/bindings.cpp: 8-bit Adam. One step of every tensor of the lists
+// (lowprec::adam8bit_multi_step_).
+void adam8bit_multi_step_cpu(
+    const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+    const std::vector<at::Tensor>& state1, const std::vector<at::Tensor>& state2,
+    const std::vector<at::Tensor>& absmax1, const std::vector<at::Tensor>& absmax2,
+    const at::Tensor& qmap1, const at::Tensor& qmap2, const std::vector<at::Tensor>& steps,
+    const std::vector<at::Tensor>& skipped, double lr, double beta1, double beta2, double eps,
+    double weight_decay, bool decoupled, double gnorm_scale, int64_t blocksize);
+// The kernel's encoder on the active CPU path, for the tests: out = codes of values (float32).
+void adam8bit_encode_cpu(const at::Tensor& values, const at::Tensor& code, const at::Tensor& out);
+bool adam8bit_segmented_encoder_usable(const at::Tensor& code);
+// (values checked, mismatches, bits of the first mismatch) of the encoder against the exact rule.
+std::tuple<int64_t, int64_t, int64_t> adam8bit_encoder_sweep_cpu(const at::Tensor& code,
+                                                                 int64_t stride,
+                                                                 int64_t neighbours);
+
 #if defined(LOWPREC_WITH_CUDA)
 // cuda/bindings.cpp
 void quantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& code, int64_t blocksize,
                              const at::Tensor& out_codes, const at::Tensor& out_absmax);
 void dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& absmax,
                                const at::Tensor& code, int64_t blocksize, const at::Tensor& out);
+
+// cuda/bindings.cpp: 8-bit Adam.
+void adam8bit_multi_step_cuda(
+    const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+    const std::vector<at::Tensor>& state1, const std::vector<at::Tensor>& state2,
+    const std::vector<at::Tensor>& absmax1, const std::vector<at::Tensor>& absmax2,
+    const at::Tensor& qmap1, const at::Tensor& qmap2, const std::vector<at::Tensor>& steps,
+    const std::vector<at::Tensor>& skipped, double lr, double beta1, double beta2, double eps,
+    double weight_decay, bool decoupled, double gnorm_scale, int64_t blocksize);
 #endif
 
 }  // namespace lowprec

@@ -128,10 +128,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("blocksize"), py::arg("out_codes"), py::arg("out_absmax"), no_gil);
   m.def("dequantize_blockwise_cpu", &dequantize_blockwise_cpu, py::arg("codes"), py::arg("absmax"),
         py::arg("code"), py::arg("blocksize"), py::arg("out"), no_gil);
+  m.def("adam8bit_multi_step_cpu", &adam8bit_multi_step_cpu, py::arg("params"), py::arg("grads"),
+        py::arg("state1"), py::arg("state2"), py::arg("absmax1"), py::arg("absmax2"),
+        py::arg("qmap1"), py::arg("qmap2"), py::arg("steps"), py::arg("skipped"), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("decoupled"), py::arg("gnorm_scale"), py::arg("blocksize"), no_gil);
+  m.def("adam8bit_encode_cpu", &adam8bit_encode_cpu, py::arg("values"), py::arg("code"),
+        py::arg("out"), no_gil,
+        "The 8-bit Adam kernel's state encoder on the active CPU path (for tests).");
+  m.def(
+      "adam8bit_segmented_encoder_usable", &adam8bit_segmented_encoder_usable, py::arg("code"),
+      "Whether the arithmetic (segmented) encoder applies to this codebook (lowprec/adam8bit.h).");
+  m.def("adam8bit_encoder_sweep_cpu", &adam8bit_encoder_sweep_cpu, py::arg("code"),
+        py::arg("stride"), py::arg("neighbours"), no_gil,
+        "(checked, mismatches, first mismatch bits) of the active path's encoder against the "
+        "exact rule over every stride-th float of [-1, 1] and every threshold's neighbours.");
 #if defined(LOWPREC_WITH_CUDA)
   m.def("quantize_blockwise_cuda", &quantize_blockwise_cuda, py::arg("A"), py::arg("code"),
         py::arg("blocksize"), py::arg("out_codes"), py::arg("out_absmax"), no_gil);
   m.def("dequantize_blockwise_cuda", &dequantize_blockwise_cuda, py::arg("codes"),
         py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("out"), no_gil);
+  m.def("adam8bit_multi_step_cuda", &adam8bit_multi_step_cuda, py::arg("params"), py::arg("grads"),
+        py::arg("state1"), py::arg("state2"), py::arg("absmax1"), py::arg("absmax2"),
+        py::arg("qmap1"), py::arg("qmap2"), py::arg("steps"), py::arg("skipped"), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("decoupled"), py::arg("gnorm_scale"), py::arg("blocksize"), no_gil);
 #endif
 }

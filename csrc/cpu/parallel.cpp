@@ -11,4 +11,8 @@ void parallel_for_range(int64_t begin, int64_t end, int64_t grain_size, RangeFun
   });
 }
 
+int64_t max_parallel_workers() {
+  return at::get_num_threads();
+}
+
 }  // namespace lowprec::cpu

@@ -12,6 +12,9 @@ using RangeFunction = void (*)(void* context, int64_t begin, int64_t end);
 void parallel_for_range(int64_t begin, int64_t end, int64_t grain_size, RangeFunction function,
                         void* context);
 
+// The number of threads a parallel_for may use (torch.get_num_threads()).
+int64_t max_parallel_workers();
+
 // Calls body(chunk_begin, chunk_end) over disjoint chunks of [begin, end), in parallel when the
 // range holds more than grain_size items.
 template <typename Body>

@@ -3,10 +3,12 @@
 // compiler, so the .cu files stay free of torch headers.
 #include "../bindings.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "../binding_checks.h"
+#include "adam8bit.h"
 #include "blockwise8.h"
 
 namespace lowprec {
@@ -44,6 +46,41 @@ void dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& absmax
   check_launch(cuda::launch_dequantize_blockwise_8bit(
                    codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(),
                    codes.numel(), blocksize, out.data_ptr(), out_type, stream),
+               kOp);
+}
+
+// ------------------------------------------------------------------------------ 8-bit Adam
+
+void adam8bit_multi_step_cuda(
+    const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+    const std::vector<at::Tensor>& state1, const std::vector<at::Tensor>& state2,
+    const std::vector<at::Tensor>& absmax1, const std::vector<at::Tensor>& absmax2,
+    const at::Tensor& qmap1, const at::Tensor& qmap2, const std::vector<at::Tensor>& steps,
+    const std::vector<at::Tensor>& skipped, double lr, double beta1, double beta2, double eps,
+    double weight_decay, bool decoupled, double gnorm_scale, int64_t blocksize) {
+  constexpr const char* kOp = "adam8bit_multi_step_cuda";
+  check_adam8bit_multi_step(kOp, c10::DeviceType::CUDA, params, grads, state1, state2, absmax1,
+                            absmax2, qmap1, qmap2, steps, skipped, blocksize);
+  if (params.empty()) return;
+  std::vector<cuda::Adam8bitTensorArgs> tensors;
+  tensors.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    tensors.push_back({params[i].data_ptr(), grads[i].data_ptr(), state1[i].data_ptr<uint8_t>(),
+                       state2[i].data_ptr<uint8_t>(), absmax1[i].data_ptr<float>(),
+                       absmax2[i].data_ptr<float>(), steps[i].data_ptr<float>(),
+                       skipped[i].data_ptr<float>(), params[i].numel(),
+                       float_type_of(params[i], kOp, "param")});
+  }
+  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(params[0].device().index()).stream();
+  // Scratch for the per-tensor finiteness flags, from the caching allocator (no sync).
+  const at::Tensor non_finite =
+      at::empty({static_cast<int64_t>(params.size())}, params[0].options().dtype(at::kInt));
+  const cuda::Adam8bitHyperArgs hyper{lr,           beta1,     beta2,       eps,
+                                      weight_decay, decoupled, gnorm_scale, blocksize};
+  check_launch(cuda::launch_adam8bit_multi_step(
+                   tensors.data(), static_cast<int64_t>(tensors.size()), qmap1.data_ptr<float>(),
+                   qmap2.data_ptr<float>(), hyper, non_finite.data_ptr<int32_t>(), stream),
                kOp);
 }
 

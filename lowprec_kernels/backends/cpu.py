@@ -37,4 +37,40 @@ def dequantize_blockwise(
     return out
 
 
+# --------------------------------------------------------------------------- 8-bit Adam
+
+
+def _adam8bit_multi_step(native, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2,
+                         steps, skipped, *hyper):  # fmt: skip
+    """Calls ``native`` (``_C.adam8bit_multi_step_{cpu,cuda}``) on contiguous tensors.
+
+    ``p`` and the codes are contiguous (the op's checker requires it); a non-contiguous scale,
+    step or counter (all updated in place) is updated through a contiguous copy written back.
+    """
+    updated = [*absmax1, *absmax2, *steps, *skipped]
+    work = [t if t.is_contiguous() else t.contiguous() for t in updated]
+    n = len(params)
+    native(
+        list(params), [g.contiguous() for g in grads], list(state1), list(state2),
+        work[:n], work[n : 2 * n], qmap1.contiguous(), qmap2.contiguous(),
+        work[2 * n : 3 * n], work[3 * n :], *hyper,
+    )  # fmt: skip
+    for original, copy in zip(updated, work):
+        if copy is not original:
+            original.copy_(copy)
+
+
+@register_kernel("adam8bit_multi_step_", backend="cpu", device="cpu")
+def adam8bit_multi_step_(params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps,
+                         skipped, *hyper):  # fmt: skip
+    _adam8bit_multi_step(_C.adam8bit_multi_step_cpu, params, grads, state1, state2, absmax1,
+                         absmax2, qmap1, qmap2, steps, skipped, *hyper)  # fmt: skip
+
+
+@register_kernel("adam8bit_step_", backend="cpu", device="cpu")
+def adam8bit_step_(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, skipped, *hyper):
+    _adam8bit_multi_step(_C.adam8bit_multi_step_cpu, [p], [g], [state1], [state2], [absmax1],
+                         [absmax2], qmap1, qmap2, [step], [skipped], *hyper)  # fmt: skip
+
+
 mark_available("cpu")

@@ -14,6 +14,7 @@ from lowprec_kernels import _C
 from lowprec_kernels._alloc import empty
 from lowprec_kernels._dispatch import mark_available, register_kernel
 from lowprec_kernels._ops import num_blocks
+from lowprec_kernels.backends.cpu import _adam8bit_multi_step
 
 COMPILED = hasattr(_C, "quantize_blockwise_cuda")
 
@@ -38,6 +39,23 @@ def dequantize_blockwise(
     out = empty(A.shape, dtype, A.device)
     _C.dequantize_blockwise_cuda(A, absmax.contiguous(), code.contiguous(), blocksize, out)
     return out
+
+
+# --------------------------------------------------------------------------- 8-bit Adam
+# Three launches per group of 32 tensors (finiteness, update, step counters), no host sync.
+
+
+@register_kernel("adam8bit_multi_step_", backend="cuda", device="cuda")
+def adam8bit_multi_step_(params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps,
+                         skipped, *hyper):  # fmt: skip
+    _adam8bit_multi_step(_C.adam8bit_multi_step_cuda, params, grads, state1, state2, absmax1,
+                         absmax2, qmap1, qmap2, steps, skipped, *hyper)  # fmt: skip
+
+
+@register_kernel("adam8bit_step_", backend="cuda", device="cuda")
+def adam8bit_step_(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, skipped, *hyper):
+    _adam8bit_multi_step(_C.adam8bit_multi_step_cuda, [p], [g], [state1], [state2], [absmax1],
+                         [absmax2], qmap1, qmap2, [step], [skipped], *hyper)  # fmt: skip
 
 
 mark_available("cuda", COMPILED and torch.cuda.is_available())

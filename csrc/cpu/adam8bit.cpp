@@ -1,0 +1,1107 @@
+// The fused 8-bit Adam / AdamW step on the CPU, three paths chosen at run time: AVX-512 (with
+// AVX512_VBMI for the byte permutes of the decoder; without it the AVX2 path runs), AVX2 and
+// portable scalar code. All apply lowprec/adam8bit.h and produce identical results: the
+// reference's parameters bit for bit and its codes and scales exactly.
+//
+// One step of a batch of tensors, in one parallel region (step_batch):
+//   1. finiteness: one pass over every gradient before any write, so that a skipped tensor is
+//      left untouched. A batch holds at most kCheckBatchBytes of gradients, so that they are
+//      still in the cache when the update reads them again.
+//   2. update, per quantization block, in two passes over the block held in L1 (at most
+//      2 x 16 KiB of new m and v): decode m and v, update them and p, write p, take the new
+//      absmax of m and v; then encode m and v into their codes.
+// The encoder is the segmented one of lowprec/adam8bit.h (arithmetic, exact, with the exact
+// search for the few values near a threshold); the AVX-512 decoder looks the maps up by byte
+// permutes, 64 codes at a time.
+#include "adam8bit.h"
+
+#include <math.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cfloat>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "cpu_isa.h"
+#include "lowprec/adam8bit.h"
+#include "lowprec/float16.h"
+#include "parallel.h"
+
+#if LOWPREC_X86_SIMD
+#include <immintrin.h>
+// The AVX-512 path also needs AVX512_VBMI (vpermb / vpermt2b: the decoder's byte lookups).
+#define LP_TARGET_AVX512_VBMI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma,f16c")))
+#endif
+
+// GCC warns about the deliberately undefined pass-through operand inside its own AVX-512
+// intrinsics (_mm512_undefined_*): a known false positive.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
+namespace lowprec::cpu {
+namespace {
+
+// A parallel task updates at least this many elements (small tensors stay on one thread).
+constexpr int64_t kMinElementsPerTask = 16384;
+// The finiteness pass: elements per parallel task, and the gradient bytes checked before
+// their tensors are updated (a batch stays in the last-level cache between the two passes).
+constexpr int64_t kCheckChunkElements = 65536;
+constexpr int64_t kCheckBatchBytes = 8 << 20;
+
+// Bytes of a float32: the decoder looks each one up in its own 256-entry byte table.
+constexpr int kFloatBytes = 4;
+
+// Everything the kernels read besides the tensors, built once per call from the two maps.
+struct Adam8bitTables {
+  alignas(64) float qmap1[kCodebookSize8bit];
+  alignas(64) float qmap2[kCodebookSize8bit];
+  // byte_planes[k][c] = byte k of qmap[c] (little-endian), for the AVX-512 decoder.
+  alignas(64) uint8_t byte_planes1[kFloatBytes][kCodebookSize8bit];
+  alignas(64) uint8_t byte_planes2[kFloatBytes][kCodebookSize8bit];
+  SegmentedEncoder encoder1;
+  SegmentedEncoder encoder2;
+};
+
+void build_byte_planes(const float* qmap, uint8_t planes[kFloatBytes][kCodebookSize8bit]) {
+  for (int c = 0; c < kCodebookSize8bit; ++c) {
+    const uint32_t bits = float_to_bits(qmap[c]);
+    for (int k = 0; k < kFloatBytes; ++k)
+      planes[k][c] = static_cast<uint8_t>(bits >> (8 * k));
+  }
+}
+
+void build_tables(const float* qmap1, const float* qmap2, Adam8bitTables* tables) {
+  std::memcpy(tables->qmap1, qmap1, sizeof(tables->qmap1));
+  std::memcpy(tables->qmap2, qmap2, sizeof(tables->qmap2));
+  build_byte_planes(qmap1, tables->byte_planes1);
+  build_byte_planes(qmap2, tables->byte_planes2);
+  build_segmented_encoder(qmap1, &tables->encoder1);
+  build_segmented_encoder(qmap2, &tables->encoder2);
+}
+
+// ------------------------------------------------------------------------------ scalar path
+
+template <FloatType T>
+inline float load_float(const void* data, int64_t i) {
+  if constexpr (T == FloatType::kFloat32) {
+    return static_cast<const float*>(data)[i];
+  } else if constexpr (T == FloatType::kFloat16) {
+    return fp16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
+  } else {
+    return bf16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
+  }
+}
+
+// Rounds to the parameter's dtype as torch's copy_ does (nearest even).
+template <FloatType T>
+inline void store_float(void* data, int64_t i, float value) {
+  if constexpr (T == FloatType::kFloat32) {
+    static_cast<float*>(data)[i] = value;
+  } else if constexpr (T == FloatType::kFloat16) {
+    static_cast<uint16_t*>(data)[i] = float_to_fp16_bits(value);
+  } else {
+    static_cast<uint16_t*>(data)[i] = float_to_bf16_bits(value);
+  }
+}
+
+// The exponent bits that mark a NaN or an infinity (all ones), per element type.
+template <FloatType T>
+constexpr uint32_t non_finite_exponent() {
+  return T == FloatType::kFloat32 ? 0x7F800000u : T == FloatType::kFloat16 ? 0x7C00u : 0x7F80u;
+}
+
+template <FloatType T>
+bool all_finite_scalar(const void* g, int64_t begin, int64_t end) {
+  constexpr uint32_t kExponent = non_finite_exponent<T>();
+  uint32_t largest = 0;  // branch-free: the compiler vectorizes this loop
+  if constexpr (T == FloatType::kFloat32) {
+    const uint32_t* bits = static_cast<const uint32_t*>(g);
+    for (int64_t i = begin; i < end; ++i)
+      largest = std::max(largest, bits[i] & kExponent);
+  } else {
+    const uint16_t* bits = static_cast<const uint16_t*>(g);
+    for (int64_t i = begin; i < end; ++i)
+      largest = std::max<uint32_t>(largest, bits[i] & kExponent);
+  }
+  return largest != kExponent;
+}
+
+// Whether the SIMD encoders apply to a block: then every x / absmax lies in [-1, 1] (a zero
+// absmax encodes every element as the code of 0, a NaN or infinite one makes NaNs).
+inline bool segmented_encoding_applies(float absmax, const SegmentedEncoder& enc) {
+  return enc.usable && absmax > 0.0f && absmax <= FLT_MAX;
+}
+
+// x / absmax into codes, by the segmented encoder where it applies.
+void encode_scalar(const float* values, int64_t count, float absmax, const SegmentedEncoder& enc,
+                   uint8_t* codes) {
+  if (absmax == 0.0f) {
+    std::memset(codes, enc.zero_code, count);
+    return;
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const float v = values[i] / absmax;
+    codes[i] = enc.usable ? encode_segmented(v, enc) : encode_8bit(v, enc.thresholds);
+  }
+}
+
+template <FloatType T, bool kAddWeightDecay>
+void update_blocks_scalar(const Adam8bitTensor& t, const AdamCoefficients& c, int64_t first_block,
+                          int64_t end_block, int64_t blocksize, const Adam8bitTables& tables) {
+  float new_m[kBlocksizeMax8bit];
+  float new_v[kBlocksizeMax8bit];
+  for (int64_t block = first_block; block < end_block; ++block) {
+    const int64_t begin = block * blocksize;
+    const int64_t count = std::min(blocksize, t.n - begin);
+    const float scale1 = t.absmax1[block];
+    const float scale2 = t.absmax2[block];
+    uint32_t max1 = 0;
+    uint32_t max2 = 0;
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t i = begin + k;
+      float p = load_float<T>(t.p, i);
+      float m = tables.qmap1[t.state1[i]] * scale1;
+      float v = tables.qmap2[t.state2[i]] * scale2;
+      adam_update(&p, load_float<T>(t.g, i), &m, &v, c);
+      store_float<T>(t.p, i, p);
+      new_m[k] = m;
+      new_v[k] = v;
+      max1 = std::max(max1, magnitude_bits(m));
+      max2 = std::max(max2, magnitude_bits(v));
+    }
+    const float absmax1 = absmax_from_magnitude_bits(max1);
+    const float absmax2 = absmax_from_magnitude_bits(max2);
+    t.absmax1[block] = absmax1;
+    t.absmax2[block] = absmax2;
+    encode_scalar(new_m, count, absmax1, tables.encoder1, t.state1 + begin);
+    encode_scalar(new_v, count, absmax2, tables.encoder2, t.state2 + begin);
+  }
+  (void)kAddWeightDecay;  // the scalar path reads c.add_weight_decay itself
+}
+
+#if LOWPREC_X86_SIMD
+
+// -------------------------------------------------------------------------------- AVX2 path
+// Decodes with scalar table loads and looks the encoder's tables up with gathers: the path for
+// x86 CPUs without AVX-512. Block tails (count % 8) take the scalar code.
+
+constexpr int kAvx2Lanes = 8;
+
+template <FloatType T>
+LP_TARGET_AVX2 inline __m256 avx2_load(const void* data, int64_t i) {
+  if constexpr (T == FloatType::kFloat32) {
+    return _mm256_loadu_ps(static_cast<const float*>(data) + i);
+  } else {
+    const __m128i half_bits =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(data) + i));
+    if constexpr (T == FloatType::kFloat16) {
+      return _mm256_cvtph_ps(half_bits);
+    } else {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half_bits), 16));
+    }
+  }
+}
+
+// Round to nearest even as c10::BFloat16 does (not vcvtneps2bf16, which flushes subnormals).
+LP_TARGET_AVX2 inline __m128i avx2_float_to_bf16(__m256 value) {
+  const __m256i bits = _mm256_castps_si256(value);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
+  const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), is_nan);
+  return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}
+
+template <FloatType T>
+LP_TARGET_AVX2 inline void avx2_store(void* data, int64_t i, __m256 value) {
+  if constexpr (T == FloatType::kFloat32) {
+    _mm256_storeu_ps(static_cast<float*>(data) + i, value);
+  } else {
+    __m128i* dst = reinterpret_cast<__m128i*>(static_cast<uint16_t*>(data) + i);
+    if constexpr (T == FloatType::kFloat16) {
+      _mm_storeu_si128(dst, _mm256_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+      _mm_storeu_si128(dst, avx2_float_to_bf16(value));
+    }
+  }
+}
+
+LP_TARGET_AVX2 inline __m256 avx2_decode(const float* qmap, const uint8_t* codes) {
+  return _mm256_setr_ps(qmap[codes[0]], qmap[codes[1]], qmap[codes[2]], qmap[codes[3]],
+                        qmap[codes[4]], qmap[codes[5]], qmap[codes[6]], qmap[codes[7]]);
+}
+
+LP_TARGET_AVX2 inline uint32_t avx2_reduce_max_u32(__m256i value) {
+  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(value), _mm256_extracti128_si256(value, 1));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
+}
+
+// table[index] per lane for a table of 8 << kIndexBits floats (kIndexBits = 1 or 2), by
+// vpermps on each register of 8 and blends on the index's higher bits: gathers cost several
+// times more on current AMD cores.
+LP_TARGET_AVX2 inline __m256 avx2_select_by_bit(__m256i index, int bit, __m256 if_clear,
+                                                __m256 if_set) {
+  const __m256 sign_is_bit =
+      _mm256_castsi256_ps(_mm256_sll_epi32(index, _mm_cvtsi32_si128(31 - bit)));
+  return _mm256_blendv_ps(if_clear, if_set, sign_is_bit);
+}
+
+LP_TARGET_AVX2 inline __m256 avx2_lookup16(const void* table, __m256i index) {
+  const float* t = static_cast<const float*>(table);
+  return avx2_select_by_bit(index, 3, _mm256_permutevar8x32_ps(_mm256_load_ps(t), index),
+                            _mm256_permutevar8x32_ps(_mm256_load_ps(t + 8), index));
+}
+
+LP_TARGET_AVX2 inline __m256 avx2_lookup32(const void* table, __m256i index) {
+  const float* t = static_cast<const float*>(table);
+  return avx2_select_by_bit(index, 4, avx2_lookup16(t, index), avx2_lookup16(t + 16, index));
+}
+
+// The segmented encoder of lowprec/adam8bit.h on 8 lanes, for v in [-1, 1]; `near` gets the
+// lanes near a threshold, whose code must come from the exact search.
+LP_TARGET_AVX2 inline __m256i avx2_encode(__m256 v, const SegmentedEncoder& enc, int* near) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i field = _mm256_srli_epi32(
+      _mm256_max_epu32(_mm256_slli_epi32(bits, 1),
+                       _mm256_set1_epi32(static_cast<int>(kSegmentKeyMinExponentField << 24))),
+      24);
+  // The key tables' index (segment_key_index): sign * 16 + field / 2 % 16.
+  const __m256i key = _mm256_or_si256(
+      _mm256_slli_epi32(_mm256_srli_epi32(bits, 31), 4),
+      _mm256_and_si256(_mm256_srli_epi32(field, 1), _mm256_set1_epi32(kSegmentKeyCount - 1)));
+  const __m256 boundary = avx2_lookup32(enc.key_boundary, key);
+  __m256i segment = _mm256_castps_si256(avx2_lookup32(enc.key_segment, key));
+  // An all-ones lane (above the boundary) is -1: subtracting it adds one.
+  segment = _mm256_sub_epi32(segment, _mm256_castps_si256(_mm256_cmp_ps(v, boundary, _CMP_GT_OQ)));
+  const __m256 scale = avx2_lookup16(enc.segment_scale, segment);
+  const __m256 offset = avx2_lookup16(enc.segment_offset, segment);
+  const __m256i first = _mm256_castps_si256(avx2_lookup16(enc.segment_first_code, segment));
+  const __m256i last = _mm256_castps_si256(avx2_lookup16(enc.segment_last_code, segment));
+  const __m256 position = _mm256_fmadd_ps(v, scale, offset);
+  const __m256i code = _mm256_cvttps_epi32(_mm256_add_ps(position, _mm256_set1_ps(kSegmentWindow)));
+  *near = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_xor_si256(
+      _mm256_cmpeq_epi32(_mm256_cvttps_epi32(position), code), _mm256_set1_epi32(-1))));
+  return _mm256_min_epi32(_mm256_max_epi32(code, first), last);
+}
+
+LP_TARGET_AVX2 inline void avx2_store_codes(uint8_t* dst, __m256i index) {
+  const __m128i words =
+      _mm_packus_epi32(_mm256_castsi256_si128(index), _mm256_extracti128_si256(index, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(words, words));
+}
+
+LP_TARGET_AVX2 void encode_avx2(const float* values, int64_t count, float absmax,
+                                const SegmentedEncoder& enc, uint8_t* codes) {
+  if (!segmented_encoding_applies(absmax, enc)) {
+    encode_scalar(values, count, absmax, enc, codes);
+    return;
+  }
+  const __m256 divisor = _mm256_set1_ps(absmax);
+  const int64_t vector_end = count / kAvx2Lanes * kAvx2Lanes;
+  for (int64_t i = 0; i < vector_end; i += kAvx2Lanes) {
+    const __m256 v = _mm256_div_ps(_mm256_loadu_ps(values + i), divisor);
+    int near;
+    __m256i code = avx2_encode(v, enc, &near);
+    if (__builtin_expect(near != 0, 0)) {
+      alignas(32) float lane_values[kAvx2Lanes];
+      alignas(32) int32_t lane_codes[kAvx2Lanes];
+      _mm256_store_ps(lane_values, v);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lane_codes), code);
+      for (; near != 0; near &= near - 1) {
+        const int lane = __builtin_ctz(near);
+        lane_codes[lane] = encode_8bit(lane_values[lane], enc.thresholds);
+      }
+      code = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_codes));
+    }
+    avx2_store_codes(codes + i, code);
+  }
+  encode_scalar(values + vector_end, count - vector_end, absmax, enc, codes + vector_end);
+}
+
+template <FloatType T, bool kAddWeightDecay>
+LP_TARGET_AVX2 void update_blocks_avx2(const Adam8bitTensor& t, const AdamCoefficients& c,
+                                       int64_t first_block, int64_t end_block, int64_t blocksize,
+                                       const Adam8bitTables& tables) {
+  alignas(32) float new_m[kBlocksizeMax8bit];
+  alignas(32) float new_v[kBlocksizeMax8bit];
+  const __m256 gnorm_scale = _mm256_set1_ps(c.gnorm_scale);
+  const __m256 weight_decay = _mm256_set1_ps(c.weight_decay);
+  const __m256 beta1 = _mm256_set1_ps(c.beta1);
+  const __m256 one_minus_beta1 = _mm256_set1_ps(c.one_minus_beta1);
+  const __m256 beta2 = _mm256_set1_ps(c.beta2);
+  const __m256 one_minus_beta2 = _mm256_set1_ps(c.one_minus_beta2);
+  const __m256 decay = _mm256_set1_ps(c.decay);
+  const __m256 lr = _mm256_set1_ps(c.lr);
+  const __m256 bias_correction1 = _mm256_set1_ps(c.bias_correction1);
+  const __m256 bias_correction2 = _mm256_set1_ps(c.bias_correction2);
+  const __m256 eps = _mm256_set1_ps(c.eps);
+  const __m256i magnitude_mask = _mm256_set1_epi32(0x7FFFFFFF);
+  for (int64_t block = first_block; block < end_block; ++block) {
+    const int64_t begin = block * blocksize;
+    const int64_t count = std::min(blocksize, t.n - begin);
+    const int64_t vector_end = count / kAvx2Lanes * kAvx2Lanes;
+    const float old_absmax1 = t.absmax1[block];
+    const float old_absmax2 = t.absmax2[block];
+    const __m256 scale1 = _mm256_set1_ps(old_absmax1);
+    const __m256 scale2 = _mm256_set1_ps(old_absmax2);
+    __m256i max1 = _mm256_setzero_si256();
+    __m256i max2 = _mm256_setzero_si256();
+    for (int64_t k = 0; k < vector_end; k += kAvx2Lanes) {
+      const int64_t i = begin + k;
+      __m256 p = avx2_load<T>(t.p, i);
+      __m256 g = _mm256_mul_ps(avx2_load<T>(t.g, i), gnorm_scale);
+      if constexpr (kAddWeightDecay) g = _mm256_add_ps(g, _mm256_mul_ps(weight_decay, p));
+      __m256 m = _mm256_mul_ps(avx2_decode(tables.qmap1, t.state1 + i), scale1);
+      __m256 v = _mm256_mul_ps(avx2_decode(tables.qmap2, t.state2 + i), scale2);
+      m = _mm256_add_ps(_mm256_mul_ps(beta1, m), _mm256_mul_ps(one_minus_beta1, g));
+      v = _mm256_add_ps(_mm256_mul_ps(beta2, v),
+                        _mm256_mul_ps(one_minus_beta2, _mm256_mul_ps(g, g)));
+      p = _mm256_mul_ps(p, decay);
+      const __m256 numerator = _mm256_mul_ps(lr, _mm256_div_ps(m, bias_correction1));
+      const __m256 denominator =
+          _mm256_add_ps(_mm256_sqrt_ps(_mm256_div_ps(v, bias_correction2)), eps);
+      p = _mm256_sub_ps(p, _mm256_div_ps(numerator, denominator));
+      avx2_store<T>(t.p, i, p);
+      _mm256_store_ps(new_m + k, m);
+      _mm256_store_ps(new_v + k, v);
+      max1 = _mm256_max_epu32(max1, _mm256_and_si256(_mm256_castps_si256(m), magnitude_mask));
+      max2 = _mm256_max_epu32(max2, _mm256_and_si256(_mm256_castps_si256(v), magnitude_mask));
+    }
+    uint32_t max1_bits = avx2_reduce_max_u32(max1);
+    uint32_t max2_bits = avx2_reduce_max_u32(max2);
+    for (int64_t k = vector_end; k < count; ++k) {
+      const int64_t i = begin + k;
+      float p = load_float<T>(t.p, i);
+      float m = tables.qmap1[t.state1[i]] * old_absmax1;
+      float v = tables.qmap2[t.state2[i]] * old_absmax2;
+      adam_update(&p, load_float<T>(t.g, i), &m, &v, c);
+      store_float<T>(t.p, i, p);
+      new_m[k] = m;
+      new_v[k] = v;
+      max1_bits = std::max(max1_bits, magnitude_bits(m));
+      max2_bits = std::max(max2_bits, magnitude_bits(v));
+    }
+    const float absmax1 = absmax_from_magnitude_bits(max1_bits);
+    const float absmax2 = absmax_from_magnitude_bits(max2_bits);
+    t.absmax1[block] = absmax1;
+    t.absmax2[block] = absmax2;
+    encode_avx2(new_m, count, absmax1, tables.encoder1, t.state1 + begin);
+    encode_avx2(new_v, count, absmax2, tables.encoder2, t.state2 + begin);
+  }
+}
+
+template <FloatType T>
+LP_TARGET_AVX2 bool all_finite_avx2(const void* g, int64_t begin, int64_t end) {
+  constexpr int64_t kPerVector = T == FloatType::kFloat32 ? 8 : 16;
+  const int64_t elem_size = T == FloatType::kFloat32 ? 4 : 2;
+  const char* base = static_cast<const char*>(g);
+  int64_t i = begin;
+  __m256i largest = _mm256_setzero_si256();
+  if constexpr (T == FloatType::kFloat32) {
+    const __m256i exponent = _mm256_set1_epi32(non_finite_exponent<T>());
+    for (; i + kPerVector <= end; i += kPerVector) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + i * elem_size));
+      largest = _mm256_max_epu32(largest, _mm256_and_si256(x, exponent));
+    }
+    largest = _mm256_cmpeq_epi32(largest, exponent);
+  } else {
+    const __m256i exponent = _mm256_set1_epi16(static_cast<int16_t>(non_finite_exponent<T>()));
+    for (; i + kPerVector <= end; i += kPerVector) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + i * elem_size));
+      largest = _mm256_max_epu16(largest, _mm256_and_si256(x, exponent));
+    }
+    largest = _mm256_cmpeq_epi16(largest, exponent);
+  }
+  return _mm256_testz_si256(largest, largest) && all_finite_scalar<T>(g, i, end);
+}
+
+// ------------------------------------------------------------------------------ AVX-512 path
+
+constexpr int kAvx512Lanes = 16;
+// Codes decoded together: one byte permute looks up 64 of them.
+constexpr int kAvx512CodeGroup = 64;
+constexpr int kVectorsPerCodeGroup = kAvx512CodeGroup / kAvx512Lanes;
+
+LP_TARGET_AVX512_VBMI inline __mmask16 avx512_lanes(int64_t remaining) {
+  return remaining >= kAvx512Lanes ? static_cast<__mmask16>(0xFFFF)
+                                   : static_cast<__mmask16>((1u << remaining) - 1u);
+}
+
+LP_TARGET_AVX512_VBMI inline __mmask64 avx512_code_lanes(int64_t remaining) {
+  return remaining >= kAvx512CodeGroup ? ~__mmask64{0} : (__mmask64{1} << remaining) - 1;
+}
+
+// Masked-off lanes load as +0. Full vectors use plain loads and stores: masked ones that miss
+// the cache are far slower on some cores (they do not overlap), and every block's are whole.
+template <FloatType T>
+LP_TARGET_AVX512_VBMI inline __m512 avx512_load(const void* data, int64_t i, __mmask16 lanes) {
+  if constexpr (T == FloatType::kFloat32) {
+    const float* src = static_cast<const float*>(data) + i;
+    return lanes == 0xFFFF ? _mm512_loadu_ps(src) : _mm512_maskz_loadu_ps(lanes, src);
+  } else {
+    const uint16_t* src = static_cast<const uint16_t*>(data) + i;
+    const __m256i half_bits = lanes == 0xFFFF
+                                  ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
+                                  : _mm256_maskz_loadu_epi16(lanes, src);
+    if constexpr (T == FloatType::kFloat16) {
+      return _mm512_cvtph_ps(half_bits);
+    } else {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half_bits), 16));
+    }
+  }
+}
+
+LP_TARGET_AVX512_VBMI inline __m512i avx512_load_codes(const uint8_t* codes, __mmask64 lanes) {
+  return lanes == ~__mmask64{0} ? _mm512_loadu_si512(codes) : _mm512_maskz_loadu_epi8(lanes, codes);
+}
+
+// Codes as bytes (masked lanes untouched).
+LP_TARGET_AVX512_VBMI inline void avx512_store_codes(uint8_t* codes, __mmask16 lanes,
+                                                     __m512i code) {
+  if (lanes == 0xFFFF) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(code));
+  } else {
+    _mm512_mask_cvtepi32_storeu_epi8(codes, lanes, code);
+  }
+}
+
+// Rounds to nearest even; bf16 by hand as c10::BFloat16 does (vcvtneps2bf16 flushes
+// subnormals).
+template <FloatType T>
+LP_TARGET_AVX512_VBMI inline void avx512_store(void* data, int64_t i, __mmask16 lanes,
+                                               __m512 value) {
+  if constexpr (T == FloatType::kFloat32) {
+    float* dst = static_cast<float*>(data) + i;
+    if (lanes == 0xFFFF) {
+      _mm512_storeu_ps(dst, value);
+    } else {
+      _mm512_mask_storeu_ps(dst, lanes, value);
+    }
+  } else {
+    __m256i half_bits;
+    if constexpr (T == FloatType::kFloat16) {
+      half_bits = _mm512_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      const __m512i bits = _mm512_castps_si512(value);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+      const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+      __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+      const __mmask16 is_nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
+      rounded = _mm512_mask_mov_epi32(rounded, is_nan, _mm512_set1_epi32(0x7FC0));
+      half_bits = _mm512_cvtepi32_epi16(rounded);
+    }
+    uint16_t* dst = static_cast<uint16_t*>(data) + i;
+    if (lanes == 0xFFFF) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), half_bits);
+    } else {
+      _mm256_mask_storeu_epi16(dst, lanes, half_bits);
+    }
+  }
+}
+
+// The decoder's lane order. After the byte lookups, four planes are interleaved into floats by
+// unpack instructions, which work within 128-bit lanes: output vector j, 128-bit lane L,
+// element r comes from byte 16 L + 4 j + r. Permuting the codes first by
+// order[16 L + 4 j + r] = 16 j + 4 L + r makes that element code 16 j + 4 L + r, so the
+// output comes out in memory order.
+struct DecodeOrder {
+  alignas(64) uint8_t index[kAvx512CodeGroup];
+  constexpr DecodeOrder() : index{} {
+    for (int lane = 0; lane < 4; ++lane)
+      for (int j = 0; j < 4; ++j)
+        for (int r = 0; r < 4; ++r)
+          index[16 * lane + 4 * j + r] = static_cast<uint8_t>(16 * j + 4 * lane + r);
+  }
+};
+constexpr DecodeOrder kDecodeOrder;
+
+// qmap[codes[i]] for 64 codes, without gathers: each byte of the float32 entries is looked up
+// in its own 256-entry byte table (two 128-entry two-register permutes and a blend on the
+// code's top bit), and the four bytes are interleaved back into floats.
+LP_TARGET_AVX512_VBMI inline void avx512_decode(
+    __m512i codes, const uint8_t (&planes)[kFloatBytes][kCodebookSize8bit],
+    __m512 out[kVectorsPerCodeGroup]) {
+  const __m512i index = _mm512_permutexvar_epi8(_mm512_load_si512(kDecodeOrder.index), codes);
+  const __mmask64 upper_half = _mm512_movepi8_mask(index);
+  __m512i bytes[kFloatBytes];
+  for (int k = 0; k < kFloatBytes; ++k) {
+    const uint8_t* plane = planes[k];
+    const __m512i lower =
+        _mm512_permutex2var_epi8(_mm512_load_si512(plane), index, _mm512_load_si512(plane + 64));
+    const __m512i upper = _mm512_permutex2var_epi8(_mm512_load_si512(plane + 128), index,
+                                                   _mm512_load_si512(plane + 192));
+    bytes[k] = _mm512_mask_blend_epi8(upper_half, lower, upper);
+  }
+  const __m512i low_words_lo = _mm512_unpacklo_epi8(bytes[0], bytes[1]);
+  const __m512i low_words_hi = _mm512_unpackhi_epi8(bytes[0], bytes[1]);
+  const __m512i high_words_lo = _mm512_unpacklo_epi8(bytes[2], bytes[3]);
+  const __m512i high_words_hi = _mm512_unpackhi_epi8(bytes[2], bytes[3]);
+  out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(low_words_lo, high_words_lo));
+  out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(low_words_lo, high_words_lo));
+  out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(low_words_hi, high_words_hi));
+  out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(low_words_hi, high_words_hi));
+}
+
+// The segmented encoder's tables in registers, loaded once per call: a 32-entry table (sign
+// and key) in two, a 16-entry table (segment) in one.
+struct Avx512Encoder {
+  __m512 boundary[2];
+  __m512i key_segment[2];
+  __m512 scale;
+  __m512 offset;
+  __m512i first_code;
+  __m512i last_code;
+};
+
+LP_TARGET_AVX512_VBMI inline Avx512Encoder avx512_encoder(const SegmentedEncoder& enc) {
+  static_assert(2 * kSegmentKeyCount == 2 * kAvx512Lanes && kSegmentMaxCount == kAvx512Lanes,
+                "the encoder's tables must fill whole registers");
+  return {{_mm512_load_ps(enc.key_boundary), _mm512_load_ps(enc.key_boundary + kAvx512Lanes)},
+          {_mm512_load_si512(enc.key_segment), _mm512_load_si512(enc.key_segment + kAvx512Lanes)},
+          _mm512_load_ps(enc.segment_scale),
+          _mm512_load_ps(enc.segment_offset),
+          _mm512_load_si512(enc.segment_first_code),
+          _mm512_load_si512(enc.segment_last_code)};
+}
+
+// The segmented encoder of lowprec/adam8bit.h on 16 lanes, for v in [-1, 1] (not NaN: blocks
+// whose absmax is not finite take the scalar path). `near` gets the lanes near a threshold,
+// whose code must come from the exact search.
+LP_TARGET_AVX512_VBMI inline __m512i avx512_encode(__m512 v, const Avx512Encoder& enc,
+                                                   __mmask16* near) {
+  const __m512i bits = _mm512_castps_si512(v);
+  // (bits << 1) holds the exponent field in its top byte; clamped below, its bits 28..25 are
+  // the key (field / 2 % 16). The sign goes to bit 4 of the index: the 32-entry lookups take
+  // their index's low 5 bits, so [sign * 16 + key].
+  const __m512i clamped =
+      _mm512_max_epu32(_mm512_slli_epi32(bits, 1),
+                       _mm512_set1_epi32(static_cast<int>(kSegmentKeyMinExponentField << 24)));
+  const __m512i index = _mm512_ternarylogic_epi32(  // bit 4 from the second operand
+      _mm512_srli_epi32(clamped, 25), _mm512_srli_epi32(bits, 27), _mm512_set1_epi32(0x10), 0xD8);
+  const __m512 boundary = _mm512_permutex2var_ps(enc.boundary[0], index, enc.boundary[1]);
+  __m512i segment = _mm512_permutex2var_epi32(enc.key_segment[0], index, enc.key_segment[1]);
+  const __mmask16 above = _mm512_cmp_ps_mask(v, boundary, _CMP_GT_OQ);
+  segment = _mm512_mask_add_epi32(segment, above, segment, _mm512_set1_epi32(1));
+  const __m512 position = _mm512_fmadd_ps(v, _mm512_permutexvar_ps(segment, enc.scale),
+                                          _mm512_permutexvar_ps(segment, enc.offset));
+  const __m512i code = _mm512_cvttps_epi32(_mm512_add_ps(position, _mm512_set1_ps(kSegmentWindow)));
+  *near = _mm512_cmpneq_epi32_mask(_mm512_cvttps_epi32(position), code);
+  return _mm512_min_epi32(_mm512_max_epi32(code, _mm512_permutexvar_epi32(segment, enc.first_code)),
+                          _mm512_permutexvar_epi32(segment, enc.last_code));
+}
+
+// The exact codes of the lanes recorded in near_lanes (one 16-bit mask per vector of codes).
+inline void encode_near_lanes(const float* values, float absmax, const uint16_t* near_lanes,
+                              int64_t vectors, const SegmentedEncoder& enc, uint8_t* codes) {
+  for (int64_t j = 0; j < vectors; ++j) {
+    for (unsigned bits = near_lanes[j]; bits != 0; bits &= bits - 1) {
+      const int64_t i = j * kAvx512Lanes + __builtin_ctz(bits);
+      codes[i] = encode_8bit(values[i] / absmax, enc.thresholds);
+    }
+  }
+}
+
+constexpr int kAvx512MaxVectorsPerBlock = kBlocksizeMax8bit / kAvx512Lanes;
+
+// values[i] / absmax into codes, the near lanes recorded and fixed after the loop (about 1
+// vector in 100 has one) so that the loop has no branch.
+LP_TARGET_AVX512_VBMI void encode_avx512(const float* values, int64_t count, float absmax,
+                                         const SegmentedEncoder& enc, uint8_t* codes) {
+  if (!segmented_encoding_applies(absmax, enc)) {
+    encode_scalar(values, count, absmax, enc, codes);
+    return;
+  }
+  uint16_t near_lanes[kAvx512MaxVectorsPerBlock];
+  const Avx512Encoder registers = avx512_encoder(enc);
+  const int64_t vectors = (count + kAvx512Lanes - 1) / kAvx512Lanes;
+  const __m512 divisor = _mm512_set1_ps(absmax);
+  unsigned any_near = 0;
+  for (int64_t j = 0; j < vectors; ++j) {
+    const __mmask16 lanes = avx512_lanes(count - j * kAvx512Lanes);
+    const __m512 x = avx512_load<FloatType::kFloat32>(values, j * kAvx512Lanes, lanes);
+    __mmask16 near;
+    const __m512i code = avx512_encode(_mm512_div_ps(x, divisor), registers, &near);
+    near_lanes[j] = near & lanes;
+    any_near |= near_lanes[j];
+    avx512_store_codes(codes + j * kAvx512Lanes, lanes, code);
+  }
+  if (__builtin_expect(any_near != 0, 0)) {
+    encode_near_lanes(values, absmax, near_lanes, vectors, enc, codes);
+  }
+}
+
+// Per block, two passes over at most 4096 elements (the new m and v wait in L1 between them):
+//   1. decode m and v (64 codes at a time), update m, v and p, take the absmax of m and v;
+//   2. encode m and v.
+// The divider (three divisions and a square root per vector in pass 1, two divisions in
+// pass 2) works alongside the permutes and arithmetic of the decoder and the encoder.
+template <FloatType T, bool kAddWeightDecay>
+LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const AdamCoefficients& c,
+                                                int64_t first_block, int64_t end_block,
+                                                int64_t blocksize, const Adam8bitTables& tables) {
+  alignas(64) float new_m[kBlocksizeMax8bit];
+  alignas(64) float new_v[kBlocksizeMax8bit];
+  uint16_t near1[kAvx512MaxVectorsPerBlock];
+  uint16_t near2[kAvx512MaxVectorsPerBlock];
+  const __m512 gnorm_scale = _mm512_set1_ps(c.gnorm_scale);
+  const __m512 weight_decay = _mm512_set1_ps(c.weight_decay);
+  const __m512 beta1 = _mm512_set1_ps(c.beta1);
+  const __m512 one_minus_beta1 = _mm512_set1_ps(c.one_minus_beta1);
+  const __m512 beta2 = _mm512_set1_ps(c.beta2);
+  const __m512 one_minus_beta2 = _mm512_set1_ps(c.one_minus_beta2);
+  const __m512 decay = _mm512_set1_ps(c.decay);
+  const __m512 lr = _mm512_set1_ps(c.lr);
+  const __m512 bias_correction1 = _mm512_set1_ps(c.bias_correction1);
+  const __m512 bias_correction2 = _mm512_set1_ps(c.bias_correction2);
+  const __m512 eps = _mm512_set1_ps(c.eps);
+  const __m512i magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  const SegmentedEncoder& encoder1 = tables.encoder1;
+  const SegmentedEncoder& encoder2 = tables.encoder2;
+  const Avx512Encoder registers1 = avx512_encoder(encoder1);
+  const Avx512Encoder registers2 = avx512_encoder(encoder2);
+  for (int64_t block = first_block; block < end_block; ++block) {
+    const int64_t begin = block * blocksize;
+    const int64_t count = std::min(blocksize, t.n - begin);
+    const int64_t vectors = (count + kAvx512Lanes - 1) / kAvx512Lanes;
+
+    const __m512 old_scale1 = _mm512_set1_ps(t.absmax1[block]);
+    const __m512 old_scale2 = _mm512_set1_ps(t.absmax2[block]);
+    __m512i max1 = _mm512_setzero_si512();
+    __m512i max2 = _mm512_setzero_si512();
+    for (int64_t group = 0; group < count; group += kAvx512CodeGroup) {
+      const __mmask64 code_lanes = avx512_code_lanes(count - group);
+      __m512 m_table[kVectorsPerCodeGroup];
+      __m512 v_table[kVectorsPerCodeGroup];
+      avx512_decode(avx512_load_codes(t.state1 + begin + group, code_lanes), tables.byte_planes1,
+                    m_table);
+      avx512_decode(avx512_load_codes(t.state2 + begin + group, code_lanes), tables.byte_planes2,
+                    v_table);
+      for (int j = 0; j < kVectorsPerCodeGroup; ++j) {
+        const int64_t k = group + j * kAvx512Lanes;
+        if (k >= count) break;
+        const __mmask16 lanes = avx512_lanes(count - k);
+        const __m512 p_old = avx512_load<T>(t.p, begin + k, lanes);
+        __m512 g = _mm512_mul_ps(avx512_load<T>(t.g, begin + k, lanes), gnorm_scale);
+        if constexpr (kAddWeightDecay) g = _mm512_add_ps(g, _mm512_mul_ps(weight_decay, p_old));
+        const __m512 m = _mm512_add_ps(_mm512_mul_ps(beta1, _mm512_mul_ps(m_table[j], old_scale1)),
+                                       _mm512_mul_ps(one_minus_beta1, g));
+        const __m512 v = _mm512_add_ps(_mm512_mul_ps(beta2, _mm512_mul_ps(v_table[j], old_scale2)),
+                                       _mm512_mul_ps(one_minus_beta2, _mm512_mul_ps(g, g)));
+        const __m512 numerator = _mm512_mul_ps(lr, _mm512_div_ps(m, bias_correction1));
+        const __m512 denominator =
+            _mm512_add_ps(_mm512_sqrt_ps(_mm512_div_ps(v, bias_correction2)), eps);
+        const __m512 p =
+            _mm512_sub_ps(_mm512_mul_ps(p_old, decay), _mm512_div_ps(numerator, denominator));
+        avx512_store<T>(t.p, begin + k, lanes, p);
+        _mm512_store_ps(new_m + k, m);
+        _mm512_store_ps(new_v + k, v);
+        max1 = _mm512_mask_max_epu32(max1, lanes, max1,
+                                     _mm512_and_si512(_mm512_castps_si512(m), magnitude_mask));
+        max2 = _mm512_mask_max_epu32(max2, lanes, max2,
+                                     _mm512_and_si512(_mm512_castps_si512(v), magnitude_mask));
+      }
+    }
+    const float absmax1 = absmax_from_magnitude_bits(_mm512_reduce_max_epu32(max1));
+    const float absmax2 = absmax_from_magnitude_bits(_mm512_reduce_max_epu32(max2));
+    t.absmax1[block] = absmax1;
+    t.absmax2[block] = absmax2;
+
+    if (!segmented_encoding_applies(absmax1, encoder1) ||
+        !segmented_encoding_applies(absmax2, encoder2)) {
+      encode_avx512(new_m, count, absmax1, encoder1, t.state1 + begin);
+      encode_avx512(new_v, count, absmax2, encoder2, t.state2 + begin);
+      continue;
+    }
+    const __m512 divisor1 = _mm512_set1_ps(absmax1);
+    const __m512 divisor2 = _mm512_set1_ps(absmax2);
+    unsigned any_near = 0;
+    for (int64_t j = 0; j < vectors; ++j) {
+      const int64_t k = j * kAvx512Lanes;
+      const __mmask16 lanes = avx512_lanes(count - k);
+      __mmask16 near_m;
+      __mmask16 near_v;
+      const __m512i code1 =
+          avx512_encode(_mm512_div_ps(_mm512_load_ps(new_m + k), divisor1), registers1, &near_m);
+      const __m512i code2 =
+          avx512_encode(_mm512_div_ps(_mm512_load_ps(new_v + k), divisor2), registers2, &near_v);
+      avx512_store_codes(t.state1 + begin + k, lanes, code1);
+      avx512_store_codes(t.state2 + begin + k, lanes, code2);
+      near1[j] = near_m & lanes;
+      near2[j] = near_v & lanes;
+      any_near |= near1[j] | near2[j];
+    }
+    if (__builtin_expect(any_near != 0, 0)) {
+      encode_near_lanes(new_m, absmax1, near1, vectors, encoder1, t.state1 + begin);
+      encode_near_lanes(new_v, absmax2, near2, vectors, encoder2, t.state2 + begin);
+    }
+  }
+}
+
+// Independent running maxima in the finiteness pass: one would chain every load to the last
+// and hold the scan well below the memory bandwidth.
+constexpr int kFiniteAccumulators = 4;
+
+// Exponent bits of each element (16 floats or 32 halves per register), masked.
+template <FloatType T>
+LP_TARGET_AVX512_VBMI inline __m512i avx512_exponent_bits(const char* data) {
+  if constexpr (T == FloatType::kFloat32) {
+    return _mm512_and_si512(_mm512_loadu_si512(data), _mm512_set1_epi32(non_finite_exponent<T>()));
+  } else {
+    return _mm512_and_si512(_mm512_loadu_si512(data),
+                            _mm512_set1_epi16(static_cast<int16_t>(non_finite_exponent<T>())));
+  }
+}
+
+template <FloatType T>
+LP_TARGET_AVX512_VBMI inline __m512i avx512_max_bits(__m512i a, __m512i b) {
+  if constexpr (T == FloatType::kFloat32) {
+    return _mm512_max_epu32(a, b);
+  } else {
+    return _mm512_max_epu16(a, b);
+  }
+}
+
+template <FloatType T>
+LP_TARGET_AVX512_VBMI bool all_finite_avx512(const void* g, int64_t begin, int64_t end) {
+  constexpr int64_t kElementBytes = T == FloatType::kFloat32 ? 4 : 2;
+  constexpr int64_t kPerVector = 64 / kElementBytes;
+  constexpr int64_t kPerStep = kPerVector * kFiniteAccumulators;
+  const char* base = static_cast<const char*>(g);
+  __m512i largest[kFiniteAccumulators];
+  for (__m512i& l : largest)
+    l = _mm512_setzero_si512();
+  int64_t i = begin;
+  for (; i + kPerStep <= end; i += kPerStep) {
+    for (int a = 0; a < kFiniteAccumulators; ++a) {
+      largest[a] = avx512_max_bits<T>(
+          largest[a], avx512_exponent_bits<T>(base + (i + a * kPerVector) * kElementBytes));
+    }
+  }
+  for (int a = 1; a < kFiniteAccumulators; ++a)
+    largest[0] = avx512_max_bits<T>(largest[0], largest[a]);
+  bool finite;
+  if constexpr (T == FloatType::kFloat32) {
+    finite = _mm512_cmpeq_epi32_mask(largest[0], _mm512_set1_epi32(non_finite_exponent<T>())) == 0;
+  } else {
+    finite =
+        _mm512_cmpeq_epi16_mask(
+            largest[0], _mm512_set1_epi16(static_cast<int16_t>(non_finite_exponent<T>()))) == 0;
+  }
+  return finite && all_finite_scalar<T>(g, i, end);
+}
+
+bool cpu_has_avx512_vbmi() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vbmi");
+}
+
+#endif  // LOWPREC_X86_SIMD
+
+// ----------------------------------------------------------------------------- dispatch
+
+using UpdateBlocksFn = void (*)(const Adam8bitTensor& t, const AdamCoefficients& c,
+                                int64_t first_block, int64_t end_block, int64_t blocksize,
+                                const Adam8bitTables& tables);
+using AllFiniteFn = bool (*)(const void* g, int64_t begin, int64_t end);
+using EncodeFn = void (*)(const float* values, int64_t count, float absmax,
+                          const SegmentedEncoder& enc, uint8_t* codes);
+
+// The path the active ISA setting selects: AVX-512 needs VBMI as well; else AVX2.
+enum class Adam8bitPath { kScalar, kAvx2, kAvx512 };
+
+Adam8bitPath active_path() {
+#if LOWPREC_X86_SIMD
+  const CpuIsa isa = active_cpu_isa();
+  if (isa == CpuIsa::kAvx512 && cpu_has_avx512_vbmi()) return Adam8bitPath::kAvx512;
+  if (isa == CpuIsa::kAvx512 || isa == CpuIsa::kAvx2) return Adam8bitPath::kAvx2;
+#endif
+  return Adam8bitPath::kScalar;
+}
+
+template <FloatType T, bool kAddWeightDecay>
+UpdateBlocksFn update_blocks_for(Adam8bitPath path) {
+#if LOWPREC_X86_SIMD
+  if (path == Adam8bitPath::kAvx512) return &update_blocks_avx512<T, kAddWeightDecay>;
+  if (path == Adam8bitPath::kAvx2) return &update_blocks_avx2<T, kAddWeightDecay>;
+#endif
+  (void)path;
+  return &update_blocks_scalar<T, kAddWeightDecay>;
+}
+
+template <FloatType T>
+UpdateBlocksFn update_blocks_for(Adam8bitPath path, bool add_weight_decay) {
+  return add_weight_decay ? update_blocks_for<T, true>(path) : update_blocks_for<T, false>(path);
+}
+
+UpdateBlocksFn update_blocks_for(Adam8bitPath path, FloatType type, bool add_weight_decay) {
+  switch (type) {
+    case FloatType::kFloat16:
+      return update_blocks_for<FloatType::kFloat16>(path, add_weight_decay);
+    case FloatType::kBFloat16:
+      return update_blocks_for<FloatType::kBFloat16>(path, add_weight_decay);
+    case FloatType::kFloat32:
+      break;
+  }
+  return update_blocks_for<FloatType::kFloat32>(path, add_weight_decay);
+}
+
+template <FloatType T>
+AllFiniteFn all_finite_for(Adam8bitPath path) {
+#if LOWPREC_X86_SIMD
+  if (path == Adam8bitPath::kAvx512) return &all_finite_avx512<T>;
+  if (path == Adam8bitPath::kAvx2) return &all_finite_avx2<T>;
+#endif
+  (void)path;
+  return &all_finite_scalar<T>;
+}
+
+AllFiniteFn all_finite_for(Adam8bitPath path, FloatType type) {
+  switch (type) {
+    case FloatType::kFloat16:
+      return all_finite_for<FloatType::kFloat16>(path);
+    case FloatType::kBFloat16:
+      return all_finite_for<FloatType::kBFloat16>(path);
+    case FloatType::kFloat32:
+      break;
+  }
+  return all_finite_for<FloatType::kFloat32>(path);
+}
+
+EncodeFn encode_for(Adam8bitPath path) {
+#if LOWPREC_X86_SIMD
+  if (path == Adam8bitPath::kAvx512) return &encode_avx512;
+  if (path == Adam8bitPath::kAvx2) return &encode_avx2;
+#endif
+  (void)path;
+  return &encode_scalar;
+}
+
+int64_t element_bytes(FloatType type) {
+  return type == FloatType::kFloat32 ? 4 : 2;
+}
+
+int64_t num_blocks(int64_t n, int64_t blocksize) {
+  return (n + blocksize - 1) / blocksize;
+}
+
+// Index of the range holding `item`, given the ranges' starts (ascending, starts[0] == 0).
+int64_t range_of(const std::vector<int64_t>& starts, int64_t item) {
+  return std::upper_bound(starts.begin(), starts.end(), item) - starts.begin() - 1;
+}
+
+// Steps tensors [first, end) of the call: the finiteness of all their gradients, then the
+// update of the finite ones, then the step / skip counters.
+//
+// Both phases run in one parallel region (on a shared machine each region can wait a scheduler
+// time slice for a core another process holds). Workers claim check chunks, wait until every
+// chunk is checked (only for chunks that other running workers hold: a worker that starts late
+// finds nothing left, so this cannot deadlock even when the pool runs workers one at a time),
+// then claim update tasks, skipping the blocks of flagged tensors.
+void step_batch(const Adam8bitTensor* tensors, int64_t first, int64_t end,
+                const Adam8bitTables& tables, const Adam8bitHyper& hyper, Adam8bitPath path) {
+  const int64_t count = end - first;
+  std::vector<int64_t> chunk_starts(count);
+  std::vector<int64_t> block_starts(count + 1);
+  std::vector<AdamCoefficients> coefficients(count);
+  std::vector<double> new_steps(count);
+  int64_t chunks = 0;
+  int64_t elements = 0;
+  block_starts[0] = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    const Adam8bitTensor& t = tensors[first + k];
+    chunk_starts[k] = chunks;
+    chunks += num_blocks(t.n, kCheckChunkElements);
+    block_starts[k + 1] = block_starts[k] + num_blocks(t.n, hyper.blocksize);
+    elements += t.n;
+    // t = int(step) + 1, as the reference reads it.
+    new_steps[k] = trunc(static_cast<double>(*t.step)) + 1.0;
+    coefficients[k] =
+        adam_coefficients(hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
+                          hyper.decoupled, hyper.gnorm_scale, new_steps[k]);
+  }
+  const int64_t blocks = block_starts[count];
+  const int64_t blocks_per_task = std::max<int64_t>(1, kMinElementsPerTask / hyper.blocksize);
+  const int64_t tasks = num_blocks(blocks, blocks_per_task);
+
+  std::unique_ptr<std::atomic<bool>[]> non_finite(new std::atomic<bool>[count]);
+  for (int64_t k = 0; k < count; ++k)
+    non_finite[k].store(false, std::memory_order_relaxed);
+  std::atomic<int64_t> next_chunk{0};
+  std::atomic<int64_t> chunks_done{0};
+  std::atomic<int64_t> next_task{0};
+  auto work = [&]() {
+    for (int64_t chunk; (chunk = next_chunk.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      const int64_t k = range_of(chunk_starts, chunk);
+      const Adam8bitTensor& t = tensors[first + k];
+      const int64_t begin = (chunk - chunk_starts[k]) * kCheckChunkElements;
+      const int64_t stop = std::min(t.n, begin + kCheckChunkElements);
+      if (!non_finite[k].load(std::memory_order_relaxed) &&
+          !all_finite_for(path, t.type)(t.g, begin, stop)) {
+        non_finite[k].store(true, std::memory_order_relaxed);
+      }
+      chunks_done.fetch_add(1, std::memory_order_release);
+    }
+    while (chunks_done.load(std::memory_order_acquire) < chunks)
+      std::this_thread::yield();
+    for (int64_t task; (task = next_task.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+      const int64_t task_end = std::min(blocks, (task + 1) * blocks_per_task);
+      for (int64_t block = task * blocks_per_task; block < task_end;) {
+        const int64_t k = range_of(block_starts, block);
+        const int64_t stop = std::min(task_end, block_starts[k + 1]);
+        if (!non_finite[k].load(std::memory_order_relaxed)) {
+          const Adam8bitTensor& t = tensors[first + k];
+          const AdamCoefficients& c = coefficients[k];
+          update_blocks_for(path, t.type, c.add_weight_decay)(
+              t, c, block - block_starts[k], stop - block_starts[k], hyper.blocksize, tables);
+        }
+        block = stop;
+      }
+    }
+  };
+  const int64_t workers =
+      std::clamp<int64_t>(elements / kMinElementsPerTask, 1, max_parallel_workers());
+  parallel_for(0, workers, 1, [&](int64_t worker_begin, int64_t worker_end) {
+    for (int64_t worker = worker_begin; worker < worker_end; ++worker)
+      work();
+  });
+
+  for (int64_t k = 0; k < count; ++k) {
+    const Adam8bitTensor& t = tensors[first + k];
+    if (non_finite[k].load(std::memory_order_relaxed)) {
+      *t.skipped = *t.skipped + 1.0f;
+    } else {
+      *t.step = static_cast<float>(new_steps[k]);
+    }
+  }
+}
+
+}  // namespace
+
+void adam8bit_multi_step(const Adam8bitTensor* tensors, int64_t count, const float* qmap1,
+                         const float* qmap2, const Adam8bitHyper& hyper) {
+  auto tables = std::make_unique<Adam8bitTables>();
+  build_tables(qmap1, qmap2, tables.get());
+  const Adam8bitPath path = active_path();
+  for (int64_t first = 0; first < count;) {
+    int64_t end = first;
+    int64_t bytes = 0;
+    do {
+      bytes += tensors[end].n * element_bytes(tensors[end].type);
+      ++end;
+    } while (end < count &&
+             bytes + tensors[end].n * element_bytes(tensors[end].type) <= kCheckBatchBytes);
+    step_batch(tensors, first, end, *tables, hyper, path);
+    first = end;
+  }
+}
+
+namespace {
+
+// The values themselves encoded (absmax = 1: x / 1 is x exactly), in chunks of at most a block
+// (the encoders' limit).
+void encode_values(EncodeFn encode, const float* values, int64_t n, const SegmentedEncoder& enc,
+                   uint8_t* codes) {
+  for (int64_t begin = 0; begin < n; begin += kBlocksizeMax8bit) {
+    encode(values + begin, std::min<int64_t>(kBlocksizeMax8bit, n - begin), 1.0f, enc,
+           codes + begin);
+  }
+}
+
+}  // namespace
+
+void adam8bit_encode(const float* values, int64_t n, const float* code, uint8_t* codes) {
+  auto enc = std::make_unique<SegmentedEncoder>();
+  build_segmented_encoder(code, enc.get());
+  encode_values(encode_for(active_path()), values, n, *enc, codes);
+}
+
+bool adam8bit_segmented_encoder_usable(const float* code) {
+  auto enc = std::make_unique<SegmentedEncoder>();
+  build_segmented_encoder(code, enc.get());
+  return enc->usable;
+}
+
+namespace {
+
+// A monotone integer image of the floats (-0 just below +0), so that the sweep can walk the
+// floats of [-1, 1] in increasing order.
+int64_t float_ordinal(float x) {
+  const uint32_t bits = float_to_bits(x);
+  return bits >> 31 ? -static_cast<int64_t>(bits & 0x7FFFFFFFu) - 1 : static_cast<int64_t>(bits);
+}
+
+float ordinal_float(int64_t ordinal) {
+  return ordinal >= 0 ? bits_to_float(static_cast<uint32_t>(ordinal))
+                      : bits_to_float(static_cast<uint32_t>(-ordinal - 1) | 0x80000000u);
+}
+
+// Values encoded per batch in the sweep.
+constexpr int64_t kSweepBatch = 4096;
+
+}  // namespace
+
+EncoderSweep adam8bit_encoder_sweep(const float* code, int64_t stride, int64_t neighbours) {
+  auto enc = std::make_unique<SegmentedEncoder>();
+  build_segmented_encoder(code, enc.get());
+  const EncodeFn encode = encode_for(active_path());
+  const int64_t lowest = float_ordinal(-1.0f);
+  const int64_t highest = float_ordinal(1.0f);
+  const int64_t samples = (highest - lowest) / stride + 1;
+  const int64_t batches = (samples + kSweepBatch - 1) / kSweepBatch;
+
+  std::atomic<int64_t> mismatches{0};
+  std::atomic<uint32_t> first_bad{0};
+  auto record = [&](float v, uint8_t got, uint8_t want) {
+    if (got == want) return;
+    if (mismatches.fetch_add(1) == 0) first_bad.store(float_to_bits(v));
+  };
+  parallel_for(0, batches, 1, [&](int64_t batch_begin, int64_t batch_end) {
+    float values[kSweepBatch];
+    uint8_t codes[kSweepBatch];
+    for (int64_t batch = batch_begin; batch < batch_end; ++batch) {
+      const int64_t first = batch * kSweepBatch;
+      const int64_t size = std::min(kSweepBatch, samples - first);
+      for (int64_t s = 0; s < size; ++s)
+        values[s] = ordinal_float(lowest + (first + s) * stride);
+      encode_values(encode, values, size, *enc, codes);
+      // The exact code counts the thresholds below v; v only grows, so one pointer walks them.
+      int want = encode_8bit(values[0], enc->thresholds);
+      for (int64_t s = 0; s < size; ++s) {
+        while (want < kCodebookSize8bit - 1 && values[s] > enc->thresholds[want])
+          ++want;
+        record(values[s], codes[s], static_cast<uint8_t>(want));
+      }
+    }
+  });
+  int64_t checked = samples;
+
+  // Every threshold in [-1, 1] and its neighbours, and 1.0 itself.
+  std::vector<float> near_values;
+  for (int i = 0; i < kCodebookSize8bit - 1; ++i) {
+    const int64_t center = float_ordinal(enc->thresholds[i]);
+    for (int64_t d = -neighbours; d <= neighbours; ++d) {
+      const int64_t ordinal = center + d;
+      if (ordinal >= lowest && ordinal <= highest) near_values.push_back(ordinal_float(ordinal));
+    }
+  }
+  near_values.push_back(1.0f);
+  std::vector<uint8_t> near_codes(near_values.size());
+  encode_values(encode, near_values.data(), static_cast<int64_t>(near_values.size()), *enc,
+                near_codes.data());
+  for (size_t s = 0; s < near_values.size(); ++s) {
+    record(near_values[s], near_codes[s], encode_8bit(near_values[s], enc->thresholds));
+  }
+  checked += static_cast<int64_t>(near_values.size());
+  return {checked, mismatches.load(), first_bad.load()};
+}
+
+}  // namespace lowprec::cpu

@@ -4,6 +4,8 @@ Everything runs on the ``reference`` backend (``torch.ops.lowprec.adam8bit_step_
 the definition that every backend's fused kernel is compared against.
 """
 
+import math
+
 import pytest
 import torch
 from conftest import run_on
@@ -77,7 +79,8 @@ def adam_fp32(p, g, m, v, t, lr, wd=0.0, decoupled=True, gnorm=1.0):
     v = f32(B2) * v + f32(1 - B2) * (g * g)
     if decoupled and wd:
         p = p * f32(1 - lr * wd)
-    p = p - f32(lr) * (m / f32(1 - B1**t)) / (torch.sqrt(v / f32(1 - B2**t)) + f32(EPS))
+    denom = torch.sqrt(v.double()).float() * f32(1 / math.sqrt(1 - B2**t)) + f32(EPS)
+    p = p - f32(lr / (1 - B1**t)) * (m / denom)
     return p, m, v
 
 

@@ -204,8 +204,8 @@ def ops(text):
         r"\b(?:(?:div|sqrt|rcp|rsqrt|fma|mad)\.[a-z0-9.]+|(?:ld|st)\.global[a-z0-9.]*|atom\.[a-z.]+)",
         text)))
 
-pointers = ["bias_corrections_ptr", "qmap1_ptr", "qmap2_ptr", "thresholds1_ptr", "thresholds2_ptr"]
-scalars = ["beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "lr", "weight_decay",
+pointers = ["update_scalars_ptr", "qmap1_ptr", "qmap2_ptr", "thresholds1_ptr", "thresholds2_ptr"]
+scalars = ["beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight_decay",
            "decay_factor", "gnorm_scale"]
 table = {"table_ptr": "*i64", "program_tensor_ptr": "*i32", "nonfinite_ptr": "*i32"}
 update = {**table, **{n: "*fp32" for n in pointers}, "n_tensors": "i32",

@@ -340,9 +340,8 @@ LP_TARGET_AVX2 void update_blocks_avx2(const Adam8bitTensor& t, const AdamCoeffi
   const __m256 beta2 = _mm256_set1_ps(c.beta2);
   const __m256 one_minus_beta2 = _mm256_set1_ps(c.one_minus_beta2);
   const __m256 decay = _mm256_set1_ps(c.decay);
-  const __m256 lr = _mm256_set1_ps(c.lr);
-  const __m256 bias_correction1 = _mm256_set1_ps(c.bias_correction1);
-  const __m256 bias_correction2 = _mm256_set1_ps(c.bias_correction2);
+  const __m256 step_size = _mm256_set1_ps(c.step_size);
+  const __m256 inv_sqrt_bc2 = _mm256_set1_ps(c.inv_sqrt_bc2);
   const __m256 eps = _mm256_set1_ps(c.eps);
   const __m256i magnitude_mask = _mm256_set1_epi32(0x7FFFFFFF);
   for (int64_t block = first_block; block < end_block; ++block) {
@@ -366,10 +365,8 @@ LP_TARGET_AVX2 void update_blocks_avx2(const Adam8bitTensor& t, const AdamCoeffi
       v = _mm256_add_ps(_mm256_mul_ps(beta2, v),
                         _mm256_mul_ps(one_minus_beta2, _mm256_mul_ps(g, g)));
       p = _mm256_mul_ps(p, decay);
-      const __m256 numerator = _mm256_mul_ps(lr, _mm256_div_ps(m, bias_correction1));
-      const __m256 denominator =
-          _mm256_add_ps(_mm256_sqrt_ps(_mm256_div_ps(v, bias_correction2)), eps);
-      p = _mm256_sub_ps(p, _mm256_div_ps(numerator, denominator));
+      const __m256 denominator = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), inv_sqrt_bc2), eps);
+      p = _mm256_sub_ps(p, _mm256_mul_ps(step_size, _mm256_div_ps(m, denominator)));
       avx2_store<T>(t.p, i, p);
       _mm256_store_ps(new_m + k, m);
       _mm256_store_ps(new_v + k, v);
@@ -642,7 +639,7 @@ LP_TARGET_AVX512_VBMI void encode_avx512(const float* values, int64_t count, flo
 // Per block, two passes over at most 4096 elements (the new m and v wait in L1 between them):
 //   1. decode m and v (64 codes at a time), update m, v and p, take the absmax of m and v;
 //   2. encode m and v.
-// The divider (three divisions and a square root per vector in pass 1, two divisions in
+// The divider (one division and a square root per vector in pass 1, two divisions in
 // pass 2) works alongside the permutes and arithmetic of the decoder and the encoder.
 template <FloatType T, bool kAddWeightDecay>
 LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const AdamCoefficients& c,
@@ -659,9 +656,8 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const A
   const __m512 beta2 = _mm512_set1_ps(c.beta2);
   const __m512 one_minus_beta2 = _mm512_set1_ps(c.one_minus_beta2);
   const __m512 decay = _mm512_set1_ps(c.decay);
-  const __m512 lr = _mm512_set1_ps(c.lr);
-  const __m512 bias_correction1 = _mm512_set1_ps(c.bias_correction1);
-  const __m512 bias_correction2 = _mm512_set1_ps(c.bias_correction2);
+  const __m512 step_size = _mm512_set1_ps(c.step_size);
+  const __m512 inv_sqrt_bc2 = _mm512_set1_ps(c.inv_sqrt_bc2);
   const __m512 eps = _mm512_set1_ps(c.eps);
   const __m512i magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF);
   const SegmentedEncoder& encoder1 = tables.encoder1;
@@ -696,11 +692,10 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const A
                                        _mm512_mul_ps(one_minus_beta1, g));
         const __m512 v = _mm512_add_ps(_mm512_mul_ps(beta2, _mm512_mul_ps(v_table[j], old_scale2)),
                                        _mm512_mul_ps(one_minus_beta2, _mm512_mul_ps(g, g)));
-        const __m512 numerator = _mm512_mul_ps(lr, _mm512_div_ps(m, bias_correction1));
         const __m512 denominator =
-            _mm512_add_ps(_mm512_sqrt_ps(_mm512_div_ps(v, bias_correction2)), eps);
-        const __m512 p =
-            _mm512_sub_ps(_mm512_mul_ps(p_old, decay), _mm512_div_ps(numerator, denominator));
+            _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(v), inv_sqrt_bc2), eps);
+        const __m512 p = _mm512_sub_ps(_mm512_mul_ps(p_old, decay),
+                                       _mm512_mul_ps(step_size, _mm512_div_ps(m, denominator)));
         avx512_store<T>(t.p, begin + k, lanes, p);
         _mm512_store_ps(new_m + k, m);
         _mm512_store_ps(new_v + k, v);

@@ -37,7 +37,7 @@ import torch
 
 from lowprec_kernels import functional as LF
 from lowprec_kernels._ops import BLOCKSIZES_8BIT, CODEBOOK_SIZE_8BIT, FLOAT_DTYPES, num_blocks
-from lowprec_kernels.reference.adam8bit import adam_update_corrected, bias_corrections
+from lowprec_kernels.reference.adam8bit import adam_update_corrected, update_scalars
 
 # bitsandbytes' state_dict() nests a parameter's quantization tensors under this key.
 _BNB_WRAPPED_STATE = "__bnb_optimizer_quant_state__"
@@ -366,7 +366,7 @@ def _step_fp32_state(
     """The same update with float32 m, v (tensors below ``min_8bit_size``) on one device.
 
     All tensors are concatenated so a group costs a fixed number of kernels rather than a
-    few dozen per tensor; per-tensor quantities (the bias corrections of each tensor's own
+    few dozen per tensor; per-tensor quantities (the update scalars of each tensor's own
     step, whether its gradient is finite) are expanded to its elements.
     """
     sizes = [p.numel() for p in params]
@@ -379,12 +379,12 @@ def _step_fp32_state(
     # input can overflow it): one multi-tensor reduction finds the non-finite gradients.
     finite = torch.stack(torch._foreach_norm(grads, 1, dtype=torch.float64)).isfinite()
     t = (torch.stack([s.reshape(()) for s in steps]) + 1).to(torch.float64)
-    bc1, bc2 = (bc.to(torch.float32) for bc in bias_corrections(beta1, beta2, t))
-    per_tensor = torch.stack([bc1, bc2, finite.to(torch.float32)], dim=1)
+    step_size, inv_sqrt_bc2 = (s.to(torch.float32) for s in update_scalars(lr, beta1, beta2, t))
+    per_tensor = torch.stack([step_size, inv_sqrt_bc2, finite.to(torch.float32)], dim=1)
     per_element = torch.cat([row.expand(n, 3) for row, n in zip(per_tensor.unbind(0), sizes)])
-    bc1, bc2, keep = per_element[:, 0], per_element[:, 1], per_element[:, 2] != 0
+    step_size, inv_sqrt_bc2, keep = per_element[:, 0], per_element[:, 1], per_element[:, 2] != 0
     new_p, new_m, new_v = adam_update_corrected(
-        p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, 1.0, bc1, bc2
+        p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, 1.0, step_size, inv_sqrt_bc2
     )
     for targets, new, old in ((params, new_p, p), (exp_avgs, new_m, m), (exp_avg_sqs, new_v, v)):
         kept = torch.where(keep, new, old)

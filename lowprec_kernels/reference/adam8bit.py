@@ -7,12 +7,20 @@ State: ``m`` as blockwise 8-bit codes of the signed dynamic map (``state1``, ``a
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * g * g
     AdamW (decoupled): p = p * (1 - lr * weight_decay)
-    p = p - lr * (m / (1 - beta1**t)) / (sqrt(v / (1 - beta2**t)) + eps)
+    denom = sqrt(v) * inv_sqrt_bc2 + eps
+    p = p - step_size * (m / denom)
 
-with ``t`` the step count after this step. Every scalar coefficient (``beta1``,
-``1 - beta1``, ``lr``, ``1 - lr * weight_decay``, the bias corrections ``1 - beta**t``, ...)
-is computed in float64 and rounded to float32 once; the arithmetic is float32 in the order
-written. ``m`` and ``v`` are then requantized with fresh block
+with ``t`` the step count after this step, ``step_size = lr / (1 - beta1**t)`` and
+``inv_sqrt_bc2 = 1 / sqrt(1 - beta2**t)`` (``update_scalars``). This is
+``p - lr * (m / (1 - beta1**t)) / (sqrt(v / (1 - beta2**t)) + eps)`` of ARCHITECTURE §4 with
+the bias corrections folded into two per-tensor scalars, as ``torch.optim.AdamW`` folds them:
+per element one division and one square root instead of three divisions and a square root.
+
+Rounding: every scalar coefficient (``beta1``, ``1 - beta1``, ``1 - lr * weight_decay``,
+``step_size``, ``inv_sqrt_bc2``, ...) is computed in float64 (IEEE ``pow``, division and
+square root) and rounded to float32 once; the per-element arithmetic is float32, one
+rounding per operation, in the order written (``sqrt(v)`` correctly rounded, see
+``ieee_sqrt``; no fused multiply-add). ``m`` and ``v`` are then requantized with fresh block
 absmax values (``quantize_blockwise``'s exact nearest rule).
 
 A gradient holding any non-finite value skips the step for that tensor: ``p``, the states
@@ -20,6 +28,8 @@ and ``step`` stay unchanged and ``skipped`` is incremented by one.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -30,6 +40,16 @@ from lowprec_kernels.reference.blockwise import dequantize_blockwise, quantize_b
 def bias_corrections(beta1: float, beta2: float, step: int) -> tuple[float, float]:
     """``(1 - beta1**step, 1 - beta2**step)`` in float64 (kernels round them to float32)."""
     return 1.0 - beta1**step, 1.0 - beta2**step
+
+
+def update_scalars(lr, beta1, beta2, step):
+    """``(step_size, inv_sqrt_bc2) = (lr / (1 - beta1**t), 1 / sqrt(1 - beta2**t))`` in float64
+    (kernels round each to float32 once). ``step`` is a Python number or a float64 tensor
+    (then torch's float64 ops, which are IEEE: division, ``sqrt``, ``reciprocal``)."""
+    bc1, bc2 = bias_corrections(beta1, beta2, step)
+    if isinstance(bc2, torch.Tensor):
+        return lr / bc1, torch.sqrt(bc2).reciprocal()
+    return lr / bc1, 1.0 / math.sqrt(bc2)
 
 
 def ieee_sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -45,18 +65,20 @@ def ieee_sqrt(x: torch.Tensor) -> torch.Tensor:
 
 def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, step):
     """One Adam/AdamW update of float32 tensors; returns the new ``(p, m, v)``."""
-    bc1, bc2 = bias_corrections(beta1, beta2, step)
+    step_size, inv_sqrt_bc2 = update_scalars(lr, beta1, beta2, step)
     return adam_update_corrected(
-        p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, bc1, bc2
-    )
+        p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, step_size,
+        inv_sqrt_bc2,
+    )  # fmt: skip
 
 
 def adam_update_corrected(
-    p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, bc1, bc2
+    p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, step_size,
+    inv_sqrt_bc2,
 ):  # fmt: skip
-    """``adam_update`` with the bias corrections given: Python floats, or float32 tensors
-    broadcasting against ``m`` (the same values rounded once, e.g. computed on the device
-    from step tensors)."""
+    """``adam_update`` with ``update_scalars`` given: Python floats (float64, rounded to
+    float32 by torch when they meet a float32 tensor), or float32 tensors broadcasting against
+    ``m`` (the same values rounded once, e.g. computed on the device from step tensors)."""
     g = g * gnorm_scale
     if not decoupled and weight_decay != 0.0:
         g = g + weight_decay * p
@@ -64,7 +86,8 @@ def adam_update_corrected(
     v = beta2 * v + (1.0 - beta2) * (g * g)
     if decoupled and weight_decay != 0.0:
         p = p * (1.0 - lr * weight_decay)
-    p = p - lr * (m / bc1) / (ieee_sqrt(v / bc2) + eps)
+    denom = ieee_sqrt(v) * inv_sqrt_bc2 + eps
+    p = p - step_size * (m / denom)
     return p, m, v
 
 

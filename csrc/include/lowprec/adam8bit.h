@@ -25,17 +25,18 @@ struct AdamCoefficients {
   float one_minus_beta1;
   float beta2;
   float one_minus_beta2;
-  float decay;  // AdamW: p *= decay = 1 - lr * weight_decay (1 when not decoupled)
-  float lr;
-  float bias_correction1;  // 1 - beta1^t
-  float bias_correction2;  // 1 - beta2^t
+  float decay;         // AdamW: p *= decay = 1 - lr * weight_decay (1 when not decoupled)
+  float step_size;     // lr / (1 - beta1^t)
+  float inv_sqrt_bc2;  // 1 / sqrt(1 - beta2^t)
   float eps;
   bool add_weight_decay;  // Adam (not decoupled) with weight_decay != 0
 };
 
 // `step` is t, the step count after this step. pow() in double is what Python's `beta ** t`
 // computes on the host; CUDA's pow is within 2 ulp of it in double, which changes the rounded
-// float32 only when the double lies that close to a float32 rounding boundary.
+// float32 only when the double lies that close to a float32 rounding boundary. The division
+// and the square root of double are IEEE (correctly rounded) on host and device, as in
+// reference.update_scalars.
 LP_HOST_DEVICE inline AdamCoefficients adam_coefficients(double lr, double beta1, double beta2,
                                                          double eps, double weight_decay,
                                                          bool decoupled, double gnorm_scale,
@@ -49,9 +50,8 @@ LP_HOST_DEVICE inline AdamCoefficients adam_coefficients(double lr, double beta1
   c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   // Multiplying by 1 is exact, so the AdamW decay is applied unconditionally.
   c.decay = decoupled && weight_decay != 0.0 ? static_cast<float>(1.0 - lr * weight_decay) : 1.0f;
-  c.lr = static_cast<float>(lr);
-  c.bias_correction1 = static_cast<float>(1.0 - pow(beta1, step));
-  c.bias_correction2 = static_cast<float>(1.0 - pow(beta2, step));
+  c.step_size = static_cast<float>(lr / (1.0 - pow(beta1, step)));
+  c.inv_sqrt_bc2 = static_cast<float>(1.0 / sqrt(1.0 - pow(beta2, step)));
   c.eps = static_cast<float>(eps);
   c.add_weight_decay = !decoupled && weight_decay != 0.0;
   return c;
@@ -76,7 +76,8 @@ LP_HOST_DEVICE inline void adam_update(float* p, float g, float* m, float* v,
   *m = c.beta1 * *m + c.one_minus_beta1 * g;
   *v = c.beta2 * *v + c.one_minus_beta2 * (g * g);
   const float decayed = *p * c.decay;
-  *p = decayed - c.lr * (*m / c.bias_correction1) / (ieee_sqrt(*v / c.bias_correction2) + c.eps);
+  const float denom = ieee_sqrt(*v) * c.inv_sqrt_bc2 + c.eps;
+  *p = decayed - c.step_size * (*m / denom);
 }
 
 // ------------------------------------------------------------------- the segmented encoder

@@ -15,8 +15,8 @@ program), and a *program table* giving each program its tensor. Every program ow
 ``BLOCKS_PER_PROGRAM`` quantization blocks of one tensor. A step is then, per dtype group:
 
 1. ``_find_nonfinite_kernel``: flags each tensor whose gradient holds a NaN or an Inf;
-2. the bias corrections ``1 - beta**t`` of each tensor's own step, in float64 (torch ops on
-   the device: Triton's interpreter has no float64 ``pow``);
+2. the update scalars ``lr / (1 - beta1**t)``, ``1 / sqrt(1 - beta2**t)`` of each tensor's own
+   step, in float64 (torch ops on the device: Triton's interpreter has no float64 ``pow``);
 3. ``_adam8bit_update_kernel``: the fused update of every unflagged tensor;
 4. ``_count_steps_kernel``: ``step += 1`` for the updated tensors, ``skipped += 1`` for the
    flagged ones. It runs last because every program of step 3 reads the old step.
@@ -51,7 +51,7 @@ from lowprec_kernels.backends.triton.blockwise import (
     block_absmax,
     nearest_codes,
 )
-from lowprec_kernels.reference.adam8bit import bias_corrections
+from lowprec_kernels.reference.adam8bit import update_scalars
 
 # Rows of the address table (one column per tensor).
 FIELD_P = tl.constexpr(0)
@@ -137,8 +137,8 @@ def _find_nonfinite_kernel(
 @triton.jit
 def _update_tile(
     p_ptr, g_ptr, state1_ptr, state2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr,
-    thresholds1_ptr, thresholds2_ptr, bias_correction1, bias_correction2, first_block, numel,
-    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, lr, weight_decay, decay_factor,
+    thresholds1_ptr, thresholds2_ptr, step_size, inv_sqrt_bc2, first_block, numel,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
     gnorm_scale,
     P_DTYPE: tl.constexpr, APPLY_L2: tl.constexpr, APPLY_DECAY: tl.constexpr,
     BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, MASKED: tl.constexpr,
@@ -172,9 +172,8 @@ def _update_tile(
     v = beta2 * v + one_minus_beta2 * (g * g)
     if APPLY_DECAY:
         p = p * decay_factor
-    step_size = lr * tl.math.div_rn(m, bias_correction1)
-    denominator = tl.math.sqrt_rn(tl.math.div_rn(v, bias_correction2)) + eps
-    p = p - tl.math.div_rn(step_size, denominator)
+    denominator = tl.math.sqrt_rn(v) * inv_sqrt_bc2 + eps
+    p = p - step_size * tl.math.div_rn(m, denominator)
     _store(p_ptr, offsets, fp32_to(p, P_DTYPE), in_tensor, MASKED)
 
     # Requantize with fresh block absmax.
@@ -194,9 +193,9 @@ def _update_tile(
 
 @triton.jit
 def _adam8bit_update_kernel(
-    table_ptr, program_tensor_ptr, nonfinite_ptr, bias_corrections_ptr, qmap1_ptr, qmap2_ptr,
+    table_ptr, program_tensor_ptr, nonfinite_ptr, update_scalars_ptr, qmap1_ptr, qmap2_ptr,
     thresholds1_ptr, thresholds2_ptr, n_tensors,
-    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, lr, weight_decay, decay_factor,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
     gnorm_scale,
     P_DTYPE: tl.constexpr, APPLY_L2: tl.constexpr, APPLY_DECAY: tl.constexpr,
     BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, ALIGNED: tl.constexpr,
@@ -214,25 +213,25 @@ def _adam8bit_update_kernel(
         state2_ptr = _tensor_ptr(table_ptr, FIELD_STATE2, n_tensors, tensor, tl.uint8, ALIGNED)
         absmax1_ptr = _tensor_ptr(table_ptr, FIELD_ABSMAX1, n_tensors, tensor, tl.float32, ALIGNED)
         absmax2_ptr = _tensor_ptr(table_ptr, FIELD_ABSMAX2, n_tensors, tensor, tl.float32, ALIGNED)
-        bias_correction1 = tl.load(bias_corrections_ptr + tensor)
-        bias_correction2 = tl.load(bias_corrections_ptr + n_tensors + tensor)
+        step_size = tl.load(update_scalars_ptr + tensor)
+        inv_sqrt_bc2 = tl.load(update_scalars_ptr + n_tensors + tensor)
         first_block = (pid - first).to(tl.int64) * BLOCKS_PER_PROGRAM
         whole_tile = (first_block + BLOCKS_PER_PROGRAM) * BLOCKSIZE <= numel
         if whole_tile:
             _update_tile(
                 p_ptr, g_ptr, state1_ptr, state2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr,
-                qmap2_ptr, thresholds1_ptr, thresholds2_ptr, bias_correction1,
-                bias_correction2, first_block, numel, beta1, one_minus_beta1, beta2,
-                one_minus_beta2, eps, lr, weight_decay, decay_factor, gnorm_scale, P_DTYPE,
+                qmap2_ptr, thresholds1_ptr, thresholds2_ptr, step_size,
+                inv_sqrt_bc2, first_block, numel, beta1, one_minus_beta1, beta2,
+                one_minus_beta2, eps, weight_decay, decay_factor, gnorm_scale, P_DTYPE,
                 APPLY_L2, APPLY_DECAY, BLOCKSIZE, BLOCKS_PER_PROGRAM, False, CODEBOOK_BITS,
                 TINY_ABSMAX, TINY_ABSMAX_SCALE,
             )  # fmt: skip
         else:
             _update_tile(
                 p_ptr, g_ptr, state1_ptr, state2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr,
-                qmap2_ptr, thresholds1_ptr, thresholds2_ptr, bias_correction1,
-                bias_correction2, first_block, numel, beta1, one_minus_beta1, beta2,
-                one_minus_beta2, eps, lr, weight_decay, decay_factor, gnorm_scale, P_DTYPE,
+                qmap2_ptr, thresholds1_ptr, thresholds2_ptr, step_size,
+                inv_sqrt_bc2, first_block, numel, beta1, one_minus_beta1, beta2,
+                one_minus_beta2, eps, weight_decay, decay_factor, gnorm_scale, P_DTYPE,
                 APPLY_L2, APPLY_DECAY, BLOCKSIZE, BLOCKS_PER_PROGRAM, True, CODEBOOK_BITS,
                 TINY_ABSMAX, TINY_ABSMAX_SCALE,
             )  # fmt: skip
@@ -307,11 +306,14 @@ def _address_table(operands: list[list[torch.Tensor]], numels, blocksize, bpp, d
     return _cached(_address_tables, key, build)
 
 
-def _bias_corrections(steps: list[torch.Tensor], beta1: float, beta2: float) -> torch.Tensor:
-    """float32 [2, n_tensors]: the reference's float64 bias corrections for ``t = step + 1``,
-    rounded once; torch ops on the device, so the steps never travel to the host."""
+def _update_scalars(
+    steps: list[torch.Tensor], lr: float, beta1: float, beta2: float
+) -> torch.Tensor:
+    """float32 [2, n_tensors]: the reference's float64 ``update_scalars`` (step size,
+    ``1 / sqrt(1 - beta2**t)``) for ``t = step + 1``, rounded once; torch ops on the device,
+    so the steps never travel to the host."""
     t = (torch.stack([s.reshape(()) for s in steps]) + 1).to(torch.float64)
-    return torch.stack(bias_corrections(beta1, beta2, t)).to(torch.float32)
+    return torch.stack(update_scalars(lr, beta1, beta2, t)).to(torch.float32)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -349,14 +351,14 @@ def _multi_step_one_dtype(
         ALIGNED=aligned,
         num_warps=num_warps,
     )
-    bias_corrections = _bias_corrections(steps, beta1, beta2)
+    scalars = _update_scalars(steps, lr, beta1, beta2)
     # Coefficients in float64 here; Triton passes float arguments as float32 (rounded to
     # nearest), which is the single rounding the definition asks for.
     _adam8bit_update_kernel[(n_programs,)](
         table,
         program_tensor,
         nonfinite,
-        bias_corrections,
+        scalars,
         qmap1,
         qmap2,
         threshold_table(qmap1),
@@ -367,7 +369,6 @@ def _multi_step_one_dtype(
         beta2,
         1.0 - beta2,
         eps,
-        lr,
         weight_decay,
         1.0 - lr * weight_decay,
         gnorm_scale,

@@ -168,6 +168,8 @@ def test_several_steps_requantize_each_step(n, decoupled):
         c2, a2 = quantize(v32, opt.qmap2, 256)
         assert torch.equal(opt.absmax1, a1) and torch.equal(opt.absmax2, a2)
         assert torch.equal(opt.state1, c1) and torch.equal(opt.state2, c2), f"step {t}"
+        # p bit for bit as the documented float32 step (update scalars rounded once).
+        assert torch.equal(opt.p, p32), f"step {t}: {(opt.p != p32).sum()} p differ"
         assert_p_close(opt.p, p64, lr)
         assert torch.allclose(opt.p, p32, rtol=0, atol=4 * U32 * p32.abs().max().item())
         p_dense, m_dense, v_dense = adam_fp64(p_dense, g, m_dense, v_dense, t, lr, wd, decoupled)

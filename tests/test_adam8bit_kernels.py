@@ -5,7 +5,10 @@ on copies of the same tensors as the ``reference`` backend, one step at a time f
 inputs, and must reproduce its codes, block scales and counters exactly. Parameters must match
 bit for bit on the CPU kernels (same float32 operations, no FMA). Elsewhere they may differ by
 one unit in the last place of their dtype: torch's CUDA kernels divide by a Python scalar as a
-multiplication by its reciprocal, so the reference on a GPU is itself off by an ulp there.
+multiplication by its reciprocal, which made the reference on a GPU itself off by an ulp when
+its update divided by the bias corrections. The update no longer divides by a scalar (the
+corrections are folded into ``update_scalars``), so GPU parameters may now match exactly; the
+allowance stays until a GPU run shows that.
 
 The CPU kernels also run on every instruction-set path (``cpu_isa``), and their arithmetic
 state encoder (lowprec/adam8bit.h) is compared with the exact threshold search on every float

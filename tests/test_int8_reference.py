@@ -353,3 +353,16 @@ def test_int8_linear_empty_batch(dtype):
     x = torch.empty(0, 8, dtype=dtype)
     y = ref(LF.int8_linear, x, wq, ws, None, 6.0)
     assert y.shape == (0, 5) and y.dtype == dtype
+
+
+def test_row_scale_is_one_division():
+    """The row scale is 127 / absmax rounded once (not reciprocal(absmax) * 127): at this absmax
+    the two differ in the last bit, and x = -1.5188005 lands on either side of a rounding tie."""
+    absmax = torch.tensor([2.5548036098480225])
+    x = torch.tensor([[-1.5188004970550537]])
+    one_division = torch.tensor(127.0) / absmax
+    assert one_division.item() != (absmax.reciprocal() * 127.0).item()
+    q, s = ref(LF.int8_quantize_weight, torch.cat([x, absmax.view(1, 1)], dim=1))
+    assert s.item() == absmax.item()
+    assert torch.equal(q[:, :1], documented_codes(x, absmax))
+    assert q[0, 0].item() == -75  # -75.49999 (one division), not -75.50000 -> -76

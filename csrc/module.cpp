@@ -128,10 +128,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("blocksize"), py::arg("out_codes"), py::arg("out_absmax"), no_gil);
   m.def("dequantize_blockwise_cpu", &dequantize_blockwise_cpu, py::arg("codes"), py::arg("absmax"),
         py::arg("code"), py::arg("blocksize"), py::arg("out"), no_gil);
+  m.def("int8_quantize_weight_cpu", &int8_quantize_weight_cpu, py::arg("W"), py::arg("out_codes"),
+        py::arg("out_absmax"), no_gil);
+  m.def("int8_vectorwise_quant_cpu", &int8_vectorwise_quant_cpu, py::arg("A"), py::arg("threshold"),
+        py::arg("out_codes"), py::arg("out_row_absmax"), py::arg("out_cols"), no_gil,
+        "Writes the sorted outlier columns to out_cols[:count]; returns count.");
+  m.def("int8_scaled_mm_cpu", &int8_scaled_mm_cpu, py::arg("A"), py::arg("row_stats"),
+        py::arg("weight"), py::arg("weight_scale"), py::arg("bias"), py::arg("out"), no_gil);
+  m.def("int8_linear_cpu", &int8_linear_cpu, py::arg("x"), py::arg("weight"),
+        py::arg("weight_scale"), py::arg("bias"), py::arg("threshold"), py::arg("out"), no_gil);
+  m.def("int8_gemm_kernel_cpu", &int8_gemm_kernel_cpu, py::arg("M"),
+        "The int8 GEMM kernel the active CPU path runs for M rows.");
 #if defined(LOWPREC_WITH_CUDA)
   m.def("quantize_blockwise_cuda", &quantize_blockwise_cuda, py::arg("A"), py::arg("code"),
         py::arg("blocksize"), py::arg("out_codes"), py::arg("out_absmax"), no_gil);
   m.def("dequantize_blockwise_cuda", &dequantize_blockwise_cuda, py::arg("codes"),
         py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("out"), no_gil);
+  m.def("int8_quantize_weight_cuda", &int8_quantize_weight_cuda, py::arg("W"), py::arg("out_codes"),
+        py::arg("out_absmax"), no_gil);
+  m.def("int8_vectorwise_quant_cuda", &int8_vectorwise_quant_cuda, py::arg("A"),
+        py::arg("threshold"), py::arg("out_codes"), py::arg("out_row_absmax"),
+        py::arg("out_outlier_mask"), no_gil);
 #endif
 }

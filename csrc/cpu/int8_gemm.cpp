@@ -1,0 +1,930 @@
+// The LLM.int8 GEMM on the CPU: out = epilogue(A [M, K] int8 @ W [N, K].T int8), the products
+// summed exactly in int32, dequantized, biased and given the outlier term in the epilogue, so
+// the int32 accumulators never leave the cache. Paths, chosen at run time:
+//
+// * vnni-packed (AVX-512 VNNI, M > kVnniDotMaxRows): BLIS-style blocking. vpdpbusd multiplies
+//   unsigned by signed bytes, so W is offset to unsigned (w + 128, an xor with 0x80) while it is
+//   packed, and 128 * rowsum(A) is subtracted per row in the epilogue. Each task owns one panel
+//   of kPanelCols output columns and a block of rows; for each K block it packs W's panel
+//   (kVnniKBlock x 64 bytes, L1-resident) in vpdpbusd's layout and runs every register tile
+//   (kVnniTileRows x 64) of the row block against it, accumulating in a task-local int32 buffer
+//   (L2). Packing W per call costs one read of W and a transpose in L1 (~1-2 % of the GEMM at
+//   M >= 128), so no packed copy of the weight is cached: nothing can go stale and the weight's
+//   memory is not doubled.
+// * vnni-dot (AVX-512 VNNI, M <= kVnniDotMaxRows): GEMV-shaped and memory bound. W is used as
+//   stored: each 64-byte chunk of a weight row is offset in a register and dotted with the
+//   activation rows (in L1); one horizontal sum per output at the end.
+// * avx2-dot: the same dot-product shape with 16-bit products (vpmaddwd: exact, unlike
+//   vpmaddubsw, whose 16-bit sums saturate).
+// * scalar: plain loops.
+//
+// All paths share the epilogue arithmetic of lowprec/int8.h, so they differ from one another
+// only by the order of the (exact) int32 sums: their outputs are identical.
+#include <math.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <vector>
+
+#include "cpu_isa.h"
+#include "int8.h"
+#include "lowprec/float16.h"
+#include "lowprec/int8.h"
+#include "parallel.h"
+
+#if LOWPREC_X86_SIMD
+#include <immintrin.h>
+#define LP_TARGET_AVX512_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+#endif
+
+// GCC warns about the deliberately undefined pass-through operand inside its own AVX-512
+// intrinsics (_mm512_undefined_*): a known false positive.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
+// Loops over register tiles are unrolled before GCC decides where arrays of vectors live: left
+// to itself it keeps the accumulator arrays in memory and stores every update.
+#if defined(__GNUC__) && !defined(__clang__)
+#define LP_UNROLL_FULLY _Pragma("GCC unroll 32")
+#else
+#define LP_UNROLL_FULLY
+#endif
+
+namespace lowprec::cpu {
+namespace {
+
+// Output columns per task and per epilogue tile: four 16-lane int32 vectors.
+constexpr int64_t kPanelCols = 64;
+// vpdpbusd sums 4 byte products into each int32 lane: K is processed in groups of 4.
+constexpr int64_t kKGroup = 4;
+// The unsigned offset given to W for vpdpbusd (w + 128 == w ^ 0x80 as a byte).
+constexpr int32_t kUnsignedOffset = 128;
+
+// vnni-packed: a register tile is kVnniTileRows rows x kPanelCols columns (24 accumulators).
+constexpr int64_t kVnniTileRows = 6;
+constexpr int kVnniTileVectors = 4;  // kPanelCols / 16
+// Bytes of K per block: W's packed panel block is kVnniKBlock x kPanelCols bytes (16 KiB), so
+// it stays in L1 while every register tile of the row block streams past it.
+constexpr int64_t kVnniKBlock = 256;
+// At most this many register tiles per row block: the block's int32 accumulators (up to
+// 128 x 6 x 64 x 4 bytes = 192 KiB) stay in L2 across the K blocks, beside the packed weight
+// panel. Fewer, larger blocks pack each weight panel fewer times (once per block).
+constexpr int64_t kVnniMaxTilesPerBlock = 128;
+// vnni-dot serves M up to this (measured crossover with vnni-packed on a Zen 5 core).
+constexpr int64_t kVnniDotMaxRows = 4;
+// avx2-dot: register tile of kAvx2DotRows activation rows x kAvx2DotCols weight rows, and row
+// blocks of kAvx2BlockRows activation rows per epilogue tile.
+constexpr int kAvx2DotRows = 2;
+constexpr int kAvx2DotCols = 4;
+constexpr int64_t kAvx2BlockRows = 64;
+// scalar: row blocks per epilogue tile.
+constexpr int64_t kScalarBlockRows = 64;
+// Cache-line alignment of the scratch buffers.
+constexpr size_t kBufferAlignment = 64;
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename T>
+using AlignedBuffer = std::unique_ptr<T[], AlignedFree>;
+
+template <typename T>
+AlignedBuffer<T> aligned_buffer(int64_t count) {
+  const size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T);
+  const size_t rounded = (bytes + kBufferAlignment - 1) / kBufferAlignment * kBufferAlignment;
+  void* p = std::aligned_alloc(kBufferAlignment, rounded);
+  if (p == nullptr) throw std::bad_alloc();
+  return AlignedBuffer<T>(static_cast<T*>(p));
+}
+
+// Modular int32 arithmetic (as the SIMD instructions do), without signed-overflow UB.
+inline int32_t wrapping_add(int32_t a, int32_t b) {
+  return static_cast<int32_t>(static_cast<uint32_t>(a) + static_cast<uint32_t>(b));
+}
+inline int32_t wrapping_sub(int32_t a, int32_t b) {
+  return static_cast<int32_t>(static_cast<uint32_t>(a) - static_cast<uint32_t>(b));
+}
+inline int32_t wrapping_mul(int32_t a, int32_t b) {
+  return static_cast<int32_t>(static_cast<uint32_t>(a) * static_cast<uint32_t>(b));
+}
+
+// ------------------------------------------------------------------------------ epilogue
+
+// Everything the epilogue needs besides the accumulators.
+struct GemmContext {
+  const Int8Epilogue& epilogue;
+  const int8_t* W;
+  int64_t M, K, N;
+  std::vector<float> column_scale;  // [N]: int8_column_dequant_scale(col_stats[n])
+};
+
+GemmContext make_context(const Int8Epilogue& epilogue, const int8_t* W, int64_t M, int64_t K,
+                         int64_t N) {
+  GemmContext ctx{epilogue, W, M, K, N, std::vector<float>(N)};
+  for (int64_t n = 0; n < N; ++n)
+    ctx.column_scale[n] = int8_column_dequant_scale(epilogue.col_stats[n]);
+  return ctx;
+}
+
+// The dequantized weights of the outlier columns for the output columns n0 .. n0 + cols,
+// transposed: weights[o * kPanelCols + j] = W_deq[n0 + j, outlier o]. The panel's weight rows
+// were just read by the GEMM, so these reads hit the cache.
+void gather_outlier_weights(const GemmContext& ctx, int64_t n0, int64_t cols, float* weights) {
+  const int64_t num_outliers = ctx.epilogue.num_outliers;
+  const int64_t* outlier_cols = ctx.epilogue.outlier_cols;
+  for (int64_t j = 0; j < cols; ++j) {
+    const int8_t* row = ctx.W + (n0 + j) * ctx.K;
+    const float col_stat = ctx.epilogue.col_stats[n0 + j];
+    for (int64_t o = 0; o < num_outliers; ++o) {
+      weights[o * kPanelCols + j] = int8_dequantize_weight(row[outlier_cols[o]], col_stat);
+    }
+  }
+}
+
+template <FloatType T>
+inline void store_float(void* data, int64_t i, float value) {
+  if constexpr (T == FloatType::kFloat32) {
+    static_cast<float*>(data)[i] = value;
+  } else if constexpr (T == FloatType::kFloat16) {
+    static_cast<uint16_t*>(data)[i] = float_to_fp16_bits(value);
+  } else {
+    static_cast<uint16_t*>(data)[i] = float_to_bf16_bits(value);
+  }
+}
+
+// out[m, n0 + j] for the rows m0 .. m0 + rows and columns j < cols of the accumulator tile
+// c (leading dimension ldc); correction[m] (or nothing) is subtracted from row m first. Every
+// output is ((acc * row_stat * col_stat / 127²) + outlier term) + bias in float32, the outlier
+// term summed with fmaf in column order.
+template <FloatType T>
+void epilogue_scalar(const int32_t* c, int64_t ldc, int64_t m0, int64_t rows, int64_t n0,
+                     int64_t cols, const int32_t* correction, const GemmContext& ctx,
+                     const float* outlier_weights) {
+  const Int8Epilogue& ep = ctx.epilogue;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t m = m0 + r;
+    const float row_stat = ep.row_stats[m];
+    const int32_t row_correction = correction != nullptr ? correction[m] : 0;
+    const float* outlier_x = ep.outlier_x + m * ep.num_outliers;
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t n = n0 + j;
+      const int32_t acc = wrapping_sub(c[r * ldc + j], row_correction);
+      float y = int8_dequantize(acc, row_stat, ctx.column_scale[n]);
+      if (ep.num_outliers > 0) {
+        float term = 0.0f;
+        for (int64_t o = 0; o < ep.num_outliers; ++o) {
+          term = fmaf(outlier_x[o], outlier_weights[o * kPanelCols + j], term);
+        }
+        y = y + term;
+      }
+      if (ep.bias != nullptr) y = y + ep.bias[n];
+      store_float<T>(ep.out, m * ctx.N + n, y);
+    }
+  }
+}
+
+using EpilogueFn = void (*)(const int32_t* c, int64_t ldc, int64_t m0, int64_t rows, int64_t n0,
+                            int64_t cols, const int32_t* correction, const GemmContext& ctx,
+                            const float* outlier_weights);
+
+EpilogueFn scalar_epilogue_for(FloatType type) {
+  switch (type) {
+    case FloatType::kFloat16:
+      return &epilogue_scalar<FloatType::kFloat16>;
+    case FloatType::kBFloat16:
+      return &epilogue_scalar<FloatType::kBFloat16>;
+    case FloatType::kFloat32:
+      break;
+  }
+  return &epilogue_scalar<FloatType::kFloat32>;
+}
+
+// Per-panel scratch for the outlier weights (empty when there are none).
+std::vector<float> outlier_weight_scratch(const GemmContext& ctx) {
+  return std::vector<float>(ctx.epilogue.num_outliers * kPanelCols);
+}
+
+// Runs body(scratch, task) for every task in [0, count) on PyTorch's intra-op threads. Tasks are
+// handed out one at a time from a shared counter, not in fixed ranges: on a shared machine a
+// thread that loses its core for a while takes fewer tasks instead of holding the others up.
+// make_scratch() runs once per thread and returns that thread's working buffers.
+template <typename MakeScratch, typename Body>
+void for_each_task(int64_t count, const MakeScratch& make_scratch, const Body& body) {
+  std::atomic<int64_t> next_task{0};
+  parallel_for(0, count, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t task = next_task.fetch_add(1, std::memory_order_relaxed); task < count;
+         task = next_task.fetch_add(1, std::memory_order_relaxed)) {
+      body(scratch, task);
+    }
+  });
+}
+
+// Scratch of the dot-shaped paths: an accumulator tile and the panel's outlier weights.
+struct PanelScratch {
+  std::vector<int32_t> acc;
+  std::vector<float> outlier_weights;
+};
+
+// ------------------------------------------------------------------------------ scalar path
+
+void gemm_scalar(const int8_t* A, const GemmContext& ctx) {
+  const int64_t M = ctx.M, K = ctx.K, N = ctx.N;
+  const EpilogueFn epilogue = scalar_epilogue_for(ctx.epilogue.out_type);
+  const auto make_scratch = [&] {
+    return PanelScratch{std::vector<int32_t>(kScalarBlockRows * kPanelCols),
+                        outlier_weight_scratch(ctx)};
+  };
+  for_each_task(ceil_div(N, kPanelCols), make_scratch, [&](PanelScratch& scratch, int64_t panel) {
+    const int64_t n0 = panel * kPanelCols;
+    const int64_t cols = std::min(kPanelCols, N - n0);
+    gather_outlier_weights(ctx, n0, cols, scratch.outlier_weights.data());
+    for (int64_t m0 = 0; m0 < M; m0 += kScalarBlockRows) {
+      const int64_t rows = std::min(kScalarBlockRows, M - m0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int8_t* a = A + (m0 + r) * K;
+        for (int64_t j = 0; j < cols; ++j) {
+          const int8_t* w = ctx.W + (n0 + j) * K;
+          int32_t sum = 0;
+          for (int64_t k = 0; k < K; ++k)
+            sum = wrapping_add(sum, int32_t{a[k]} * int32_t{w[k]});
+          scratch.acc[r * kPanelCols + j] = sum;
+        }
+      }
+      epilogue(scratch.acc.data(), kPanelCols, m0, rows, n0, cols, nullptr, ctx,
+               scratch.outlier_weights.data());
+    }
+  });
+}
+
+#if LOWPREC_X86_SIMD
+
+// -------------------------------------------------------------------------------- AVX2 path
+
+LP_TARGET_AVX2 inline int32_t avx2_sum_lanes(__m256i v) {
+  __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, _MM_SHUFFLE(1, 0, 3, 2)));
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(sum);
+}
+
+constexpr int64_t kAvx2DotStep = 16;  // int8 elements widened to one vector of int16
+
+// acc[r * ldc + j] = A row r . W row j for kRows activation rows and kAvx2DotCols weight rows
+// (`w_rows` of them real; the rest repeat the last one and are not stored).
+template <int kRows>
+LP_TARGET_AVX2 void avx2_dot_tile(const int8_t* a, const int8_t* w, int64_t w_rows, int64_t K,
+                                  int32_t* acc, int64_t ldc) {
+  const int8_t* w_row[kAvx2DotCols];
+  LP_UNROLL_FULLY
+  for (int j = 0; j < kAvx2DotCols; ++j)
+    w_row[j] = w + std::min<int64_t>(j, w_rows - 1) * K;
+  __m256i sums[kRows][kAvx2DotCols];
+  LP_UNROLL_FULLY
+  for (int r = 0; r < kRows; ++r)
+    LP_UNROLL_FULLY
+  for (int j = 0; j < kAvx2DotCols; ++j)
+    sums[r][j] = _mm256_setzero_si256();
+  const int64_t vector_end = K / kAvx2DotStep * kAvx2DotStep;
+  for (int64_t k = 0; k < vector_end; k += kAvx2DotStep) {
+    __m256i a16[kRows];
+    LP_UNROLL_FULLY
+    for (int r = 0; r < kRows; ++r) {
+      a16[r] =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + r * K + k)));
+    }
+    LP_UNROLL_FULLY
+    for (int j = 0; j < kAvx2DotCols; ++j) {
+      const __m256i w16 =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w_row[j] + k)));
+      LP_UNROLL_FULLY
+      for (int r = 0; r < kRows; ++r)
+        sums[r][j] = _mm256_add_epi32(sums[r][j], _mm256_madd_epi16(a16[r], w16));
+    }
+  }
+  // Reduce every accumulator (fixed indices keep them in registers), store the real ones.
+  int32_t totals[kRows][kAvx2DotCols];
+  LP_UNROLL_FULLY
+  for (int r = 0; r < kRows; ++r)
+    LP_UNROLL_FULLY
+  for (int j = 0; j < kAvx2DotCols; ++j)
+    totals[r][j] = avx2_sum_lanes(sums[r][j]);
+  LP_UNROLL_FULLY
+  for (int r = 0; r < kRows; ++r) {
+    for (int j = 0; j < w_rows; ++j) {
+      int32_t sum = totals[r][j];
+      for (int64_t k = vector_end; k < K; ++k)
+        sum = wrapping_add(sum, int32_t{a[r * K + k]} * int32_t{w_row[j][k]});
+      acc[r * ldc + j] = sum;
+    }
+  }
+}
+
+void gemm_avx2_dot(const int8_t* A, const GemmContext& ctx) {
+  const int64_t M = ctx.M, K = ctx.K, N = ctx.N;
+  const EpilogueFn epilogue = scalar_epilogue_for(ctx.epilogue.out_type);
+  const auto make_scratch = [&] {
+    return PanelScratch{std::vector<int32_t>(kAvx2BlockRows * kPanelCols),
+                        outlier_weight_scratch(ctx)};
+  };
+  for_each_task(ceil_div(N, kPanelCols), make_scratch, [&](PanelScratch& scratch, int64_t panel) {
+    const int64_t n0 = panel * kPanelCols;
+    const int64_t cols = std::min(kPanelCols, N - n0);
+    int32_t* acc = scratch.acc.data();
+    gather_outlier_weights(ctx, n0, cols, scratch.outlier_weights.data());
+    for (int64_t m0 = 0; m0 < M; m0 += kAvx2BlockRows) {
+      const int64_t rows = std::min(kAvx2BlockRows, M - m0);
+      // The weight rows of a tile stay in L1 while the block's activation rows pass by.
+      for (int64_t j = 0; j < cols; j += kAvx2DotCols) {
+        const int64_t w_rows = std::min<int64_t>(kAvx2DotCols, cols - j);
+        const int8_t* w = ctx.W + (n0 + j) * K;
+        int64_t r = 0;
+        for (; r + kAvx2DotRows <= rows; r += kAvx2DotRows) {
+          avx2_dot_tile<kAvx2DotRows>(A + (m0 + r) * K, w, w_rows, K, acc + r * kPanelCols + j,
+                                      kPanelCols);
+        }
+        for (; r < rows; ++r)
+          avx2_dot_tile<1>(A + (m0 + r) * K, w, w_rows, K, acc + r * kPanelCols + j, kPanelCols);
+      }
+      epilogue(acc, kPanelCols, m0, rows, n0, cols, nullptr, ctx, scratch.outlier_weights.data());
+    }
+  });
+}
+
+// --------------------------------------------------------------------- AVX-512 VNNI paths
+
+constexpr int64_t kAvx512Lanes = 16;
+constexpr int64_t kVnniBytes = 64;  // int8 elements per vector
+
+LP_TARGET_AVX512_VNNI inline __mmask64 vnni_first_bytes(int64_t count) {
+  return count >= 64 ? ~__mmask64{0} : ((__mmask64{1} << count) - 1);
+}
+
+LP_TARGET_AVX512_VNNI inline __mmask16 vnni_first_lanes(int64_t count) {
+  return static_cast<__mmask16>(count >= 16 ? 0xFFFFu : ((1u << count) - 1u));
+}
+
+// 16 floats as 16-bit patterns in 32-bit lanes, rounded to nearest even as c10 does (bf16 by
+// hand: vcvtneps2bf16 would flush subnormals).
+template <FloatType T>
+LP_TARGET_AVX512_VNNI inline __m512i avx512_narrow(__m512 value) {
+  if constexpr (T == FloatType::kFloat16) {
+    return _mm512_cvtepu16_epi32(
+        _mm512_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    const __m512i bits = _mm512_castps_si512(value);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+    const __mmask16 is_nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
+    return _mm512_mask_mov_epi32(rounded, is_nan, _mm512_set1_epi32(0x7FC0));
+  }
+}
+
+template <FloatType T>
+LP_TARGET_AVX512_VNNI inline void avx512_store(void* data, int64_t i, __m512 value,
+                                               __mmask16 lanes) {
+  if constexpr (T == FloatType::kFloat32) {
+    _mm512_mask_storeu_ps(static_cast<float*>(data) + i, lanes, value);
+  } else {
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(data) + i, lanes,
+                             _mm512_cvtepi32_epi16(avx512_narrow<T>(value)));
+  }
+}
+
+// The vector form of epilogue_scalar (same operations in the same order).
+template <FloatType T>
+LP_TARGET_AVX512_VNNI void epilogue_avx512(const int32_t* c, int64_t ldc, int64_t m0, int64_t rows,
+                                           int64_t n0, int64_t cols, const int32_t* correction,
+                                           const GemmContext& ctx, const float* outlier_weights) {
+  const Int8Epilogue& ep = ctx.epilogue;
+  const int64_t num_outliers = ep.num_outliers;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t m = m0 + r;
+    const __m512 row_stat = _mm512_set1_ps(ep.row_stats[m]);
+    const __m512i row_correction = _mm512_set1_epi32(correction != nullptr ? correction[m] : 0);
+    const float* outlier_x = ep.outlier_x + m * num_outliers;
+    for (int64_t j = 0; j < cols; j += kAvx512Lanes) {
+      const __mmask16 lanes = vnni_first_lanes(cols - j);
+      const int64_t n = n0 + j;
+      const __m512i acc =
+          _mm512_sub_epi32(_mm512_maskz_loadu_epi32(lanes, c + r * ldc + j), row_correction);
+      const __m512 scale =
+          _mm512_mul_ps(row_stat, _mm512_maskz_loadu_ps(lanes, &ctx.column_scale[n]));
+      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale);
+      if (num_outliers > 0) {
+        __m512 term = _mm512_setzero_ps();
+        for (int64_t o = 0; o < num_outliers; ++o) {
+          term = _mm512_fmadd_ps(_mm512_set1_ps(outlier_x[o]),
+                                 _mm512_maskz_loadu_ps(lanes, outlier_weights + o * kPanelCols + j),
+                                 term);
+        }
+        y = _mm512_add_ps(y, term);
+      }
+      if (ep.bias != nullptr) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(lanes, ep.bias + n));
+      avx512_store<T>(ep.out, m * ctx.N + n, y, lanes);
+    }
+  }
+}
+
+EpilogueFn avx512_epilogue_for(FloatType type) {
+  switch (type) {
+    case FloatType::kFloat16:
+      return &epilogue_avx512<FloatType::kFloat16>;
+    case FloatType::kBFloat16:
+      return &epilogue_avx512<FloatType::kBFloat16>;
+    case FloatType::kFloat32:
+      break;
+  }
+  return &epilogue_avx512<FloatType::kFloat32>;
+}
+
+// correction[m] = 128 * sum_k A[m, k]: what the unsigned offset of W adds to row m.
+LP_TARGET_AVX512_VNNI void offset_corrections(const int8_t* A, int64_t M, int64_t K,
+                                              int32_t* correction) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* a = A + m * K;
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += kVnniBytes) {
+      const __m512i v = _mm512_maskz_loadu_epi8(vnni_first_bytes(K - k), a + k);
+      sum = _mm512_dpbusd_epi32(sum, ones, v);
+    }
+    correction[m] = wrapping_mul(kUnsignedOffset, _mm512_reduce_add_epi32(sum));
+  }
+}
+
+// ---- vnni-dot
+
+// Weight rows per dot tile for kRows activation rows: kRows x kCols accumulators plus kRows
+// activation vectors and one weight vector fit the 32 vector registers.
+template <int kRows>
+constexpr int vnni_dot_cols() {
+  return kRows <= 3 ? 8 : 6;
+}
+
+// acc[r * ldc + j] = A row r . (W row j + 128) for kRows activation rows and the weight rows
+// of one tile (`w_rows` of them real; the rest repeat the last one and are not stored).
+template <int kRows>
+LP_TARGET_AVX512_VNNI void vnni_dot_tile(const int8_t* a, const int8_t* w, int64_t w_rows,
+                                         int64_t K, int32_t* acc, int64_t ldc) {
+  constexpr int kCols = vnni_dot_cols<kRows>();
+  const int8_t* w_row[kCols];
+  LP_UNROLL_FULLY
+  for (int j = 0; j < kCols; ++j)
+    w_row[j] = w + std::min<int64_t>(j, w_rows - 1) * K;
+  const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i sums[kRows][kCols];
+  LP_UNROLL_FULLY
+  for (int r = 0; r < kRows; ++r)
+    LP_UNROLL_FULLY
+  for (int j = 0; j < kCols; ++j)
+    sums[r][j] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += kVnniBytes) {
+    // The last step may be partial: masked loads give zeros there, and a zero activation byte
+    // adds nothing whatever the weight byte is.
+    const __mmask64 bytes = vnni_first_bytes(K - k);
+    __m512i av[kRows];
+    LP_UNROLL_FULLY
+    for (int r = 0; r < kRows; ++r)
+      av[r] = _mm512_maskz_loadu_epi8(bytes, a + r * K + k);
+    LP_UNROLL_FULLY
+    for (int j = 0; j < kCols; ++j) {
+      const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(bytes, w_row[j] + k), offset);
+      LP_UNROLL_FULLY
+      for (int r = 0; r < kRows; ++r)
+        sums[r][j] = _mm512_dpbusd_epi32(sums[r][j], wv, av[r]);
+    }
+  }
+  // Reduce every accumulator (fixed indices keep them in registers), store the real ones.
+  int32_t totals[kRows][kCols];
+  LP_UNROLL_FULLY
+  for (int r = 0; r < kRows; ++r)
+    LP_UNROLL_FULLY
+  for (int j = 0; j < kCols; ++j)
+    totals[r][j] = _mm512_reduce_add_epi32(sums[r][j]);
+  LP_UNROLL_FULLY
+  for (int r = 0; r < kRows; ++r)
+    for (int j = 0; j < w_rows; ++j)
+      acc[r * ldc + j] = totals[r][j];
+}
+
+template <int kRows>
+void gemm_vnni_dot(const int8_t* A, const GemmContext& ctx) {
+  constexpr int kCols = vnni_dot_cols<kRows>();
+  const int64_t K = ctx.K, N = ctx.N;
+  int32_t correction[kRows];
+  offset_corrections(A, kRows, K, correction);
+  const EpilogueFn epilogue = avx512_epilogue_for(ctx.epilogue.out_type);
+  const auto make_scratch = [&] {
+    return PanelScratch{std::vector<int32_t>(kRows * kPanelCols), outlier_weight_scratch(ctx)};
+  };
+  for_each_task(ceil_div(N, kPanelCols), make_scratch, [&](PanelScratch& scratch, int64_t panel) {
+    const int64_t n0 = panel * kPanelCols;
+    const int64_t cols = std::min(kPanelCols, N - n0);
+    for (int64_t j = 0; j < cols; j += kCols) {
+      vnni_dot_tile<kRows>(A, ctx.W + (n0 + j) * K, std::min<int64_t>(kCols, cols - j), K,
+                           scratch.acc.data() + j, kPanelCols);
+    }
+    gather_outlier_weights(ctx, n0, cols, scratch.outlier_weights.data());
+    epilogue(scratch.acc.data(), kPanelCols, 0, kRows, n0, cols, correction, ctx,
+             scratch.outlier_weights.data());
+  });
+}
+
+// ---- vnni-packed
+
+// Groups of K per K block.
+constexpr int64_t kVnniBlockGroups = kVnniKBlock / kKGroup;
+// Bytes of one register tile's activations for one group: kVnniTileRows x 4.
+constexpr int64_t kVnniTileGroupBytes = kVnniTileRows * kKGroup;
+
+// A in the order the register tiles read it: K block b, tile t, group g (of the block) holds
+// the 4 bytes of k = 4 (b * kVnniBlockGroups + g) .. + 3 of rows 6t .. 6t + 5 side by side
+// (24 bytes; zero beyond M and K). Within a K block the tiles follow one another, so the
+// GEMM streams A sequentially; the broadcasts read 4 bytes per row and group.
+int64_t packed_a_offset(int64_t tiles, int64_t block, int64_t tile) {
+  return (block * tiles + tile) * kVnniBlockGroups * kVnniTileGroupBytes;
+}
+
+void pack_a_tiles(const int8_t* A, int64_t M, int64_t K, int64_t tiles, int64_t tile_begin,
+                  int64_t tile_end, int8_t* packed) {
+  const int64_t blocks = ceil_div(K, kVnniKBlock);
+  for (int64_t t = tile_begin; t < tile_end; ++t) {
+    for (int64_t r = 0; r < kVnniTileRows; ++r) {
+      const int64_t m = t * kVnniTileRows + r;
+      for (int64_t block = 0; block < blocks; ++block) {
+        int8_t* dst = packed + packed_a_offset(tiles, block, t) + r * kKGroup;
+        const int64_t k_begin = block * kVnniKBlock;
+        const int64_t k_end = std::min(K, k_begin + kVnniKBlock);
+        for (int64_t k = k_begin; k < k_end; k += kKGroup, dst += kVnniTileGroupBytes) {
+          int8_t four[kKGroup] = {0, 0, 0, 0};
+          if (m < M) std::memcpy(four, A + m * K + k, std::min<int64_t>(kKGroup, K - k));
+          std::memcpy(dst, four, kKGroup);
+        }
+      }
+    }
+  }
+}
+
+// rows[0..7] hold 8 rows of 16 dwords; on return rows[j] holds dwords 2j and 2j + 1 of the 8
+// rows: the low 256 bits dword 2j (rows 0..7), the high 256 bits dword 2j + 1 — except that
+// the pairs come out in the order (0,4) (1,5) (2,6) (3,7) (8,12) ... as listed by
+// kTransposedDwords.
+LP_TARGET_AVX512_VNNI inline void transpose_8x16_epi32(__m512i rows[8]) {
+  __m512i t[8], u[8];
+  for (int p = 0; p < 4; ++p) {
+    t[2 * p] = _mm512_unpacklo_epi32(rows[2 * p], rows[2 * p + 1]);
+    t[2 * p + 1] = _mm512_unpackhi_epi32(rows[2 * p], rows[2 * p + 1]);
+  }
+  // u[4q + s], 128-bit lane L: dword 4L + s of rows 4q .. 4q + 3.
+  for (int q = 0; q < 2; ++q) {
+    u[4 * q + 0] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+    u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+  }
+  // Lanes (rows 0-3, rows 4-7) of dword 4L + s for L = 0, 1 (low pair) and 2, 3 (high pair).
+  const __m512i low_lanes = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+  const __m512i high_lanes = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  for (int s = 0; s < 4; ++s) {
+    rows[s] = _mm512_permutex2var_epi64(u[s], low_lanes, u[4 + s]);       // dwords s, 4 + s
+    rows[4 + s] = _mm512_permutex2var_epi64(u[s], high_lanes, u[4 + s]);  // 8 + s, 12 + s
+  }
+}
+
+// Packs one weight panel (W's rows n0 .. n0 + cols, all of K) in vpdpbusd's layout, offset to
+// unsigned: packed[g * 256 + c * 4 + b] = W[n0 + c, 4g + b] ^ 0x80 (0x80 beyond N and K, where
+// the activations are zero). The work is cut into units (16 rows x 64 bytes: one in-register
+// transpose) that the GEMM interleaves with its register tiles, so that the shuffles and the
+// loads of W overlap the vpdpbusd stream instead of stalling it.
+class PanelPacker {
+ public:
+  // 8 rows per transpose: the rows are K bytes apart, and with K a multiple of 4 KiB 16 of them
+  // would fall into one L1 set (12 ways) and evict one another.
+  static constexpr int64_t kRowsPerUnit = 8;
+  static constexpr int64_t kUnitsPerChunk = kPanelCols / kRowsPerUnit;
+  // W is read this many 64-byte chunks ahead of the packing (prefetched): its rows are K bytes
+  // apart, a pattern the hardware prefetchers do not follow.
+  static constexpr int64_t kPrefetchChunks = 4;
+
+  PanelPacker(const int8_t* W, int64_t K, int64_t n0, int64_t cols, int64_t padded_k,
+              uint8_t* packed)
+      : W_(W),
+        K_(K),
+        n0_(n0),
+        cols_(cols),
+        chunks_(ceil_div(padded_k, kVnniBytes)),
+        packed_(packed) {}
+
+  int64_t total_units() const { return chunks_ * kUnitsPerChunk; }
+  int64_t packed_units() const { return next_; }
+  // The units that cover the bytes [0, k_end) of K.
+  int64_t units_for(int64_t k_end) const {
+    return std::min(total_units(), ceil_div(k_end, kVnniBytes) * kUnitsPerChunk);
+  }
+
+  LP_TARGET_AVX512_VNNI void pack_until(int64_t units) {
+    for (const int64_t end = std::min(units, total_units()); next_ < end; ++next_)
+      pack_unit(next_ / kUnitsPerChunk, next_ % kUnitsPerChunk * kRowsPerUnit);
+  }
+
+ private:
+  LP_TARGET_AVX512_VNNI void pack_unit(int64_t chunk, int64_t row0) {
+    const int64_t k = chunk * kVnniBytes;
+    const int64_t rows = std::max<int64_t>(0, std::min(kRowsPerUnit, cols_ - row0));
+    const int8_t* src = W_ + (n0_ + row0) * K_;
+    if (chunk + kPrefetchChunks < chunks_) {
+      const int64_t ahead = k + kPrefetchChunks * kVnniBytes;
+      for (int64_t i = 0; i < rows; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(src + i * K_ + ahead), _MM_HINT_T0);
+    }
+    const __mmask64 bytes = vnni_first_bytes(K_ - k);
+    __m512i unit[kRowsPerUnit];
+    for (int64_t i = 0; i < kRowsPerUnit; ++i) {
+      unit[i] =
+          i < rows ? _mm512_maskz_loadu_epi8(bytes, src + i * K_ + k) : _mm512_setzero_si512();
+    }
+    transpose_8x16_epi32(unit);
+    const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
+    uint8_t* dst = packed_ + (k / kKGroup) * kGroupBytes + row0 * kKGroup;
+    for (int j = 0; j < kRowsPerUnit; ++j) {
+      const __m512i bytes_out = _mm512_xor_si512(unit[j], offset);
+      const int64_t g = j < 4 ? j : j + 4;  // dword pairs (g, g + 4): see transpose_8x16_epi32
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + g * kGroupBytes),
+                         _mm512_castsi512_si256(bytes_out));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(dst + (g + 4) * kGroupBytes),
+                         _mm512_extracti64x4_epi64(bytes_out, 1));
+    }
+  }
+
+  static constexpr int64_t kGroupBytes = kPanelCols * kKGroup;
+  const int8_t* W_;
+  int64_t K_, n0_, cols_, chunks_;
+  uint8_t* packed_;
+  int64_t next_ = 0;
+};
+
+// The register tile: c[r * kPanelCols + j] (+)= sum over the groups of the tile's activation
+// rows (packed by pack_a_tiles) times the packed weight block. The 24 accumulators are named
+// variables: GCC keeps an array of them in memory, which costs a store per vpdpbusd.
+#define LP_VNNI_FOR_TILE_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define LP_VNNI_DECLARE_ROW(r) __m512i acc##r##0, acc##r##1, acc##r##2, acc##r##3;
+#define LP_VNNI_ZERO_ROW(r) acc##r##0 = acc##r##1 = acc##r##2 = acc##r##3 = _mm512_setzero_si512();
+#define LP_VNNI_LOAD_ROW(r)                                             \
+  acc##r##0 = _mm512_load_si512(c + r * kPanelCols + 0 * kAvx512Lanes); \
+  acc##r##1 = _mm512_load_si512(c + r * kPanelCols + 1 * kAvx512Lanes); \
+  acc##r##2 = _mm512_load_si512(c + r * kPanelCols + 2 * kAvx512Lanes); \
+  acc##r##3 = _mm512_load_si512(c + r * kPanelCols + 3 * kAvx512Lanes);
+#define LP_VNNI_STORE_ROW(r)                                            \
+  _mm512_store_si512(c + r * kPanelCols + 0 * kAvx512Lanes, acc##r##0); \
+  _mm512_store_si512(c + r * kPanelCols + 1 * kAvx512Lanes, acc##r##1); \
+  _mm512_store_si512(c + r * kPanelCols + 2 * kAvx512Lanes, acc##r##2); \
+  _mm512_store_si512(c + r * kPanelCols + 3 * kAvx512Lanes, acc##r##3);
+#define LP_VNNI_UPDATE_ROW(r)                              \
+  {                                                        \
+    const __m512i av = broadcast_4_bytes(a + r * kKGroup); \
+    acc##r##0 = _mm512_dpbusd_epi32(acc##r##0, w0, av);    \
+    acc##r##1 = _mm512_dpbusd_epi32(acc##r##1, w1, av);    \
+    acc##r##2 = _mm512_dpbusd_epi32(acc##r##2, w2, av);    \
+    acc##r##3 = _mm512_dpbusd_epi32(acc##r##3, w3, av);    \
+  }
+
+LP_TARGET_AVX512_VNNI inline __m512i broadcast_4_bytes(const int8_t* p) {
+  int32_t four_bytes;
+  std::memcpy(&four_bytes, p, sizeof(four_bytes));
+  return _mm512_set1_epi32(four_bytes);
+}
+
+static_assert(kVnniTileRows == 6 && kVnniTileVectors == 4, "vnni_tile is written for 6 x 4");
+
+template <bool kFirstBlock>
+LP_TARGET_AVX512_VNNI void vnni_tile(const int8_t* a, const uint8_t* w, int64_t groups,
+                                     int32_t* c) {
+  LP_VNNI_FOR_TILE_ROWS(LP_VNNI_DECLARE_ROW)
+  if constexpr (kFirstBlock) {
+    LP_VNNI_FOR_TILE_ROWS(LP_VNNI_ZERO_ROW)
+  } else {
+    LP_VNNI_FOR_TILE_ROWS(LP_VNNI_LOAD_ROW)
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512i w0 = _mm512_load_si512(w + 0 * kVnniBytes);
+    const __m512i w1 = _mm512_load_si512(w + 1 * kVnniBytes);
+    const __m512i w2 = _mm512_load_si512(w + 2 * kVnniBytes);
+    const __m512i w3 = _mm512_load_si512(w + 3 * kVnniBytes);
+    LP_VNNI_FOR_TILE_ROWS(LP_VNNI_UPDATE_ROW)
+    a += kVnniTileRows * kKGroup;
+    w += kPanelCols * kKGroup;
+  }
+  LP_VNNI_FOR_TILE_ROWS(LP_VNNI_STORE_ROW)
+}
+
+#undef LP_VNNI_FOR_TILE_ROWS
+#undef LP_VNNI_DECLARE_ROW
+#undef LP_VNNI_ZERO_ROW
+#undef LP_VNNI_LOAD_ROW
+#undef LP_VNNI_STORE_ROW
+#undef LP_VNNI_UPDATE_ROW
+
+// Scratch of a vnni-packed task: its packed weight panel, accumulators and outlier weights.
+struct PackedScratch {
+  AlignedBuffer<uint8_t> packed_w;
+  AlignedBuffer<int32_t> acc;
+  std::vector<float> outlier_weights;
+};
+
+void gemm_vnni_packed(const int8_t* A, const GemmContext& ctx) {
+  const int64_t M = ctx.M, K = ctx.K, N = ctx.N;
+  const int64_t padded_k = ceil_div(K, kKGroup) * kKGroup;
+  const int64_t k_blocks = ceil_div(K, kVnniKBlock);
+  const int64_t tiles = ceil_div(M, kVnniTileRows);
+  AlignedBuffer<int8_t> packed_a = aligned_buffer<int8_t>(packed_a_offset(tiles, k_blocks, 0));
+  std::vector<int32_t> correction(M);
+  parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    pack_a_tiles(A, M, K, tiles, begin, end, packed_a.get());
+    const int64_t m_begin = begin * kVnniTileRows;
+    const int64_t m_end = std::min(M, end * kVnniTileRows);
+    offset_corrections(A + m_begin * K, m_end - m_begin, K, correction.data() + m_begin);
+  });
+
+  const EpilogueFn epilogue = avx512_epilogue_for(ctx.epilogue.out_type);
+  const int64_t panels = ceil_div(N, kPanelCols);
+  // Row blocks of equal size.
+  const int64_t row_blocks = ceil_div(tiles, kVnniMaxTilesPerBlock);
+  const int64_t tiles_per_block = ceil_div(tiles, row_blocks);
+  const auto make_scratch = [&] {
+    // The panel is packed for all of K, in whole 64-byte chunks of K.
+    return PackedScratch{
+        aligned_buffer<uint8_t>(ceil_div(padded_k, kVnniBytes) * kVnniBytes * kPanelCols),
+        aligned_buffer<int32_t>(tiles_per_block * kVnniTileRows * kPanelCols),
+        outlier_weight_scratch(ctx)};
+  };
+  // A task: one panel of output columns for one block of register tiles.
+  for_each_task(row_blocks * panels, make_scratch, [&](PackedScratch& scratch, int64_t task) {
+    const int64_t n0 = (task % panels) * kPanelCols;
+    const int64_t cols = std::min(kPanelCols, N - n0);
+    const int64_t tile_begin = task / panels * tiles_per_block;
+    const int64_t tile_end = std::min(tiles, tile_begin + tiles_per_block);
+    // The first K block is packed up front, the rest of the panel a few units per register
+    // tile of the blocks before it.
+    PanelPacker packer(ctx.W, K, n0, cols, padded_k, scratch.packed_w.get());
+    const int64_t first_units = packer.units_for(kVnniKBlock);
+    packer.pack_until(first_units);
+    const int64_t spread_units = packer.total_units() - first_units;
+    const int64_t spread_calls = std::max<int64_t>(1, (k_blocks - 1) * (tile_end - tile_begin));
+    int64_t calls = 0;
+    for (int64_t block = 0; block < k_blocks; ++block) {
+      const int64_t k0 = block * kVnniKBlock;
+      const int64_t groups = std::min(kVnniKBlock, padded_k - k0) / kKGroup;
+      packer.pack_until(packer.units_for(k0 + groups * kKGroup));  // normally done already
+      const uint8_t* w = scratch.packed_w.get() + k0 / kKGroup * kPanelCols * kKGroup;
+      for (int64_t t = tile_begin; t < tile_end; ++t) {
+        packer.pack_until(first_units + (++calls) * spread_units / spread_calls);
+        const int8_t* a = packed_a.get() + packed_a_offset(tiles, block, t);
+        int32_t* c = scratch.acc.get() + (t - tile_begin) * kVnniTileRows * kPanelCols;
+        if (block == 0) {
+          vnni_tile<true>(a, w, groups, c);
+        } else {
+          vnni_tile<false>(a, w, groups, c);
+        }
+      }
+    }
+    gather_outlier_weights(ctx, n0, cols, scratch.outlier_weights.data());
+    const int64_t m0 = tile_begin * kVnniTileRows;
+    const int64_t rows = std::min(M, tile_end * kVnniTileRows) - m0;
+    epilogue(scratch.acc.get(), kPanelCols, m0, rows, n0, cols, correction.data(), ctx,
+             scratch.outlier_weights.data());
+  });
+}
+
+bool cpu_has_avx512_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni");
+}
+
+#endif  // LOWPREC_X86_SIMD
+
+enum class GemmKernel { kScalar, kAvx2Dot, kVnniDot, kVnniPacked };
+
+GemmKernel gemm_kernel_for(int64_t M) {
+#if LOWPREC_X86_SIMD
+  const CpuIsa isa = active_cpu_isa();
+  if (isa == CpuIsa::kAvx512 && cpu_has_avx512_vnni()) {
+    return M <= kVnniDotMaxRows ? GemmKernel::kVnniDot : GemmKernel::kVnniPacked;
+  }
+  if (isa >= CpuIsa::kAvx2) return GemmKernel::kAvx2Dot;
+#endif
+  (void)M;
+  return GemmKernel::kScalar;
+}
+
+}  // namespace
+
+const char* int8_gemm_kernel_name(int64_t M) {
+  switch (gemm_kernel_for(M)) {
+    case GemmKernel::kVnniPacked:
+      return "vnni-packed";
+    case GemmKernel::kVnniDot:
+      return "vnni-dot";
+    case GemmKernel::kAvx2Dot:
+      return "avx2-dot";
+    case GemmKernel::kScalar:
+      break;
+  }
+  return "scalar";
+}
+
+void int8_gemm(const int8_t* A, int64_t M, int64_t K, const int8_t* W, int64_t N,
+               const Int8Epilogue& epilogue) {
+  if (M <= 0 || N <= 0) return;
+  const GemmContext ctx = make_context(epilogue, W, M, K, N);
+  if (K == 0) return gemm_scalar(A, ctx);  // empty sums: the epilogue of zeros
+  switch (gemm_kernel_for(M)) {
+#if LOWPREC_X86_SIMD
+    case GemmKernel::kVnniPacked:
+      return gemm_vnni_packed(A, ctx);
+    case GemmKernel::kVnniDot:
+      switch (M) {
+        case 1:
+          return gemm_vnni_dot<1>(A, ctx);
+        case 2:
+          return gemm_vnni_dot<2>(A, ctx);
+        case 3:
+          return gemm_vnni_dot<3>(A, ctx);
+        default:
+          return gemm_vnni_dot<4>(A, ctx);
+      }
+    case GemmKernel::kAvx2Dot:
+      return gemm_avx2_dot(A, ctx);
+#endif
+    default:
+      return gemm_scalar(A, ctx);
+  }
+}
+
+namespace {
+
+template <FloatType T>
+float load_float(const void* data, int64_t i) {
+  if constexpr (T == FloatType::kFloat32) {
+    return static_cast<const float*>(data)[i];
+  } else if constexpr (T == FloatType::kFloat16) {
+    return fp16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
+  } else {
+    return bf16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
+  }
+}
+
+float load_any_float(const void* data, FloatType type, int64_t i) {
+  switch (type) {
+    case FloatType::kFloat16:
+      return load_float<FloatType::kFloat16>(data, i);
+    case FloatType::kBFloat16:
+      return load_float<FloatType::kBFloat16>(data, i);
+    case FloatType::kFloat32:
+      break;
+  }
+  return load_float<FloatType::kFloat32>(data, i);
+}
+
+}  // namespace
+
+void int8_linear(const void* x, FloatType x_type, int64_t M, int64_t K, const int8_t* W,
+                 const float* w_scale, int64_t N, const float* bias, float threshold, void* out,
+                 FloatType out_type) {
+  if (M <= 0 || N <= 0) return;
+  const std::vector<int64_t> outlier_cols = int8_outlier_columns(x, x_type, M, K, threshold);
+  AlignedBuffer<int8_t> codes = aligned_buffer<int8_t>(M * K);
+  std::vector<float> row_stats(M);
+  int8_quantize_rows(x, x_type, M, K, outlier_cols, codes.get(), row_stats.data());
+
+  const int64_t num_outliers = static_cast<int64_t>(outlier_cols.size());
+  std::vector<float> outlier_x(M * num_outliers);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t o = 0; o < num_outliers; ++o)
+      outlier_x[m * num_outliers + o] = load_any_float(x, x_type, m * K + outlier_cols[o]);
+  }
+  Int8Epilogue epilogue;
+  epilogue.row_stats = row_stats.data();
+  epilogue.col_stats = w_scale;
+  epilogue.bias = bias;
+  epilogue.outlier_x = outlier_x.data();
+  epilogue.outlier_cols = outlier_cols.data();
+  epilogue.num_outliers = num_outliers;
+  epilogue.out = out;
+  epilogue.out_type = out_type;
+  int8_gemm(codes.get(), M, K, W, N, epilogue);
+}
+
+}  // namespace lowprec::cpu

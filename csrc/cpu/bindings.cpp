@@ -40,8 +40,8 @@ void int8_quantize_weight_cpu(const at::Tensor& W, const at::Tensor& out_codes,
   const int64_t cols = check_int8_rows(kOp, c10::DeviceType::CPU, W, out_codes, out_absmax);
   const FloatType type = float_type_of(W, kOp, "W");
   if (W.numel() == 0) return;
-  cpu::int8_quantize_rows(W.data_ptr(), type, W.numel() / cols, cols, {},
-                          out_codes.data_ptr<int8_t>(), out_absmax.data_ptr<float>());
+  cpu::int8_quantize_rows(W.data_ptr(), type, W.numel() / cols, cols, out_codes.data_ptr<int8_t>(),
+                          out_absmax.data_ptr<float>());
 }
 
 int64_t int8_vectorwise_quant_cpu(const at::Tensor& A, double threshold,
@@ -57,9 +57,8 @@ int64_t int8_vectorwise_quant_cpu(const at::Tensor& A, double threshold,
   if (A.numel() == 0) return 0;
   const int64_t rows = A.numel() / cols;
   const std::vector<int64_t> outliers =
-      cpu::int8_outlier_columns(A.data_ptr(), type, rows, cols, static_cast<float>(threshold));
-  cpu::int8_quantize_rows(A.data_ptr(), type, rows, cols, outliers, out_codes.data_ptr<int8_t>(),
-                          out_row_absmax.data_ptr<float>());
+      cpu::int8_vectorwise_quant(A.data_ptr(), type, rows, cols, static_cast<float>(threshold),
+                                 out_codes.data_ptr<int8_t>(), out_row_absmax.data_ptr<float>());
   std::copy(outliers.begin(), outliers.end(), out_cols.data_ptr<int64_t>());
   return static_cast<int64_t>(outliers.size());
 }

@@ -10,17 +10,46 @@
 
 namespace lowprec::cpu {
 
-// Sorted indices of the columns of x [rows, cols] holding any |x| >= threshold (NaN never
-// does); none when threshold <= 0. One pass over x.
-std::vector<int64_t> int8_outlier_columns(const void* x, FloatType x_type, int64_t rows,
-                                          int64_t cols, float threshold);
+// Each parallel task of the row-wise kernels gets at least this many elements, so that small
+// inputs stay on one thread and a task's work outweighs the cost of handing it out.
+constexpr int64_t kInt8MinElementsPerTask = 16384;
 
-// Per row of x [rows, cols]: absmax over the non-outlier columns into row_absmax[row], and the
-// codes rint(x * 127 / absmax) into codes [rows, cols], outlier columns coded 0. outlier_cols
-// (sorted, may be empty) as int8_outlier_columns returns them. Each row is read from memory
-// once (its second sweep, the encoding, reads it from L1).
-void int8_quantize_rows(const void* x, FloatType x_type, int64_t rows, int64_t cols,
-                        const std::vector<int64_t>& outlier_cols, int8_t* codes, float* row_absmax);
+inline int64_t int8_rows_per_task(int64_t cols) {
+  return cols >= kInt8MinElementsPerTask ? 1 : kInt8MinElementsPerTask / (cols > 0 ? cols : 1);
+}
+
+// Outlier columns as a bit set: bit j % 32 of word j / 32.
+constexpr int64_t kOutlierBitsPerWord = 32;
+using OutlierBits = std::vector<uint32_t>;
+
+inline int64_t outlier_words(int64_t cols) {
+  return (cols + kOutlierBitsPerWord - 1) / kOutlierBitsPerWord;
+}
+
+// Sets in `bits` (atomically: tasks share it) the columns where rows [row_begin, row_end) of
+// x [*, cols] hold any |x| >= threshold (NaN never does).
+void int8_mark_outliers(const void* x, FloatType x_type, int64_t row_begin, int64_t row_end,
+                        int64_t cols, float threshold, uint32_t* bits);
+
+// The set bits as sorted column indices.
+std::vector<int64_t> int8_outlier_list(const OutlierBits& bits);
+
+// Quantizes rows [row_begin, row_end) of x [*, cols]: each row's absmax over the columns not
+// set in outlier_bits (all of them when null) and its codes rint(x * 127 / absmax), outlier
+// columns coded 0. codes (row-major) and row_absmax hold row_begin's entries first. The row
+// is read once from memory: its second sweep, the encoding, reads it from L1.
+void int8_quantize_row_range(const void* x, FloatType x_type, int64_t row_begin, int64_t row_end,
+                             int64_t cols, const uint32_t* outlier_bits, int8_t* codes,
+                             float* row_absmax);
+
+// Whole tensors, one parallel region each. Without outliers (weights):
+void int8_quantize_rows(const void* x, FloatType x_type, int64_t rows, int64_t cols, int8_t* codes,
+                        float* row_absmax);
+// With outlier columns (threshold > 0): finds them in one pass over x, then quantizes (a
+// second pass: no row's absmax is known before every row was searched). Returns them sorted.
+std::vector<int64_t> int8_vectorwise_quant(const void* x, FloatType x_type, int64_t rows,
+                                           int64_t cols, float threshold, int8_t* codes,
+                                           float* row_absmax);
 
 // What the GEMM does with each int32 accumulator acc[m, n] before it leaves the kernel:
 //   out[m, n] = acc * row_stats[m] * col_stats[n] / 127²  (+ outlier term) (+ bias[n])

@@ -32,9 +32,9 @@
 
 #include "cpu_isa.h"
 #include "int8.h"
+#include "int8_tasks.h"
 #include "lowprec/float16.h"
 #include "lowprec/int8.h"
-#include "parallel.h"
 
 #if LOWPREC_X86_SIMD
 #include <immintrin.h>
@@ -86,8 +86,6 @@ constexpr int kAvx2DotCols = 4;
 constexpr int64_t kAvx2BlockRows = 64;
 // scalar: row blocks per epilogue tile.
 constexpr int64_t kScalarBlockRows = 64;
-// The least activation bytes worth a thread of its own when packing A.
-constexpr int64_t kMinPackBytesPerThread = int64_t{1} << 18;
 // The least work (multiply-adds) worth a thread of its own.
 constexpr int64_t kMinMacsPerThread = int64_t{1} << 22;
 // Cache-line alignment of the scratch buffers.
@@ -219,25 +217,74 @@ std::vector<float> outlier_weight_scratch(const GemmContext& ctx) {
   return std::vector<float>(ctx.epilogue.num_outliers * kPanelCols);
 }
 
-// Runs body(scratch, task) for every task in [0, count) on PyTorch's intra-op threads, each of
-// which gets at least kMinMacsPerThread multiply-adds (task_macs per task): waking a thread for
-// less costs more than it saves. Tasks are handed out one at a time from a shared counter, not
-// in fixed ranges: on a shared machine a thread that loses its core for a while takes fewer
-// tasks instead of holding the others up. make_scratch() runs once per thread and returns that
-// thread's working buffers.
-template <typename MakeScratch, typename Body>
-void for_each_task(int64_t count, int64_t task_macs, const MakeScratch& make_scratch,
-                   const Body& body) {
-  std::atomic<int64_t> next_task{0};
-  const int64_t tasks_per_thread = ceil_div(kMinMacsPerThread, std::max<int64_t>(task_macs, 1));
-  parallel_for(0, count, tasks_per_thread, [&](int64_t, int64_t) {
-    auto scratch = make_scratch();
-    for (int64_t task = next_task.fetch_add(1, std::memory_order_relaxed); task < count;
-         task = next_task.fetch_add(1, std::memory_order_relaxed)) {
-      body(scratch, task);
-    }
-  });
+template <FloatType T>
+float load_float(const void* data, int64_t i) {
+  if constexpr (T == FloatType::kFloat32) {
+    return static_cast<const float*>(data)[i];
+  } else if constexpr (T == FloatType::kFloat16) {
+    return fp16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
+  } else {
+    return bf16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
+  }
 }
+
+float load_any_float(const void* data, FloatType type, int64_t i) {
+  switch (type) {
+    case FloatType::kFloat16:
+      return load_float<FloatType::kFloat16>(data, i);
+    case FloatType::kBFloat16:
+      return load_float<FloatType::kBFloat16>(data, i);
+    case FloatType::kFloat32:
+      break;
+  }
+  return load_float<FloatType::kFloat32>(data, i);
+}
+
+// Where the GEMM's activation rows come from: int8 codes (int8_scaled_mm), or float x that is
+// quantized on the way in (int8_linear), its outlier columns coded 0 and kept in float32.
+struct ActivationSource {
+  int64_t K = 0;
+  const int8_t* codes = nullptr;  // [M, K] when given
+  const void* x = nullptr;        // [M, K] to quantize otherwise
+  FloatType x_type = FloatType::kFloat32;
+  const uint32_t* outlier_bits = nullptr;  // filled by an earlier phase; null: no outliers
+  float* row_stats = nullptr;              // [M], written while quantizing
+  // Known from the phase that lists the outlier columns on: the columns, and x's values in them
+  // [M, columns], gathered here row by row.
+  const std::vector<int64_t>* outlier_cols = nullptr;
+  std::vector<float>* outlier_x = nullptr;
+
+  // The codes of rows [begin, end): in place when given, else quantized into `buffer` (row-major).
+  const int8_t* rows(int64_t begin, int64_t end, int8_t* buffer) const {
+    if (codes != nullptr) return codes + begin * K;
+    int8_quantize_row_range(x, x_type, begin, end, K, outlier_bits, buffer, row_stats + begin);
+    if (outlier_cols != nullptr && !outlier_cols->empty()) {
+      const int64_t count = static_cast<int64_t>(outlier_cols->size());
+      for (int64_t m = begin; m < end; ++m) {
+        for (int64_t o = 0; o < count; ++o)
+          (*outlier_x)[m * count + o] = load_any_float(x, x_type, m * K + (*outlier_cols)[o]);
+      }
+    }
+    return buffer;
+  }
+};
+
+// A GEMM call in flight: the context, the activations in the layout the kernel reads, and the
+// number of threads it is worth. Kernels add their phases to a TaskPhases, which runs them.
+struct GemmRun {
+  GemmRun(const ActivationSource& source_, const Int8Epilogue& epilogue, const int8_t* W, int64_t M,
+          int64_t K, int64_t N)
+      : source(source_),
+        ctx(make_context(epilogue, W, M, K, N)),
+        workers(std::max<int64_t>(1, M * N * K / kMinMacsPerThread)) {}
+  const ActivationSource& source;
+  GemmContext ctx;
+  int64_t workers;
+  const int8_t* codes = nullptr;       // row-major activations (dot-shaped kernels)
+  AlignedBuffer<int8_t> codes_buffer;  // ... when quantized here
+  AlignedBuffer<int8_t> packed_a;      // vnni-packed
+  std::vector<int32_t> correction;     // [M]: 128 * rowsum(A), for the VNNI kernels
+};
 
 // Scratch of the dot-shaped paths: an accumulator tile and the panel's outlier weights.
 struct PanelScratch {
@@ -245,36 +292,68 @@ struct PanelScratch {
   std::vector<float> outlier_weights;
 };
 
+// correction[m] for rows [0, M) of A [M, K] (the VNNI kernels' offset_corrections).
+using CorrectionsFn = void (*)(const int8_t* A, int64_t M, int64_t K, int32_t* correction);
+
+// The phase that gives the dot-shaped kernels row-major codes: quantized (int8_linear) or
+// given (int8_scaled_mm, where only the corrections are left to compute, for kernels that
+// want them: `corrections` not null).
+void add_row_major_phase(GemmRun& run, TaskPhases& phases, CorrectionsFn corrections) {
+  const int64_t M = run.ctx.M, K = run.ctx.K;
+  if (run.source.codes != nullptr) {
+    run.codes = run.source.codes;
+    if (corrections == nullptr) return;
+  } else {
+    run.codes_buffer = aligned_buffer<int8_t>(M * K);
+    run.codes = run.codes_buffer.get();
+  }
+  if (corrections != nullptr) run.correction.assign(M, 0);
+  const int64_t chunk = int8_rows_per_task(K);
+  phases.add(ceil_div(M, chunk), [&run, chunk, corrections](int64_t task, int64_t) {
+    const int64_t K = run.ctx.K;
+    const int64_t begin = task * chunk;
+    const int64_t end = std::min(run.ctx.M, begin + chunk);
+    if (run.source.codes == nullptr)
+      run.source.rows(begin, end, run.codes_buffer.get() + begin * K);
+    if (corrections != nullptr) {
+      corrections(run.codes + begin * K, end - begin, K, run.correction.data() + begin);
+    }
+  });
+}
+
 // ------------------------------------------------------------------------------ scalar path
 
-void gemm_scalar(const int8_t* A, const GemmContext& ctx) {
-  const int64_t M = ctx.M, K = ctx.K, N = ctx.N;
-  const EpilogueFn epilogue = scalar_epilogue_for(ctx.epilogue.out_type);
-  const auto make_scratch = [&] {
+void add_scalar_phases(GemmRun& run, TaskPhases& phases) {
+  add_row_major_phase(run, phases, /*corrections=*/nullptr);
+  const GemmContext& ctx = run.ctx;
+  auto scratch = std::make_shared<WorkerScratch<PanelScratch>>(run.workers, [&ctx] {
     return PanelScratch{std::vector<int32_t>(kScalarBlockRows * kPanelCols),
                         outlier_weight_scratch(ctx)};
-  };
-  for_each_task(ceil_div(N, kPanelCols), M * K * kPanelCols, make_scratch,
-                [&](PanelScratch& scratch, int64_t panel) {
-                  const int64_t n0 = panel * kPanelCols;
-                  const int64_t cols = std::min(kPanelCols, N - n0);
-                  gather_outlier_weights(ctx, n0, cols, scratch.outlier_weights.data());
-                  for (int64_t m0 = 0; m0 < M; m0 += kScalarBlockRows) {
-                    const int64_t rows = std::min(kScalarBlockRows, M - m0);
-                    for (int64_t r = 0; r < rows; ++r) {
-                      const int8_t* a = A + (m0 + r) * K;
-                      for (int64_t j = 0; j < cols; ++j) {
-                        const int8_t* w = ctx.W + (n0 + j) * K;
-                        int32_t sum = 0;
-                        for (int64_t k = 0; k < K; ++k)
-                          sum = wrapping_add(sum, int32_t{a[k]} * int32_t{w[k]});
-                        scratch.acc[r * kPanelCols + j] = sum;
-                      }
-                    }
-                    epilogue(scratch.acc.data(), kPanelCols, m0, rows, n0, cols, nullptr, ctx,
-                             scratch.outlier_weights.data());
-                  }
-                });
+  });
+  const EpilogueFn epilogue = scalar_epilogue_for(ctx.epilogue.out_type);
+  phases.add(ceil_div(ctx.N, kPanelCols), [&run, scratch, epilogue](int64_t panel, int64_t worker) {
+    const GemmContext& ctx = run.ctx;
+    const int64_t M = ctx.M, K = ctx.K;
+    PanelScratch& s = scratch->get(worker);
+    const int64_t n0 = panel * kPanelCols;
+    const int64_t cols = std::min(kPanelCols, ctx.N - n0);
+    gather_outlier_weights(ctx, n0, cols, s.outlier_weights.data());
+    for (int64_t m0 = 0; m0 < M; m0 += kScalarBlockRows) {
+      const int64_t rows = std::min(kScalarBlockRows, M - m0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int8_t* a = run.codes + (m0 + r) * K;
+        for (int64_t j = 0; j < cols; ++j) {
+          const int8_t* w = ctx.W + (n0 + j) * K;
+          int32_t sum = 0;
+          for (int64_t k = 0; k < K; ++k)
+            sum = wrapping_add(sum, int32_t{a[k]} * int32_t{w[k]});
+          s.acc[r * kPanelCols + j] = sum;
+        }
+      }
+      epilogue(s.acc.data(), kPanelCols, m0, rows, n0, cols, nullptr, ctx,
+               s.outlier_weights.data());
+    }
+  });
 }
 
 #if LOWPREC_X86_SIMD
@@ -340,39 +419,40 @@ LP_TARGET_AVX2 void avx2_dot_tile(const int8_t* a, const int8_t* w, int64_t w_ro
   }
 }
 
-void gemm_avx2_dot(const int8_t* A, const GemmContext& ctx) {
-  const int64_t M = ctx.M, K = ctx.K, N = ctx.N;
-  const EpilogueFn epilogue = scalar_epilogue_for(ctx.epilogue.out_type);
-  const auto make_scratch = [&] {
+void add_avx2_dot_phases(GemmRun& run, TaskPhases& phases) {
+  add_row_major_phase(run, phases, /*corrections=*/nullptr);
+  const GemmContext& ctx = run.ctx;
+  auto scratch = std::make_shared<WorkerScratch<PanelScratch>>(run.workers, [&ctx] {
     return PanelScratch{std::vector<int32_t>(kAvx2BlockRows * kPanelCols),
                         outlier_weight_scratch(ctx)};
-  };
-  for_each_task(ceil_div(N, kPanelCols), M * K * kPanelCols, make_scratch,
-                [&](PanelScratch& scratch, int64_t panel) {
-                  const int64_t n0 = panel * kPanelCols;
-                  const int64_t cols = std::min(kPanelCols, N - n0);
-                  int32_t* acc = scratch.acc.data();
-                  gather_outlier_weights(ctx, n0, cols, scratch.outlier_weights.data());
-                  for (int64_t m0 = 0; m0 < M; m0 += kAvx2BlockRows) {
-                    const int64_t rows = std::min(kAvx2BlockRows, M - m0);
-                    // The weight rows of a tile stay in L1 while the block's activation rows pass
-                    // by.
-                    for (int64_t j = 0; j < cols; j += kAvx2DotCols) {
-                      const int64_t w_rows = std::min<int64_t>(kAvx2DotCols, cols - j);
-                      const int8_t* w = ctx.W + (n0 + j) * K;
-                      int64_t r = 0;
-                      for (; r + kAvx2DotRows <= rows; r += kAvx2DotRows) {
-                        avx2_dot_tile<kAvx2DotRows>(A + (m0 + r) * K, w, w_rows, K,
-                                                    acc + r * kPanelCols + j, kPanelCols);
-                      }
-                      for (; r < rows; ++r)
-                        avx2_dot_tile<1>(A + (m0 + r) * K, w, w_rows, K, acc + r * kPanelCols + j,
-                                         kPanelCols);
-                    }
-                    epilogue(acc, kPanelCols, m0, rows, n0, cols, nullptr, ctx,
-                             scratch.outlier_weights.data());
-                  }
-                });
+  });
+  const EpilogueFn epilogue = scalar_epilogue_for(ctx.epilogue.out_type);
+  phases.add(ceil_div(ctx.N, kPanelCols), [&run, scratch, epilogue](int64_t panel, int64_t worker) {
+    const GemmContext& ctx = run.ctx;
+    const int64_t M = ctx.M, K = ctx.K;
+    PanelScratch& s = scratch->get(worker);
+    const int64_t n0 = panel * kPanelCols;
+    const int64_t cols = std::min(kPanelCols, ctx.N - n0);
+    int32_t* acc = s.acc.data();
+    gather_outlier_weights(ctx, n0, cols, s.outlier_weights.data());
+    for (int64_t m0 = 0; m0 < M; m0 += kAvx2BlockRows) {
+      const int64_t rows = std::min(kAvx2BlockRows, M - m0);
+      // The weight rows of a tile stay in L1 while the block's activation rows pass by.
+      for (int64_t j = 0; j < cols; j += kAvx2DotCols) {
+        const int64_t w_rows = std::min<int64_t>(kAvx2DotCols, cols - j);
+        const int8_t* w = ctx.W + (n0 + j) * K;
+        const int8_t* a = run.codes + m0 * K;
+        int64_t r = 0;
+        for (; r + kAvx2DotRows <= rows; r += kAvx2DotRows) {
+          avx2_dot_tile<kAvx2DotRows>(a + r * K, w, w_rows, K, acc + r * kPanelCols + j,
+                                      kPanelCols);
+        }
+        for (; r < rows; ++r)
+          avx2_dot_tile<1>(a + r * K, w, w_rows, K, acc + r * kPanelCols + j, kPanelCols);
+      }
+      epilogue(acc, kPanelCols, m0, rows, n0, cols, nullptr, ctx, s.outlier_weights.data());
+    }
+  });
 }
 
 // --------------------------------------------------------------------- AVX-512 VNNI paths
@@ -572,33 +652,33 @@ LP_TARGET_AVX512_VNNI void vnni_dot_tile(const int8_t* a, const int8_t* w, int64
 }
 
 template <int kRows>
-void gemm_vnni_dot(const int8_t* A, const GemmContext& ctx) {
-  const int64_t K = ctx.K, N = ctx.N;
-  int32_t correction[kRows];
-  offset_corrections(A, kRows, K, correction);
-  const EpilogueFn epilogue = avx512_epilogue_for(ctx.epilogue.out_type);
-  const auto make_scratch = [&] {
+void add_vnni_dot_phases(GemmRun& run, TaskPhases& phases) {
+  add_row_major_phase(run, phases, &offset_corrections);
+  const GemmContext& ctx = run.ctx;
+  auto scratch = std::make_shared<WorkerScratch<PanelScratch>>(run.workers, [&ctx] {
     return PanelScratch{std::vector<int32_t>(kRows * kPanelCols), outlier_weight_scratch(ctx)};
-  };
-  for_each_task(ceil_div(N, kPanelCols), kRows * K * kPanelCols, make_scratch,
-                [&](PanelScratch& scratch, int64_t panel) {
-                  const int64_t n0 = panel * kPanelCols;
-                  const int64_t cols = std::min(kPanelCols, N - n0);
-                  if constexpr (kRows == 1) {
-                    for (int64_t j = 0; j < cols; ++j)
-                      vnni_dot_row(A, ctx.W + (n0 + j) * K, K, scratch.acc.data() + j);
-                  } else {
-                    constexpr int kCols = vnni_dot_cols<kRows>();
-                    for (int64_t j = 0; j < cols; j += kCols) {
-                      vnni_dot_tile<kRows>(A, ctx.W + (n0 + j) * K,
-                                           std::min<int64_t>(kCols, cols - j), K,
-                                           scratch.acc.data() + j, kPanelCols);
-                    }
-                  }
-                  gather_outlier_weights(ctx, n0, cols, scratch.outlier_weights.data());
-                  epilogue(scratch.acc.data(), kPanelCols, 0, kRows, n0, cols, correction, ctx,
-                           scratch.outlier_weights.data());
-                });
+  });
+  const EpilogueFn epilogue = avx512_epilogue_for(ctx.epilogue.out_type);
+  phases.add(ceil_div(ctx.N, kPanelCols), [&run, scratch, epilogue](int64_t panel, int64_t worker) {
+    const GemmContext& ctx = run.ctx;
+    const int64_t K = ctx.K;
+    PanelScratch& s = scratch->get(worker);
+    const int64_t n0 = panel * kPanelCols;
+    const int64_t cols = std::min(kPanelCols, ctx.N - n0);
+    if constexpr (kRows == 1) {
+      for (int64_t j = 0; j < cols; ++j)
+        vnni_dot_row(run.codes, ctx.W + (n0 + j) * K, K, s.acc.data() + j);
+    } else {
+      constexpr int kCols = vnni_dot_cols<kRows>();
+      for (int64_t j = 0; j < cols; j += kCols) {
+        vnni_dot_tile<kRows>(run.codes, ctx.W + (n0 + j) * K, std::min<int64_t>(kCols, cols - j), K,
+                             s.acc.data() + j, kPanelCols);
+      }
+    }
+    gather_outlier_weights(ctx, n0, cols, s.outlier_weights.data());
+    epilogue(s.acc.data(), kPanelCols, 0, kRows, n0, cols, run.correction.data(), ctx,
+             s.outlier_weights.data());
+  });
 }
 
 // ---- vnni-packed
@@ -616,21 +696,20 @@ int64_t packed_a_offset(int64_t tiles, int64_t block, int64_t tile) {
   return (block * tiles + tile) * kVnniBlockGroups * kVnniTileGroupBytes;
 }
 
-void pack_a_tiles(const int8_t* A, int64_t M, int64_t K, int64_t tiles, int64_t tile_begin,
-                  int64_t tile_end, int8_t* packed) {
+// Packs register tile t from the codes of its `rows` rows (row-major; rows < 6 at the end of
+// M, the rest of the tile is zero).
+void pack_a_tile(const int8_t* codes, int64_t rows, int64_t K, int64_t tiles, int64_t t,
+                 int8_t* packed) {
   const int64_t blocks = ceil_div(K, kVnniKBlock);
-  for (int64_t t = tile_begin; t < tile_end; ++t) {
-    for (int64_t r = 0; r < kVnniTileRows; ++r) {
-      const int64_t m = t * kVnniTileRows + r;
-      for (int64_t block = 0; block < blocks; ++block) {
-        int8_t* dst = packed + packed_a_offset(tiles, block, t) + r * kKGroup;
-        const int64_t k_begin = block * kVnniKBlock;
-        const int64_t k_end = std::min(K, k_begin + kVnniKBlock);
-        for (int64_t k = k_begin; k < k_end; k += kKGroup, dst += kVnniTileGroupBytes) {
-          int8_t four[kKGroup] = {0, 0, 0, 0};
-          if (m < M) std::memcpy(four, A + m * K + k, std::min<int64_t>(kKGroup, K - k));
-          std::memcpy(dst, four, kKGroup);
-        }
+  for (int64_t r = 0; r < kVnniTileRows; ++r) {
+    for (int64_t block = 0; block < blocks; ++block) {
+      int8_t* dst = packed + packed_a_offset(tiles, block, t) + r * kKGroup;
+      const int64_t k_begin = block * kVnniKBlock;
+      const int64_t k_end = std::min(K, k_begin + kVnniKBlock);
+      for (int64_t k = k_begin; k < k_end; k += kKGroup, dst += kVnniTileGroupBytes) {
+        int8_t four[kKGroup] = {0, 0, 0, 0};
+        if (r < rows) std::memcpy(four, codes + r * K + k, std::min<int64_t>(kKGroup, K - k));
+        std::memcpy(dst, four, kKGroup);
       }
     }
   }
@@ -802,72 +881,79 @@ struct PackedScratch {
   std::vector<float> outlier_weights;
 };
 
-void gemm_vnni_packed(const int8_t* A, const GemmContext& ctx) {
+void add_vnni_packed_phases(GemmRun& run, TaskPhases& phases) {
+  const GemmContext& ctx = run.ctx;
   const int64_t M = ctx.M, K = ctx.K, N = ctx.N;
-  const int64_t padded_k = ceil_div(K, kKGroup) * kKGroup;
-  const int64_t k_blocks = ceil_div(K, kVnniKBlock);
   const int64_t tiles = ceil_div(M, kVnniTileRows);
-  AlignedBuffer<int8_t> packed_a = aligned_buffer<int8_t>(packed_a_offset(tiles, k_blocks, 0));
-  std::vector<int32_t> correction(M);
-  parallel_for(0, tiles, ceil_div(kMinPackBytesPerThread, kVnniTileRows * padded_k),
-               [&](int64_t begin, int64_t end) {
-                 pack_a_tiles(A, M, K, tiles, begin, end, packed_a.get());
-                 const int64_t m_begin = begin * kVnniTileRows;
-                 const int64_t m_end = std::min(M, end * kVnniTileRows);
-                 offset_corrections(A + m_begin * K, m_end - m_begin, K,
-                                    correction.data() + m_begin);
-               });
+  const int64_t k_blocks = ceil_div(K, kVnniKBlock);
+  run.packed_a = aligned_buffer<int8_t>(packed_a_offset(tiles, k_blocks, 0));
+  run.correction.assign(M, 0);
+  // Phase 1, per register tile: its rows' codes (quantized into a tile buffer, or in place),
+  // packed for the tiles, and their corrections.
+  auto tile_codes = std::make_shared<WorkerScratch<AlignedBuffer<int8_t>>>(
+      run.workers, [K] { return aligned_buffer<int8_t>(kVnniTileRows * K); });
+  phases.add(tiles, [&run, tile_codes, tiles](int64_t t, int64_t worker) {
+    const int64_t K = run.ctx.K;
+    const int64_t begin = t * kVnniTileRows;
+    const int64_t end = std::min(run.ctx.M, begin + kVnniTileRows);
+    const int8_t* codes = run.source.rows(begin, end, tile_codes->get(worker).get());
+    pack_a_tile(codes, end - begin, K, tiles, t, run.packed_a.get());
+    offset_corrections(codes, end - begin, K, run.correction.data() + begin);
+  });
 
-  const EpilogueFn epilogue = avx512_epilogue_for(ctx.epilogue.out_type);
+  // Phase 2, per (row block, panel of output columns).
+  const int64_t padded_k = ceil_div(K, kKGroup) * kKGroup;
   const int64_t panels = ceil_div(N, kPanelCols);
-  // Row blocks of equal size.
-  const int64_t row_blocks = ceil_div(tiles, kVnniMaxTilesPerBlock);
+  const int64_t row_blocks = ceil_div(tiles, kVnniMaxTilesPerBlock);  // of equal size
   const int64_t tiles_per_block = ceil_div(tiles, row_blocks);
-  const auto make_scratch = [&] {
-    // The panel is packed for all of K, in whole 64-byte chunks of K.
-    return PackedScratch{
-        aligned_buffer<uint8_t>(ceil_div(padded_k, kVnniBytes) * kVnniBytes * kPanelCols),
-        aligned_buffer<int32_t>(tiles_per_block * kVnniTileRows * kPanelCols),
-        outlier_weight_scratch(ctx)};
-  };
-  // A task: one panel of output columns for one block of register tiles.
-  const int64_t task_macs = tiles_per_block * kVnniTileRows * kPanelCols * K;
-  for_each_task(
-      row_blocks * panels, task_macs, make_scratch, [&](PackedScratch& scratch, int64_t task) {
-        const int64_t n0 = (task % panels) * kPanelCols;
-        const int64_t cols = std::min(kPanelCols, N - n0);
-        const int64_t tile_begin = task / panels * tiles_per_block;
-        const int64_t tile_end = std::min(tiles, tile_begin + tiles_per_block);
-        // The first K block is packed up front, the rest of the panel a few units per register
-        // tile of the blocks before it.
-        PanelPacker packer(ctx.W, K, n0, cols, padded_k, scratch.packed_w.get());
-        const int64_t first_units = packer.units_for(kVnniKBlock);
-        packer.pack_until(first_units);
-        const int64_t spread_units = packer.total_units() - first_units;
-        const int64_t spread_calls = std::max<int64_t>(1, (k_blocks - 1) * (tile_end - tile_begin));
-        int64_t calls = 0;
-        for (int64_t block = 0; block < k_blocks; ++block) {
-          const int64_t k0 = block * kVnniKBlock;
-          const int64_t groups = std::min(kVnniKBlock, padded_k - k0) / kKGroup;
-          packer.pack_until(packer.units_for(k0 + groups * kKGroup));  // normally done already
-          const uint8_t* w = scratch.packed_w.get() + k0 / kKGroup * kPanelCols * kKGroup;
-          for (int64_t t = tile_begin; t < tile_end; ++t) {
-            packer.pack_until(first_units + (++calls) * spread_units / spread_calls);
-            const int8_t* a = packed_a.get() + packed_a_offset(tiles, block, t);
-            int32_t* c = scratch.acc.get() + (t - tile_begin) * kVnniTileRows * kPanelCols;
-            if (block == 0) {
-              vnni_tile<true>(a, w, groups, c);
-            } else {
-              vnni_tile<false>(a, w, groups, c);
-            }
-          }
-        }
-        gather_outlier_weights(ctx, n0, cols, scratch.outlier_weights.data());
-        const int64_t m0 = tile_begin * kVnniTileRows;
-        const int64_t rows = std::min(M, tile_end * kVnniTileRows) - m0;
-        epilogue(scratch.acc.get(), kPanelCols, m0, rows, n0, cols, correction.data(), ctx,
-                 scratch.outlier_weights.data());
+  auto scratch = std::make_shared<WorkerScratch<PackedScratch>>(
+      run.workers, [&ctx, padded_k, tiles_per_block] {
+        // The panel is packed for all of K, in whole 64-byte chunks of K.
+        return PackedScratch{
+            aligned_buffer<uint8_t>(ceil_div(padded_k, kVnniBytes) * kVnniBytes * kPanelCols),
+            aligned_buffer<int32_t>(tiles_per_block * kVnniTileRows * kPanelCols),
+            outlier_weight_scratch(ctx)};
       });
+  const EpilogueFn epilogue = avx512_epilogue_for(ctx.epilogue.out_type);
+  phases.add(row_blocks * panels, [&run, scratch, epilogue, tiles, k_blocks, padded_k, panels,
+                                   tiles_per_block](int64_t task, int64_t worker) {
+    const GemmContext& ctx = run.ctx;
+    const int64_t K = ctx.K;
+    PackedScratch& s = scratch->get(worker);
+    const int64_t n0 = (task % panels) * kPanelCols;
+    const int64_t cols = std::min(kPanelCols, ctx.N - n0);
+    const int64_t tile_begin = task / panels * tiles_per_block;
+    const int64_t tile_end = std::min(tiles, tile_begin + tiles_per_block);
+    // The first K block is packed up front, the rest of the panel a few units per register
+    // tile of the blocks before it.
+    PanelPacker packer(ctx.W, K, n0, cols, padded_k, s.packed_w.get());
+    const int64_t first_units = packer.units_for(kVnniKBlock);
+    packer.pack_until(first_units);
+    const int64_t spread_units = packer.total_units() - first_units;
+    const int64_t spread_calls = std::max<int64_t>(1, (k_blocks - 1) * (tile_end - tile_begin));
+    int64_t calls = 0;
+    for (int64_t block = 0; block < k_blocks; ++block) {
+      const int64_t k0 = block * kVnniKBlock;
+      const int64_t groups = std::min(kVnniKBlock, padded_k - k0) / kKGroup;
+      packer.pack_until(packer.units_for(k0 + groups * kKGroup));  // normally done already
+      const uint8_t* w = s.packed_w.get() + k0 / kKGroup * kPanelCols * kKGroup;
+      for (int64_t t = tile_begin; t < tile_end; ++t) {
+        packer.pack_until(first_units + (++calls) * spread_units / spread_calls);
+        const int8_t* a = run.packed_a.get() + packed_a_offset(tiles, block, t);
+        int32_t* c = s.acc.get() + (t - tile_begin) * kVnniTileRows * kPanelCols;
+        if (block == 0) {
+          vnni_tile<true>(a, w, groups, c);
+        } else {
+          vnni_tile<false>(a, w, groups, c);
+        }
+      }
+    }
+    gather_outlier_weights(ctx, n0, cols, s.outlier_weights.data());
+    const int64_t m0 = tile_begin * kVnniTileRows;
+    const int64_t rows = std::min(ctx.M, tile_end * kVnniTileRows) - m0;
+    epilogue(s.acc.get(), kPanelCols, m0, rows, n0, cols, run.correction.data(), ctx,
+             s.outlier_weights.data());
+  });
 }
 
 bool cpu_has_avx512_vnni() {
@@ -891,6 +977,44 @@ GemmKernel gemm_kernel_for(int64_t M) {
   return GemmKernel::kScalar;
 }
 
+// Adds the GEMM's phases (activations in the kernel's layout, then the products) and runs
+// them after those already in `phases`.
+void run_gemm(TaskPhases& phases, const ActivationSource& source, const Int8Epilogue& epilogue,
+              const int8_t* W, int64_t M, int64_t K, int64_t N) {
+  GemmRun run(source, epilogue, W, M, K, N);
+  // K == 0: empty sums, the epilogue of zeros.
+  switch (K == 0 ? GemmKernel::kScalar : gemm_kernel_for(M)) {
+#if LOWPREC_X86_SIMD
+    case GemmKernel::kVnniPacked:
+      add_vnni_packed_phases(run, phases);
+      break;
+    case GemmKernel::kVnniDot:
+      switch (M) {
+        case 1:
+          add_vnni_dot_phases<1>(run, phases);
+          break;
+        case 2:
+          add_vnni_dot_phases<2>(run, phases);
+          break;
+        case 3:
+          add_vnni_dot_phases<3>(run, phases);
+          break;
+        default:
+          add_vnni_dot_phases<4>(run, phases);
+          break;
+      }
+      break;
+    case GemmKernel::kAvx2Dot:
+      add_avx2_dot_phases(run, phases);
+      break;
+#endif
+    default:
+      add_scalar_phases(run, phases);
+      break;
+  }
+  phases.run(run.workers);
+}
+
 }  // namespace
 
 const char* int8_gemm_kernel_name(int64_t M) {
@@ -910,83 +1034,55 @@ const char* int8_gemm_kernel_name(int64_t M) {
 void int8_gemm(const int8_t* A, int64_t M, int64_t K, const int8_t* W, int64_t N,
                const Int8Epilogue& epilogue) {
   if (M <= 0 || N <= 0) return;
-  const GemmContext ctx = make_context(epilogue, W, M, K, N);
-  if (K == 0) return gemm_scalar(A, ctx);  // empty sums: the epilogue of zeros
-  switch (gemm_kernel_for(M)) {
-#if LOWPREC_X86_SIMD
-    case GemmKernel::kVnniPacked:
-      return gemm_vnni_packed(A, ctx);
-    case GemmKernel::kVnniDot:
-      switch (M) {
-        case 1:
-          return gemm_vnni_dot<1>(A, ctx);
-        case 2:
-          return gemm_vnni_dot<2>(A, ctx);
-        case 3:
-          return gemm_vnni_dot<3>(A, ctx);
-        default:
-          return gemm_vnni_dot<4>(A, ctx);
-      }
-    case GemmKernel::kAvx2Dot:
-      return gemm_avx2_dot(A, ctx);
-#endif
-    default:
-      return gemm_scalar(A, ctx);
-  }
+  ActivationSource source;
+  source.K = K;
+  source.codes = A;
+  TaskPhases phases;
+  run_gemm(phases, source, epilogue, W, M, K, N);
 }
-
-namespace {
-
-template <FloatType T>
-float load_float(const void* data, int64_t i) {
-  if constexpr (T == FloatType::kFloat32) {
-    return static_cast<const float*>(data)[i];
-  } else if constexpr (T == FloatType::kFloat16) {
-    return fp16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
-  } else {
-    return bf16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
-  }
-}
-
-float load_any_float(const void* data, FloatType type, int64_t i) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return load_float<FloatType::kFloat16>(data, i);
-    case FloatType::kBFloat16:
-      return load_float<FloatType::kBFloat16>(data, i);
-    case FloatType::kFloat32:
-      break;
-  }
-  return load_float<FloatType::kFloat32>(data, i);
-}
-
-}  // namespace
 
 void int8_linear(const void* x, FloatType x_type, int64_t M, int64_t K, const int8_t* W,
                  const float* w_scale, int64_t N, const float* bias, float threshold, void* out,
                  FloatType out_type) {
   if (M <= 0 || N <= 0) return;
-  const std::vector<int64_t> outlier_cols = int8_outlier_columns(x, x_type, M, K, threshold);
-  AlignedBuffer<int8_t> codes = aligned_buffer<int8_t>(M * K);
   std::vector<float> row_stats(M);
-  int8_quantize_rows(x, x_type, M, K, outlier_cols, codes.get(), row_stats.data());
-
-  const int64_t num_outliers = static_cast<int64_t>(outlier_cols.size());
-  std::vector<float> outlier_x(M * num_outliers);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t o = 0; o < num_outliers; ++o)
-      outlier_x[m * num_outliers + o] = load_any_float(x, x_type, m * K + outlier_cols[o]);
-  }
   Int8Epilogue epilogue;
   epilogue.row_stats = row_stats.data();
   epilogue.col_stats = w_scale;
   epilogue.bias = bias;
-  epilogue.outlier_x = outlier_x.data();
-  epilogue.outlier_cols = outlier_cols.data();
-  epilogue.num_outliers = num_outliers;
   epilogue.out = out;
   epilogue.out_type = out_type;
-  int8_gemm(codes.get(), M, K, W, N, epilogue);
+  ActivationSource source;
+  source.K = K;
+  source.x = x;
+  source.x_type = x_type;
+  source.row_stats = row_stats.data();
+
+  // With threshold > 0, two phases first: mark the outlier columns (row chunks), then list them
+  // (one task) for the quantization and the epilogue.
+  TaskPhases phases;
+  OutlierBits bits;
+  std::vector<int64_t> outlier_cols;
+  std::vector<float> outlier_x;
+  if (threshold > 0.0f && K > 0) {
+    bits.assign(outlier_words(K), 0u);
+    source.outlier_bits = bits.data();
+    source.outlier_cols = &outlier_cols;
+    source.outlier_x = &outlier_x;
+    const int64_t chunk = int8_rows_per_task(K);
+    phases.add(ceil_div(M, chunk), [&](int64_t task, int64_t) {
+      const int64_t begin = task * chunk;
+      int8_mark_outliers(x, x_type, begin, std::min(M, begin + chunk), K, threshold, bits.data());
+    });
+    phases.add(1, [&](int64_t, int64_t) {
+      outlier_cols = int8_outlier_list(bits);
+      outlier_x.resize(M * outlier_cols.size());
+      epilogue.outlier_cols = outlier_cols.data();
+      epilogue.outlier_x = outlier_x.data();
+      epilogue.num_outliers = static_cast<int64_t>(outlier_cols.size());
+    });
+  }
+  run_gemm(phases, source, epilogue, W, M, K, N);
 }
 
 }  // namespace lowprec::cpu

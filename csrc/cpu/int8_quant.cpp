@@ -14,10 +14,10 @@
 
 #include "cpu_isa.h"
 #include "int8.h"
+#include "int8_tasks.h"
 #include "lowprec/blockwise8.h"
 #include "lowprec/float16.h"
 #include "lowprec/int8.h"
-#include "parallel.h"
 
 #if LOWPREC_X86_SIMD
 #include <immintrin.h>
@@ -33,20 +33,10 @@
 namespace lowprec::cpu {
 namespace {
 
-// Each parallel task gets at least this many elements, so that small inputs stay on one
-// thread and a task's work outweighs the cost of scheduling it.
-constexpr int64_t kMinElementsPerTask = 16384;
+constexpr int64_t kBitsPerWord = kOutlierBitsPerWord;
 
-// Outlier columns as a bit set: bit j % 32 of word j / 32.
-constexpr int kBitsPerWord = 32;
-using ColumnBits = std::vector<uint32_t>;
-
-int64_t words_for(int64_t cols) {
-  return (cols + kBitsPerWord - 1) / kBitsPerWord;
-}
-
-int64_t rows_per_task(int64_t cols) {
-  return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, cols));
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
 }
 
 template <FloatType T>
@@ -83,6 +73,7 @@ void quantize_rows_scalar(const void* x, int64_t row_begin, int64_t row_end, int
                           const uint32_t* outlier_bits, int8_t* codes, float* row_absmax) {
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t base = row * cols;
+    int8_t* out = codes + (row - row_begin) * cols;
     uint32_t max_bits = 0;
     for (int64_t j = 0; j < cols; ++j) {
       if (!column_is_outlier(outlier_bits, j)) {
@@ -90,12 +81,11 @@ void quantize_rows_scalar(const void* x, int64_t row_begin, int64_t row_end, int
       }
     }
     const float absmax = absmax_from_magnitude_bits(max_bits);
-    row_absmax[row] = absmax;
+    row_absmax[row - row_begin] = absmax;
     const float scale = int8_row_scale(absmax);
     for (int64_t j = 0; j < cols; ++j) {
-      codes[base + j] = column_is_outlier(outlier_bits, j)
-                            ? int8_t{0}
-                            : int8_encode(load_float<T>(x, base + j), scale);
+      out[j] = column_is_outlier(outlier_bits, j) ? int8_t{0}
+                                                  : int8_encode(load_float<T>(x, base + j), scale);
     }
   }
 }
@@ -178,6 +168,7 @@ LP_TARGET_AVX2 void quantize_rows_avx2(const void* x, int64_t row_begin, int64_t
   const int64_t vector_end = cols / kAvx2Lanes * kAvx2Lanes;
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t base = row * cols;
+    int8_t* out = codes + (row - row_begin) * cols;
     __m256i max_bits = _mm256_setzero_si256();
     for (int64_t j = 0; j < vector_end; j += kAvx2Lanes) {
       const __m256i bits = avx2_magnitude_bits(avx2_load<T>(x, base + j));
@@ -195,17 +186,16 @@ LP_TARGET_AVX2 void quantize_rows_avx2(const void* x, int64_t row_begin, int64_t
       }
     }
     const float absmax = absmax_from_magnitude_bits(row_max);
-    row_absmax[row] = absmax;
+    row_absmax[row - row_begin] = absmax;
     const float scale = int8_row_scale(absmax);
     const __m256 scale_vector = _mm256_set1_ps(scale);
     for (int64_t j = 0; j < vector_end; j += kAvx2Lanes) {
       avx2_encode_store(avx2_load<T>(x, base + j), scale_vector, avx2_keep_lanes(outlier_bits, j),
-                        codes + base + j);
+                        out + j);
     }
     for (int64_t j = vector_end; j < cols; ++j) {
-      codes[base + j] = column_is_outlier(outlier_bits, j)
-                            ? int8_t{0}
-                            : int8_encode(load_float<T>(x, base + j), scale);
+      out[j] = column_is_outlier(outlier_bits, j) ? int8_t{0}
+                                                  : int8_encode(load_float<T>(x, base + j), scale);
     }
   }
 }
@@ -300,6 +290,7 @@ LP_TARGET_AVX512 void quantize_rows_avx512(const void* x, int64_t row_begin, int
   const __mmask16 tail = avx512_first_lanes(cols - vector_end);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t base = row * cols;
+    int8_t* out = codes + (row - row_begin) * cols;
     __m512i max_bits = _mm512_setzero_si512();
     for (int64_t j = 0; j < vector_end; j += kAvx512Lanes) {
       const __m512i bits = avx512_magnitude_bits(avx512_load<T>(x, base + j));
@@ -312,17 +303,17 @@ LP_TARGET_AVX512 void quantize_rows_avx512(const void* x, int64_t row_begin, int
                                        max_bits, bits);
     }
     const float absmax = absmax_from_magnitude_bits(_mm512_reduce_max_epu32(max_bits));
-    row_absmax[row] = absmax;
+    row_absmax[row - row_begin] = absmax;
     const __m512 scale = _mm512_set1_ps(int8_row_scale(absmax));
     for (int64_t j = 0; j < vector_end; j += kAvx512Lanes) {
       const __m512i q =
           avx512_encode(avx512_load<T>(x, base + j), scale, avx512_keep_lanes(outlier_bits, j));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + base + j), _mm512_cvtepi32_epi8(q));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j), _mm512_cvtepi32_epi8(q));
     }
     if (tail != 0) {
       const __m512i q = avx512_encode(avx512_load<T>(x, base + vector_end, tail), scale,
                                       avx512_keep_lanes(outlier_bits, vector_end));
-      _mm512_mask_cvtepi32_storeu_epi8(codes + base + vector_end, tail, q);
+      _mm512_mask_cvtepi32_storeu_epi8(out + vector_end, tail, q);
     }
   }
 }
@@ -382,42 +373,61 @@ QuantizeRowsFn quantize_rows_for(FloatType type, CpuIsa isa) {
 
 }  // namespace
 
-std::vector<int64_t> int8_outlier_columns(const void* x, FloatType x_type, int64_t rows,
-                                          int64_t cols, float threshold) {
+void int8_mark_outliers(const void* x, FloatType x_type, int64_t row_begin, int64_t row_end,
+                        int64_t cols, float threshold, uint32_t* bits) {
+  OutlierBits local(outlier_words(cols), 0u);
+  mark_outliers_for(x_type, active_cpu_isa())(x, row_begin, row_end, cols, threshold, local.data());
+  for (size_t w = 0; w < local.size(); ++w) {
+    if (local[w] != 0u) __atomic_fetch_or(&bits[w], local[w], __ATOMIC_RELAXED);
+  }
+}
+
+std::vector<int64_t> int8_outlier_list(const OutlierBits& bits) {
   std::vector<int64_t> outliers;
-  if (!(threshold > 0.0f) || rows <= 0 || cols <= 0) return outliers;
-  const MarkOutliersFn mark = mark_outliers_for(x_type, active_cpu_isa());
-  ColumnBits found(words_for(cols), 0u);
-  parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
-    ColumnBits local(found.size(), 0u);
-    mark(x, begin, end, cols, threshold, local.data());
-    for (size_t w = 0; w < local.size(); ++w) {
-      if (local[w] != 0u) __atomic_fetch_or(&found[w], local[w], __ATOMIC_RELAXED);
-    }
-  });
-  for (size_t w = 0; w < found.size(); ++w) {
-    for (uint32_t bits = found[w]; bits != 0u; bits &= bits - 1u) {
-      outliers.push_back(static_cast<int64_t>(w) * kBitsPerWord + __builtin_ctz(bits));
+  for (size_t w = 0; w < bits.size(); ++w) {
+    for (uint32_t word = bits[w]; word != 0u; word &= word - 1u) {
+      outliers.push_back(static_cast<int64_t>(w) * kBitsPerWord + __builtin_ctz(word));
     }
   }
   return outliers;
 }
 
-void int8_quantize_rows(const void* x, FloatType x_type, int64_t rows, int64_t cols,
-                        const std::vector<int64_t>& outlier_cols, int8_t* codes,
+void int8_quantize_row_range(const void* x, FloatType x_type, int64_t row_begin, int64_t row_end,
+                             int64_t cols, const uint32_t* outlier_bits, int8_t* codes,
+                             float* row_absmax) {
+  quantize_rows_for(x_type, active_cpu_isa())(x, row_begin, row_end, cols, outlier_bits, codes,
+                                              row_absmax);
+}
+
+void int8_quantize_rows(const void* x, FloatType x_type, int64_t rows, int64_t cols, int8_t* codes,
                         float* row_absmax) {
-  if (rows <= 0 || cols <= 0) return;
-  ColumnBits outlier_bits;
-  if (!outlier_cols.empty()) {
-    outlier_bits.assign(words_for(cols), 0u);
-    for (int64_t j : outlier_cols)
-      outlier_bits[j / kBitsPerWord] |= 1u << (j % kBitsPerWord);
+  int8_vectorwise_quant(x, x_type, rows, cols, 0.0f, codes, row_absmax);
+}
+
+std::vector<int64_t> int8_vectorwise_quant(const void* x, FloatType x_type, int64_t rows,
+                                           int64_t cols, float threshold, int8_t* codes,
+                                           float* row_absmax) {
+  if (rows <= 0 || cols <= 0) return {};
+  const bool find_outliers = threshold > 0.0f;
+  OutlierBits bits(find_outliers ? outlier_words(cols) : 0, 0u);
+  const int64_t chunk = int8_rows_per_task(cols);
+  const int64_t chunks = ceil_div(rows, chunk);
+  TaskPhases phases;
+  if (find_outliers) {
+    phases.add(chunks, [&](int64_t task, int64_t) {
+      const int64_t begin = task * chunk;
+      int8_mark_outliers(x, x_type, begin, std::min(rows, begin + chunk), cols, threshold,
+                         bits.data());
+    });
   }
-  const uint32_t* bits = outlier_bits.empty() ? nullptr : outlier_bits.data();
-  const QuantizeRowsFn quantize = quantize_rows_for(x_type, active_cpu_isa());
-  parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
-    quantize(x, begin, end, cols, bits, codes, row_absmax);
+  phases.add(chunks, [&](int64_t task, int64_t) {
+    const int64_t begin = task * chunk;
+    int8_quantize_row_range(x, x_type, begin, std::min(rows, begin + chunk), cols,
+                            find_outliers ? bits.data() : nullptr, codes + begin * cols,
+                            row_absmax + begin);
   });
+  phases.run(chunks);
+  return find_outliers ? int8_outlier_list(bits) : std::vector<int64_t>{};
 }
 
 }  // namespace lowprec::cpu

@@ -496,37 +496,81 @@ LP_TARGET_AVX512_VNNI inline void avx512_store(void* data, int64_t i, __m512 val
   }
 }
 
-// The vector form of epilogue_scalar (same operations in the same order).
+// Rows whose outlier terms the vector epilogue sums side by side: with the panel's 4 vectors
+// per row, 8 independent fmadd chains, enough to hide their latency.
+constexpr int64_t kEpilogueRows = 2;
+constexpr int kPanelVectors = kPanelCols / kAvx512Lanes;
+
+// term[i][v] = sum_o outlier_x[row i, o] * outlier_weights[o, vector v], for kRows rows.
+template <int kRows>
+LP_TARGET_AVX512_VNNI inline void avx512_outlier_terms(
+    const float* outlier_x, int64_t num_outliers, const float* outlier_weights,
+    const __mmask16 (&lanes)[kPanelVectors], __m512 (&term)[kEpilogueRows][kPanelVectors]) {
+  // Summed in locals, stored once: GCC keeps a by-reference array in memory.
+  __m512 sums[kRows][kPanelVectors];
+  LP_UNROLL_FULLY
+  for (int i = 0; i < kRows; ++i)
+    LP_UNROLL_FULLY
+  for (int v = 0; v < kPanelVectors; ++v)
+    sums[i][v] = _mm512_setzero_ps();
+  for (int64_t o = 0; o < num_outliers; ++o) {
+    __m512 w[kPanelVectors];
+    LP_UNROLL_FULLY
+    for (int v = 0; v < kPanelVectors; ++v)
+      w[v] = _mm512_maskz_loadu_ps(lanes[v], outlier_weights + o * kPanelCols + v * kAvx512Lanes);
+    LP_UNROLL_FULLY
+    for (int i = 0; i < kRows; ++i) {
+      const __m512 xo = _mm512_set1_ps(outlier_x[i * num_outliers + o]);
+      LP_UNROLL_FULLY
+      for (int v = 0; v < kPanelVectors; ++v)
+        sums[i][v] = _mm512_fmadd_ps(xo, w[v], sums[i][v]);
+    }
+  }
+  LP_UNROLL_FULLY
+  for (int i = 0; i < kRows; ++i)
+    LP_UNROLL_FULLY
+  for (int v = 0; v < kPanelVectors; ++v)
+    term[i][v] = sums[i][v];
+}
+
+// The vector form of epilogue_scalar (same operations in the same order, so the same results).
 template <FloatType T>
 LP_TARGET_AVX512_VNNI void epilogue_avx512(const int32_t* c, int64_t ldc, int64_t m0, int64_t rows,
                                            int64_t n0, int64_t cols, const int32_t* correction,
                                            const GemmContext& ctx, const float* outlier_weights) {
   const Int8Epilogue& ep = ctx.epilogue;
   const int64_t num_outliers = ep.num_outliers;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t m = m0 + r;
-    const __m512 row_stat = _mm512_set1_ps(ep.row_stats[m]);
-    const __m512i row_correction = _mm512_set1_epi32(correction != nullptr ? correction[m] : 0);
-    const float* outlier_x = ep.outlier_x + m * num_outliers;
-    for (int64_t j = 0; j < cols; j += kAvx512Lanes) {
-      const __mmask16 lanes = vnni_first_lanes(cols - j);
-      const int64_t n = n0 + j;
-      const __m512i acc =
-          _mm512_sub_epi32(_mm512_maskz_loadu_epi32(lanes, c + r * ldc + j), row_correction);
-      const __m512 scale =
-          _mm512_mul_ps(row_stat, _mm512_maskz_loadu_ps(lanes, &ctx.column_scale[n]));
-      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale);
-      if (num_outliers > 0) {
-        __m512 term = _mm512_setzero_ps();
-        for (int64_t o = 0; o < num_outliers; ++o) {
-          term = _mm512_fmadd_ps(_mm512_set1_ps(outlier_x[o]),
-                                 _mm512_maskz_loadu_ps(lanes, outlier_weights + o * kPanelCols + j),
-                                 term);
-        }
-        y = _mm512_add_ps(y, term);
+  __mmask16 lanes[kPanelVectors];
+  for (int v = 0; v < kPanelVectors; ++v)
+    lanes[v] = cols > v * kAvx512Lanes ? vnni_first_lanes(cols - v * kAvx512Lanes) : 0;
+  for (int64_t r0 = 0; r0 < rows; r0 += kEpilogueRows) {
+    const int64_t pair_rows = std::min(kEpilogueRows, rows - r0);
+    __m512 term[kEpilogueRows][kPanelVectors];
+    if (num_outliers > 0) {
+      const float* outlier_x = ep.outlier_x + (m0 + r0) * num_outliers;
+      if (pair_rows == kEpilogueRows) {
+        avx512_outlier_terms<kEpilogueRows>(outlier_x, num_outliers, outlier_weights, lanes, term);
+      } else {
+        avx512_outlier_terms<1>(outlier_x, num_outliers, outlier_weights, lanes, term);
       }
-      if (ep.bias != nullptr) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(lanes, ep.bias + n));
-      avx512_store<T>(ep.out, m * ctx.N + n, y, lanes);
+    }
+    for (int64_t i = 0; i < pair_rows; ++i) {
+      const int64_t r = r0 + i;
+      const int64_t m = m0 + r;
+      const __m512 row_stat = _mm512_set1_ps(ep.row_stats[m]);
+      const __m512i row_correction = _mm512_set1_epi32(correction != nullptr ? correction[m] : 0);
+      for (int v = 0; v < kPanelVectors && lanes[v] != 0; ++v) {
+        const int64_t j = v * kAvx512Lanes;
+        const int64_t n = n0 + j;
+        const __m512i acc =
+            _mm512_sub_epi32(_mm512_maskz_loadu_epi32(lanes[v], c + r * ldc + j), row_correction);
+        const __m512 scale =
+            _mm512_mul_ps(row_stat, _mm512_maskz_loadu_ps(lanes[v], &ctx.column_scale[n]));
+        __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale);
+        if (num_outliers > 0) y = _mm512_add_ps(y, term[i][v]);
+        if (ep.bias != nullptr) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(lanes[v], ep.bias + n));
+        avx512_store<T>(ep.out, m * ctx.N + n, y, lanes[v]);
+      }
     }
   }
 }

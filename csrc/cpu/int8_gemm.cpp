@@ -1,22 +1,31 @@
 // The LLM.int8 GEMM on the CPU: out = epilogue(A [M, K] int8 @ W [N, K].T int8), the products
 // summed exactly in int32, dequantized, biased and given the outlier term in the epilogue, so
-// the int32 accumulators never leave the cache. Paths, chosen at run time:
+// no M x N int32 or float32 intermediate is ever written out. Paths, chosen at run time:
 //
-// * vnni-packed (AVX-512 VNNI, M > kVnniDotMaxRows): BLIS-style blocking. vpdpbusd multiplies
-//   unsigned by signed bytes, so W is offset to unsigned (w + 128, an xor with 0x80) while it is
-//   packed, and 128 * rowsum(A) is subtracted per row in the epilogue. Each task owns one panel
-//   of kPanelCols output columns and a block of rows; for each K block it packs W's panel
-//   (kVnniKBlock x 64 bytes, L1-resident) in vpdpbusd's layout and runs every register tile
-//   (kVnniTileRows x 64) of the row block against it, accumulating in a task-local int32 buffer
-//   (L2). Packing W per call costs one read of W and a transpose in L1 (~1-2 % of the GEMM at
-//   M >= 128), so no packed copy of the weight is cached: nothing can go stale and the weight's
-//   memory is not doubled.
-// * vnni-dot (AVX-512 VNNI, M <= kVnniDotMaxRows): GEMV-shaped and memory bound. W is used as
-//   stored: each 64-byte chunk of a weight row is offset in a register and dotted with the
-//   activation rows (in L1); one horizontal sum per output at the end.
-// * avx2-dot: the same dot-product shape with 16-bit products (vpmaddwd: exact, unlike
-//   vpmaddubsw, whose 16-bit sums saturate).
+// * vnni-packed (AVX-512 VNNI, M > kVnniDotMaxRows): BLIS-style. vpdpbusd multiplies unsigned
+//   by signed bytes, so W is offset to unsigned (w + 128, an xor with 0x80) while it is packed,
+//   and 128 * rowsum(A) is subtracted per row in the epilogue. A task owns one panel of
+//   kPanelCols output columns and a block of rows: it packs W's panel into vpdpbusd's layout
+//   (a per-thread L2 buffer, in units of 8 rows x 64 bytes interleaved with the register tiles
+//   so that the transposes and W's loads overlap the vpdpbusd stream), and for each K block of
+//   kVnniKBlock bytes (16 KiB of the panel: L1) runs every register tile (6 rows x 64 columns,
+//   24 accumulators) of the row block against it, accumulating in an L2 buffer; then the
+//   epilogue. A is packed once per call, K block by K block, so the tiles stream it in order.
+//   Measured on one Zen 5 core at M = 512: ~80 % of the vpdpbusd peak, 5-6 % of the time in
+//   packing W. W is packed per call rather than cached: a cached copy doubles the weight's
+//   memory and could go stale unnoticed (writes through .data or another framework's view of
+//   the storage do not bump the tensor's version counter).
+// * vnni-dot (AVX-512 VNNI, M <= kVnniDotMaxRows): GEMV-shaped, memory bound. W is used as
+//   stored, each 64-byte chunk of a weight row offset in a register and dotted with the
+//   activation rows (in L1): for M = 1 one weight row after the other (a single sequential
+//   stream), for M = 2..4 several weight rows side by side (each chunk loaded once for all M).
+// * avx2-dot: the dot-product shape with 16-bit products (vpmaddwd: exact, unlike vpmaddubsw,
+//   whose 16-bit pair sums saturate).
 // * scalar: plain loops.
+//
+// torch._int_mm (oneDNN) plus this epilogue as a second pass was measured as the alternative:
+// the fused kernels are faster at M >= 2 and level at M = 1 (both at memory bandwidth), so it
+// is not used. Work runs in one parallel region per call (int8_tasks.h).
 //
 // All paths share the epilogue arithmetic of lowprec/int8.h, so they differ from one another
 // only by the order of the (exact) int32 sums: their outputs are identical.
@@ -77,7 +86,8 @@ constexpr int64_t kVnniKBlock = 256;
 // 128 x 6 x 64 x 4 bytes = 192 KiB) stay in L2 across the K blocks, beside the packed weight
 // panel. Fewer, larger blocks pack each weight panel fewer times (once per block).
 constexpr int64_t kVnniMaxTilesPerBlock = 128;
-// vnni-dot serves M up to this (measured crossover with vnni-packed on a Zen 5 core).
+// vnni-dot serves M up to this (measured crossover with vnni-packed on a Zen 5 core: 4 rows
+// 0.94 ms, 5 rows packed 1.18 ms, one thread, K = N = 4096).
 constexpr int64_t kVnniDotMaxRows = 4;
 // avx2-dot: register tile of kAvx2DotRows activation rows x kAvx2DotCols weight rows, and row
 // blocks of kAvx2BlockRows activation rows per epilogue tile.
@@ -759,10 +769,13 @@ void pack_a_tile(const int8_t* codes, int64_t rows, int64_t K, int64_t tiles, in
   }
 }
 
-// rows[0..7] hold 8 rows of 16 dwords; on return rows[j] holds dwords 2j and 2j + 1 of the 8
-// rows: the low 256 bits dword 2j (rows 0..7), the high 256 bits dword 2j + 1 — except that
-// the pairs come out in the order (0,4) (1,5) (2,6) (3,7) (8,12) ... as listed by
-// kTransposedDwords.
+// In-register transpose of 8 rows of 16 dwords into 16 columns of 8 dwords, two columns per
+// register: on return rows[j] holds column transposed_column(j) in its low 256 bits and column
+// transposed_column(j) + 4 in its high 256 bits (each column: the dword of rows 0 .. 7).
+constexpr int64_t transposed_column(int64_t j) {
+  return j < 4 ? j : j + 4;  // registers 0-3: columns (0, 4) .. (3, 7); 4-7: (8, 12) .. (11, 15)
+}
+
 LP_TARGET_AVX512_VNNI inline void transpose_8x16_epi32(__m512i rows[8]) {
   __m512i t[8], u[8];
   for (int p = 0; p < 4; ++p) {
@@ -842,7 +855,7 @@ class PanelPacker {
     uint8_t* dst = packed_ + (k / kKGroup) * kGroupBytes + row0 * kKGroup;
     for (int j = 0; j < kRowsPerUnit; ++j) {
       const __m512i bytes_out = _mm512_xor_si512(unit[j], offset);
-      const int64_t g = j < 4 ? j : j + 4;  // dword pairs (g, g + 4): see transpose_8x16_epi32
+      const int64_t g = transposed_column(j);
       _mm256_store_si256(reinterpret_cast<__m256i*>(dst + g * kGroupBytes),
                          _mm512_castsi512_si256(bytes_out));
       _mm256_store_si256(reinterpret_cast<__m256i*>(dst + (g + 4) * kGroupBytes),

@@ -18,9 +18,8 @@
 
 namespace lowprec {
 
+// The largest code magnitude (codes never use -128), as the float the rules compute with.
 constexpr float kInt8ScaleFloat = static_cast<float>(kInt8Scale);
-// The largest code magnitude as an int8 bound (codes never use -128).
-constexpr int kInt8MaxCode = kInt8Scale;
 
 LP_HOST_DEVICE inline float int8_row_scale(float absmax) {
   return kInt8ScaleFloat / absmax;

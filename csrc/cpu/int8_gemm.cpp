@@ -755,15 +755,22 @@ int64_t packed_a_offset(int64_t tiles, int64_t block, int64_t tile) {
 void pack_a_tile(const int8_t* codes, int64_t rows, int64_t K, int64_t tiles, int64_t t,
                  int8_t* packed) {
   const int64_t blocks = ceil_div(K, kVnniKBlock);
+  const int64_t full_groups = K / kKGroup;  // the last group may be partial
   for (int64_t r = 0; r < kVnniTileRows; ++r) {
+    const int8_t* src = codes + r * K;
     for (int64_t block = 0; block < blocks; ++block) {
       int8_t* dst = packed + packed_a_offset(tiles, block, t) + r * kKGroup;
-      const int64_t k_begin = block * kVnniKBlock;
-      const int64_t k_end = std::min(K, k_begin + kVnniKBlock);
-      for (int64_t k = k_begin; k < k_end; k += kKGroup, dst += kVnniTileGroupBytes) {
-        int8_t four[kKGroup] = {0, 0, 0, 0};
-        if (r < rows) std::memcpy(four, codes + r * K + k, std::min<int64_t>(kKGroup, K - k));
-        std::memcpy(dst, four, kKGroup);
+      const int64_t g_begin = block * kVnniBlockGroups;
+      const int64_t g_end = std::min(ceil_div(K, kKGroup), g_begin + kVnniBlockGroups);
+      for (int64_t g = g_begin; g < g_end; ++g, dst += kVnniTileGroupBytes) {
+        uint32_t four = 0;  // a fixed-size copy: a single 32-bit move
+        if (r < rows && g < full_groups) {
+          std::memcpy(&four, src + g * kKGroup, kKGroup);
+        } else if (r < rows) {
+          for (int64_t k = g * kKGroup; k < K; ++k)
+            four |= static_cast<uint32_t>(static_cast<uint8_t>(src[k])) << (8 * (k - g * kKGroup));
+        }
+        std::memcpy(dst, &four, kKGroup);
       }
     }
   }

@@ -128,4 +128,44 @@ inline void check_adam8bit_multi_step(
   }
 }
 
+// LLM.int8: float values viewed as [rows, cols] (cols = the last dimension), their int8 codes
+// (same shape) and one float32 absmax per row. Returns cols.
+inline int64_t check_int8_rows(const char* op, c10::DeviceType device_type,
+                               const at::Tensor& values, const at::Tensor& codes,
+                               const at::Tensor& row_absmax) {
+  check_tensor(values, op, "values", device_type);
+  check_tensor(codes, op, "codes", device_type);
+  check_tensor(row_absmax, op, "row_absmax", device_type);
+  check_dtype(codes, at::kChar, op, "codes");
+  check_dtype(row_absmax, at::kFloat, op, "row_absmax");
+  TORCH_CHECK(values.dim() >= 1, op, ": values must have at least one dimension");
+  const int64_t cols = values.size(-1);
+  const int64_t rows = cols == 0 ? 0 : values.numel() / cols;
+  TORCH_CHECK(codes.numel() == values.numel(), op, ": codes must have ", values.numel(),
+              " elements, got ", codes.numel());
+  TORCH_CHECK(row_absmax.numel() == rows, op, ": row_absmax must have ", rows, " elements, got ",
+              row_absmax.numel());
+  for (const at::Tensor* t : {&codes, &row_absmax}) {
+    TORCH_CHECK(t->device() == values.device(), op, ": all tensors must be on ", values.device(),
+                ", got ", t->device());
+  }
+  return cols;
+}
+
+// An int8 weight [N, K] and its float32 scales [N] on `device`.
+inline void check_int8_weight(const char* op, c10::DeviceType device_type, const at::Tensor& weight,
+                              const at::Tensor& weight_scale, const at::Device& device) {
+  check_tensor(weight, op, "weight", device_type);
+  check_tensor(weight_scale, op, "weight_scale", device_type);
+  check_dtype(weight, at::kChar, op, "weight");
+  check_dtype(weight_scale, at::kFloat, op, "weight_scale");
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D, got ", weight.dim(), "-D");
+  TORCH_CHECK(weight_scale.numel() == weight.size(0), op, ": weight_scale must have ",
+              weight.size(0), " elements, got ", weight_scale.numel());
+  for (const at::Tensor* t : {&weight, &weight_scale}) {
+    TORCH_CHECK(t->device() == device, op, ": all tensors must be on ", device, ", got ",
+                t->device());
+  }
+}
+
 }  // namespace lowprec

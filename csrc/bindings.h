@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -34,6 +36,24 @@ std::tuple<int64_t, int64_t, int64_t> adam8bit_encoder_sweep_cpu(const at::Tenso
                                                                  int64_t stride,
                                                                  int64_t neighbours);
 
+// cpu/bindings.cpp: LLM.int8
+void int8_quantize_weight_cpu(const at::Tensor& W, const at::Tensor& out_codes,
+                              const at::Tensor& out_absmax);
+// Writes the sorted outlier columns to out_cols[:count] (out_cols holds the last dimension's
+// size) and returns count.
+int64_t int8_vectorwise_quant_cpu(const at::Tensor& A, double threshold,
+                                  const at::Tensor& out_codes, const at::Tensor& out_row_absmax,
+                                  const at::Tensor& out_cols);
+// bias: float32 [N] or None. out: [rows of A, N] in any float dtype.
+void int8_scaled_mm_cpu(const at::Tensor& A, const at::Tensor& row_stats, const at::Tensor& weight,
+                        const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& out);
+void int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                     const std::optional<at::Tensor>& bias, double threshold,
+                     const at::Tensor& out);
+// The GEMM kernel the active CPU path runs for M rows ("vnni-packed", "vnni-dot", ...).
+std::string int8_gemm_kernel_cpu(int64_t M);
+
 #if defined(LOWPREC_WITH_CUDA)
 // cuda/bindings.cpp
 void quantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& code, int64_t blocksize,
@@ -49,6 +69,15 @@ void adam8bit_multi_step_cuda(
     const at::Tensor& qmap1, const at::Tensor& qmap2, const std::vector<at::Tensor>& steps,
     const std::vector<at::Tensor>& skipped, double lr, double beta1, double beta2, double eps,
     double weight_decay, bool decoupled, double gnorm_scale, int64_t blocksize);
+
+// cuda/bindings.cpp: LLM.int8 (the GEMM comes from the triton backend)
+void int8_quantize_weight_cuda(const at::Tensor& W, const at::Tensor& out_codes,
+                               const at::Tensor& out_absmax);
+// out_outlier_mask: uint8 [last dimension of A], 1 for an outlier column (all 0 when
+// threshold <= 0).
+void int8_vectorwise_quant_cuda(const at::Tensor& A, double threshold, const at::Tensor& out_codes,
+                                const at::Tensor& out_row_absmax,
+                                const at::Tensor& out_outlier_mask);
 #endif
 
 }  // namespace lowprec

@@ -143,6 +143,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("stride"), py::arg("neighbours"), no_gil,
         "(checked, mismatches, first mismatch bits) of the active path's encoder against the "
         "exact rule over every stride-th float of [-1, 1] and every threshold's neighbours.");
+  m.def("int8_quantize_weight_cpu", &int8_quantize_weight_cpu, py::arg("W"), py::arg("out_codes"),
+        py::arg("out_absmax"), no_gil);
+  m.def("int8_vectorwise_quant_cpu", &int8_vectorwise_quant_cpu, py::arg("A"), py::arg("threshold"),
+        py::arg("out_codes"), py::arg("out_row_absmax"), py::arg("out_cols"), no_gil,
+        "Writes the sorted outlier columns to out_cols[:count]; returns count.");
+  m.def("int8_scaled_mm_cpu", &int8_scaled_mm_cpu, py::arg("A"), py::arg("row_stats"),
+        py::arg("weight"), py::arg("weight_scale"), py::arg("bias"), py::arg("out"), no_gil);
+  m.def("int8_linear_cpu", &int8_linear_cpu, py::arg("x"), py::arg("weight"),
+        py::arg("weight_scale"), py::arg("bias"), py::arg("threshold"), py::arg("out"), no_gil);
+  m.def("int8_gemm_kernel_cpu", &int8_gemm_kernel_cpu, py::arg("M"),
+        "The int8 GEMM kernel the active CPU path runs for M rows.");
 #if defined(LOWPREC_WITH_CUDA)
   m.def("quantize_blockwise_cuda", &quantize_blockwise_cuda, py::arg("A"), py::arg("code"),
         py::arg("blocksize"), py::arg("out_codes"), py::arg("out_absmax"), no_gil);
@@ -153,5 +164,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qmap1"), py::arg("qmap2"), py::arg("steps"), py::arg("skipped"), py::arg("lr"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("decoupled"), py::arg("gnorm_scale"), py::arg("blocksize"), no_gil);
+  m.def("int8_quantize_weight_cuda", &int8_quantize_weight_cuda, py::arg("W"), py::arg("out_codes"),
+        py::arg("out_absmax"), no_gil);
+  m.def("int8_vectorwise_quant_cuda", &int8_vectorwise_quant_cuda, py::arg("A"),
+        py::arg("threshold"), py::arg("out_codes"), py::arg("out_row_absmax"),
+        py::arg("out_outlier_mask"), no_gil);
 #endif
 }

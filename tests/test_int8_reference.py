@@ -366,3 +366,16 @@ def test_row_scale_is_one_division():
     assert scale.tolist() == [3.224609375]
     assert q.tolist() == [[-44, 127]]
     assert torch.round(W[0, 0] * (127.0 / scale)).item() == -43, "the route we do not take"
+
+
+def test_row_scale_is_one_division_below_a_tie():
+    """The row scale is 127 / absmax rounded once (not reciprocal(absmax) * 127): at this absmax
+    the two differ in the last bit, and x = -1.5188005 lands on either side of a rounding tie."""
+    absmax = torch.tensor([2.5548036098480225])
+    x = torch.tensor([[-1.5188004970550537]])
+    one_division = torch.tensor(127.0) / absmax
+    assert one_division.item() != (absmax.reciprocal() * 127.0).item()
+    q, s = ref(LF.int8_quantize_weight, torch.cat([x, absmax.view(1, 1)], dim=1))
+    assert s.item() == absmax.item()
+    assert torch.equal(q[:, :1], documented_codes(x, absmax))
+    assert q[0, 0].item() == -75  # -75.49999 (one division), not -75.50000 -> -76

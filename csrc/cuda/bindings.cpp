@@ -10,6 +10,7 @@
 #include "../binding_checks.h"
 #include "adam8bit.h"
 #include "blockwise8.h"
+#include "int8.h"
 
 namespace lowprec {
 namespace {
@@ -81,6 +82,49 @@ void adam8bit_multi_step_cuda(
   check_launch(cuda::launch_adam8bit_multi_step(
                    tensors.data(), static_cast<int64_t>(tensors.size()), qmap1.data_ptr<float>(),
                    qmap2.data_ptr<float>(), hyper, non_finite.data_ptr<int32_t>(), stream),
+               kOp);
+}
+
+// ---------------------------------------------------------------------------------- LLM.int8
+
+void int8_quantize_weight_cuda(const at::Tensor& W, const at::Tensor& out_codes,
+                               const at::Tensor& out_absmax) {
+  constexpr const char* kOp = "int8_quantize_weight_cuda";
+  const int64_t cols = check_int8_rows(kOp, c10::DeviceType::CUDA, W, out_codes, out_absmax);
+  const FloatType type = float_type_of(W, kOp, "W");
+  if (W.numel() == 0) return;
+  const c10::cuda::CUDAGuard device_guard(W.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(W.device().index()).stream();
+  check_launch(cuda::launch_int8_quantize_rows(W.data_ptr(), type, W.numel() / cols, cols, nullptr,
+                                               out_codes.data_ptr<int8_t>(),
+                                               out_absmax.data_ptr<float>(), stream),
+               kOp);
+}
+
+void int8_vectorwise_quant_cuda(const at::Tensor& A, double threshold, const at::Tensor& out_codes,
+                                const at::Tensor& out_row_absmax,
+                                const at::Tensor& out_outlier_mask) {
+  constexpr const char* kOp = "int8_vectorwise_quant_cuda";
+  const int64_t cols = check_int8_rows(kOp, c10::DeviceType::CUDA, A, out_codes, out_row_absmax);
+  const FloatType type = float_type_of(A, kOp, "A");
+  check_tensor(out_outlier_mask, kOp, "out_outlier_mask", c10::DeviceType::CUDA);
+  check_dtype(out_outlier_mask, at::kByte, kOp, "out_outlier_mask");
+  TORCH_CHECK(out_outlier_mask.numel() == cols, kOp, ": out_outlier_mask must have ", cols,
+              " elements, got ", out_outlier_mask.numel());
+  TORCH_CHECK(out_outlier_mask.device() == A.device(), kOp, ": out_outlier_mask must be on ",
+              A.device());
+  if (A.numel() == 0) return;
+  const int64_t rows = A.numel() / cols;
+  const c10::cuda::CUDAGuard device_guard(A.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(A.device().index()).stream();
+  uint8_t* mask = out_outlier_mask.data_ptr<uint8_t>();
+  check_launch(cuda::launch_int8_outlier_mask(A.data_ptr(), type, rows, cols,
+                                              static_cast<float>(threshold), mask, stream),
+               kOp);
+  // The mask is all zero when threshold <= 0: the quantizer then skips reading it.
+  check_launch(cuda::launch_int8_quantize_rows(
+                   A.data_ptr(), type, rows, cols, threshold > 0.0 ? mask : nullptr,
+                   out_codes.data_ptr<int8_t>(), out_row_absmax.data_ptr<float>(), stream),
                kOp);
 }
 

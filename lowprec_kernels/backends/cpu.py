@@ -73,4 +73,58 @@ def adam8bit_step_(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, s
                          [absmax2], qmap1, qmap2, [step], [skipped], *hyper)  # fmt: skip
 
 
+# --------------------------------------------------------------------------- LLM.int8
+
+
+def _rows(t: torch.Tensor) -> int:
+    return t.numel() // t.shape[-1] if t.shape[-1] else 0
+
+
+def _float32_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    # Every float dtype converts to float32 exactly: the kernel adds the bias in float32.
+    return None if bias is None else bias.to(torch.float32).contiguous()
+
+
+@register_kernel("int8_quantize_weight", backend="cpu", device="cpu")
+def int8_quantize_weight(W: torch.Tensor):
+    W = W.contiguous()
+    codes = empty(W.shape, torch.int8, W.device)
+    absmax = empty((W.shape[0],), torch.float32, W.device)
+    _C.int8_quantize_weight_cpu(W, codes, absmax)
+    return codes, absmax
+
+
+@register_kernel("int8_vectorwise_quant", backend="cpu", device="cpu")
+def int8_vectorwise_quant(A: torch.Tensor, threshold: float):
+    A = A.contiguous()
+    codes = empty(A.shape, torch.int8, A.device)
+    row_absmax = empty((_rows(A),), torch.float32, A.device)
+    found = torch.empty(A.shape[-1], dtype=torch.int64)  # scratch: the first `count` are written
+    count = _C.int8_vectorwise_quant_cpu(A, threshold, codes, row_absmax, found)
+    outlier_cols = empty((count,), torch.int64, A.device)
+    outlier_cols.copy_(found[:count])
+    return codes, row_absmax, outlier_cols
+
+
+@register_kernel("int8_scaled_mm", backend="cpu", device="cpu")
+def int8_scaled_mm(A, row_stats, weight, weight_scale, bias, dtype):
+    A = A.contiguous()
+    out = empty((*A.shape[:-1], weight.shape[0]), dtype, A.device)
+    _C.int8_scaled_mm_cpu(
+        A, row_stats.contiguous(), weight.contiguous(), weight_scale.contiguous(),
+        _float32_bias(bias), out,
+    )  # fmt: skip
+    return out
+
+
+@register_kernel("int8_linear", backend="cpu", device="cpu")
+def int8_linear(x, weight, weight_scale, bias, threshold):
+    x = x.contiguous()
+    out = empty((*x.shape[:-1], weight.shape[0]), x.dtype, x.device)
+    _C.int8_linear_cpu(
+        x, weight.contiguous(), weight_scale.contiguous(), _float32_bias(bias), threshold, out
+    )
+    return out
+
+
 mark_available("cpu")

@@ -58,4 +58,32 @@ def adam8bit_step_(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, s
                          [absmax2], qmap1, qmap2, [step], [skipped], *hyper)  # fmt: skip
 
 
+# --------------------------------------------------------------------------- LLM.int8
+# Row quantization and outlier columns only: int8_scaled_mm and int8_linear are not
+# registered here, so the dispatcher runs the triton backend's GEMM for them.
+
+
+@register_kernel("int8_quantize_weight", backend="cuda", device="cuda")
+def int8_quantize_weight(W: torch.Tensor):
+    W = W.contiguous()
+    codes = empty(W.shape, torch.int8, W.device)
+    absmax = empty((W.shape[0],), torch.float32, W.device)
+    _C.int8_quantize_weight_cuda(W, codes, absmax)
+    return codes, absmax
+
+
+@register_kernel("int8_vectorwise_quant", backend="cuda", device="cuda")
+def int8_vectorwise_quant(A: torch.Tensor, threshold: float):
+    A = A.contiguous()
+    codes = empty(A.shape, torch.int8, A.device)
+    rows = A.numel() // A.shape[-1] if A.shape[-1] else 0
+    row_absmax = empty((rows,), torch.float32, A.device)
+    mask = torch.empty(A.shape[-1], dtype=torch.uint8, device=A.device)
+    _C.int8_vectorwise_quant_cuda(A, threshold, codes, row_absmax, mask)
+    found = torch.nonzero(mask).view(-1)  # sorted; synchronizes: the count is data-dependent
+    outlier_cols = empty(found.shape, torch.int64, A.device)
+    outlier_cols.copy_(found)
+    return codes, row_absmax, outlier_cols
+
+
 mark_available("cuda", COMPILED and torch.cuda.is_available())

@@ -8,8 +8,10 @@
 
 #include "bindings.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/fourbit.h"
 #include "lowprec/blockwise8.h"
 #include "lowprec/common.h"
+#include "lowprec/fourbit.h"
 #if defined(LOWPREC_WITH_CUDA)
 #include "cuda/blockwise8.h"
 #endif
@@ -56,6 +58,7 @@ py::dict build_info() {
   const std::string requested = cpu::requested_cpu_isa();
   info["cpu_isa_env"] = requested.empty() ? py::object(py::none()) : py::object(py::str(requested));
   info["cpu_threading"] = "at::parallel_for";
+  info["cpu_gemv_4bit_bf16_dot"] = cpu::gemv_uses_bf16_dot();
 #if defined(LOWPREC_WITH_CUDA)
   info["cuda_compiled"] = true;
   info["cuda_arch_list"] = LOWPREC_CUDA_ARCH_LIST;
@@ -75,6 +78,10 @@ py::dict build_info() {
   constants["codebook_size_4bit"] = kCodebookSize4bit;
   constants["blocksize_min_8bit"] = kBlocksizeMin8bit;
   constants["blocksize_max_8bit"] = kBlocksizeMax8bit;
+  constants["blocksize_min_4bit"] = kBlocksizeMin4bit;
+  constants["blocksize_max_4bit"] = kBlocksizeMax4bit;
+  constants["fp4_sign_bit"] = kFp4SignBit;
+  constants["cpu_gemv_row_group"] = cpu::kGemvRowGroup;
   info["constants"] = constants;
   return info;
 }
@@ -128,6 +135,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("blocksize"), py::arg("out_codes"), py::arg("out_absmax"), no_gil);
   m.def("dequantize_blockwise_cpu", &dequantize_blockwise_cpu, py::arg("codes"), py::arg("absmax"),
         py::arg("code"), py::arg("blocksize"), py::arg("out"), no_gil);
+  // NF4 / FP4: the weight arguments as in the ops (absmax, code, blocksize, nested_*).
+  m.def("quantize_4bit_cpu", &quantize_4bit_cpu, py::arg("A"), py::arg("code"),
+        py::arg("blocksize"), py::arg("quant_type"), py::arg("out_packed"), py::arg("out_absmax"),
+        no_gil);
+  m.def("dequantize_4bit_cpu", &dequantize_4bit_cpu, py::arg("packed"), py::arg("absmax"),
+        py::arg("code"), py::arg("blocksize"), py::arg("nested_absmax"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("nested_blocksize"), py::arg("out"), no_gil);
+  m.def("matmul_4bit_gemv_cpu", &matmul_4bit_gemv_cpu, py::arg("x"), py::arg("packed"),
+        py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("nested_absmax"),
+        py::arg("nested_code"), py::arg("offset"), py::arg("nested_blocksize"), py::arg("bias"),
+        py::arg("out"), no_gil);
+  m.def("matmul_4bit_gemm_cpu", &matmul_4bit_gemm_cpu, py::arg("x"), py::arg("packed"),
+        py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("nested_absmax"),
+        py::arg("nested_code"), py::arg("offset"), py::arg("nested_blocksize"), py::arg("bias"),
+        py::arg("out"), no_gil);
 #if defined(LOWPREC_WITH_CUDA)
   m.def("quantize_blockwise_cuda", &quantize_blockwise_cuda, py::arg("A"), py::arg("code"),
         py::arg("blocksize"), py::arg("out_codes"), py::arg("out_absmax"), no_gil);

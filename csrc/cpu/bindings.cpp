@@ -1,8 +1,16 @@
 // Tensor-level CPU entry points: check, unpack pointers, call the raw-pointer kernels.
 #include "../bindings.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+
+#include <algorithm>
+
 #include "../binding_checks.h"
 #include "blockwise8.h"
+#include "fourbit.h"
 
 namespace lowprec {
 
@@ -26,6 +34,130 @@ void dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax,
   cpu::dequantize_blockwise_8bit(codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
                                  code.data_ptr<float>(), codes.numel(), blocksize, out.data_ptr(),
                                  out_type);
+}
+
+// ------------------------------------------------------------------------------ NF4 / FP4
+
+namespace {
+
+// The GEMM path decodes this many bytes of weight rows at a time: small enough to stay in
+// the last-level cache next to x and y, large enough that one torch GEMM call per tile costs
+// little.
+constexpr int64_t kGemmTileBytes = int64_t{2} << 20;
+
+cpu::Packed4bit packed_4bit(const at::Tensor& packed, const BlockScales& scales,
+                            const at::Tensor& code, int64_t blocksize) {
+  return {packed.data_ptr<uint8_t>(), scales, code.data_ptr<float>(), blocksize,
+          exact_log2(blocksize)};
+}
+
+}  // namespace
+
+void quantize_4bit_cpu(const at::Tensor& A, const at::Tensor& code, int64_t blocksize,
+                       const std::string& quant_type, const at::Tensor& out_packed,
+                       const at::Tensor& out_absmax) {
+  constexpr const char* kOp = "quantize_4bit_cpu";
+  check_tensor(A, kOp, "A", c10::DeviceType::CPU);
+  check_tensor(code, kOp, "code", c10::DeviceType::CPU);
+  check_tensor(out_packed, kOp, "out_packed", c10::DeviceType::CPU);
+  check_tensor(out_absmax, kOp, "out_absmax", c10::DeviceType::CPU);
+  const FloatType input_type = float_type_of(A, kOp, "A");
+  check_dtype(code, at::kFloat, kOp, "code");
+  check_dtype(out_packed, at::kByte, kOp, "out_packed");
+  check_dtype(out_absmax, at::kFloat, kOp, "out_absmax");
+  check_blocksize_4bit(blocksize, kOp);
+  const QuantType4bit type = quant_type_4bit(quant_type, kOp);
+  TORCH_CHECK(code.numel() == kCodebookSize4bit, kOp, ": code must have ", kCodebookSize4bit,
+              " entries, got ", code.numel());
+  const int64_t n = A.numel();
+  TORCH_CHECK(out_packed.numel() == (n + 1) / 2, kOp, ": out_packed must have ", (n + 1) / 2,
+              " bytes, got ", out_packed.numel());
+  TORCH_CHECK(out_absmax.numel() == (n + blocksize - 1) / blocksize, kOp, ": out_absmax must have ",
+              (n + blocksize - 1) / blocksize, " elements, got ", out_absmax.numel());
+  if (n == 0) return;
+  cpu::quantize_4bit(A.data_ptr(), input_type, n, code.data_ptr<float>(), type, blocksize,
+                     out_packed.data_ptr<uint8_t>(), out_absmax.data_ptr<float>());
+}
+
+void dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                         int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                         const std::optional<at::Tensor>& nested_code,
+                         const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                         const at::Tensor& out) {
+  constexpr const char* kOp = "dequantize_4bit_cpu";
+  check_tensor(out, kOp, "out", c10::DeviceType::CPU);
+  const FloatType out_type = float_type_of(out, kOp, "out");
+  const int64_t n = out.numel();
+  const BlockScales scales =
+      check_4bit_weight(kOp, c10::DeviceType::CPU, packed, absmax, code, blocksize, n,
+                        nested_absmax, nested_code, offset, nested_blocksize);
+  if (n == 0) return;
+  cpu::dequantize_4bit(packed_4bit(packed, scales, code, blocksize), n, out.data_ptr(), out_type);
+}
+
+void matmul_4bit_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const at::Tensor& code, int64_t blocksize,
+                          const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code,
+                          const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& out) {
+  constexpr const char* kOp = "matmul_4bit_gemv_cpu";
+  check_matmul_4bit_operands(kOp, c10::DeviceType::CPU, x, packed, bias, out);
+  const int64_t rows = x.size(0), in_features = x.size(1), out_features = out.size(1);
+  const BlockScales scales = check_4bit_weight(kOp, c10::DeviceType::CPU, packed, absmax, code,
+                                               blocksize, out_features * in_features, nested_absmax,
+                                               nested_code, offset, nested_blocksize);
+  if (rows == 0 || out_features == 0) return;
+  const at::Tensor bias_float = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  cpu::matmul_4bit_gemv(x.data_ptr(), float_type_of(x, kOp, "x"), rows,
+                        packed_4bit(packed, scales, code, blocksize), out_features, in_features,
+                        bias ? bias_float.data_ptr<float>() : nullptr, out.data_ptr());
+}
+
+// Tiles of weight rows are decoded (all threads) into one buffer in the compute dtype, then
+// multiplied by torch's GEMM (oneDNN / BLAS, all threads). The compute dtype is x's, except
+// that fp16 computes in fp32: torch's fp16 GEMM on CPUs without AVX512-FP16 is far slower than
+// its fp32 one, and fp32 is more accurate.
+void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const at::Tensor& code, int64_t blocksize,
+                          const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code,
+                          const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& out) {
+  constexpr const char* kOp = "matmul_4bit_gemm_cpu";
+  check_matmul_4bit_operands(kOp, c10::DeviceType::CPU, x, packed, bias, out);
+  const int64_t rows = x.size(0), in_features = x.size(1), out_features = out.size(1);
+  const BlockScales scales = check_4bit_weight(kOp, c10::DeviceType::CPU, packed, absmax, code,
+                                               blocksize, out_features * in_features, nested_absmax,
+                                               nested_code, offset, nested_blocksize);
+  if (rows == 0 || out_features == 0) return;
+  const at::ScalarType compute = x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  const FloatType tile_type = compute == at::kBFloat16 ? FloatType::kBFloat16 : FloatType::kFloat32;
+  const at::Tensor x_compute = x.to(compute);
+  const at::Tensor y_compute =
+      out.scalar_type() == compute ? out : at::empty(out.sizes(), out.options().dtype(compute));
+  const at::Tensor bias_compute = bias ? bias->to(compute) : at::Tensor();
+  const int64_t element_bytes = compute == at::kBFloat16 ? 2 : 4;
+  const int64_t tile_rows =
+      std::clamp<int64_t>(kGemmTileBytes / (in_features * element_bytes), 1, out_features);
+  const at::Tensor tile = at::empty({tile_rows, in_features}, x.options().dtype(compute));
+  const cpu::Packed4bit weight = packed_4bit(packed, scales, code, blocksize);
+  char* tile_data = static_cast<char*>(tile.data_ptr());
+  for (int64_t n0 = 0; n0 < out_features; n0 += tile_rows) {
+    const int64_t rows_in_tile = std::min(tile_rows, out_features - n0);
+    at::parallel_for(0, rows_in_tile, 1, [&](int64_t first, int64_t last) {
+      cpu::dequantize_4bit_range(weight, (n0 + first) * in_features, (n0 + last) * in_features,
+                                 tile_data + first * in_features * element_bytes, tile_type);
+    });
+    const at::Tensor w_tile = tile.narrow(0, 0, rows_in_tile);
+    at::Tensor y_tile = y_compute.narrow(1, n0, rows_in_tile);
+    if (bias) {
+      at::addmm_out(y_tile, bias_compute.narrow(0, n0, rows_in_tile), x_compute, w_tile.t());
+    } else {
+      at::mm_out(y_tile, x_compute, w_tile.t());
+    }
+  }
+  if (!y_compute.is_same(out)) out.copy_(y_compute);
 }
 
 }  // namespace lowprec

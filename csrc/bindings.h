@@ -49,6 +49,22 @@ void quantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& code, int64_
                              const at::Tensor& out_codes, const at::Tensor& out_absmax);
 void dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& absmax,
                                const at::Tensor& code, int64_t blocksize, const at::Tensor& out);
+// cuda/bindings.cpp: NF4 / FP4, as the CPU entry points; the GEMV takes 1..8 rows of x.
+void quantize_4bit_cuda(const at::Tensor& A, const at::Tensor& code, int64_t blocksize,
+                        const std::string& quant_type, const at::Tensor& out_packed,
+                        const at::Tensor& out_absmax);
+void dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax,
+                          const at::Tensor& code, int64_t blocksize,
+                          const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code,
+                          const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                          const at::Tensor& out);
+void matmul_4bit_gemv_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           const at::Tensor& code, int64_t blocksize,
+                           const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& nested_code,
+                           const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& out);
 #endif
 
 }  // namespace lowprec

@@ -14,6 +14,7 @@
 #include "lowprec/fourbit.h"
 #if defined(LOWPREC_WITH_CUDA)
 #include "cuda/blockwise8.h"
+#include "cuda/fourbit.h"
 #endif
 
 // Set by setup.py; defaults keep a hand-rolled build working.
@@ -82,6 +83,9 @@ py::dict build_info() {
   constants["blocksize_max_4bit"] = kBlocksizeMax4bit;
   constants["fp4_sign_bit"] = kFp4SignBit;
   constants["cpu_gemv_row_group"] = cpu::kGemvRowGroup;
+#if defined(LOWPREC_WITH_CUDA)
+  constants["cuda_gemv_4bit_max_rows"] = cuda::kGemv4bitMaxRows;
+#endif
   info["constants"] = constants;
   return info;
 }
@@ -155,5 +159,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("blocksize"), py::arg("out_codes"), py::arg("out_absmax"), no_gil);
   m.def("dequantize_blockwise_cuda", &dequantize_blockwise_cuda, py::arg("codes"),
         py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("out"), no_gil);
+  m.def("quantize_4bit_cuda", &quantize_4bit_cuda, py::arg("A"), py::arg("code"),
+        py::arg("blocksize"), py::arg("quant_type"), py::arg("out_packed"), py::arg("out_absmax"),
+        no_gil);
+  m.def("dequantize_4bit_cuda", &dequantize_4bit_cuda, py::arg("packed"), py::arg("absmax"),
+        py::arg("code"), py::arg("blocksize"), py::arg("nested_absmax"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("nested_blocksize"), py::arg("out"), no_gil);
+  m.def("matmul_4bit_gemv_cuda", &matmul_4bit_gemv_cuda, py::arg("x"), py::arg("packed"),
+        py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("nested_absmax"),
+        py::arg("nested_code"), py::arg("offset"), py::arg("nested_blocksize"), py::arg("bias"),
+        py::arg("out"), no_gil);
 #endif
 }

@@ -119,6 +119,24 @@ void decode_range_scalar(const Packed4bit& weight, int64_t begin, int64_t end, v
   }
 }
 
+// One weight row in split order (see dequantize_4bit_rows_split): packed bytes [first, end)
+// of the row go to out_even[j - first] (high nibbles) and out_odd[j - first] (low nibbles).
+template <FloatType T>
+void decode_row_split_scalar(const Packed4bit& weight, int64_t first, int64_t end, void* out,
+                             int64_t odd_offset) {
+  for (int64_t j = first; j < end;) {
+    const int64_t block = (2 * j) >> weight.blocksize_log2;
+    const int64_t piece_end = std::min(end, ((block + 1) << weight.blocksize_log2) / 2);
+    const float scale = block_scale(weight.scales, block);
+    for (; j < piece_end; ++j) {
+      const uint8_t byte = weight.packed[j];
+      store_float<T>(out, j - first, dequantize_4bit_value(high_nibble(byte), weight.code, scale));
+      store_float<T>(out, odd_offset + j - first,
+                     dequantize_4bit_value(low_nibble(byte), weight.code, scale));
+    }
+  }
+}
+
 #if LOWPREC_X86_SIMD
 
 using simd::kAvx2Lanes;
@@ -369,6 +387,53 @@ LP_TARGET_AVX512 void decode_range_avx512(const Packed4bit& weight, int64_t begi
   }
 }
 
+// Split-order rows on AVX-512. fp32: 16 bytes -> 16 high-nibble and 16 low-nibble weights by
+// two vpermps. bf16: the block's table rounded to bf16 (exactly as torch rounds), 16 entries
+// repeated to fill a 32-lane vpermw table; 32 bytes -> 2 x 32 weights by two vpermw.
+template <FloatType T>
+LP_TARGET_AVX512 void decode_row_split_avx512(const Packed4bit& weight, int64_t first, int64_t end,
+                                              void* out, int64_t odd_offset) {
+  constexpr int64_t kChunkBytes = T == FloatType::kFloat32 ? 16 : 32;
+  const __m512 code = _mm512_loadu_ps(weight.code);
+  const int bytes_per_block_log2 = weight.blocksize_log2 - 1;
+  for (int64_t j = first; j < end;) {
+    const int64_t block = j >> bytes_per_block_log2;
+    const int64_t piece_end = std::min(end, (block + 1) << bytes_per_block_log2);
+    const float scale = block_scale(weight.scales, block);
+    const __m512 table = _mm512_mul_ps(code, _mm512_set1_ps(scale));
+    if constexpr (T == FloatType::kFloat32) {
+      float* even = static_cast<float*>(out);
+      float* odd = even + odd_offset;
+      for (; j + kChunkBytes <= piece_end; j += kChunkBytes) {
+        const __m512i codes = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(weight.packed + j)));
+        _mm512_storeu_ps(even + (j - first),
+                         _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table));
+        _mm512_storeu_ps(odd + (j - first), _mm512_permutexvar_ps(codes, table));
+      }
+    } else if constexpr (T == FloatType::kBFloat16) {
+      const __m512i table16 = _mm512_broadcast_i64x4(
+          _mm512_cvtepi32_epi16(simd::avx512_narrow<FloatType::kBFloat16>(table)));
+      uint16_t* even = static_cast<uint16_t*>(out);
+      uint16_t* odd = even + odd_offset;
+      for (; j + kChunkBytes <= piece_end; j += kChunkBytes) {
+        const __m512i codes = _mm512_cvtepu8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(weight.packed + j)));
+        _mm512_storeu_si512(even + (j - first),
+                            _mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), table16));
+        _mm512_storeu_si512(odd + (j - first), _mm512_permutexvar_epi16(codes, table16));
+      }
+    }
+    if (j < piece_end) {
+      // The rest of the piece (and every fp16 row) one byte at a time.
+      decode_row_split_scalar<T>(
+          weight, j, piece_end,
+          static_cast<char*>(out) + (j - first) * (T == FloatType::kFloat32 ? 4 : 2), odd_offset);
+      j = piece_end;
+    }
+  }
+}
+
 #endif  // LOWPREC_X86_SIMD
 
 // ----------------------------------------------------------------------------- dispatch
@@ -428,6 +493,30 @@ DecodeRangeFn decode_range_for(FloatType type, CpuIsa isa) {
   return decode_range_for<FloatType::kFloat32>(isa);
 }
 
+using DecodeRowSplitFn = void (*)(const Packed4bit& weight, int64_t first, int64_t end, void* out,
+                                  int64_t odd_offset);
+
+template <FloatType T>
+DecodeRowSplitFn decode_row_split_for(CpuIsa isa) {
+#if LOWPREC_X86_SIMD
+  if (isa == CpuIsa::kAvx512) return &decode_row_split_avx512<T>;
+#endif
+  (void)isa;  // AVX2 machines take the byte-at-a-time path here
+  return &decode_row_split_scalar<T>;
+}
+
+DecodeRowSplitFn decode_row_split_for(FloatType type, CpuIsa isa) {
+  switch (type) {
+    case FloatType::kFloat16:
+      return decode_row_split_for<FloatType::kFloat16>(isa);
+    case FloatType::kBFloat16:
+      return decode_row_split_for<FloatType::kBFloat16>(isa);
+    case FloatType::kFloat32:
+      break;
+  }
+  return decode_row_split_for<FloatType::kFloat32>(isa);
+}
+
 int64_t blocks_per_task(int64_t blocksize) {
   return std::max<int64_t>(1, kMinElementsPerTask / blocksize);
 }
@@ -465,6 +554,17 @@ void dequantize_4bit(const Packed4bit& weight, int64_t n, void* out, FloatType o
     const int64_t end = std::min(n, last * weight.blocksize);
     decode_range(weight, begin, end, out_bytes + begin * bytes_per_element);
   });
+}
+
+void dequantize_4bit_rows_split(const Packed4bit& weight, int64_t in_features, int64_t row_begin,
+                                int64_t row_end, void* out, FloatType out_type) {
+  const DecodeRowSplitFn decode_row = decode_row_split_for(out_type, active_cpu_isa());
+  const int64_t half = in_features / 2;
+  const int64_t row_bytes = in_features * element_size(out_type);
+  char* out_bytes = static_cast<char*>(out);
+  for (int64_t n = row_begin; n < row_end; ++n) {
+    decode_row(weight, n * half, (n + 1) * half, out_bytes + (n - row_begin) * row_bytes, half);
+  }
 }
 
 }  // namespace lowprec::cpu

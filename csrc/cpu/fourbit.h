@@ -32,6 +32,14 @@ void dequantize_4bit(const Packed4bit& weight, int64_t n, void* out, FloatType o
 void dequantize_4bit_range(const Packed4bit& weight, int64_t begin, int64_t end, void* out,
                            FloatType out_type);
 
+// Weight rows [row_begin, row_end) of a weight [rows, in_features] with in_features even,
+// decoded on the calling thread in split order: row r of out holds W[n, 0], W[n, 2], ...,
+// W[n, K - 2], then W[n, 1], W[n, 3], ..., W[n, K - 1] (n = row_begin + r). That is the order of
+// the high and low nibbles, so no shuffle back into element order is needed; the GEMM path
+// permutes x's columns the same way, which leaves x @ W.T unchanged.
+void dequantize_4bit_rows_split(const Packed4bit& weight, int64_t in_features, int64_t row_begin,
+                                int64_t row_end, void* out, FloatType out_type);
+
 // The GEMV path of matmul_4bit: y[m, n] = sum_k x[m, k] * W[n, k] + bias[n] for a weight of
 // out_features x in_features, computed in fp32 with fmaf and rounded once to x's type. x is
 // [rows, in_features] in x_type, bias fp32 [out_features] or null, y [rows, out_features] in

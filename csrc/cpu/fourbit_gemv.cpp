@@ -115,55 +115,164 @@ inline RowScales decode_row_scales(const GemvProblem& p, int64_t n, float* buffe
   return {buffer, first_block};
 }
 
-// The lone nibbles of a row, one element at a time, added to sums[0, rows_in_group).
-inline void add_lone_elements(const GemvProblem& p, int64_t n, int64_t m0, int rows_in_group,
-                              const RowSegment& segment, const RowScales& scales, float* sums) {
+// The lone nibbles of a row, one element at a time, added to sums[0, rows).
+inline void add_lone_elements(const GemvProblem& p, int64_t n, const RowSegment& segment,
+                              const RowScales& scales, float* sums) {
   const Packed4bit& w = *p.weight;
   const int64_t K = p.in_features;
-  const int64_t begin = n * K;
   auto add = [&](int64_t k) {
-    const int64_t flat = begin + k;
+    const int64_t flat = n * K + k;
     const float weight =
         dequantize_4bit_value(code_at(w.packed, flat), w.code, scales.of(flat >> w.blocksize_log2));
-    for (int r = 0; r < rows_in_group; ++r)
-      sums[r] = fmaf(p.x[(m0 + r) * K + k], weight, sums[r]);
+    for (int64_t m = 0; m < p.rows; ++m)
+      sums[m] = fmaf(p.x[m * K + k], weight, sums[m]);
   };
   if (segment.lone_first) add(0);
   if (segment.lone_last) add(K - 1);
 }
 
-inline void write_outputs(const GemvProblem& p, int64_t n, int64_t m0, int rows_in_group,
-                          const float* sums) {
+inline void write_outputs(const GemvProblem& p, int64_t n, const float* sums) {
   const float bias = p.bias != nullptr ? p.bias[n] : 0.0f;
-  for (int r = 0; r < rows_in_group; ++r)
-    store_float(p.y, (m0 + r) * p.out_features + n, sums[r] + bias, p.y_type);
+  for (int64_t m = 0; m < p.rows; ++m)
+    store_float(p.y, m * p.out_features + n, sums[m] + bias, p.y_type);
+}
+
+// What a row kernel gets: weight row n's segment and scales, x rows [m0, m0 + rows), and the
+// slice [tile_begin, tile_end) of the segment's bytes (x_split indices) to multiply; it adds
+// the products to sums[0, rows).
+struct RowTile {
+  const RowSegment* segment;
+  const RowScales* scales;
+  int64_t m0;
+  int64_t tile_begin;
+  int64_t tile_end;
+};
+
+// The driver shared by every path. Rows of x are taken kRowGroup at a time (one pass over a
+// weight row decodes its weights once for the group). Weight rows are taken a panel at a
+// time, and each row in slices of `tile_bytes` packed bytes, so that the x values one slice
+// meets (group rows x 2 halves x tile_bytes elements) stay in L1 while the slice runs over
+// every row of the panel: without it, four fp32 rows of x at in_features 4096 (64 KiB) spill
+// to L2 and the FMAs wait on L2. Partial sums live in a per-panel buffer.
+constexpr int64_t kPanelRows = 16;
+constexpr int64_t kXBudgetBytes = 24 << 10;  // half of a 48 KiB L1D
+constexpr int64_t kTileGranuleBytes = 64;    // slices are multiples of the widest step
+
+// Asks for weight row n's packed bytes ahead of use (into L2): the slices of a panel visit its
+// rows in short runs, which the hardware stream prefetcher follows poorly, so each row of a
+// panel prefetches the same row of the next panel while it computes.
+inline void prefetch_row(const GemvProblem& p, int64_t n) {
+  constexpr int64_t kCacheLine = 64;
+  const RowSegment segment = row_segment(std::min(n, p.out_features - 1), p.in_features);
+  const int64_t end = n < p.out_features ? segment.end_byte : segment.first_byte;
+  for (int64_t j = segment.first_byte; j < end; j += kCacheLine) {
+#if LOWPREC_X86_SIMD
+    // An asm statement: GCC 12 deletes __builtin_prefetch / _mm_prefetch loops here.
+    asm volatile("prefetcht1 %0" : : "m"(p.weight->packed[j]));
+#else
+    __builtin_prefetch(p.weight->packed + j, /*rw=*/0, /*locality=*/2);
+#endif
+  }
+}
+
+template <typename Kernel>
+void gemv_rows_tiled(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
+  constexpr int kGroup = Kernel::kRowGroup;
+  const int64_t group_rows = std::min<int64_t>(kGroup, p.rows);
+  const int64_t tile_bytes = std::max<int64_t>(
+      kTileGranuleBytes, kXBudgetBytes / (group_rows * 2 * Kernel::kXElementBytes) /
+                             kTileGranuleBytes * kTileGranuleBytes);
+  const int64_t blocks_per_row = max_blocks_per_row(p);
+  std::vector<float> scale_buffer(static_cast<size_t>(kPanelRows * blocks_per_row));
+  std::vector<float> sums(static_cast<size_t>(kPanelRows * p.rows));
+  RowSegment segments[kPanelRows];
+  RowScales scales[kPanelRows];
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelRows) {
+    const int64_t panel = std::min(kPanelRows, n_end - n0);
+    for (int64_t i = 0; i < panel; ++i) {
+      segments[i] = row_segment(n0 + i, p.in_features);
+      scales[i] = decode_row_scales(p, n0 + i, scale_buffer.data() + i * blocks_per_row);
+    }
+    std::fill(sums.begin(), sums.end(), 0.0f);
+    // Group by group: the panel's packed rows (kPanelRows x in_features / 2 bytes) stay in
+    // L2 for the next group, one group's slice of x in L1.
+    for (int64_t m0 = 0; m0 < p.rows; m0 += kGroup) {
+      const int rows_in_group = static_cast<int>(std::min<int64_t>(kGroup, p.rows - m0));
+      for (int64_t t0 = 0; t0 < p.half_len; t0 += tile_bytes) {
+        const int64_t t1 = std::min(p.half_len, t0 + tile_bytes);
+        for (int64_t i = 0; i < panel; ++i) {
+          if (m0 == 0 && t0 == 0) prefetch_row(p, n0 + kPanelRows + i);
+          const RowTile tile{&segments[i], &scales[i], m0, t0, t1};
+          Kernel::run(p, tile, rows_in_group, sums.data() + i * p.rows + m0);
+        }
+      }
+    }
+    for (int64_t i = 0; i < panel; ++i) {
+      add_lone_elements(p, n0 + i, segments[i], scales[i], sums.data() + i * p.rows);
+      write_outputs(p, n0 + i, sums.data() + i * p.rows);
+    }
+  }
+}
+
+// Calls Kernel::template group<R>(p, tile, sums) for R = rows (1..kRowGroup).
+template <typename Kernel, int R = Kernel::kRowGroup>
+inline void run_group(const GemvProblem& p, const RowTile& tile, int rows, float* sums) {
+  if constexpr (R > 1) {
+    if (rows < R) return run_group<Kernel, R - 1>(p, tile, rows, sums);
+  }
+  Kernel::template group<R>(p, tile, sums);
+}
+
+// The aligned middle [begin, end) of a slice: whole steps of `step` packed bytes at multiples
+// of `step`. Blocks start at multiples of their byte length, so when that length is at least
+// `step` no step crosses a block; smaller blocks leave no middle (all of it goes to the edges
+// kernel).
+struct MainRange {
+  int64_t begin;
+  int64_t end;
+};
+
+inline MainRange main_range(int64_t begin, int64_t end, int64_t step, int bytes_per_block_log2) {
+  if ((int64_t{1} << bytes_per_block_log2) < step) return {end, end};
+  const int64_t main_begin = std::min(end, (begin + step - 1) / step * step);
+  return {main_begin, std::max(main_begin, end / step * step)};
 }
 
 // ------------------------------------------------------------------------------ scalar path
 
-void gemv_rows_scalar(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
-  const Packed4bit& w = *p.weight;
-  const int64_t K = p.in_features;
-  std::vector<float> scale_buffer(static_cast<size_t>(max_blocks_per_row(p)));
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const RowScales scales = decode_row_scales(p, n, scale_buffer.data());
-    for (int64_t m0 = 0; m0 < p.rows; m0 += kGemvRowGroup) {
-      const int rows_in_group = static_cast<int>(std::min<int64_t>(kGemvRowGroup, p.rows - m0));
-      float sums[kGemvRowGroup] = {};
-      for (int64_t k = 0; k < K;) {
-        const int64_t flat = n * K + k;
-        const int64_t block = flat >> w.blocksize_log2;
-        const int64_t piece_end = std::min(K, (block + 1) * w.blocksize - n * K);
-        const float scale = scales.of(block);
-        for (; k < piece_end; ++k) {
-          const float weight = dequantize_4bit_value(code_at(w.packed, n * K + k), w.code, scale);
-          for (int r = 0; r < rows_in_group; ++r)
-            sums[r] = fmaf(p.x[(m0 + r) * K + k], weight, sums[r]);
-        }
-      }
-      write_outputs(p, n, m0, rows_in_group, sums);
+struct ScalarKernel {
+  static constexpr int kRowGroup = kGemvRowGroup;
+  static constexpr int kXElementBytes = sizeof(float);
+
+  template <int Rows>
+  static void group(const GemvProblem& p, const RowTile& tile, float* sums) {
+    const Packed4bit& w = *p.weight;
+    const RowSegment& segment = *tile.segment;
+    const int bytes_per_block_log2 = w.blocksize_log2 - 1;
+    const float* xe[Rows];
+    const float* xo[Rows];
+    for (int r = 0; r < Rows; ++r) {
+      xe[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 0);
+      xo[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 1);
+    }
+    for (int64_t j = segment.first_byte + tile.tile_begin; j < segment.first_byte + tile.tile_end;
+         ++j) {
+      const float scale = tile.scales->of(j >> bytes_per_block_log2);
+      const float w_even = dequantize_4bit_value(high_nibble(w.packed[j]), w.code, scale);
+      const float w_odd = dequantize_4bit_value(low_nibble(w.packed[j]), w.code, scale);
+      const int64_t xi = j - segment.first_byte;
+      for (int r = 0; r < Rows; ++r)
+        sums[r] = fmaf(xo[r][xi], w_odd, fmaf(xe[r][xi], w_even, sums[r]));
     }
   }
+
+  static void run(const GemvProblem& p, const RowTile& tile, int rows, float* sums) {
+    run_group<ScalarKernel>(p, tile, rows, sums);
+  }
+};
+
+void gemv_rows_scalar(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
+  gemv_rows_tiled<ScalarKernel>(p, n_begin, n_end);
 }
 
 #if LOWPREC_X86_SIMD
@@ -206,29 +315,34 @@ LP_TARGET_AVX2 inline float avx2_reduce_add(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Products of the packed bytes [begin, end) of the tile's row with any alignment and
+// blocksize: block by block, partial vectors masked. The group kernel below sends only the
+// unaligned ends of a slice here, keeping its own loop free of branches (and its
+// accumulators in registers).
 template <int Rows>
-LP_TARGET_AVX2 void avx2_gemv_group(const GemvProblem& p, int64_t n, int64_t m0,
-                                    const RowScales& scales) {
+LP_TARGET_AVX2 __attribute__((noinline)) void avx2_gemv_edges(const GemvProblem& p,
+                                                              const RowTile& tile, int64_t begin,
+                                                              int64_t end, float* sums) {
   const Packed4bit& w = *p.weight;
-  const RowSegment segment = row_segment(n, p.in_features);
+  const RowSegment& segment = *tile.segment;
   const float* xe[Rows];
   const float* xo[Rows];
   for (int r = 0; r < Rows; ++r) {
-    xe[r] = p.x_split + split_offset(p, segment.parity, m0 + r, 0);
-    xo[r] = p.x_split + split_offset(p, segment.parity, m0 + r, 1);
+    xe[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 0);
+    xo[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 1);
   }
   __m256 acc[4][Rows];
   for (int a = 0; a < 4; ++a)
     for (int r = 0; r < Rows; ++r)
       acc[a][r] = _mm256_setzero_ps();
-  float sums[Rows] = {};
+  float tail_sums[Rows] = {};
   const __m256 code_low = _mm256_loadu_ps(w.code);
   const __m256 code_high = _mm256_loadu_ps(w.code + kAvx2Lanes);
   const int bytes_per_block_log2 = w.blocksize_log2 - 1;
-  for (int64_t j = segment.first_byte; j < segment.end_byte;) {
+  for (int64_t j = begin; j < end;) {
     const int64_t block = j >> bytes_per_block_log2;
-    const int64_t piece_end = std::min(segment.end_byte, (block + 1) << bytes_per_block_log2);
-    const float scale = scales.of(block);
+    const int64_t piece_end = std::min(end, (block + 1) << bytes_per_block_log2);
+    const float scale = tile.scales->of(block);
     const __m256 table_low = _mm256_mul_ps(code_low, _mm256_set1_ps(scale));
     const __m256 table_high = _mm256_mul_ps(code_high, _mm256_set1_ps(scale));
     for (; j + 2 * kAvx2ChunkBytes <= piece_end; j += 2 * kAvx2ChunkBytes) {
@@ -242,39 +356,72 @@ LP_TARGET_AVX2 void avx2_gemv_group(const GemvProblem& p, int64_t n, int64_t m0,
       const float w_even = dequantize_4bit_value(high_nibble(w.packed[j]), w.code, scale);
       const float w_odd = dequantize_4bit_value(low_nibble(w.packed[j]), w.code, scale);
       for (int r = 0; r < Rows; ++r)
-        sums[r] = fmaf(xo[r][xi], w_odd, fmaf(xe[r][xi], w_even, sums[r]));
+        tail_sums[r] = fmaf(xo[r][xi], w_odd, fmaf(xe[r][xi], w_even, tail_sums[r]));
     }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    const __m256 total =
+        _mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), _mm256_add_ps(acc[2][r], acc[3][r]));
+    sums[r] += avx2_reduce_add(total) + tail_sums[r];
+  }
+}
+
+template <int Rows>
+LP_TARGET_AVX2 void avx2_gemv_group(const GemvProblem& p, const RowTile& tile, float* sums) {
+  constexpr int64_t kStep = 2 * kAvx2ChunkBytes;
+  const Packed4bit& w = *p.weight;
+  const RowSegment& segment = *tile.segment;
+  const int bytes_per_block_log2 = w.blocksize_log2 - 1;
+  const int64_t begin = segment.first_byte + tile.tile_begin;
+  const int64_t end = segment.first_byte + tile.tile_end;
+  const MainRange middle = main_range(begin, end, kStep, bytes_per_block_log2);
+  if (begin < middle.begin) avx2_gemv_edges<Rows>(p, tile, begin, middle.begin, sums);
+  if (middle.end < end) avx2_gemv_edges<Rows>(p, tile, middle.end, end, sums);
+  if (middle.begin == middle.end) return;
+  const float* xe[Rows];
+  const float* xo[Rows];
+  for (int r = 0; r < Rows; ++r) {
+    xe[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 0);
+    xo[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 1);
+  }
+  __m256 acc[4][Rows];
+  for (int a = 0; a < 4; ++a)
+    for (int r = 0; r < Rows; ++r)
+      acc[a][r] = _mm256_setzero_ps();
+  const __m256 code_low = _mm256_loadu_ps(w.code);
+  const __m256 code_high = _mm256_loadu_ps(w.code + kAvx2Lanes);
+  const float* scales = tile.scales->scales;
+  const int64_t first_block = tile.scales->first_block;
+  for (int64_t j = middle.begin; j < middle.end; j += kStep) {
+    const __m256 scale = _mm256_set1_ps(scales[(j >> bytes_per_block_log2) - first_block]);
+    const __m256 table_low = _mm256_mul_ps(code_low, scale);
+    const __m256 table_high = _mm256_mul_ps(code_high, scale);
+    const int64_t xi = j - segment.first_byte;
+    avx2_gemv_chunk<Rows>(w.packed + j, table_low, table_high, xe, xo, xi, acc[0], acc[1]);
+    avx2_gemv_chunk<Rows>(w.packed + j + kAvx2ChunkBytes, table_low, table_high, xe, xo,
+                          xi + kAvx2ChunkBytes, acc[2], acc[3]);
   }
   for (int r = 0; r < Rows; ++r) {
     const __m256 total =
         _mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), _mm256_add_ps(acc[2][r], acc[3][r]));
     sums[r] += avx2_reduce_add(total);
   }
-  add_lone_elements(p, n, m0, Rows, segment, scales, sums);
-  write_outputs(p, n, m0, Rows, sums);
 }
 
-LP_TARGET_AVX2 void gemv_rows_avx2(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
-  std::vector<float> scale_buffer(static_cast<size_t>(max_blocks_per_row(p)));
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const RowScales scales = decode_row_scales(p, n, scale_buffer.data());
-    for (int64_t m0 = 0; m0 < p.rows; m0 += kGemvRowGroup) {
-      switch (std::min<int64_t>(kGemvRowGroup, p.rows - m0)) {
-        case 1:
-          avx2_gemv_group<1>(p, n, m0, scales);
-          break;
-        case 2:
-          avx2_gemv_group<2>(p, n, m0, scales);
-          break;
-        case 3:
-          avx2_gemv_group<3>(p, n, m0, scales);
-          break;
-        default:
-          avx2_gemv_group<4>(p, n, m0, scales);
-          break;
-      }
-    }
+struct Avx2Kernel {
+  static constexpr int kRowGroup = kGemvRowGroup;
+  static constexpr int kXElementBytes = sizeof(float);
+  template <int Rows>
+  static void group(const GemvProblem& p, const RowTile& tile, float* sums) {
+    avx2_gemv_group<Rows>(p, tile, sums);
   }
+  static void run(const GemvProblem& p, const RowTile& tile, int rows, float* sums) {
+    run_group<Avx2Kernel>(p, tile, rows, sums);
+  }
+};
+
+void gemv_rows_avx2(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
+  gemv_rows_tiled<Avx2Kernel>(p, n_begin, n_end);
 }
 
 // ----------------------------------------------------------------------------- AVX-512 path
@@ -308,16 +455,22 @@ LP_TARGET_AVX512 LP_ALWAYS_INLINE void avx512_gemv_chunk(const uint8_t* bytes, _
   }
 }
 
+// Products of the packed bytes [begin, end) of the tile's row with any alignment and
+// blocksize: block by block, partial vectors masked. The group kernel below sends only the
+// unaligned ends of a slice here, keeping its own loop free of branches (and its
+// accumulators in registers).
 template <int Rows>
-LP_TARGET_AVX512 void avx512_gemv_group(const GemvProblem& p, int64_t n, int64_t m0,
-                                        const RowScales& scales) {
+LP_TARGET_AVX512 __attribute__((noinline)) void avx512_gemv_edges(const GemvProblem& p,
+                                                                  const RowTile& tile,
+                                                                  int64_t begin, int64_t end,
+                                                                  float* sums) {
   const Packed4bit& w = *p.weight;
-  const RowSegment segment = row_segment(n, p.in_features);
+  const RowSegment& segment = *tile.segment;
   const float* xe[Rows];
   const float* xo[Rows];
   for (int r = 0; r < Rows; ++r) {
-    xe[r] = p.x_split + split_offset(p, segment.parity, m0 + r, 0);
-    xo[r] = p.x_split + split_offset(p, segment.parity, m0 + r, 1);
+    xe[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 0);
+    xo[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 1);
   }
   // Four independent accumulators per row (two steps of even/odd) hide the FMA latency.
   __m512 acc[4][Rows];
@@ -327,61 +480,266 @@ LP_TARGET_AVX512 void avx512_gemv_group(const GemvProblem& p, int64_t n, int64_t
   const __m512 code = _mm512_loadu_ps(w.code);
   const int bytes_per_block_log2 = w.blocksize_log2 - 1;
   const __mmask16 all = 0xFFFF;
-  for (int64_t j = segment.first_byte; j < segment.end_byte;) {
+  for (int64_t j = begin; j < end;) {
     const int64_t block = j >> bytes_per_block_log2;
-    const int64_t piece_end = std::min(segment.end_byte, (block + 1) << bytes_per_block_log2);
-    const __m512 table = _mm512_mul_ps(code, _mm512_set1_ps(scales.of(block)));
+    const int64_t piece_end = std::min(end, (block + 1) << bytes_per_block_log2);
+    const __m512 table = _mm512_mul_ps(code, _mm512_set1_ps(tile.scales->of(block)));
     for (; j + 2 * kAvx512ChunkBytes <= piece_end; j += 2 * kAvx512ChunkBytes) {
       const int64_t xi = j - segment.first_byte;
       avx512_gemv_chunk<Rows, false>(w.packed + j, table, xe, xo, xi, all, acc[0], acc[1]);
       avx512_gemv_chunk<Rows, false>(w.packed + j + kAvx512ChunkBytes, table, xe, xo,
                                      xi + kAvx512ChunkBytes, all, acc[2], acc[3]);
     }
-    if (j < piece_end) {
+    while (j < piece_end) {
       const int64_t count = std::min(piece_end - j, kAvx512ChunkBytes);
-      const __mmask16 lanes = simd::avx512_first_lanes(count);
-      avx512_gemv_chunk<Rows, true>(w.packed + j, table, xe, xo, j - segment.first_byte, lanes,
-                                    acc[0], acc[1]);
+      avx512_gemv_chunk<Rows, true>(w.packed + j, table, xe, xo, j - segment.first_byte,
+                                    simd::avx512_first_lanes(count), acc[0], acc[1]);
       j += count;
-      if (j < piece_end) {
-        const __mmask16 rest = simd::avx512_first_lanes(piece_end - j);
-        avx512_gemv_chunk<Rows, true>(w.packed + j, table, xe, xo, j - segment.first_byte, rest,
-                                      acc[2], acc[3]);
-        j = piece_end;
-      }
     }
   }
-  float sums[Rows];
   for (int r = 0; r < Rows; ++r) {
     const __m512 total =
         _mm512_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]), _mm512_add_ps(acc[2][r], acc[3][r]));
-    sums[r] = _mm512_reduce_add_ps(total);
+    sums[r] += _mm512_reduce_add_ps(total);
   }
-  add_lone_elements(p, n, m0, Rows, segment, scales, sums);
-  write_outputs(p, n, m0, Rows, sums);
 }
 
-LP_TARGET_AVX512 void gemv_rows_avx512(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
-  std::vector<float> scale_buffer(static_cast<size_t>(max_blocks_per_row(p)));
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const RowScales scales = decode_row_scales(p, n, scale_buffer.data());
-    for (int64_t m0 = 0; m0 < p.rows; m0 += kGemvRowGroup) {
-      switch (std::min<int64_t>(kGemvRowGroup, p.rows - m0)) {
-        case 1:
-          avx512_gemv_group<1>(p, n, m0, scales);
-          break;
-        case 2:
-          avx512_gemv_group<2>(p, n, m0, scales);
-          break;
-        case 3:
-          avx512_gemv_group<3>(p, n, m0, scales);
-          break;
-        default:
-          avx512_gemv_group<4>(p, n, m0, scales);
-          break;
+template <int Rows>
+LP_TARGET_AVX512 void avx512_gemv_group(const GemvProblem& p, const RowTile& tile, float* sums) {
+  constexpr int64_t kStep = 2 * kAvx512ChunkBytes;
+  const Packed4bit& w = *p.weight;
+  const RowSegment& segment = *tile.segment;
+  const int bytes_per_block_log2 = w.blocksize_log2 - 1;
+  const int64_t begin = segment.first_byte + tile.tile_begin;
+  const int64_t end = segment.first_byte + tile.tile_end;
+  const MainRange middle = main_range(begin, end, kStep, bytes_per_block_log2);
+  if (begin < middle.begin) avx512_gemv_edges<Rows>(p, tile, begin, middle.begin, sums);
+  if (middle.end < end) avx512_gemv_edges<Rows>(p, tile, middle.end, end, sums);
+  if (middle.begin == middle.end) return;
+  const float* xe[Rows];
+  const float* xo[Rows];
+  for (int r = 0; r < Rows; ++r) {
+    xe[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 0);
+    xo[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 1);
+  }
+  // Four independent accumulators per row (two chunks of even/odd) hide the FMA latency.
+  __m512 acc[4][Rows];
+  for (int a = 0; a < 4; ++a)
+    for (int r = 0; r < Rows; ++r)
+      acc[a][r] = _mm512_setzero_ps();
+  const __m512 code = _mm512_loadu_ps(w.code);
+  const float* scales = tile.scales->scales;
+  const int64_t first_block = tile.scales->first_block;
+  const __mmask16 all = 0xFFFF;
+  for (int64_t j = middle.begin; j < middle.end; j += kStep) {
+    const __m512 table =
+        _mm512_mul_ps(code, _mm512_set1_ps(scales[(j >> bytes_per_block_log2) - first_block]));
+    const int64_t xi = j - segment.first_byte;
+    avx512_gemv_chunk<Rows, false>(w.packed + j, table, xe, xo, xi, all, acc[0], acc[1]);
+    avx512_gemv_chunk<Rows, false>(w.packed + j + kAvx512ChunkBytes, table, xe, xo,
+                                   xi + kAvx512ChunkBytes, all, acc[2], acc[3]);
+  }
+  for (int r = 0; r < Rows; ++r) {
+    const __m512 total =
+        _mm512_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]), _mm512_add_ps(acc[2][r], acc[3][r]));
+    sums[r] += _mm512_reduce_add_ps(total);
+  }
+}
+
+struct Avx512Kernel {
+  static constexpr int kRowGroup = kGemvRowGroup;
+  static constexpr int kXElementBytes = sizeof(float);
+  template <int Rows>
+  static void group(const GemvProblem& p, const RowTile& tile, float* sums) {
+    avx512_gemv_group<Rows>(p, tile, sums);
+  }
+  static void run(const GemvProblem& p, const RowTile& tile, int rows, float* sums) {
+    run_group<Avx512Kernel>(p, tile, rows, sums);
+  }
+};
+
+void gemv_rows_avx512(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
+  gemv_rows_tiled<Avx512Kernel>(p, n_begin, n_end);
+}
+
+// ------------------------------------------------------------------ AVX-512 BF16 path (bf16 x)
+//
+// bf16 x computes in bf16 (x's dtype), so its products may take the decoded weights rounded to
+// bf16: the block's table is code * scale rounded to bf16, 16 entries repeated to fill the 32
+// 16-bit lanes of a vpermw table (its 5-bit index then ignores bit 4, so the low nibble needs
+// no mask). 32 packed bytes give 64 weights by two vpermw, and vdpbf16ps multiplies them with
+// bf16 x, accumulating pairs of products in fp32: half the instructions of the fp32 path.
+
+constexpr int64_t kBf16ChunkBytes = 32;
+// Rows of x per pass over a weight row: the products, not the decode, bound this kernel, so
+// a larger group than the fp32 kernel's amortizes the decode over more rows.
+constexpr int kGemvRowGroupBf16 = 4;
+
+LP_TARGET_AVX512_BF16 inline __mmask32 first_lanes32(int64_t count) {
+  return static_cast<__mmask32>((uint64_t{1} << count) - 1u);
+}
+
+template <int Rows, bool Masked>
+LP_TARGET_AVX512_BF16 LP_ALWAYS_INLINE void bf16_gemv_chunk(const uint8_t* bytes, __m512i table,
+                                                            const uint16_t* const* xe,
+                                                            const uint16_t* const* xo, int64_t xi,
+                                                            __mmask32 lanes, __m512* acc_even,
+                                                            __m512* acc_odd) {
+  const __m256i packed = Masked ? _mm256_maskz_loadu_epi8(lanes, bytes)
+                                : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+  const __m512i codes = _mm512_cvtepu8_epi16(packed);
+  __m512i w_even = _mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), table);
+  __m512i w_odd = _mm512_permutexvar_epi16(codes, table);
+  if constexpr (Masked) {  // 0 * 0 in the unused lanes, even if the scale is inf
+    w_even = _mm512_maskz_mov_epi16(lanes, w_even);
+    w_odd = _mm512_maskz_mov_epi16(lanes, w_odd);
+  }
+  for (int r = 0; r < Rows; ++r) {
+    const __m512i x_even =
+        Masked ? _mm512_maskz_loadu_epi16(lanes, xe[r] + xi) : _mm512_loadu_si512(xe[r] + xi);
+    const __m512i x_odd =
+        Masked ? _mm512_maskz_loadu_epi16(lanes, xo[r] + xi) : _mm512_loadu_si512(xo[r] + xi);
+    acc_even[r] = _mm512_dpbf16_ps(acc_even[r], (__m512bh)w_even, (__m512bh)x_even);
+    acc_odd[r] = _mm512_dpbf16_ps(acc_odd[r], (__m512bh)w_odd, (__m512bh)x_odd);
+  }
+}
+
+// Products of the packed bytes [begin, end) of the tile's row with any alignment and
+// blocksize: block by block, partial vectors masked. The group kernel below sends only the
+// unaligned ends of a slice here, keeping its own loop free of branches (and its
+// accumulators in registers).
+template <int Rows>
+LP_TARGET_AVX512_BF16 __attribute__((noinline)) void bf16_gemv_edges(const GemvProblem& p,
+                                                                     const RowTile& tile,
+                                                                     int64_t begin, int64_t end,
+                                                                     float* sums) {
+  // Few rows give few independent accumulation chains: take two chunks per step then.
+  constexpr int kChunksPerStep = Rows < 4 ? 2 : 1;
+  const Packed4bit& w = *p.weight;
+  const RowSegment& segment = *tile.segment;
+  const uint16_t* xe[Rows];
+  const uint16_t* xo[Rows];
+  for (int r = 0; r < Rows; ++r) {
+    xe[r] = p.x_split_bf16 + split_offset(p, segment.parity, tile.m0 + r, 0);
+    xo[r] = p.x_split_bf16 + split_offset(p, segment.parity, tile.m0 + r, 1);
+  }
+  __m512 acc[2 * kChunksPerStep][Rows];
+  for (int a = 0; a < 2 * kChunksPerStep; ++a)
+    for (int r = 0; r < Rows; ++r)
+      acc[a][r] = _mm512_setzero_ps();
+  const __m512 code = _mm512_loadu_ps(w.code);
+  const int bytes_per_block_log2 = w.blocksize_log2 - 1;
+  for (int64_t j = begin; j < end;) {
+    const int64_t block = j >> bytes_per_block_log2;
+    const int64_t piece_end = std::min(end, (block + 1) << bytes_per_block_log2);
+    const __m256bh table_bf16 =
+        _mm512_cvtneps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(tile.scales->of(block))));
+    const __m512i table = _mm512_broadcast_i64x4((__m256i)table_bf16);
+    constexpr int64_t kStepBytes = kChunksPerStep * kBf16ChunkBytes;
+    for (; j + kStepBytes <= piece_end; j += kStepBytes) {
+      const int64_t xi = j - segment.first_byte;
+      bf16_gemv_chunk<Rows, false>(w.packed + j, table, xe, xo, xi, 0, acc[0], acc[1]);
+      if constexpr (kChunksPerStep == 2) {
+        bf16_gemv_chunk<Rows, false>(w.packed + j + kBf16ChunkBytes, table, xe, xo,
+                                     xi + kBf16ChunkBytes, 0, acc[2], acc[3]);
       }
     }
+    while (j < piece_end) {
+      const int64_t count = std::min(piece_end - j, kBf16ChunkBytes);
+      if (count == kBf16ChunkBytes) {
+        bf16_gemv_chunk<Rows, false>(w.packed + j, table, xe, xo, j - segment.first_byte, 0, acc[0],
+                                     acc[1]);
+      } else {
+        bf16_gemv_chunk<Rows, true>(w.packed + j, table, xe, xo, j - segment.first_byte,
+                                    first_lanes32(count), acc[0], acc[1]);
+      }
+      j += count;
+    }
   }
+  for (int r = 0; r < Rows; ++r) {
+    __m512 total = _mm512_add_ps(acc[0][r], acc[1][r]);
+    if constexpr (kChunksPerStep == 2) {
+      total = _mm512_add_ps(total, _mm512_add_ps(acc[2][r], acc[3][r]));
+    }
+    sums[r] += _mm512_reduce_add_ps(total);
+  }
+}
+
+template <int Rows>
+LP_TARGET_AVX512_BF16 inline __m512i bf16_table(__m512 code, float scale) {
+  const __m256bh table = _mm512_cvtneps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(scale)));
+  return _mm512_broadcast_i64x4((__m256i)table);
+}
+
+template <int Rows>
+LP_TARGET_AVX512_BF16 void bf16_gemv_group(const GemvProblem& p, const RowTile& tile, float* sums) {
+  // Few rows give few independent accumulation chains: two chunks per step then.
+  constexpr int kChunksPerStep = Rows < 4 ? 2 : 1;
+  const Packed4bit& w = *p.weight;
+  const RowSegment& segment = *tile.segment;
+  const int bytes_per_block_log2 = w.blocksize_log2 - 1;
+  const int64_t begin = segment.first_byte + tile.tile_begin;
+  const int64_t end = segment.first_byte + tile.tile_end;
+  const MainRange middle = main_range(begin, end, kBf16ChunkBytes, bytes_per_block_log2);
+  if (begin < middle.begin) bf16_gemv_edges<Rows>(p, tile, begin, middle.begin, sums);
+  if (middle.end < end) bf16_gemv_edges<Rows>(p, tile, middle.end, end, sums);
+  if (middle.begin == middle.end) return;
+  const uint16_t* xe[Rows];
+  const uint16_t* xo[Rows];
+  for (int r = 0; r < Rows; ++r) {
+    xe[r] = p.x_split_bf16 + split_offset(p, segment.parity, tile.m0 + r, 0);
+    xo[r] = p.x_split_bf16 + split_offset(p, segment.parity, tile.m0 + r, 1);
+  }
+  __m512 acc[2 * kChunksPerStep][Rows];
+  for (int a = 0; a < 2 * kChunksPerStep; ++a)
+    for (int r = 0; r < Rows; ++r)
+      acc[a][r] = _mm512_setzero_ps();
+  const __m512 code = _mm512_loadu_ps(w.code);
+  const float* scales = tile.scales->scales;
+  const int64_t first_block = tile.scales->first_block;
+  int64_t j = middle.begin;
+  // Each 32-byte chunk lies in one block (blocks >= 32 bytes, chunks 32-aligned): one table each.
+  for (; j + kChunksPerStep * kBf16ChunkBytes <= middle.end;
+       j += kChunksPerStep * kBf16ChunkBytes) {
+    const int64_t xi = j - segment.first_byte;
+    const __m512i table = bf16_table<Rows>(code, scales[(j >> bytes_per_block_log2) - first_block]);
+    bf16_gemv_chunk<Rows, false>(w.packed + j, table, xe, xo, xi, 0, acc[0], acc[1]);
+    if constexpr (kChunksPerStep == 2) {
+      const int64_t j1 = j + kBf16ChunkBytes;
+      const __m512i table1 =
+          bf16_table<Rows>(code, scales[(j1 >> bytes_per_block_log2) - first_block]);
+      bf16_gemv_chunk<Rows, false>(w.packed + j1, table1, xe, xo, xi + kBf16ChunkBytes, 0, acc[2],
+                                   acc[3]);
+    }
+  }
+  if (j < middle.end) {  // one chunk left over from two-chunk steps
+    const __m512i table = bf16_table<Rows>(code, scales[(j >> bytes_per_block_log2) - first_block]);
+    bf16_gemv_chunk<Rows, false>(w.packed + j, table, xe, xo, j - segment.first_byte, 0, acc[0],
+                                 acc[1]);
+  }
+  for (int r = 0; r < Rows; ++r) {
+    __m512 total = _mm512_add_ps(acc[0][r], acc[1][r]);
+    if constexpr (kChunksPerStep == 2) {
+      total = _mm512_add_ps(total, _mm512_add_ps(acc[2][r], acc[3][r]));
+    }
+    sums[r] += _mm512_reduce_add_ps(total);
+  }
+}
+
+struct Avx512Bf16Kernel {
+  static constexpr int kRowGroup = kGemvRowGroupBf16;
+  static constexpr int kXElementBytes = sizeof(uint16_t);
+  template <int Rows>
+  static void group(const GemvProblem& p, const RowTile& tile, float* sums) {
+    bf16_gemv_group<Rows>(p, tile, sums);
+  }
+  static void run(const GemvProblem& p, const RowTile& tile, int rows, float* sums) {
+    run_group<Avx512Bf16Kernel>(p, tile, rows, sums);
+  }
+};
+
+void gemv_rows_avx512_bf16(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
+  gemv_rows_tiled<Avx512Bf16Kernel>(p, n_begin, n_end);
 }
 
 bool cpu_has_avx512_bf16() {
@@ -393,19 +751,31 @@ bool cpu_has_avx512_bf16() {
 
 using GemvRowsFn = void (*)(const GemvProblem& p, int64_t n_begin, int64_t n_end);
 
-GemvRowsFn gemv_rows_for(CpuIsa isa) {
+bool bf16_dot_available(CpuIsa isa) {
 #if LOWPREC_X86_SIMD
+  static const bool has_bf16 = cpu_has_avx512_bf16();
+  return isa == CpuIsa::kAvx512 && has_bf16;
+#else
+  (void)isa;
+  return false;
+#endif
+}
+
+GemvRowsFn gemv_rows_for(CpuIsa isa, FloatType x_type) {
+#if LOWPREC_X86_SIMD
+  if (x_type == FloatType::kBFloat16 && bf16_dot_available(isa)) return &gemv_rows_avx512_bf16;
   if (isa == CpuIsa::kAvx512) return &gemv_rows_avx512;
   if (isa == CpuIsa::kAvx2) return &gemv_rows_avx2;
 #endif
   (void)isa;
+  (void)x_type;
   return &gemv_rows_scalar;
 }
 
 }  // namespace
 
 bool gemv_uses_bf16_dot() {
-  return false;
+  return bf16_dot_available(active_cpu_isa());
 }
 
 void matmul_4bit_gemv(const void* x, FloatType x_type, int64_t rows, const Packed4bit& weight,
@@ -416,6 +786,7 @@ void matmul_4bit_gemv(const void* x, FloatType x_type, int64_t rows, const Packe
   std::vector<float> x_float(static_cast<size_t>(rows * K));
   for (int64_t i = 0; i < rows * K; ++i)
     x_float[i] = load_float(x, i, x_type);
+  std::vector<uint16_t> x_split_bf16;
   std::vector<float> x_split(
       static_cast<size_t>(parities * rows * 2 * std::max<int64_t>(half_len, 1)));
   GemvProblem problem{&weight, rows,     out_features, K, x_float.data(), x_split.data(),
@@ -431,7 +802,14 @@ void matmul_4bit_gemv(const void* x, FloatType x_type, int64_t rows, const Packe
       }
     }
   }
-  const GemvRowsFn gemv_rows = gemv_rows_for(active_cpu_isa());
+  const CpuIsa isa = active_cpu_isa();
+  if (x_type == FloatType::kBFloat16 && bf16_dot_available(isa)) {
+    x_split_bf16.resize(x_split.size());
+    for (size_t i = 0; i < x_split.size(); ++i)
+      x_split_bf16[i] = float_to_bf16_bits(x_split[i]);  // exact: the values came from bf16
+    problem.x_split_bf16 = x_split_bf16.data();
+  }
+  const GemvRowsFn gemv_rows = gemv_rows_for(isa, x_type);
   const int64_t grain = std::max<int64_t>(1, kMinWeightElementsPerTask / std::max<int64_t>(K, 1));
   parallel_for(0, out_features, grain,
                [&](int64_t n_begin, int64_t n_end) { gemv_rows(problem, n_begin, n_end); });

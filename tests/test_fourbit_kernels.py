@@ -392,6 +392,23 @@ def test_cpu_matmul_paths_every_isa(cpu_isa, path, dtype):
 
 
 @needs_cpu_extension
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double"])
+def test_cpu_gemm_bf16_tiles(cpu_isa, double_quant):
+    """bf16 GEMM shapes that take the brgemm path where oneDNN's microkernel runs (in_features
+    a multiple of 32 and of the blocksize): partial 16-row groups and 64-row tiles, blocks of
+    32 and 256, more than 128 rows of x (several microkernel calls per tile)."""
+    for out_f, in_f, blocksize in ((70, 256, 64), (33, 96, 32), (17, 512, 256)):
+        w = _nonzero_randn(out_f, in_f, device="cpu")
+        qw, st = LF.quantize_4bit(w, blocksize, "nf4", double_quant)
+        for rows in (9, 130):
+            x = _nonzero_randn(rows, in_f, device="cpu", dtype=torch.bfloat16)
+            b = _nonzero_randn(out_f, device="cpu")
+            out = torch.full((rows, out_f), float("nan"), dtype=torch.bfloat16)
+            _C.matmul_4bit_gemm_cpu(x, *_weight_args(qw, st), b, out)
+            _assert_matmul_close(out, *_float64_product(x, qw, st, b), torch.bfloat16, in_f)
+
+
+@needs_cpu_extension
 def test_cpu_gemv_is_deterministic_across_threads():
     w = _nonzero_randn(300, 256, device="cpu")
     qw, st = LF.quantize_4bit(w, 64, "nf4", True)

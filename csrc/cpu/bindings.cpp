@@ -1,11 +1,14 @@
 // Tensor-level CPU entry points: check, unpack pointers, call the raw-pointer kernels.
 #include "../bindings.h"
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 
@@ -46,6 +49,31 @@ namespace {
 // microseconds) stays small next to the tile's work (measured: 256 KiB tiles cost ~1.8x,
 // 2 MiB tiles ~1.0x the time of one GEMM on the whole weight at M = 16).
 constexpr int64_t kGemmTileBytes = int64_t{2} << 20;
+
+// bf16 GEMM path: weight rows per brgemm tile (a 64 x 4096 bf16 tile is 512 KiB: it stays
+// in L2 between its decode and its products; 64 rows measured fastest for the microkernel),
+// and rows of x per brgemm call (a 128 x 4096 bf16 block of x is 1 MiB).
+constexpr int64_t kBrgemmTileRows = 64;
+constexpr int64_t kBrgemmRows = 128;
+
+// Whether torch's oneDNN brgemm microkernel takes bf16 in VNNI layout here (x86 with
+// AVX-512 and a torch built with oneDNN ukernels; mkldnn not disabled by the user). Probed
+// once with a 1 x 1 x 2 product: where it is missing, the call raises instead of computing.
+bool brgemm_bf16_available() {
+  static const bool available = [] {
+    try {
+      const at::BFloat16 a[2] = {1.0f, 2.0f};
+      const at::BFloat16 b[2] = {3.0f, 4.0f};  // VNNI: the pair (k = 0, 1) of column 0
+      float c = 0.0f;
+      at::native::cpublas::brgemm(1, 1, 2, 2, 1, 1, false, a, b, &c, true);
+      at::native::cpublas::brgemm_release(true);
+      return c == 11.0f;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return available && at::globalContext().userEnabledMkldnn();
+}
 
 cpu::Packed4bit packed_4bit(const at::Tensor& packed, const BlockScales& scales,
                             const at::Tensor& code, int64_t blocksize) {
@@ -116,6 +144,45 @@ void matmul_4bit_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                         bias ? bias_float.data_ptr<float>() : nullptr, out.data_ptr());
 }
 
+namespace {
+
+// bf16 x on oneDNN's brgemm microkernel: y = x W^T, tile by tile. B = a tile of 64 weight
+// rows decoded straight into the microkernel's VNNI layout (bf16 pairs of consecutive k per
+// output feature), A = rows of x as they are, C = the tile's columns of y in fp32. Each
+// thread decodes its own tiles (512 KiB at in_features 4096: L2 resident) and multiplies
+// them; the fp32 result gets the bias and one rounding to bf16 at the end. The microkernel
+// is cached per shape, so a tile costs no torch dispatch.
+void matmul_4bit_brgemm_bf16(const at::Tensor& x, const cpu::Packed4bit& weight,
+                             int64_t out_features, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& out) {
+  const int64_t rows = x.size(0), in_features = x.size(1);
+  const at::Tensor y = at::empty({rows, out_features}, x.options().dtype(at::kFloat));
+  const auto* a = static_cast<const at::BFloat16*>(x.data_ptr());
+  float* c = y.data_ptr<float>();
+  const int64_t num_tiles = (out_features + kBrgemmTileRows - 1) / kBrgemmTileRows;
+  at::parallel_for(0, num_tiles, 1, [&](int64_t first, int64_t last) {
+    const at::Tensor tile =
+        at::empty({in_features / 2, kBrgemmTileRows}, x.options().dtype(at::kInt));
+    auto* b = static_cast<uint32_t*>(tile.data_ptr());
+    for (int64_t t = first; t < last; ++t) {
+      const int64_t n0 = t * kBrgemmTileRows;
+      const int64_t n1 = std::min(out_features, n0 + kBrgemmTileRows);
+      cpu::dequantize_4bit_tile_vnni(weight, in_features, n0, n1, b, kBrgemmTileRows);
+      for (int64_t m0 = 0; m0 < rows; m0 += kBrgemmRows) {
+        const int64_t block_rows = std::min(kBrgemmRows, rows - m0);
+        at::native::cpublas::brgemm(block_rows, n1 - n0, in_features, in_features, kBrgemmTileRows,
+                                    out_features, false, a + m0 * in_features,
+                                    reinterpret_cast<const at::BFloat16*>(b),
+                                    c + m0 * out_features + n0, true);
+      }
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+  out.copy_(bias ? y.add(bias->to(at::kFloat)) : y);
+}
+
+}  // namespace
+
 // Tiles of weight rows are decoded into a buffer in the compute dtype, then multiplied by
 // torch's GEMM (oneDNN / BLAS). The compute dtype is x's, except that fp16 computes in fp32:
 // torch's fp16 GEMM on CPUs without AVX512-FP16 is far slower than its fp32 one, and fp32 is
@@ -134,6 +201,12 @@ void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                                                blocksize, out_features * in_features, nested_absmax,
                                                nested_code, offset, nested_blocksize);
   if (rows == 0 || out_features == 0) return;
+  const cpu::Packed4bit w4 = packed_4bit(packed, scales, code, blocksize);
+  if (x.scalar_type() == at::kBFloat16 && cpu::tile_vnni_supported(w4, in_features) &&
+      brgemm_bf16_available()) {
+    matmul_4bit_brgemm_bf16(x, w4, out_features, bias, out);
+    return;
+  }
   const at::ScalarType compute = x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
   const FloatType tile_type = compute == at::kBFloat16 ? FloatType::kBFloat16 : FloatType::kFloat32;
   const bool split = in_features % 2 == 0;
@@ -145,7 +218,7 @@ void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const a
       out.scalar_type() == compute ? out : at::empty(out.sizes(), out.options().dtype(compute));
   const at::Tensor bias_compute = bias ? bias->to(compute) : at::Tensor();
   const int64_t element_bytes = compute == at::kBFloat16 ? 2 : 4;
-  const cpu::Packed4bit weight = packed_4bit(packed, scales, code, blocksize);
+  const cpu::Packed4bit& weight = w4;
   auto decode = [&](int64_t n0, int64_t n1, void* tile) {
     if (split) {
       cpu::dequantize_4bit_rows_split(weight, in_features, n0, n1, tile, tile_type);

@@ -137,6 +137,25 @@ void decode_row_split_scalar(const Packed4bit& weight, int64_t first, int64_t en
   }
 }
 
+// Weight rows [row_begin, row_end) in the VNNI layout of a brgemm B operand (see
+// dequantize_4bit_tile_vnni), one byte at a time.
+void decode_tile_vnni_scalar(const Packed4bit& weight, int64_t in_features, int64_t row_begin,
+                             int64_t row_end, uint32_t* tile, int64_t ld) {
+  const int64_t half = in_features / 2;
+  for (int64_t n = row_begin; n < row_end; ++n) {
+    for (int64_t j = 0; j < half; ++j) {
+      const int64_t byte_index = n * half + j;
+      const float scale = block_scale(weight.scales, (2 * byte_index) >> weight.blocksize_log2);
+      const uint8_t byte = weight.packed[byte_index];
+      const uint32_t even =
+          float_to_bf16_bits(dequantize_4bit_value(high_nibble(byte), weight.code, scale));
+      const uint32_t odd =
+          float_to_bf16_bits(dequantize_4bit_value(low_nibble(byte), weight.code, scale));
+      tile[j * ld + (n - row_begin)] = even | (odd << 16);
+    }
+  }
+}
+
 #if LOWPREC_X86_SIMD
 
 using simd::kAvx2Lanes;
@@ -366,6 +385,26 @@ LP_TARGET_AVX512 inline void avx512_decode_32(const uint8_t* bytes, __m512 table
   simd::avx512_store<T>(out, out_index + kAvx512Lanes, _mm512_permutexvar_ps(second, table));
 }
 
+// bf16 output: 16 packed bytes -> 32 bf16 values in element order by one vpermw. Each byte is
+// widened to a 32-bit lane holding byte >> 4 in its low word and the byte in its high word:
+// the low word indexes the high nibble (element 2i) and the high word, whose 5-bit index
+// meets a table repeated in both halves, the low nibble (element 2i + 1). The table holds the
+// block's values rounded to bf16 exactly as torch rounds, so the result is bit-exact.
+LP_TARGET_AVX512 inline void avx512_decode_32_bf16(const uint8_t* bytes, __m512i table16,
+                                                   uint16_t* out) {
+  const __m512i widened =
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __m512i index =
+      _mm512_or_si512(_mm512_srli_epi32(widened, 4), _mm512_slli_epi32(widened, 16));
+  _mm512_storeu_si512(out, _mm512_permutexvar_epi16(index, table16));
+}
+
+// The block table as 16 bf16 values, repeated to fill the 32 words of a vpermw table.
+LP_TARGET_AVX512 inline __m512i avx512_bf16_table(__m512 table) {
+  return _mm512_broadcast_i64x4(
+      _mm512_cvtepi32_epi16(simd::avx512_narrow<FloatType::kBFloat16>(table)));
+}
+
 template <FloatType T>
 LP_TARGET_AVX512 void decode_range_avx512(const Packed4bit& weight, int64_t begin, int64_t end,
                                           void* out) {
@@ -379,6 +418,13 @@ LP_TARGET_AVX512 void decode_range_avx512(const Packed4bit& weight, int64_t begi
     decode_piece_scalar<T>(weight, i, vector_begin, scale, begin, out);
     const __m512 table = _mm512_mul_ps(code, _mm512_set1_ps(scale));
     int64_t j = vector_begin;
+    if constexpr (T == FloatType::kBFloat16) {
+      const __m512i table16 = avx512_bf16_table(table);
+      for (; j + kDecodeChunk <= piece_end; j += kDecodeChunk) {
+        avx512_decode_32_bf16(weight.packed + (j >> 1), table16,
+                              static_cast<uint16_t*>(out) + (j - begin));
+      }
+    }
     for (; j + kDecodeChunk <= piece_end; j += kDecodeChunk) {
       avx512_decode_32<T>(weight.packed + (j >> 1), table, out, j - begin);
     }
@@ -412,8 +458,7 @@ LP_TARGET_AVX512 void decode_row_split_avx512(const Packed4bit& weight, int64_t 
         _mm512_storeu_ps(odd + (j - first), _mm512_permutexvar_ps(codes, table));
       }
     } else if constexpr (T == FloatType::kBFloat16) {
-      const __m512i table16 = _mm512_broadcast_i64x4(
-          _mm512_cvtepi32_epi16(simd::avx512_narrow<FloatType::kBFloat16>(table)));
+      const __m512i table16 = avx512_bf16_table(table);
       uint16_t* even = static_cast<uint16_t*>(out);
       uint16_t* odd = even + odd_offset;
       for (; j + kChunkBytes <= piece_end; j += kChunkBytes) {
@@ -430,6 +475,79 @@ LP_TARGET_AVX512 void decode_row_split_avx512(const Packed4bit& weight, int64_t 
           weight, j, piece_end,
           static_cast<char*>(out) + (j - first) * (T == FloatType::kFloat32 ? 4 : 2), odd_offset);
       j = piece_end;
+    }
+  }
+}
+
+// 16 x 16 transpose of 32-bit lanes: rows[r] lane q -> rows[q] lane r.
+LP_TARGET_AVX512 inline void avx512_transpose16(__m512i* rows) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    rows[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    rows[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    rows[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    rows[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(rows[i], rows[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(rows[i], rows[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_i32x4(rows[i + 8], rows[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(rows[i + 8], rows[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    rows[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    rows[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+    rows[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    rows[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+}
+
+// VNNI tile on AVX-512, for in_features a multiple of 32 and of the blocksize (so the 16-byte
+// steps of all 16 rows of a group start blocks together). Per group of 16 rows and 16 bytes:
+// each row's bytes become 16 bf16 pairs (one vpermw, as avx512_decode_32_bf16) in one
+// register; a 16 x 16 transpose turns them into 16 columns of the tile, 16 rows each.
+constexpr int kVnniRows = 16;
+constexpr int64_t kVnniBytes = 16;
+
+LP_TARGET_AVX512 void decode_tile_vnni_avx512(const Packed4bit& weight, int64_t in_features,
+                                              int64_t row_begin, int64_t row_end, uint32_t* tile,
+                                              int64_t ld) {
+  const int64_t half = in_features / 2;
+  const int bytes_per_block_log2 = weight.blocksize_log2 - 1;
+  const int64_t bytes_per_block = int64_t{1} << bytes_per_block_log2;
+  const __m512 code = _mm512_loadu_ps(weight.code);
+  alignas(64) __m512i tables[kVnniRows];
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kVnniRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kVnniRows, row_end - r0));
+    const __mmask16 row_lanes = simd::avx512_first_lanes(rows);
+    for (int64_t j0 = 0; j0 < half; j0 += kVnniBytes) {
+      if (j0 % bytes_per_block == 0) {
+        for (int r = 0; r < rows; ++r) {
+          const int64_t byte_index = (r0 + r) * half + j0;
+          const float scale = block_scale(weight.scales, byte_index >> bytes_per_block_log2);
+          tables[r] = avx512_bf16_table(_mm512_mul_ps(code, _mm512_set1_ps(scale)));
+        }
+      }
+      __m512i v[kVnniRows];
+      for (int r = 0; r < kVnniRows; ++r) {
+        if (r >= rows) {
+          v[r] = _mm512_setzero_si512();
+          continue;
+        }
+        const __m512i widened = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+            reinterpret_cast<const __m128i*>(weight.packed + (r0 + r) * half + j0)));
+        const __m512i index =
+            _mm512_or_si512(_mm512_srli_epi32(widened, 4), _mm512_slli_epi32(widened, 16));
+        v[r] = _mm512_permutexvar_epi16(index, tables[r]);
+      }
+      avx512_transpose16(v);
+      uint32_t* column = tile + j0 * ld + (r0 - row_begin);
+      for (int q = 0; q < kVnniRows; ++q)
+        _mm512_mask_storeu_epi32(column + q * ld, row_lanes, v[q]);
     }
   }
 }
@@ -565,6 +683,21 @@ void dequantize_4bit_rows_split(const Packed4bit& weight, int64_t in_features, i
   for (int64_t n = row_begin; n < row_end; ++n) {
     decode_row(weight, n * half, (n + 1) * half, out_bytes + (n - row_begin) * row_bytes, half);
   }
+}
+
+bool tile_vnni_supported(const Packed4bit& weight, int64_t in_features) {
+  return in_features % 32 == 0 && in_features % weight.blocksize == 0;
+}
+
+void dequantize_4bit_tile_vnni(const Packed4bit& weight, int64_t in_features, int64_t row_begin,
+                               int64_t row_end, uint32_t* tile, int64_t ld) {
+#if LOWPREC_X86_SIMD
+  if (active_cpu_isa() == CpuIsa::kAvx512) {
+    decode_tile_vnni_avx512(weight, in_features, row_begin, row_end, tile, ld);
+    return;
+  }
+#endif
+  decode_tile_vnni_scalar(weight, in_features, row_begin, row_end, tile, ld);
 }
 
 }  // namespace lowprec::cpu

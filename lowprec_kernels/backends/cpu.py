@@ -42,12 +42,14 @@ def dequantize_blockwise(
 
 # --------------------------------------------------------------------------- NF4 / FP4
 
-# matmul_4bit dispatch rule (x flattened to [rows, in_features]): up to GEMV_MAX_ROWS rows the
-# fused GEMV kernel (each weight block decoded in registers once per group of 4 rows of x,
-# never written out); above that the GEMM path (tiles of weight rows decoded into a
-# cache-resident buffer, torch's GEMM on each tile). Measured with the nf4 bench suite
-# (benchmarks/results/cpu-nf4.md); per compute dtype.
-GEMV_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 8, torch.float16: 8}
+# matmul_4bit dispatch rule (x flattened to [rows, in_features]): up to GEMV_MAX_ROWS[x.dtype]
+# rows the fused GEMV kernel (each weight block decoded in registers once per group of 4 rows
+# of x, never written out); above that the GEMM path (tiles of weight rows decoded into a
+# per-thread cache-resident buffer, torch's GEMM on each tile). The crossover, measured with
+# the nf4 bench suite on AVX-512 BF16 (benchmarks/results/cpu-nf4.md): bf16 x computes with
+# vdpbf16ps in the GEMV but torch's bf16 GEMM is strong, so the GEMM path wins from ~12 rows;
+# fp32 (and fp16, which computes in fp32) FMA GEMV beats decode + fp32 GEMM up to ~16 rows.
+GEMV_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8, torch.float16: 16}
 
 
 @functools.cache

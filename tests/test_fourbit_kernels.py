@@ -351,6 +351,18 @@ def _weight_args(qw, st):
 
 
 @needs_cpu_extension
+def test_cpp_4bit_constants_match_python():
+    constants = _C.build_info()["constants"]
+    assert constants["blocksize_min_4bit"] == min(BLOCKSIZES_4BIT)
+    assert constants["blocksize_max_4bit"] == max(BLOCKSIZES_4BIT)
+    assert constants["fp4_sign_bit"] == FP4_SIGN_BIT
+    if _C.build_info()["cuda_compiled"]:
+        from lowprec_kernels.backends import cuda as cuda_backend
+
+        assert constants["cuda_gemv_4bit_max_rows"] == cuda_backend.GEMV_MAX_ROWS
+
+
+@needs_cpu_extension
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cpu_quantize_dequantize_every_isa(cpu_isa, dtype, quant_type):

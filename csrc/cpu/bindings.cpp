@@ -52,9 +52,9 @@ constexpr int64_t kGemmTileBytes = int64_t{2} << 20;
 
 // bf16 GEMM path: weight rows per brgemm tile (a 64 x 4096 bf16 tile is 512 KiB: it stays
 // in L2 between its decode and its products; 64 rows measured fastest for the microkernel),
-// and rows of x per brgemm call (a 128 x 4096 bf16 block of x is 1 MiB).
+// and rows of x per brgemm call (64 and 128 measured alike).
 constexpr int64_t kBrgemmTileRows = 64;
-constexpr int64_t kBrgemmRows = 128;
+constexpr int64_t kBrgemmRows = 64;
 
 // Whether torch's oneDNN brgemm microkernel takes bf16 in VNNI layout here (x86 with
 // AVX-512 and a torch built with oneDNN ukernels; mkldnn not disabled by the user). Probed
@@ -167,7 +167,7 @@ void matmul_4bit_brgemm_bf16(const at::Tensor& x, const cpu::Packed4bit& weight,
     for (int64_t t = first; t < last; ++t) {
       const int64_t n0 = t * kBrgemmTileRows;
       const int64_t n1 = std::min(out_features, n0 + kBrgemmTileRows);
-      cpu::dequantize_4bit_tile_vnni(weight, in_features, n0, n1, b, kBrgemmTileRows);
+      cpu::dequantize_4bit_tile_vnni(weight, in_features, n0, n1, out_features, b, kBrgemmTileRows);
       for (int64_t m0 = 0; m0 < rows; m0 += kBrgemmRows) {
         const int64_t block_rows = std::min(kBrgemmRows, rows - m0);
         at::native::cpublas::brgemm(block_rows, n1 - n0, in_features, in_features, kBrgemmTileRows,

@@ -141,6 +141,7 @@ void decode_row_split_scalar(const Packed4bit& weight, int64_t first, int64_t en
 // dequantize_4bit_tile_vnni), one byte at a time.
 void decode_tile_vnni_scalar(const Packed4bit& weight, int64_t in_features, int64_t row_begin,
                              int64_t row_end, uint32_t* tile, int64_t ld) {
+  // Exact rounding here; the AVX-512 BF16 path may flush bf16 subnormals (see there).
   const int64_t half = in_features / 2;
   for (int64_t n = row_begin; n < row_end; ++n) {
     for (int64_t j = 0; j < half; ++j) {
@@ -506,31 +507,43 @@ LP_TARGET_AVX512 inline void avx512_transpose16(__m512i* rows) {
   }
 }
 
-// VNNI tile on AVX-512, for in_features a multiple of 32 and of the blocksize (so the 16-byte
-// steps of all 16 rows of a group start blocks together). Per group of 16 rows and 16 bytes:
-// each row's bytes become 16 bf16 pairs (one vpermw, as avx512_decode_32_bf16) in one
-// register; a 16 x 16 transpose turns them into 16 columns of the tile, 16 rows each.
+// VNNI tile on AVX-512 BF16, for in_features a multiple of 32 and of the blocksize (so the
+// 16-byte steps of all 16 rows of a group start blocks together). Per group of 16 rows and
+// 16 bytes: each row's bytes become 16 bf16 pairs (one vpermw, as avx512_decode_32_bf16) in
+// one register; a 16 x 16 transpose turns them into 16 columns of the tile, 16 rows each. The
+// block tables are rounded by vcvtneps2bf16 (nearest even; it flushes bf16 subnormals, which
+// no GEMM result notices), one instruction instead of the exact rounding's seven. The same
+// bytes of the next tile of rows (the caller's next call) are prefetched along the way.
 constexpr int kVnniRows = 16;
 constexpr int64_t kVnniBytes = 16;
+constexpr int64_t kCacheLineBytes = 64;
 
-LP_TARGET_AVX512 void decode_tile_vnni_avx512(const Packed4bit& weight, int64_t in_features,
-                                              int64_t row_begin, int64_t row_end, uint32_t* tile,
-                                              int64_t ld) {
+LP_TARGET_AVX512_BF16 void decode_tile_vnni_avx512(const Packed4bit& weight, int64_t in_features,
+                                                   int64_t row_begin, int64_t row_end,
+                                                   int64_t rows_total, uint32_t* tile, int64_t ld) {
   const int64_t half = in_features / 2;
   const int bytes_per_block_log2 = weight.blocksize_log2 - 1;
   const int64_t bytes_per_block = int64_t{1} << bytes_per_block_log2;
+  const int64_t next_tile = row_end - row_begin;
   const __m512 code = _mm512_loadu_ps(weight.code);
-  alignas(64) __m512i tables[kVnniRows];
+  __m512i tables[kVnniRows];
   for (int64_t r0 = row_begin; r0 < row_end; r0 += kVnniRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kVnniRows, row_end - r0));
+    const int prefetch_rows =
+        static_cast<int>(std::clamp<int64_t>(rows_total - (r0 + next_tile), 0, rows));
     const __mmask16 row_lanes = simd::avx512_first_lanes(rows);
     for (int64_t j0 = 0; j0 < half; j0 += kVnniBytes) {
       if (j0 % bytes_per_block == 0) {
         for (int r = 0; r < rows; ++r) {
           const int64_t byte_index = (r0 + r) * half + j0;
           const float scale = block_scale(weight.scales, byte_index >> bytes_per_block_log2);
-          tables[r] = avx512_bf16_table(_mm512_mul_ps(code, _mm512_set1_ps(scale)));
+          const __m256bh table = _mm512_cvtneps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(scale)));
+          tables[r] = _mm512_broadcast_i64x4((__m256i)table);
         }
+      }
+      if (j0 % kCacheLineBytes == 0) {
+        for (int r = 0; r < prefetch_rows; ++r)
+          simd::prefetch_l2(weight.packed + (r0 + next_tile + r) * half + j0);
       }
       __m512i v[kVnniRows];
       for (int r = 0; r < kVnniRows; ++r) {
@@ -690,10 +703,11 @@ bool tile_vnni_supported(const Packed4bit& weight, int64_t in_features) {
 }
 
 void dequantize_4bit_tile_vnni(const Packed4bit& weight, int64_t in_features, int64_t row_begin,
-                               int64_t row_end, uint32_t* tile, int64_t ld) {
+                               int64_t row_end, int64_t rows_total, uint32_t* tile, int64_t ld) {
 #if LOWPREC_X86_SIMD
-  if (active_cpu_isa() == CpuIsa::kAvx512) {
-    decode_tile_vnni_avx512(weight, in_features, row_begin, row_end, tile, ld);
+  static const bool has_bf16 = simd::cpu_has_avx512_bf16();
+  if (active_cpu_isa() == CpuIsa::kAvx512 && has_bf16) {
+    decode_tile_vnni_avx512(weight, in_features, row_begin, row_end, rows_total, tile, ld);
     return;
   }
 #endif

@@ -44,10 +44,11 @@ void dequantize_4bit_rows_split(const Packed4bit& weight, int64_t in_features, i
 // x @ W.T in bf16: VNNI layout, tile[j * ld + (n - row_begin)] holds W[n, 2j] (low 16 bits)
 // and W[n, 2j + 1] (high 16 bits) as bf16 rounded to nearest even, j < in_features / 2.
 // Needs tile_vnni_supported (in_features a multiple of 32 and of the blocksize); runs on the
-// calling thread.
+// calling thread and prefetches the rows of the next tile of the same size (below
+// rows_total, the weight's row count), which a thread walking its tiles in order decodes next.
 bool tile_vnni_supported(const Packed4bit& weight, int64_t in_features);
 void dequantize_4bit_tile_vnni(const Packed4bit& weight, int64_t in_features, int64_t row_begin,
-                               int64_t row_end, uint32_t* tile, int64_t ld);
+                               int64_t row_end, int64_t rows_total, uint32_t* tile, int64_t ld);
 
 // The GEMV path of matmul_4bit: y[m, n] = sum_k x[m, k] * W[n, k] + bias[n] for a weight of
 // out_features x in_features, computed in fp32 with fmaf and rounded once to x's type. x is

@@ -35,11 +35,6 @@
 #define LP_ALWAYS_INLINE inline
 #endif
 
-#if LOWPREC_X86_SIMD
-#define LP_TARGET_AVX512_BF16 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
-#endif
-
 namespace lowprec::cpu {
 namespace {
 
@@ -163,15 +158,10 @@ constexpr int64_t kTileGranuleBytes = 64;    // slices are multiples of the wide
 // panel prefetches the same row of the next panel while it computes.
 inline void prefetch_row(const GemvProblem& p, int64_t n) {
   constexpr int64_t kCacheLine = 64;
-  const RowSegment segment = row_segment(std::min(n, p.out_features - 1), p.in_features);
-  const int64_t end = n < p.out_features ? segment.end_byte : segment.first_byte;
-  for (int64_t j = segment.first_byte; j < end; j += kCacheLine) {
-#if LOWPREC_X86_SIMD
-    // An asm statement: GCC 12 deletes __builtin_prefetch / _mm_prefetch loops here.
-    asm volatile("prefetcht1 %0" : : "m"(p.weight->packed[j]));
-#else
-    __builtin_prefetch(p.weight->packed + j, /*rw=*/0, /*locality=*/2);
-#endif
+  if (n >= p.out_features) return;
+  const RowSegment segment = row_segment(n, p.in_features);
+  for (int64_t j = segment.first_byte; j < segment.end_byte; j += kCacheLine) {
+    simd::prefetch_l2(p.weight->packed + j);
   }
 }
 
@@ -742,18 +732,13 @@ void gemv_rows_avx512_bf16(const GemvProblem& p, int64_t n_begin, int64_t n_end)
   gemv_rows_tiled<Avx512Bf16Kernel>(p, n_begin, n_end);
 }
 
-bool cpu_has_avx512_bf16() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16");
-}
-
 #endif  // LOWPREC_X86_SIMD
 
 using GemvRowsFn = void (*)(const GemvProblem& p, int64_t n_begin, int64_t n_end);
 
 bool bf16_dot_available(CpuIsa isa) {
 #if LOWPREC_X86_SIMD
-  static const bool has_bf16 = cpu_has_avx512_bf16();
+  static const bool has_bf16 = simd::cpu_has_avx512_bf16();
   return isa == CpuIsa::kAvx512 && has_bf16;
 #else
   (void)isa;

@@ -44,12 +44,15 @@ def dequantize_blockwise(
 
 # matmul_4bit dispatch rule (x flattened to [rows, in_features]): up to GEMV_MAX_ROWS[x.dtype]
 # rows the fused GEMV kernel (each weight block decoded in registers once per group of 4 rows
-# of x, never written out); above that the GEMM path (tiles of weight rows decoded into a
-# per-thread cache-resident buffer, torch's GEMM on each tile). The crossover, measured with
-# the nf4 bench suite on AVX-512 BF16 (benchmarks/results/cpu-nf4.md): bf16 x computes with
-# vdpbf16ps in the GEMV but torch's bf16 GEMM is strong, so the GEMM path wins from ~12 rows;
-# fp32 (and fp16, which computes in fp32) FMA GEMV beats decode + fp32 GEMM up to ~16 rows.
-GEMV_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 8, torch.float16: 16}
+# of x, never written out); above that the GEMM path: tiles of weight rows decoded into a
+# per-thread cache-resident buffer, then multiplied there (bf16: oneDNN's brgemm microkernel
+# on tiles decoded straight into its VNNI layout, where torch has it and in_features is a
+# multiple of 32 and of the blocksize; otherwise torch's GEMM per tile). Crossovers measured
+# on AVX-512 BF16 (benchmarks/results/cpu-nf4.md): bf16 between 4 and 8 rows (the GEMV's
+# products cost ~0.2 ms per row of x at 4096 x 4096 on one core, the brgemm path ~1 ms plus
+# 0.06 ms per row); fp32 (and fp16, computed in fp32) FMA GEMV still beats decode + fp32 GEMM
+# at 16 rows.
+GEMV_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 6, torch.float16: 16}
 
 
 @functools.cache

@@ -7,9 +7,12 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "lowprec/common.h"
+#include "lowprec/fourbit.h"
 
 namespace lowprec {
 
@@ -165,6 +168,107 @@ inline void check_int8_weight(const char* op, c10::DeviceType device_type, const
   for (const at::Tensor* t : {&weight, &weight_scale}) {
     TORCH_CHECK(t->device() == device, op, ": all tensors must be on ", device, ", got ",
                 t->device());
+  }
+}
+
+// ------------------------------------------------------------------------------ NF4 / FP4
+
+inline void check_blocksize_4bit(int64_t blocksize, const char* op) {
+  TORCH_CHECK(is_power_of_two(blocksize) && blocksize >= kBlocksizeMin4bit &&
+                  blocksize <= kBlocksizeMax4bit,
+              op, ": blocksize must be a power of two in [", kBlocksizeMin4bit, ", ",
+              kBlocksizeMax4bit, "], got ", blocksize);
+}
+
+inline QuantType4bit quant_type_4bit(const std::string& name, const char* op) {
+  if (name == "nf4") return QuantType4bit::kNf4;
+  TORCH_CHECK(name == "fp4", op, ": quant_type must be 'nf4' or 'fp4', got '", name, "'");
+  return QuantType4bit::kFp4;
+}
+
+// A packed 4-bit tensor of n elements and its scales (fp32 absmax, or uint8 codes with
+// nested_absmax, nested_code and offset); returns the scales as raw pointers.
+inline BlockScales check_4bit_weight(const char* op, c10::DeviceType device_type,
+                                     const at::Tensor& packed, const at::Tensor& absmax,
+                                     const at::Tensor& code, int64_t blocksize, int64_t n,
+                                     const std::optional<at::Tensor>& nested_absmax,
+                                     const std::optional<at::Tensor>& nested_code,
+                                     const std::optional<at::Tensor>& offset,
+                                     int64_t nested_blocksize) {
+  check_tensor(packed, op, "packed", device_type);
+  check_tensor(absmax, op, "absmax", device_type);
+  check_tensor(code, op, "code", device_type);
+  check_dtype(packed, at::kByte, op, "packed");
+  check_dtype(code, at::kFloat, op, "code");
+  check_blocksize_4bit(blocksize, op);
+  TORCH_CHECK(code.numel() == kCodebookSize4bit, op, ": code must have ", kCodebookSize4bit,
+              " entries, got ", code.numel());
+  TORCH_CHECK(packed.numel() == (n + 1) / 2, op, ": packed must have ", (n + 1) / 2, " bytes, got ",
+              packed.numel());
+  const int64_t num_blocks = (n + blocksize - 1) / blocksize;
+  TORCH_CHECK(absmax.numel() == num_blocks, op, ": absmax must have ", num_blocks,
+              " elements, got ", absmax.numel());
+  for (const at::Tensor* t : {&absmax, &code}) {
+    TORCH_CHECK(t->device() == packed.device(), op, ": all tensors must be on ", packed.device(),
+                ", got ", t->device());
+  }
+  BlockScales scales;
+  if (absmax.scalar_type() == at::kFloat) {
+    TORCH_CHECK(!nested_absmax && !nested_code && !offset, op,
+                ": nested_absmax/nested_code/offset given with a float32 absmax");
+    scales.absmax = absmax.data_ptr<float>();
+    return scales;
+  }
+  check_dtype(absmax, at::kByte, op, "absmax");
+  TORCH_CHECK(nested_absmax && nested_code && offset, op,
+              ": a uint8 absmax needs nested_absmax, nested_code and offset");
+  check_tensor(*nested_absmax, op, "nested_absmax", device_type);
+  check_tensor(*nested_code, op, "nested_code", device_type);
+  check_tensor(*offset, op, "offset", device_type);
+  check_dtype(*nested_absmax, at::kFloat, op, "nested_absmax");
+  check_dtype(*nested_code, at::kFloat, op, "nested_code");
+  check_dtype(*offset, at::kFloat, op, "offset");
+  TORCH_CHECK(is_power_of_two(nested_blocksize), op,
+              ": nested_blocksize must be a power of two, got ", nested_blocksize);
+  TORCH_CHECK(nested_code->numel() == kCodebookSize8bit, op, ": nested_code must have ",
+              kCodebookSize8bit, " entries, got ", nested_code->numel());
+  TORCH_CHECK(offset->numel() == 1, op, ": offset must have one element, got ", offset->numel());
+  const int64_t nested_blocks = (num_blocks + nested_blocksize - 1) / nested_blocksize;
+  TORCH_CHECK(nested_absmax->numel() == nested_blocks, op, ": nested_absmax must have ",
+              nested_blocks, " elements, got ", nested_absmax->numel());
+  for (const at::Tensor* t : {&*nested_absmax, &*nested_code, &*offset}) {
+    TORCH_CHECK(t->device() == packed.device(), op, ": all tensors must be on ", packed.device(),
+                ", got ", t->device());
+  }
+  scales.absmax_codes = absmax.data_ptr<uint8_t>();
+  scales.nested_code = nested_code->data_ptr<float>();
+  scales.nested_absmax = nested_absmax->data_ptr<float>();
+  scales.offset = offset->data_ptr<float>();
+  scales.nested_blocksize_log2 = exact_log2(nested_blocksize);
+  return scales;
+}
+
+// x [rows, in_features] and out [rows, out_features] of matmul_4bit, bias [out_features].
+inline void check_matmul_4bit_operands(const char* op, c10::DeviceType device_type,
+                                       const at::Tensor& x, const at::Tensor& packed,
+                                       const std::optional<at::Tensor>& bias,
+                                       const at::Tensor& out) {
+  check_tensor(x, op, "x", device_type);
+  check_tensor(out, op, "out", device_type);
+  float_type_of(x, op, "x");
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && out.size(0) == x.size(0), op,
+              ": x must be [rows, in_features] and out [rows, out_features], got ", x.sizes(),
+              " and ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": out must have x's dtype ",
+              x.scalar_type(), ", got ", out.scalar_type());
+  TORCH_CHECK(x.device() == packed.device() && out.device() == packed.device(), op,
+              ": x, out and the weight must be on one device");
+  if (bias) {
+    check_tensor(*bias, op, "bias", device_type);
+    float_type_of(*bias, op, "bias");
+    TORCH_CHECK(bias->numel() == out.size(1), op, ": bias must have ", out.size(1),
+                " elements, got ", bias->numel());
+    TORCH_CHECK(bias->device() == packed.device(), op, ": bias must be on the weight's device");
   }
 }
 

@@ -54,6 +54,32 @@ void int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Te
 // The GEMM kernel the active CPU path runs for M rows ("vnni-packed", "vnni-dot", ...).
 std::string int8_gemm_kernel_cpu(int64_t M);
 
+// cpu/bindings.cpp: NF4 / FP4. A 4-bit weight is (packed, absmax, code, blocksize) plus, when
+// absmax is uint8 (double quantization), (nested_absmax, nested_code, offset, nested_blocksize).
+void quantize_4bit_cpu(const at::Tensor& A, const at::Tensor& code, int64_t blocksize,
+                       const std::string& quant_type, const at::Tensor& out_packed,
+                       const at::Tensor& out_absmax);
+void dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                         int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+                         const std::optional<at::Tensor>& nested_code,
+                         const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                         const at::Tensor& out);
+// out [rows, out_features] = x [rows, in_features] @ W.T + bias, in x's dtype: the GEMV kernel
+// (few rows) and the GEMM path (tiles of W decoded into a cache-resident buffer, then torch's
+// GEMM on each tile).
+void matmul_4bit_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const at::Tensor& code, int64_t blocksize,
+                          const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code,
+                          const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& out);
+void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const at::Tensor& code, int64_t blocksize,
+                          const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code,
+                          const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& out);
+
 #if defined(LOWPREC_WITH_CUDA)
 // cuda/bindings.cpp
 void quantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& code, int64_t blocksize,
@@ -78,6 +104,23 @@ void int8_quantize_weight_cuda(const at::Tensor& W, const at::Tensor& out_codes,
 void int8_vectorwise_quant_cuda(const at::Tensor& A, double threshold, const at::Tensor& out_codes,
                                 const at::Tensor& out_row_absmax,
                                 const at::Tensor& out_outlier_mask);
+
+// cuda/bindings.cpp: NF4 / FP4, as the CPU entry points; the GEMV takes 1..8 rows of x.
+void quantize_4bit_cuda(const at::Tensor& A, const at::Tensor& code, int64_t blocksize,
+                        const std::string& quant_type, const at::Tensor& out_packed,
+                        const at::Tensor& out_absmax);
+void dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax,
+                          const at::Tensor& code, int64_t blocksize,
+                          const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code,
+                          const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                          const at::Tensor& out);
+void matmul_4bit_gemv_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           const at::Tensor& code, int64_t blocksize,
+                           const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& nested_code,
+                           const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& out);
 #endif
 
 }  // namespace lowprec

@@ -8,10 +8,13 @@
 
 #include "bindings.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/fourbit.h"
 #include "lowprec/blockwise8.h"
 #include "lowprec/common.h"
+#include "lowprec/fourbit.h"
 #if defined(LOWPREC_WITH_CUDA)
 #include "cuda/blockwise8.h"
+#include "cuda/fourbit.h"
 #endif
 
 // Set by setup.py; defaults keep a hand-rolled build working.
@@ -56,6 +59,7 @@ py::dict build_info() {
   const std::string requested = cpu::requested_cpu_isa();
   info["cpu_isa_env"] = requested.empty() ? py::object(py::none()) : py::object(py::str(requested));
   info["cpu_threading"] = "at::parallel_for";
+  info["cpu_gemv_4bit_bf16_dot"] = cpu::gemv_uses_bf16_dot();
 #if defined(LOWPREC_WITH_CUDA)
   info["cuda_compiled"] = true;
   info["cuda_arch_list"] = LOWPREC_CUDA_ARCH_LIST;
@@ -75,6 +79,13 @@ py::dict build_info() {
   constants["codebook_size_4bit"] = kCodebookSize4bit;
   constants["blocksize_min_8bit"] = kBlocksizeMin8bit;
   constants["blocksize_max_8bit"] = kBlocksizeMax8bit;
+  constants["blocksize_min_4bit"] = kBlocksizeMin4bit;
+  constants["blocksize_max_4bit"] = kBlocksizeMax4bit;
+  constants["fp4_sign_bit"] = kFp4SignBit;
+  constants["cpu_gemv_row_group"] = cpu::kGemvRowGroup;
+#if defined(LOWPREC_WITH_CUDA)
+  constants["cuda_gemv_4bit_max_rows"] = cuda::kGemv4bitMaxRows;
+#endif
   info["constants"] = constants;
   return info;
 }
@@ -154,6 +165,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight_scale"), py::arg("bias"), py::arg("threshold"), py::arg("out"), no_gil);
   m.def("int8_gemm_kernel_cpu", &int8_gemm_kernel_cpu, py::arg("M"),
         "The int8 GEMM kernel the active CPU path runs for M rows.");
+
+  // NF4 / FP4: the weight arguments as in the ops (absmax, code, blocksize, nested_*).
+  m.def("quantize_4bit_cpu", &quantize_4bit_cpu, py::arg("A"), py::arg("code"),
+        py::arg("blocksize"), py::arg("quant_type"), py::arg("out_packed"), py::arg("out_absmax"),
+        no_gil);
+  m.def("dequantize_4bit_cpu", &dequantize_4bit_cpu, py::arg("packed"), py::arg("absmax"),
+        py::arg("code"), py::arg("blocksize"), py::arg("nested_absmax"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("nested_blocksize"), py::arg("out"), no_gil);
+  m.def("matmul_4bit_gemv_cpu", &matmul_4bit_gemv_cpu, py::arg("x"), py::arg("packed"),
+        py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("nested_absmax"),
+        py::arg("nested_code"), py::arg("offset"), py::arg("nested_blocksize"), py::arg("bias"),
+        py::arg("out"), no_gil);
+  m.def("matmul_4bit_gemm_cpu", &matmul_4bit_gemm_cpu, py::arg("x"), py::arg("packed"),
+        py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("nested_absmax"),
+        py::arg("nested_code"), py::arg("offset"), py::arg("nested_blocksize"), py::arg("bias"),
+        py::arg("out"), no_gil);
 #if defined(LOWPREC_WITH_CUDA)
   m.def("quantize_blockwise_cuda", &quantize_blockwise_cuda, py::arg("A"), py::arg("code"),
         py::arg("blocksize"), py::arg("out_codes"), py::arg("out_absmax"), no_gil);
@@ -169,5 +196,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_vectorwise_quant_cuda", &int8_vectorwise_quant_cuda, py::arg("A"),
         py::arg("threshold"), py::arg("out_codes"), py::arg("out_row_absmax"),
         py::arg("out_outlier_mask"), no_gil);
+
+  m.def("quantize_4bit_cuda", &quantize_4bit_cuda, py::arg("A"), py::arg("code"),
+        py::arg("blocksize"), py::arg("quant_type"), py::arg("out_packed"), py::arg("out_absmax"),
+        no_gil);
+  m.def("dequantize_4bit_cuda", &dequantize_4bit_cuda, py::arg("packed"), py::arg("absmax"),
+        py::arg("code"), py::arg("blocksize"), py::arg("nested_absmax"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("nested_blocksize"), py::arg("out"), no_gil);
+  m.def("matmul_4bit_gemv_cuda", &matmul_4bit_gemv_cuda, py::arg("x"), py::arg("packed"),
+        py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("nested_absmax"),
+        py::arg("nested_code"), py::arg("offset"), py::arg("nested_blocksize"), py::arg("bias"),
+        py::arg("out"), no_gil);
 #endif
 }

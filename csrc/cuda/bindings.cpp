@@ -10,6 +10,7 @@
 #include "../binding_checks.h"
 #include "adam8bit.h"
 #include "blockwise8.h"
+#include "fourbit.h"
 #include "int8.h"
 
 namespace lowprec {
@@ -125,6 +126,90 @@ void int8_vectorwise_quant_cuda(const at::Tensor& A, double threshold, const at:
   check_launch(cuda::launch_int8_quantize_rows(
                    A.data_ptr(), type, rows, cols, threshold > 0.0 ? mask : nullptr,
                    out_codes.data_ptr<int8_t>(), out_row_absmax.data_ptr<float>(), stream),
+               kOp);
+}
+
+// ------------------------------------------------------------------------------ NF4 / FP4
+
+void quantize_4bit_cuda(const at::Tensor& A, const at::Tensor& code, int64_t blocksize,
+                        const std::string& quant_type, const at::Tensor& out_packed,
+                        const at::Tensor& out_absmax) {
+  constexpr const char* kOp = "quantize_4bit_cuda";
+  constexpr c10::DeviceType kCuda = c10::DeviceType::CUDA;
+  check_tensor(A, kOp, "A", kCuda);
+  check_tensor(code, kOp, "code", kCuda);
+  check_tensor(out_packed, kOp, "out_packed", kCuda);
+  check_tensor(out_absmax, kOp, "out_absmax", kCuda);
+  const FloatType input_type = float_type_of(A, kOp, "A");
+  check_dtype(code, at::kFloat, kOp, "code");
+  check_dtype(out_packed, at::kByte, kOp, "out_packed");
+  check_dtype(out_absmax, at::kFloat, kOp, "out_absmax");
+  check_blocksize_4bit(blocksize, kOp);
+  const QuantType4bit type = quant_type_4bit(quant_type, kOp);
+  TORCH_CHECK(code.numel() == kCodebookSize4bit, kOp, ": code must have ", kCodebookSize4bit,
+              " entries, got ", code.numel());
+  const int64_t n = A.numel();
+  TORCH_CHECK(out_packed.numel() == (n + 1) / 2, kOp, ": out_packed must have ", (n + 1) / 2,
+              " bytes, got ", out_packed.numel());
+  TORCH_CHECK(out_absmax.numel() == (n + blocksize - 1) / blocksize, kOp, ": out_absmax must have ",
+              (n + blocksize - 1) / blocksize, " elements, got ", out_absmax.numel());
+  for (const at::Tensor* t : {&code, &out_packed, &out_absmax}) {
+    TORCH_CHECK(t->device() == A.device(), kOp, ": all tensors must be on ", A.device());
+  }
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard device_guard(A.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(A.device().index()).stream();
+  check_launch(cuda::launch_quantize_4bit(A.data_ptr(), input_type, n, code.data_ptr<float>(), type,
+                                          blocksize, out_packed.data_ptr<uint8_t>(),
+                                          out_absmax.data_ptr<float>(), stream),
+               kOp);
+}
+
+void dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax,
+                          const at::Tensor& code, int64_t blocksize,
+                          const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code,
+                          const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                          const at::Tensor& out) {
+  constexpr const char* kOp = "dequantize_4bit_cuda";
+  check_tensor(out, kOp, "out", c10::DeviceType::CUDA);
+  const FloatType out_type = float_type_of(out, kOp, "out");
+  const int64_t n = out.numel();
+  const BlockScales scales =
+      check_4bit_weight(kOp, c10::DeviceType::CUDA, packed, absmax, code, blocksize, n,
+                        nested_absmax, nested_code, offset, nested_blocksize);
+  TORCH_CHECK(out.device() == packed.device(), kOp, ": out must be on ", packed.device());
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard device_guard(packed.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(packed.device().index()).stream();
+  check_launch(
+      cuda::launch_dequantize_4bit(packed.data_ptr<uint8_t>(), scales, code.data_ptr<float>(),
+                                   blocksize, n, out.data_ptr(), out_type, stream),
+      kOp);
+}
+
+void matmul_4bit_gemv_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           const at::Tensor& code, int64_t blocksize,
+                           const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& nested_code,
+                           const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& out) {
+  constexpr const char* kOp = "matmul_4bit_gemv_cuda";
+  check_matmul_4bit_operands(kOp, c10::DeviceType::CUDA, x, packed, bias, out);
+  const int64_t rows = x.size(0), in_features = x.size(1), out_features = out.size(1);
+  TORCH_CHECK(rows <= cuda::kGemv4bitMaxRows, kOp, ": x may have at most ", cuda::kGemv4bitMaxRows,
+              " rows, got ", rows);
+  TORCH_CHECK(!bias || bias->scalar_type() == at::kFloat, kOp, ": bias must be float32");
+  const BlockScales scales = check_4bit_weight(kOp, c10::DeviceType::CUDA, packed, absmax, code,
+                                               blocksize, out_features * in_features, nested_absmax,
+                                               nested_code, offset, nested_blocksize);
+  if (rows == 0 || out_features == 0) return;
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  check_launch(cuda::launch_gemv_4bit(
+                   x.data_ptr(), float_type_of(x, kOp, "x"), rows, packed.data_ptr<uint8_t>(),
+                   scales, code.data_ptr<float>(), blocksize, out_features, in_features,
+                   bias ? bias->data_ptr<float>() : nullptr, out.data_ptr(), stream),
                kOp);
 }
 

@@ -8,12 +8,15 @@ section per kernel family.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lowprec_kernels import _C
 from lowprec_kernels._alloc import empty
 from lowprec_kernels._dispatch import mark_available, register_kernel
 from lowprec_kernels._ops import num_blocks
+from lowprec_kernels.reference.codebooks import code_4bit
 
 # --------------------------------------------------------------------------- blockwise 8-bit
 
@@ -124,6 +127,77 @@ def int8_linear(x, weight, weight_scale, bias, threshold):
     _C.int8_linear_cpu(
         x, weight.contiguous(), weight_scale.contiguous(), _float32_bias(bias), threshold, out
     )
+    return out
+
+
+# --------------------------------------------------------------------------- NF4 / FP4
+
+# matmul_4bit dispatch rule (x flattened to [rows, in_features]): up to GEMV_MAX_ROWS[x.dtype]
+# rows the fused GEMV kernel (each weight block decoded in registers once per group of 4 rows
+# of x, never written out); above that the GEMM path: tiles of weight rows decoded into a
+# per-thread cache-resident buffer, then multiplied there (bf16: oneDNN's brgemm microkernel
+# on tiles decoded straight into its VNNI layout, where torch has it and in_features is a
+# multiple of 32 and of the blocksize; otherwise torch's GEMM per tile). Crossovers measured
+# on AVX-512 BF16 (benchmarks/results/cpu-nf4.md): bf16 between 4 and 8 rows (the GEMV's
+# products cost ~0.2 ms per row of x at 4096 x 4096 on one core, the brgemm path ~1 ms plus
+# 0.06 ms per row); fp32 (and fp16, computed in fp32) FMA GEMV still beats decode + fp32 GEMM
+# at 16 rows.
+GEMV_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 6, torch.float16: 16}
+
+
+@functools.cache
+def _code_4bit(quant_type: str) -> torch.Tensor:
+    return code_4bit(quant_type)
+
+
+def _optional(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+@register_kernel("quantize_4bit", backend="cpu", device="cpu")
+def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
+    A = A.contiguous()
+    n = A.numel()
+    packed = empty(((n + 1) // 2, 1), torch.uint8, A.device)
+    absmax = empty((num_blocks(n, blocksize),), torch.float32, A.device)
+    _C.quantize_4bit_cpu(A, _code_4bit(quant_type), blocksize, quant_type, packed, absmax)
+    return packed, absmax
+
+
+def _weight_args(A, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize):
+    return (
+        A.contiguous(), absmax.contiguous(), code.contiguous(), blocksize,
+        _optional(nested_absmax), _optional(nested_code), _optional(offset), nested_blocksize,
+    )  # fmt: skip
+
+
+@register_kernel("dequantize_4bit", backend="cpu", device="cpu")
+def dequantize_4bit(
+    A, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset, nested_blocksize
+):
+    out = empty(list(shape), dtype, A.device)
+    weight = _weight_args(
+        A, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize
+    )
+    _C.dequantize_4bit_cpu(*weight, out)
+    return out
+
+
+@register_kernel("matmul_4bit", backend="cpu", device="cpu")
+def matmul_4bit(
+    x, A, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize, bias
+):
+    out_features, in_features = shape
+    out = empty((*x.shape[:-1], out_features), x.dtype, x.device)
+    x2d = x.reshape(-1, in_features).contiguous()
+    if x2d.shape[0] == 0:
+        return out
+    weight = _weight_args(
+        A, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize
+    )
+    rows = x2d.shape[0]
+    kernel = _C.matmul_4bit_gemv_cpu if rows <= GEMV_MAX_ROWS[x.dtype] else _C.matmul_4bit_gemm_cpu
+    kernel(x2d, *weight, _optional(bias), out.view(rows, out_features))
     return out
 
 

@@ -8,6 +8,8 @@ device. One section per kernel family.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lowprec_kernels import _C
@@ -15,6 +17,7 @@ from lowprec_kernels._alloc import empty
 from lowprec_kernels._dispatch import mark_available, register_kernel
 from lowprec_kernels._ops import num_blocks
 from lowprec_kernels.backends.cpu import _adam8bit_multi_step
+from lowprec_kernels.reference.codebooks import code_4bit
 
 COMPILED = hasattr(_C, "quantize_blockwise_cuda")
 
@@ -84,6 +87,81 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float):
     outlier_cols = empty(found.shape, torch.int64, A.device)
     outlier_cols.copy_(found)
     return codes, row_absmax, outlier_cols
+
+
+# --------------------------------------------------------------------------- NF4 / FP4
+
+# matmul_4bit dispatch rule: up to GEMV_MAX_ROWS rows of x (flattened to [rows, in]) the fused
+# GEMV kernel (16-byte loads of packed codes, codebook in shared memory, per-block scale
+# decode, fp32 accumulation, one warp per output feature); above that the weight is
+# dequantized into a temporary in x's dtype and multiplied by torch's GEMM (cuBLAS), as
+# torchao does: at that batch the GEMM is compute-bound and the decode costs a fraction of it.
+GEMV_MAX_ROWS = _C.build_info()["constants"].get("cuda_gemv_4bit_max_rows", 0) if COMPILED else 0
+
+
+@functools.lru_cache(maxsize=16)
+def _code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
+    return code_4bit(quant_type, device)
+
+
+def _optional(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _weight_args(A, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize):
+    return (
+        A.contiguous(), absmax.contiguous(), code.contiguous(), blocksize,
+        _optional(nested_absmax), _optional(nested_code), _optional(offset), nested_blocksize,
+    )  # fmt: skip
+
+
+@register_kernel("quantize_4bit", backend="cuda", device="cuda")
+def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
+    A = A.contiguous()
+    n = A.numel()
+    packed = empty(((n + 1) // 2, 1), torch.uint8, A.device)
+    absmax = empty((num_blocks(n, blocksize),), torch.float32, A.device)
+    _C.quantize_4bit_cuda(
+        A, _code_4bit(quant_type, A.device), blocksize, quant_type, packed, absmax
+    )
+    return packed, absmax
+
+
+@register_kernel("dequantize_4bit", backend="cuda", device="cuda")
+def dequantize_4bit(
+    A, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset, nested_blocksize
+):
+    out = empty(list(shape), dtype, A.device)
+    weight = _weight_args(
+        A, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize
+    )
+    _C.dequantize_4bit_cuda(*weight, out)
+    return out
+
+
+@register_kernel("matmul_4bit", backend="cuda", device="cuda")
+def matmul_4bit(
+    x, A, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize, bias
+):
+    out_features, in_features = shape
+    rows = x.numel() // in_features
+    if rows > GEMV_MAX_ROWS:
+        W = dequantize_4bit(
+            A, absmax, code, blocksize, shape, x.dtype, nested_absmax, nested_code, offset,
+            nested_blocksize,
+        )  # fmt: skip
+        return torch.nn.functional.linear(x, W, None if bias is None else bias.to(x.dtype))
+    out = empty((*x.shape[:-1], out_features), x.dtype, x.device)
+    if rows == 0:
+        return out
+    weight = _weight_args(
+        A, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize
+    )
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    _C.matmul_4bit_gemv_cuda(
+        x.reshape(rows, in_features).contiguous(), *weight, bias32, out.view(rows, out_features)
+    )
+    return out
 
 
 mark_available("cuda", COMPILED and torch.cuda.is_available())

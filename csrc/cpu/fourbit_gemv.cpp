@@ -1,0 +1,803 @@
+// The GEMV path of matmul_4bit on the CPU: y = x @ W.T + bias for a few rows of x, with W read
+// once as packed 4-bit codes and never written out decoded.
+//
+// Per weight row and block: the 16-entry codebook is multiplied by the block's (decoded) scale
+// once, giving the block's decoded weights as a table; 16 packed bytes (32 codes) are widened
+// to 32-bit lanes, and one in-register permute of the table by the high nibbles and one by the
+// low nibbles give the 32 decoded weights. The high nibbles hold the even elements, the low
+// nibbles the odd ones, so x is split once per call into its even and odd elements and each
+// half meets its weights lane for lane: no shuffle back into element order. Products
+// accumulate in fp32 with FMA; output features are split across threads.
+//
+// Rows of the flattened weight start at element n * in_features, which is odd for odd n when
+// in_features is odd: such a row starts with a lone low nibble (and ends with a lone high
+// one), handled one element at a time, and its byte-aligned middle meets x shifted by one
+// element. So x is split twice ("parity" 0 and 1) when in_features is odd.
+#include <math.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu_isa.h"
+#include "fourbit.h"
+#include "fourbit_simd.h"
+#include "lowprec/fourbit.h"
+#include "parallel.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define LP_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define LP_ALWAYS_INLINE inline
+#endif
+
+namespace lowprec::cpu {
+namespace {
+
+using simd::load_float;
+using simd::store_float;
+
+// A parallel task covers at least this many weight elements (so a small layer stays on one
+// thread and each task outweighs its scheduling cost).
+constexpr int64_t kMinWeightElementsPerTask = 65536;
+
+// Everything the row kernels read. x_split holds, per parity p (0, and 1 when in_features is
+// odd) and row m of x, the elements x[m, p + 2j] then x[m, p + 2j + 1] for j < half_len, as
+// fp32 (or as bf16 bits in x_split_bf16 for the vdpbf16ps kernel).
+struct GemvProblem {
+  const Packed4bit* weight;
+  int64_t rows;
+  int64_t out_features;
+  int64_t in_features;
+  const float* x;  // fp32 [rows, in_features], element order
+  const float* x_split;
+  const uint16_t* x_split_bf16;
+  int64_t half_len;
+  const float* bias;  // fp32 [out_features] or null
+  void* y;
+  FloatType y_type;
+};
+
+inline int64_t split_offset(const GemvProblem& p, int parity, int64_t m, int half) {
+  return ((parity * p.rows + m) * 2 + half) * p.half_len;
+}
+
+// Where weight row n lies in the packed bytes: whole bytes [first_byte, end_byte), whose high
+// nibbles meet x[parity + 2j] and low nibbles x[parity + 2j + 1] (j = byte - first_byte), plus
+// a lone low nibble before them (element 0) and a lone high nibble after them (the last).
+struct RowSegment {
+  int64_t first_byte;
+  int64_t end_byte;
+  int parity;
+  bool lone_first;
+  bool lone_last;
+};
+
+inline RowSegment row_segment(int64_t n, int64_t in_features) {
+  const int64_t begin = n * in_features;
+  const int64_t end = begin + in_features;
+  const int64_t aligned_begin = begin + (begin & 1);
+  const int64_t aligned_end = std::max(aligned_begin, end - (end & 1));
+  return {aligned_begin / 2, aligned_end / 2, static_cast<int>(aligned_begin - begin),
+          (begin & 1) != 0, (end & 1) != 0 && end - 1 >= aligned_begin};
+}
+
+// The decoded scales of every block weight row n touches, blocks [first_block, ...). Decoded
+// once per row into a buffer before the row's dot products: the decode of a double-quantized
+// scale is a chain of dependent loads, which the main loop would otherwise wait on per block.
+struct RowScales {
+  const float* scales;
+  int64_t first_block;
+
+  float of(int64_t block) const { return scales[block - first_block]; }
+};
+
+inline int64_t max_blocks_per_row(const GemvProblem& p) {
+  return (p.in_features >> p.weight->blocksize_log2) + 2;
+}
+
+inline RowScales decode_row_scales(const GemvProblem& p, int64_t n, float* buffer) {
+  const Packed4bit& w = *p.weight;
+  const int64_t first_block = (n * p.in_features) >> w.blocksize_log2;
+  if (!w.scales.double_quantized()) return {w.scales.absmax + first_block, first_block};
+  const int64_t end_block = (((n + 1) * p.in_features - 1) >> w.blocksize_log2) + 1;
+  for (int64_t block = first_block; block < end_block; ++block)
+    buffer[block - first_block] = block_scale(w.scales, block);
+  return {buffer, first_block};
+}
+
+// The lone nibbles of a row, one element at a time, added to sums[0, rows).
+inline void add_lone_elements(const GemvProblem& p, int64_t n, const RowSegment& segment,
+                              const RowScales& scales, float* sums) {
+  const Packed4bit& w = *p.weight;
+  const int64_t K = p.in_features;
+  auto add = [&](int64_t k) {
+    const int64_t flat = n * K + k;
+    const float weight =
+        dequantize_4bit_value(code_at(w.packed, flat), w.code, scales.of(flat >> w.blocksize_log2));
+    for (int64_t m = 0; m < p.rows; ++m)
+      sums[m] = fmaf(p.x[m * K + k], weight, sums[m]);
+  };
+  if (segment.lone_first) add(0);
+  if (segment.lone_last) add(K - 1);
+}
+
+inline void write_outputs(const GemvProblem& p, int64_t n, const float* sums) {
+  const float bias = p.bias != nullptr ? p.bias[n] : 0.0f;
+  for (int64_t m = 0; m < p.rows; ++m)
+    store_float(p.y, m * p.out_features + n, sums[m] + bias, p.y_type);
+}
+
+// What a row kernel gets: weight row n's segment and scales, x rows [m0, m0 + rows), and the
+// slice [tile_begin, tile_end) of the segment's bytes (x_split indices) to multiply; it adds
+// the products to sums[0, rows).
+struct RowTile {
+  const RowSegment* segment;
+  const RowScales* scales;
+  int64_t m0;
+  int64_t tile_begin;
+  int64_t tile_end;
+};
+
+// The driver shared by every path. Rows of x are taken kRowGroup at a time (one pass over a
+// weight row decodes its weights once for the group). Weight rows are taken a panel at a
+// time, and each row in slices of `tile_bytes` packed bytes, so that the x values one slice
+// meets (group rows x 2 halves x tile_bytes elements) stay in L1 while the slice runs over
+// every row of the panel: without it, four fp32 rows of x at in_features 4096 (64 KiB) spill
+// to L2 and the FMAs wait on L2. Partial sums live in a per-panel buffer.
+constexpr int64_t kPanelRows = 16;
+constexpr int64_t kXBudgetBytes = 24 << 10;  // half of a 48 KiB L1D
+constexpr int64_t kTileGranuleBytes = 64;    // slices are multiples of the widest step
+
+// Asks for weight row n's packed bytes ahead of use (into L2): the slices of a panel visit its
+// rows in short runs, which the hardware stream prefetcher follows poorly, so each row of a
+// panel prefetches the same row of the next panel while it computes.
+inline void prefetch_row(const GemvProblem& p, int64_t n) {
+  constexpr int64_t kCacheLine = 64;
+  if (n >= p.out_features) return;
+  const RowSegment segment = row_segment(n, p.in_features);
+  for (int64_t j = segment.first_byte; j < segment.end_byte; j += kCacheLine) {
+    simd::prefetch_l2(p.weight->packed + j);
+  }
+}
+
+template <typename Kernel>
+void gemv_rows_tiled(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
+  constexpr int kGroup = Kernel::kRowGroup;
+  const int64_t group_rows = std::min<int64_t>(kGroup, p.rows);
+  const int64_t tile_bytes = std::max<int64_t>(
+      kTileGranuleBytes, kXBudgetBytes / (group_rows * 2 * Kernel::kXElementBytes) /
+                             kTileGranuleBytes * kTileGranuleBytes);
+  const int64_t blocks_per_row = max_blocks_per_row(p);
+  std::vector<float> scale_buffer(static_cast<size_t>(kPanelRows * blocks_per_row));
+  std::vector<float> sums(static_cast<size_t>(kPanelRows * p.rows));
+  RowSegment segments[kPanelRows];
+  RowScales scales[kPanelRows];
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelRows) {
+    const int64_t panel = std::min(kPanelRows, n_end - n0);
+    for (int64_t i = 0; i < panel; ++i) {
+      segments[i] = row_segment(n0 + i, p.in_features);
+      scales[i] = decode_row_scales(p, n0 + i, scale_buffer.data() + i * blocks_per_row);
+    }
+    std::fill(sums.begin(), sums.end(), 0.0f);
+    // Group by group: the panel's packed rows (kPanelRows x in_features / 2 bytes) stay in
+    // L2 for the next group, one group's slice of x in L1.
+    for (int64_t m0 = 0; m0 < p.rows; m0 += kGroup) {
+      const int rows_in_group = static_cast<int>(std::min<int64_t>(kGroup, p.rows - m0));
+      for (int64_t t0 = 0; t0 < p.half_len; t0 += tile_bytes) {
+        const int64_t t1 = std::min(p.half_len, t0 + tile_bytes);
+        for (int64_t i = 0; i < panel; ++i) {
+          if (m0 == 0 && t0 == 0) prefetch_row(p, n0 + kPanelRows + i);
+          const RowTile tile{&segments[i], &scales[i], m0, t0, t1};
+          Kernel::run(p, tile, rows_in_group, sums.data() + i * p.rows + m0);
+        }
+      }
+    }
+    for (int64_t i = 0; i < panel; ++i) {
+      add_lone_elements(p, n0 + i, segments[i], scales[i], sums.data() + i * p.rows);
+      write_outputs(p, n0 + i, sums.data() + i * p.rows);
+    }
+  }
+}
+
+// Calls Kernel::template group<R>(p, tile, sums) for R = rows (1..kRowGroup).
+template <typename Kernel, int R = Kernel::kRowGroup>
+inline void run_group(const GemvProblem& p, const RowTile& tile, int rows, float* sums) {
+  if constexpr (R > 1) {
+    if (rows < R) return run_group<Kernel, R - 1>(p, tile, rows, sums);
+  }
+  Kernel::template group<R>(p, tile, sums);
+}
+
+// The aligned middle [begin, end) of a slice: whole steps of `step` packed bytes at multiples
+// of `step`. Blocks start at multiples of their byte length, so when that length is at least
+// `step` no step crosses a block; smaller blocks leave no middle (all of it goes to the edges
+// kernel).
+struct MainRange {
+  int64_t begin;
+  int64_t end;
+};
+
+inline MainRange main_range(int64_t begin, int64_t end, int64_t step, int bytes_per_block_log2) {
+  if ((int64_t{1} << bytes_per_block_log2) < step) return {end, end};
+  const int64_t main_begin = std::min(end, (begin + step - 1) / step * step);
+  return {main_begin, std::max(main_begin, end / step * step)};
+}
+
+// ------------------------------------------------------------------------------ scalar path
+
+struct ScalarKernel {
+  static constexpr int kRowGroup = kGemvRowGroup;
+  static constexpr int kXElementBytes = sizeof(float);
+
+  template <int Rows>
+  static void group(const GemvProblem& p, const RowTile& tile, float* sums) {
+    const Packed4bit& w = *p.weight;
+    const RowSegment& segment = *tile.segment;
+    const int bytes_per_block_log2 = w.blocksize_log2 - 1;
+    const float* xe[Rows];
+    const float* xo[Rows];
+    for (int r = 0; r < Rows; ++r) {
+      xe[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 0);
+      xo[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 1);
+    }
+    for (int64_t j = segment.first_byte + tile.tile_begin; j < segment.first_byte + tile.tile_end;
+         ++j) {
+      const float scale = tile.scales->of(j >> bytes_per_block_log2);
+      const float w_even = dequantize_4bit_value(high_nibble(w.packed[j]), w.code, scale);
+      const float w_odd = dequantize_4bit_value(low_nibble(w.packed[j]), w.code, scale);
+      const int64_t xi = j - segment.first_byte;
+      for (int r = 0; r < Rows; ++r)
+        sums[r] = fmaf(xo[r][xi], w_odd, fmaf(xe[r][xi], w_even, sums[r]));
+    }
+  }
+
+  static void run(const GemvProblem& p, const RowTile& tile, int rows, float* sums) {
+    run_group<ScalarKernel>(p, tile, rows, sums);
+  }
+};
+
+void gemv_rows_scalar(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
+  gemv_rows_tiled<ScalarKernel>(p, n_begin, n_end);
+}
+
+#if LOWPREC_X86_SIMD
+
+using simd::kAvx2Lanes;
+using simd::kAvx512Lanes;
+
+// -------------------------------------------------------------------------------- AVX2 path
+
+// Packed bytes per AVX2 step: 8 bytes = 8 high-nibble and 8 low-nibble weights.
+constexpr int64_t kAvx2ChunkBytes = kAvx2Lanes;
+
+LP_TARGET_AVX2 LP_ALWAYS_INLINE __m256 avx2_lookup16(__m256 table_low, __m256 table_high,
+                                                     __m256i index) {
+  const __m256 from_low = _mm256_permutevar8x32_ps(table_low, index);
+  const __m256 from_high = _mm256_permutevar8x32_ps(table_high, index);
+  const __m256 bit3_as_sign = _mm256_castsi256_ps(_mm256_slli_epi32(index, 28));
+  return _mm256_blendv_ps(from_low, from_high, bit3_as_sign);
+}
+
+template <int Rows>
+LP_TARGET_AVX2 LP_ALWAYS_INLINE void avx2_gemv_chunk(const uint8_t* bytes, __m256 table_low,
+                                                     __m256 table_high, const float* const* xe,
+                                                     const float* const* xo, int64_t xi,
+                                                     __m256* acc_even, __m256* acc_odd) {
+  const __m256i codes =
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+  const __m256 w_even = avx2_lookup16(table_low, table_high, _mm256_srli_epi32(codes, 4));
+  const __m256 w_odd = avx2_lookup16(table_low, table_high, codes);
+  for (int r = 0; r < Rows; ++r) {
+    acc_even[r] = _mm256_fmadd_ps(w_even, _mm256_loadu_ps(xe[r] + xi), acc_even[r]);
+    acc_odd[r] = _mm256_fmadd_ps(w_odd, _mm256_loadu_ps(xo[r] + xi), acc_odd[r]);
+  }
+}
+
+LP_TARGET_AVX2 inline float avx2_reduce_add(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Products of the packed bytes [begin, end) of the tile's row with any alignment and
+// blocksize: block by block, partial vectors masked. The group kernel below sends only the
+// unaligned ends of a slice here, keeping its own loop free of branches (and its
+// accumulators in registers).
+template <int Rows>
+LP_TARGET_AVX2 __attribute__((noinline)) void avx2_gemv_edges(const GemvProblem& p,
+                                                              const RowTile& tile, int64_t begin,
+                                                              int64_t end, float* sums) {
+  const Packed4bit& w = *p.weight;
+  const RowSegment& segment = *tile.segment;
+  const float* xe[Rows];
+  const float* xo[Rows];
+  for (int r = 0; r < Rows; ++r) {
+    xe[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 0);
+    xo[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 1);
+  }
+  __m256 acc[4][Rows];
+  for (int a = 0; a < 4; ++a)
+    for (int r = 0; r < Rows; ++r)
+      acc[a][r] = _mm256_setzero_ps();
+  float tail_sums[Rows] = {};
+  const __m256 code_low = _mm256_loadu_ps(w.code);
+  const __m256 code_high = _mm256_loadu_ps(w.code + kAvx2Lanes);
+  const int bytes_per_block_log2 = w.blocksize_log2 - 1;
+  for (int64_t j = begin; j < end;) {
+    const int64_t block = j >> bytes_per_block_log2;
+    const int64_t piece_end = std::min(end, (block + 1) << bytes_per_block_log2);
+    const float scale = tile.scales->of(block);
+    const __m256 table_low = _mm256_mul_ps(code_low, _mm256_set1_ps(scale));
+    const __m256 table_high = _mm256_mul_ps(code_high, _mm256_set1_ps(scale));
+    for (; j + 2 * kAvx2ChunkBytes <= piece_end; j += 2 * kAvx2ChunkBytes) {
+      const int64_t xi = j - segment.first_byte;
+      avx2_gemv_chunk<Rows>(w.packed + j, table_low, table_high, xe, xo, xi, acc[0], acc[1]);
+      avx2_gemv_chunk<Rows>(w.packed + j + kAvx2ChunkBytes, table_low, table_high, xe, xo,
+                            xi + kAvx2ChunkBytes, acc[2], acc[3]);
+    }
+    for (; j < piece_end; ++j) {
+      const int64_t xi = j - segment.first_byte;
+      const float w_even = dequantize_4bit_value(high_nibble(w.packed[j]), w.code, scale);
+      const float w_odd = dequantize_4bit_value(low_nibble(w.packed[j]), w.code, scale);
+      for (int r = 0; r < Rows; ++r)
+        tail_sums[r] = fmaf(xo[r][xi], w_odd, fmaf(xe[r][xi], w_even, tail_sums[r]));
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    const __m256 total =
+        _mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), _mm256_add_ps(acc[2][r], acc[3][r]));
+    sums[r] += avx2_reduce_add(total) + tail_sums[r];
+  }
+}
+
+template <int Rows>
+LP_TARGET_AVX2 void avx2_gemv_group(const GemvProblem& p, const RowTile& tile, float* sums) {
+  constexpr int64_t kStep = 2 * kAvx2ChunkBytes;
+  const Packed4bit& w = *p.weight;
+  const RowSegment& segment = *tile.segment;
+  const int bytes_per_block_log2 = w.blocksize_log2 - 1;
+  const int64_t begin = segment.first_byte + tile.tile_begin;
+  const int64_t end = segment.first_byte + tile.tile_end;
+  const MainRange middle = main_range(begin, end, kStep, bytes_per_block_log2);
+  if (begin < middle.begin) avx2_gemv_edges<Rows>(p, tile, begin, middle.begin, sums);
+  if (middle.end < end) avx2_gemv_edges<Rows>(p, tile, middle.end, end, sums);
+  if (middle.begin == middle.end) return;
+  const float* xe[Rows];
+  const float* xo[Rows];
+  for (int r = 0; r < Rows; ++r) {
+    xe[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 0);
+    xo[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 1);
+  }
+  __m256 acc[4][Rows];
+  for (int a = 0; a < 4; ++a)
+    for (int r = 0; r < Rows; ++r)
+      acc[a][r] = _mm256_setzero_ps();
+  const __m256 code_low = _mm256_loadu_ps(w.code);
+  const __m256 code_high = _mm256_loadu_ps(w.code + kAvx2Lanes);
+  const float* scales = tile.scales->scales;
+  const int64_t first_block = tile.scales->first_block;
+  for (int64_t j = middle.begin; j < middle.end; j += kStep) {
+    const __m256 scale = _mm256_set1_ps(scales[(j >> bytes_per_block_log2) - first_block]);
+    const __m256 table_low = _mm256_mul_ps(code_low, scale);
+    const __m256 table_high = _mm256_mul_ps(code_high, scale);
+    const int64_t xi = j - segment.first_byte;
+    avx2_gemv_chunk<Rows>(w.packed + j, table_low, table_high, xe, xo, xi, acc[0], acc[1]);
+    avx2_gemv_chunk<Rows>(w.packed + j + kAvx2ChunkBytes, table_low, table_high, xe, xo,
+                          xi + kAvx2ChunkBytes, acc[2], acc[3]);
+  }
+  for (int r = 0; r < Rows; ++r) {
+    const __m256 total =
+        _mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), _mm256_add_ps(acc[2][r], acc[3][r]));
+    sums[r] += avx2_reduce_add(total);
+  }
+}
+
+struct Avx2Kernel {
+  static constexpr int kRowGroup = kGemvRowGroup;
+  static constexpr int kXElementBytes = sizeof(float);
+  template <int Rows>
+  static void group(const GemvProblem& p, const RowTile& tile, float* sums) {
+    avx2_gemv_group<Rows>(p, tile, sums);
+  }
+  static void run(const GemvProblem& p, const RowTile& tile, int rows, float* sums) {
+    run_group<Avx2Kernel>(p, tile, rows, sums);
+  }
+};
+
+void gemv_rows_avx2(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
+  gemv_rows_tiled<Avx2Kernel>(p, n_begin, n_end);
+}
+
+// ----------------------------------------------------------------------------- AVX-512 path
+
+// Packed bytes per AVX-512 step: 16 bytes = 16 high-nibble and 16 low-nibble weights.
+constexpr int64_t kAvx512ChunkBytes = kAvx512Lanes;
+
+// One step: 16 bytes (or the first `count` of them, the other lanes left unchanged).
+template <int Rows, bool Masked>
+LP_TARGET_AVX512 LP_ALWAYS_INLINE void avx512_gemv_chunk(const uint8_t* bytes, __m512 table,
+                                                         const float* const* xe,
+                                                         const float* const* xo, int64_t xi,
+                                                         __mmask16 lanes, __m512* acc_even,
+                                                         __m512* acc_odd) {
+  const __m128i packed = Masked ? _mm_maskz_loadu_epi8(lanes, bytes)
+                                : _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+  const __m512i codes = _mm512_cvtepu8_epi32(packed);
+  // vpermps reads the low 4 index bits: the low nibble needs no mask.
+  const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table);
+  const __m512 w_odd = _mm512_permutexvar_ps(codes, table);
+  for (int r = 0; r < Rows; ++r) {
+    if constexpr (Masked) {
+      acc_even[r] = _mm512_mask3_fmadd_ps(w_even, _mm512_maskz_loadu_ps(lanes, xe[r] + xi),
+                                          acc_even[r], lanes);
+      acc_odd[r] =
+          _mm512_mask3_fmadd_ps(w_odd, _mm512_maskz_loadu_ps(lanes, xo[r] + xi), acc_odd[r], lanes);
+    } else {
+      acc_even[r] = _mm512_fmadd_ps(w_even, _mm512_loadu_ps(xe[r] + xi), acc_even[r]);
+      acc_odd[r] = _mm512_fmadd_ps(w_odd, _mm512_loadu_ps(xo[r] + xi), acc_odd[r]);
+    }
+  }
+}
+
+// Products of the packed bytes [begin, end) of the tile's row with any alignment and
+// blocksize: block by block, partial vectors masked. The group kernel below sends only the
+// unaligned ends of a slice here, keeping its own loop free of branches (and its
+// accumulators in registers).
+template <int Rows>
+LP_TARGET_AVX512 __attribute__((noinline)) void avx512_gemv_edges(const GemvProblem& p,
+                                                                  const RowTile& tile,
+                                                                  int64_t begin, int64_t end,
+                                                                  float* sums) {
+  const Packed4bit& w = *p.weight;
+  const RowSegment& segment = *tile.segment;
+  const float* xe[Rows];
+  const float* xo[Rows];
+  for (int r = 0; r < Rows; ++r) {
+    xe[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 0);
+    xo[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 1);
+  }
+  // Four independent accumulators per row (two steps of even/odd) hide the FMA latency.
+  __m512 acc[4][Rows];
+  for (int a = 0; a < 4; ++a)
+    for (int r = 0; r < Rows; ++r)
+      acc[a][r] = _mm512_setzero_ps();
+  const __m512 code = _mm512_loadu_ps(w.code);
+  const int bytes_per_block_log2 = w.blocksize_log2 - 1;
+  const __mmask16 all = 0xFFFF;
+  for (int64_t j = begin; j < end;) {
+    const int64_t block = j >> bytes_per_block_log2;
+    const int64_t piece_end = std::min(end, (block + 1) << bytes_per_block_log2);
+    const __m512 table = _mm512_mul_ps(code, _mm512_set1_ps(tile.scales->of(block)));
+    for (; j + 2 * kAvx512ChunkBytes <= piece_end; j += 2 * kAvx512ChunkBytes) {
+      const int64_t xi = j - segment.first_byte;
+      avx512_gemv_chunk<Rows, false>(w.packed + j, table, xe, xo, xi, all, acc[0], acc[1]);
+      avx512_gemv_chunk<Rows, false>(w.packed + j + kAvx512ChunkBytes, table, xe, xo,
+                                     xi + kAvx512ChunkBytes, all, acc[2], acc[3]);
+    }
+    while (j < piece_end) {
+      const int64_t count = std::min(piece_end - j, kAvx512ChunkBytes);
+      avx512_gemv_chunk<Rows, true>(w.packed + j, table, xe, xo, j - segment.first_byte,
+                                    simd::avx512_first_lanes(count), acc[0], acc[1]);
+      j += count;
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    const __m512 total =
+        _mm512_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]), _mm512_add_ps(acc[2][r], acc[3][r]));
+    sums[r] += _mm512_reduce_add_ps(total);
+  }
+}
+
+template <int Rows>
+LP_TARGET_AVX512 void avx512_gemv_group(const GemvProblem& p, const RowTile& tile, float* sums) {
+  constexpr int64_t kStep = 2 * kAvx512ChunkBytes;
+  const Packed4bit& w = *p.weight;
+  const RowSegment& segment = *tile.segment;
+  const int bytes_per_block_log2 = w.blocksize_log2 - 1;
+  const int64_t begin = segment.first_byte + tile.tile_begin;
+  const int64_t end = segment.first_byte + tile.tile_end;
+  const MainRange middle = main_range(begin, end, kStep, bytes_per_block_log2);
+  if (begin < middle.begin) avx512_gemv_edges<Rows>(p, tile, begin, middle.begin, sums);
+  if (middle.end < end) avx512_gemv_edges<Rows>(p, tile, middle.end, end, sums);
+  if (middle.begin == middle.end) return;
+  const float* xe[Rows];
+  const float* xo[Rows];
+  for (int r = 0; r < Rows; ++r) {
+    xe[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 0);
+    xo[r] = p.x_split + split_offset(p, segment.parity, tile.m0 + r, 1);
+  }
+  // Four independent accumulators per row (two chunks of even/odd) hide the FMA latency.
+  __m512 acc[4][Rows];
+  for (int a = 0; a < 4; ++a)
+    for (int r = 0; r < Rows; ++r)
+      acc[a][r] = _mm512_setzero_ps();
+  const __m512 code = _mm512_loadu_ps(w.code);
+  const float* scales = tile.scales->scales;
+  const int64_t first_block = tile.scales->first_block;
+  const __mmask16 all = 0xFFFF;
+  for (int64_t j = middle.begin; j < middle.end; j += kStep) {
+    const __m512 table =
+        _mm512_mul_ps(code, _mm512_set1_ps(scales[(j >> bytes_per_block_log2) - first_block]));
+    const int64_t xi = j - segment.first_byte;
+    avx512_gemv_chunk<Rows, false>(w.packed + j, table, xe, xo, xi, all, acc[0], acc[1]);
+    avx512_gemv_chunk<Rows, false>(w.packed + j + kAvx512ChunkBytes, table, xe, xo,
+                                   xi + kAvx512ChunkBytes, all, acc[2], acc[3]);
+  }
+  for (int r = 0; r < Rows; ++r) {
+    const __m512 total =
+        _mm512_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]), _mm512_add_ps(acc[2][r], acc[3][r]));
+    sums[r] += _mm512_reduce_add_ps(total);
+  }
+}
+
+struct Avx512Kernel {
+  static constexpr int kRowGroup = kGemvRowGroup;
+  static constexpr int kXElementBytes = sizeof(float);
+  template <int Rows>
+  static void group(const GemvProblem& p, const RowTile& tile, float* sums) {
+    avx512_gemv_group<Rows>(p, tile, sums);
+  }
+  static void run(const GemvProblem& p, const RowTile& tile, int rows, float* sums) {
+    run_group<Avx512Kernel>(p, tile, rows, sums);
+  }
+};
+
+void gemv_rows_avx512(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
+  gemv_rows_tiled<Avx512Kernel>(p, n_begin, n_end);
+}
+
+// ------------------------------------------------------------------ AVX-512 BF16 path (bf16 x)
+//
+// bf16 x computes in bf16 (x's dtype), so its products may take the decoded weights rounded to
+// bf16: the block's table is code * scale rounded to bf16, 16 entries repeated to fill the 32
+// 16-bit lanes of a vpermw table (its 5-bit index then ignores bit 4, so the low nibble needs
+// no mask). 32 packed bytes give 64 weights by two vpermw, and vdpbf16ps multiplies them with
+// bf16 x, accumulating pairs of products in fp32: half the instructions of the fp32 path.
+
+constexpr int64_t kBf16ChunkBytes = 32;
+// Rows of x per pass over a weight row: the products, not the decode, bound this kernel, so
+// a larger group than the fp32 kernel's amortizes the decode over more rows.
+constexpr int kGemvRowGroupBf16 = 4;
+
+LP_TARGET_AVX512_BF16 inline __mmask32 first_lanes32(int64_t count) {
+  return static_cast<__mmask32>((uint64_t{1} << count) - 1u);
+}
+
+template <int Rows, bool Masked>
+LP_TARGET_AVX512_BF16 LP_ALWAYS_INLINE void bf16_gemv_chunk(const uint8_t* bytes, __m512i table,
+                                                            const uint16_t* const* xe,
+                                                            const uint16_t* const* xo, int64_t xi,
+                                                            __mmask32 lanes, __m512* acc_even,
+                                                            __m512* acc_odd) {
+  const __m256i packed = Masked ? _mm256_maskz_loadu_epi8(lanes, bytes)
+                                : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+  const __m512i codes = _mm512_cvtepu8_epi16(packed);
+  __m512i w_even = _mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), table);
+  __m512i w_odd = _mm512_permutexvar_epi16(codes, table);
+  if constexpr (Masked) {  // 0 * 0 in the unused lanes, even if the scale is inf
+    w_even = _mm512_maskz_mov_epi16(lanes, w_even);
+    w_odd = _mm512_maskz_mov_epi16(lanes, w_odd);
+  }
+  for (int r = 0; r < Rows; ++r) {
+    const __m512i x_even =
+        Masked ? _mm512_maskz_loadu_epi16(lanes, xe[r] + xi) : _mm512_loadu_si512(xe[r] + xi);
+    const __m512i x_odd =
+        Masked ? _mm512_maskz_loadu_epi16(lanes, xo[r] + xi) : _mm512_loadu_si512(xo[r] + xi);
+    acc_even[r] = _mm512_dpbf16_ps(acc_even[r], (__m512bh)w_even, (__m512bh)x_even);
+    acc_odd[r] = _mm512_dpbf16_ps(acc_odd[r], (__m512bh)w_odd, (__m512bh)x_odd);
+  }
+}
+
+// Products of the packed bytes [begin, end) of the tile's row with any alignment and
+// blocksize: block by block, partial vectors masked. The group kernel below sends only the
+// unaligned ends of a slice here, keeping its own loop free of branches (and its
+// accumulators in registers).
+template <int Rows>
+LP_TARGET_AVX512_BF16 __attribute__((noinline)) void bf16_gemv_edges(const GemvProblem& p,
+                                                                     const RowTile& tile,
+                                                                     int64_t begin, int64_t end,
+                                                                     float* sums) {
+  // Few rows give few independent accumulation chains: take two chunks per step then.
+  constexpr int kChunksPerStep = Rows < 4 ? 2 : 1;
+  const Packed4bit& w = *p.weight;
+  const RowSegment& segment = *tile.segment;
+  const uint16_t* xe[Rows];
+  const uint16_t* xo[Rows];
+  for (int r = 0; r < Rows; ++r) {
+    xe[r] = p.x_split_bf16 + split_offset(p, segment.parity, tile.m0 + r, 0);
+    xo[r] = p.x_split_bf16 + split_offset(p, segment.parity, tile.m0 + r, 1);
+  }
+  __m512 acc[2 * kChunksPerStep][Rows];
+  for (int a = 0; a < 2 * kChunksPerStep; ++a)
+    for (int r = 0; r < Rows; ++r)
+      acc[a][r] = _mm512_setzero_ps();
+  const __m512 code = _mm512_loadu_ps(w.code);
+  const int bytes_per_block_log2 = w.blocksize_log2 - 1;
+  for (int64_t j = begin; j < end;) {
+    const int64_t block = j >> bytes_per_block_log2;
+    const int64_t piece_end = std::min(end, (block + 1) << bytes_per_block_log2);
+    const __m256bh table_bf16 =
+        _mm512_cvtneps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(tile.scales->of(block))));
+    const __m512i table = _mm512_broadcast_i64x4((__m256i)table_bf16);
+    constexpr int64_t kStepBytes = kChunksPerStep * kBf16ChunkBytes;
+    for (; j + kStepBytes <= piece_end; j += kStepBytes) {
+      const int64_t xi = j - segment.first_byte;
+      bf16_gemv_chunk<Rows, false>(w.packed + j, table, xe, xo, xi, 0, acc[0], acc[1]);
+      if constexpr (kChunksPerStep == 2) {
+        bf16_gemv_chunk<Rows, false>(w.packed + j + kBf16ChunkBytes, table, xe, xo,
+                                     xi + kBf16ChunkBytes, 0, acc[2], acc[3]);
+      }
+    }
+    while (j < piece_end) {
+      const int64_t count = std::min(piece_end - j, kBf16ChunkBytes);
+      if (count == kBf16ChunkBytes) {
+        bf16_gemv_chunk<Rows, false>(w.packed + j, table, xe, xo, j - segment.first_byte, 0, acc[0],
+                                     acc[1]);
+      } else {
+        bf16_gemv_chunk<Rows, true>(w.packed + j, table, xe, xo, j - segment.first_byte,
+                                    first_lanes32(count), acc[0], acc[1]);
+      }
+      j += count;
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    __m512 total = _mm512_add_ps(acc[0][r], acc[1][r]);
+    if constexpr (kChunksPerStep == 2) {
+      total = _mm512_add_ps(total, _mm512_add_ps(acc[2][r], acc[3][r]));
+    }
+    sums[r] += _mm512_reduce_add_ps(total);
+  }
+}
+
+template <int Rows>
+LP_TARGET_AVX512_BF16 inline __m512i bf16_table(__m512 code, float scale) {
+  const __m256bh table = _mm512_cvtneps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(scale)));
+  return _mm512_broadcast_i64x4((__m256i)table);
+}
+
+template <int Rows>
+LP_TARGET_AVX512_BF16 void bf16_gemv_group(const GemvProblem& p, const RowTile& tile, float* sums) {
+  // Few rows give few independent accumulation chains: two chunks per step then.
+  constexpr int kChunksPerStep = Rows < 4 ? 2 : 1;
+  const Packed4bit& w = *p.weight;
+  const RowSegment& segment = *tile.segment;
+  const int bytes_per_block_log2 = w.blocksize_log2 - 1;
+  const int64_t begin = segment.first_byte + tile.tile_begin;
+  const int64_t end = segment.first_byte + tile.tile_end;
+  const MainRange middle = main_range(begin, end, kBf16ChunkBytes, bytes_per_block_log2);
+  if (begin < middle.begin) bf16_gemv_edges<Rows>(p, tile, begin, middle.begin, sums);
+  if (middle.end < end) bf16_gemv_edges<Rows>(p, tile, middle.end, end, sums);
+  if (middle.begin == middle.end) return;
+  const uint16_t* xe[Rows];
+  const uint16_t* xo[Rows];
+  for (int r = 0; r < Rows; ++r) {
+    xe[r] = p.x_split_bf16 + split_offset(p, segment.parity, tile.m0 + r, 0);
+    xo[r] = p.x_split_bf16 + split_offset(p, segment.parity, tile.m0 + r, 1);
+  }
+  __m512 acc[2 * kChunksPerStep][Rows];
+  for (int a = 0; a < 2 * kChunksPerStep; ++a)
+    for (int r = 0; r < Rows; ++r)
+      acc[a][r] = _mm512_setzero_ps();
+  const __m512 code = _mm512_loadu_ps(w.code);
+  const float* scales = tile.scales->scales;
+  const int64_t first_block = tile.scales->first_block;
+  int64_t j = middle.begin;
+  // Each 32-byte chunk lies in one block (blocks >= 32 bytes, chunks 32-aligned): one table each.
+  for (; j + kChunksPerStep * kBf16ChunkBytes <= middle.end;
+       j += kChunksPerStep * kBf16ChunkBytes) {
+    const int64_t xi = j - segment.first_byte;
+    const __m512i table = bf16_table<Rows>(code, scales[(j >> bytes_per_block_log2) - first_block]);
+    bf16_gemv_chunk<Rows, false>(w.packed + j, table, xe, xo, xi, 0, acc[0], acc[1]);
+    if constexpr (kChunksPerStep == 2) {
+      const int64_t j1 = j + kBf16ChunkBytes;
+      const __m512i table1 =
+          bf16_table<Rows>(code, scales[(j1 >> bytes_per_block_log2) - first_block]);
+      bf16_gemv_chunk<Rows, false>(w.packed + j1, table1, xe, xo, xi + kBf16ChunkBytes, 0, acc[2],
+                                   acc[3]);
+    }
+  }
+  if (j < middle.end) {  // one chunk left over from two-chunk steps
+    const __m512i table = bf16_table<Rows>(code, scales[(j >> bytes_per_block_log2) - first_block]);
+    bf16_gemv_chunk<Rows, false>(w.packed + j, table, xe, xo, j - segment.first_byte, 0, acc[0],
+                                 acc[1]);
+  }
+  for (int r = 0; r < Rows; ++r) {
+    __m512 total = _mm512_add_ps(acc[0][r], acc[1][r]);
+    if constexpr (kChunksPerStep == 2) {
+      total = _mm512_add_ps(total, _mm512_add_ps(acc[2][r], acc[3][r]));
+    }
+    sums[r] += _mm512_reduce_add_ps(total);
+  }
+}
+
+struct Avx512Bf16Kernel {
+  static constexpr int kRowGroup = kGemvRowGroupBf16;
+  static constexpr int kXElementBytes = sizeof(uint16_t);
+  template <int Rows>
+  static void group(const GemvProblem& p, const RowTile& tile, float* sums) {
+    bf16_gemv_group<Rows>(p, tile, sums);
+  }
+  static void run(const GemvProblem& p, const RowTile& tile, int rows, float* sums) {
+    run_group<Avx512Bf16Kernel>(p, tile, rows, sums);
+  }
+};
+
+void gemv_rows_avx512_bf16(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
+  gemv_rows_tiled<Avx512Bf16Kernel>(p, n_begin, n_end);
+}
+
+#endif  // LOWPREC_X86_SIMD
+
+using GemvRowsFn = void (*)(const GemvProblem& p, int64_t n_begin, int64_t n_end);
+
+bool bf16_dot_available(CpuIsa isa) {
+#if LOWPREC_X86_SIMD
+  static const bool has_bf16 = simd::cpu_has_avx512_bf16();
+  return isa == CpuIsa::kAvx512 && has_bf16;
+#else
+  (void)isa;
+  return false;
+#endif
+}
+
+GemvRowsFn gemv_rows_for(CpuIsa isa, FloatType x_type) {
+#if LOWPREC_X86_SIMD
+  if (x_type == FloatType::kBFloat16 && bf16_dot_available(isa)) return &gemv_rows_avx512_bf16;
+  if (isa == CpuIsa::kAvx512) return &gemv_rows_avx512;
+  if (isa == CpuIsa::kAvx2) return &gemv_rows_avx2;
+#endif
+  (void)isa;
+  (void)x_type;
+  return &gemv_rows_scalar;
+}
+
+}  // namespace
+
+bool gemv_uses_bf16_dot() {
+  return bf16_dot_available(active_cpu_isa());
+}
+
+void matmul_4bit_gemv(const void* x, FloatType x_type, int64_t rows, const Packed4bit& weight,
+                      int64_t out_features, int64_t in_features, const float* bias, void* y) {
+  const int64_t K = in_features;
+  const int parities = (K & 1) ? 2 : 1;
+  const int64_t half_len = K / 2;
+  std::vector<float> x_float(static_cast<size_t>(rows * K));
+  for (int64_t i = 0; i < rows * K; ++i)
+    x_float[i] = load_float(x, i, x_type);
+  std::vector<uint16_t> x_split_bf16;
+  std::vector<float> x_split(
+      static_cast<size_t>(parities * rows * 2 * std::max<int64_t>(half_len, 1)));
+  GemvProblem problem{&weight, rows,     out_features, K, x_float.data(), x_split.data(),
+                      nullptr, half_len, bias,         y, x_type};
+  for (int parity = 0; parity < parities; ++parity) {
+    for (int64_t m = 0; m < rows; ++m) {
+      float* even = x_split.data() + split_offset(problem, parity, m, 0);
+      float* odd = x_split.data() + split_offset(problem, parity, m, 1);
+      const float* row = x_float.data() + m * K + parity;
+      for (int64_t j = 0; j < half_len; ++j) {
+        even[j] = row[2 * j];
+        odd[j] = row[2 * j + 1];
+      }
+    }
+  }
+  const CpuIsa isa = active_cpu_isa();
+  if (x_type == FloatType::kBFloat16 && bf16_dot_available(isa)) {
+    x_split_bf16.resize(x_split.size());
+    for (size_t i = 0; i < x_split.size(); ++i)
+      x_split_bf16[i] = float_to_bf16_bits(x_split[i]);  // exact: the values came from bf16
+    problem.x_split_bf16 = x_split_bf16.data();
+  }
+  const GemvRowsFn gemv_rows = gemv_rows_for(isa, x_type);
+  const int64_t grain = std::max<int64_t>(1, kMinWeightElementsPerTask / std::max<int64_t>(K, 1));
+  parallel_for(0, out_features, grain,
+               [&](int64_t n_begin, int64_t n_end) { gemv_rows(problem, n_begin, n_end); });
+}
+
+}  // namespace lowprec::cpu

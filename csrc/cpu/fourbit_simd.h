@@ -1,0 +1,180 @@
+// Element loads and stores of the 4-bit CPU kernels, scalar and vector, for every FloatType:
+// widening is exact, narrowing rounds to nearest even exactly as torch's casts do (bf16 by hand,
+// since vcvtneps2bf16 flushes subnormals). The same conversions as blockwise8.cpp's; kept in a
+// header so every 4-bit translation unit shares one copy.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu_isa.h"
+#include "lowprec/common.h"
+#include "lowprec/float16.h"
+
+#if LOWPREC_X86_SIMD
+#include <immintrin.h>
+#endif
+
+namespace lowprec::cpu::simd {
+
+template <FloatType T>
+inline float load_float(const void* data, int64_t i) {
+  if constexpr (T == FloatType::kFloat32) {
+    return static_cast<const float*>(data)[i];
+  } else if constexpr (T == FloatType::kFloat16) {
+    return fp16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
+  } else {
+    return bf16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
+  }
+}
+
+template <FloatType T>
+inline void store_float(void* data, int64_t i, float value) {
+  if constexpr (T == FloatType::kFloat32) {
+    static_cast<float*>(data)[i] = value;
+  } else if constexpr (T == FloatType::kFloat16) {
+    static_cast<uint16_t*>(data)[i] = float_to_fp16_bits(value);
+  } else {
+    static_cast<uint16_t*>(data)[i] = float_to_bf16_bits(value);
+  }
+}
+
+inline float load_float(const void* data, int64_t i, FloatType type) {
+  switch (type) {
+    case FloatType::kFloat16:
+      return load_float<FloatType::kFloat16>(data, i);
+    case FloatType::kBFloat16:
+      return load_float<FloatType::kBFloat16>(data, i);
+    case FloatType::kFloat32:
+      break;
+  }
+  return load_float<FloatType::kFloat32>(data, i);
+}
+
+inline void store_float(void* data, int64_t i, float value, FloatType type) {
+  switch (type) {
+    case FloatType::kFloat16:
+      return store_float<FloatType::kFloat16>(data, i, value);
+    case FloatType::kBFloat16:
+      return store_float<FloatType::kBFloat16>(data, i, value);
+    case FloatType::kFloat32:
+      break;
+  }
+  store_float<FloatType::kFloat32>(data, i, value);
+}
+
+// Asks for the cache line holding p in L2, ahead of use. An asm statement on x86: GCC 12
+// deletes some loops of __builtin_prefetch / _mm_prefetch calls.
+inline void prefetch_l2(const void* p) {
+#if LOWPREC_X86_SIMD
+  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, /*rw=*/0, /*locality=*/2);
+#endif
+}
+
+#if LOWPREC_X86_SIMD
+
+// AVX-512 plus the BF16 instructions (vdpbf16ps, vcvtneps2bf16); check cpu_has_avx512_bf16().
+#define LP_TARGET_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+
+inline bool cpu_has_avx512_bf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
+}
+
+constexpr int kAvx2Lanes = 8;
+constexpr int kAvx512Lanes = 16;
+
+// ---------------------------------------------------------------------------------- AVX2
+
+template <FloatType T>
+LP_TARGET_AVX2 inline __m256 avx2_load(const void* data, int64_t i) {
+  if constexpr (T == FloatType::kFloat32) {
+    return _mm256_loadu_ps(static_cast<const float*>(data) + i);
+  } else {
+    const __m128i half_bits =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(data) + i));
+    if constexpr (T == FloatType::kFloat16) {
+      return _mm256_cvtph_ps(half_bits);
+    } else {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half_bits), 16));
+    }
+  }
+}
+
+LP_TARGET_AVX2 inline __m128i avx2_float_to_bf16(__m256 value) {
+  const __m256i bits = _mm256_castps_si256(value);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
+  const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), is_nan);
+  return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+}
+
+template <FloatType T>
+LP_TARGET_AVX2 inline void avx2_store(void* data, int64_t i, __m256 value) {
+  if constexpr (T == FloatType::kFloat32) {
+    _mm256_storeu_ps(static_cast<float*>(data) + i, value);
+  } else {
+    __m128i* dst = reinterpret_cast<__m128i*>(static_cast<uint16_t*>(data) + i);
+    if constexpr (T == FloatType::kFloat16) {
+      _mm_storeu_si128(dst, _mm256_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+      _mm_storeu_si128(dst, avx2_float_to_bf16(value));
+    }
+  }
+}
+
+// -------------------------------------------------------------------------------- AVX-512
+
+template <FloatType T>
+LP_TARGET_AVX512 inline __m512 avx512_load(const void* data, int64_t i) {
+  if constexpr (T == FloatType::kFloat32) {
+    return _mm512_loadu_ps(static_cast<const float*>(data) + i);
+  } else {
+    const __m256i half_bits = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(data) + i));
+    if constexpr (T == FloatType::kFloat16) {
+      return _mm512_cvtph_ps(half_bits);
+    } else {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half_bits), 16));
+    }
+  }
+}
+
+// 16 floats as 16-bit patterns in the low half of each 32-bit lane, rounded to nearest even.
+template <FloatType T>
+LP_TARGET_AVX512 inline __m512i avx512_narrow(__m512 value) {
+  if constexpr (T == FloatType::kFloat16) {
+    return _mm512_cvtepu16_epi32(
+        _mm512_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    const __m512i bits = _mm512_castps_si512(value);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+    const __mmask16 is_nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
+    return _mm512_mask_mov_epi32(rounded, is_nan, _mm512_set1_epi32(0x7FC0));
+  }
+}
+
+template <FloatType T>
+LP_TARGET_AVX512 inline void avx512_store(void* data, int64_t i, __m512 value) {
+  if constexpr (T == FloatType::kFloat32) {
+    _mm512_storeu_ps(static_cast<float*>(data) + i, value);
+  } else {
+    auto* dst = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(data) + i);
+    _mm256_storeu_si256(dst, _mm512_cvtepi32_epi16(avx512_narrow<T>(value)));
+  }
+}
+
+// Lanes [0, count) of a 16-lane vector, count <= 16.
+LP_TARGET_AVX512 inline __mmask16 avx512_first_lanes(int64_t count) {
+  return static_cast<__mmask16>((uint32_t{1} << count) - 1u);
+}
+
+#endif  // LOWPREC_X86_SIMD
+
+}  // namespace lowprec::cpu::simd

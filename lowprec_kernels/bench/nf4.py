@@ -1,0 +1,210 @@
+"""Suite ``nf4``: the fused 4-bit dequant-matmul (``matmul_4bit``), NF4 with double quant.
+
+For each weight shape (out x in) and number of rows M of x, one interleaved round runs, in
+turn: our op for each candidate backend with x in fp32 and in bf16 (compute dtype = x's),
+``F.linear`` in fp32 and in bf16 on the same weights dequantized, bitsandbytes'
+``matmul_4bit`` on the same packed weights (its checkpoints and ours are one format) when it
+is installed, and a ``copy_`` of the bytes our op must move. Each function reads its own
+weight copies, cycled past the last-level cache (several distinct copies per function), so
+every call streams its weights from memory as a real layer does. Reported:
+
+* speedup vs ``F.linear`` in the same compute dtype (the targets compare like with like), vs
+  ``F.linear`` fp32 for bf16 x as well, and vs bitsandbytes;
+* bytes moved by our op: packed codes + absmax codes + nested absmax + x + y, and the
+  fraction of the measured copy bandwidth reached (``roof``; for large M the GEMM rate binds
+  instead), plus ``vs copy_``, the same fraction against a copy measured in the same rounds;
+* rows for the baselines themselves, with the bytes they move (their dense weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lowprec_kernels.bench.harness import Bench, Row, Timing, _measure, _timing
+
+SUITE = "nf4"
+BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16)
+_GEMM_KIND = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def weight_bytes(out_features: int, in_features: int, blocksize: int = BLOCKSIZE) -> int:
+    """Packed codes + one uint8 absmax code per block + fp32 nested absmax and offset."""
+    n = out_features * in_features
+    blocks = -(-n // blocksize)
+    return (n + 1) // 2 + blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 4
+
+
+def traffic(rows: int, out_features: int, in_features: int, dtype: torch.dtype) -> int:
+    """Bytes our op must move at least: the 4-bit weight once, x read, y written."""
+    activations = rows * (in_features + out_features) * dtype.itemsize
+    return weight_bytes(out_features, in_features) + activations
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class _Cycle:
+    """Prebuilt argument objects handed out in turn (``Rotation``'s interface for objects
+    that are not plain tensors, such as bitsandbytes' QuantState)."""
+
+    def __init__(self, items: list):
+        self.items = items
+        self._i = 0
+
+    def next(self):
+        item = self.items[self._i]
+        self._i = (self._i + 1) % len(self.items)
+        return item
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional as bnb_functional
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    return bitsandbytes, bnb_functional
+
+
+def _ours(backend: str, x: torch.Tensor, state, shape) -> Callable:
+    """Our op on one rotated copy (packed, absmax codes, nested absmax) under ``backend``."""
+    import lowprec_kernels as lpk
+
+    code, offset, nested_code = state.code, state.offset, state.nested_code
+
+    def call(copy):
+        packed, absmax, nested_absmax = copy
+        with lpk.use_backend(backend):
+            return torch.ops.lowprec.matmul_4bit(
+                x, packed, absmax, code, BLOCKSIZE, shape, nested_absmax, nested_code, offset,
+                NESTED_BLOCKSIZE, None,
+            )  # fmt: skip
+
+    return call
+
+
+def _row(bench: Bench, what, shape, dtype, backend, timing, baseline=None, nbytes=None, ops=None,
+         compute=None, note=""):  # fmt: skip
+    return Row(SUITE, what, shape, _name(dtype), backend, timing, baseline=baseline,
+               bytes_moved=nbytes, ops=ops, compute=compute, note=note)  # fmt: skip
+
+
+def _versus(cand: list[float], base: list[float], floor: list[float] | None) -> Timing:
+    return _timing([cand, base, *([floor] if floor else [])], True, floor is not None)
+
+
+def _alone(samples: list[float]) -> Timing:
+    return _timing([samples], False, False)
+
+
+def rows(bench: Bench) -> list[Row]:
+    from lowprec_kernels import functional as LF
+
+    shapes = bench.pick(full=((4096, 4096), (11008, 4096)), quick=((4096, 4096),),
+                        smoke=((48, 96),))  # fmt: skip
+    row_counts = bench.pick(full=(1, 4, 16, 128, 512), quick=(1, 4, 16, 128), smoke=(1, 5))
+    candidates, skipped = bench.candidate_backends()
+    for message in skipped:
+        bench.note(message)
+    bnb = _bitsandbytes()
+    if bnb is None:
+        bench.note("bitsandbytes is not importable: no bitsandbytes rows")
+    bench.note(
+        "shape = M x in x out; NF4, blocksize 64, double-quantized absmax (nested blocks of"
+        " 256); F.linear runs on our dequantized weights, bitsandbytes on our packed ones"
+    )
+    bench.note(
+        "MB = bytes each op must move (ours: packed codes + absmax codes + x + y; F.linear:"
+        " its dense weight + x + y); roof = that over the measured copy bandwidth, or the"
+        " GEMM rate where it binds"
+    )
+    out: list[Row] = []
+    device = bench.device
+    for out_f, in_f in shapes:
+        w = torch.randn(out_f, in_f, device=device) * in_f**-0.5
+        qw, st = LF.quantize_4bit(w, BLOCKSIZE, "nf4", double_quant=True)
+        W = {torch.float32: LF.dequantize_4bit(qw, st, torch.float32)}
+        W[torch.bfloat16] = W[torch.float32].to(torch.bfloat16)
+        del w
+        packed_rotation = bench.rotation((qw, st.absmax, st.nested_absmax))
+        dense_rotation = {dt: bench.rotation((W[dt],)) for dt in COMPUTE_DTYPES}
+        bnb_cycle = None
+        if bnb is not None:
+            bnb_states = []
+            for packed, absmax, nested_absmax in packed_rotation.copies:
+                d = st.as_dict()
+                d.update(absmax=absmax, nested_absmax=nested_absmax)
+                bnb_states.append((packed, bnb[1].QuantState.from_dict(d, device=qw.device)))
+            bnb_cycle = _Cycle(bnb_states)
+        shape = [out_f, in_f]
+        for m in row_counts:
+            out += _rows_for(bench, m, shape, st, packed_rotation, dense_rotation, bnb_cycle,
+                             bnb, candidates)  # fmt: skip
+        del packed_rotation, dense_rotation, bnb_cycle, W
+    return out
+
+
+def _rows_for(bench, m, shape, st, packed_rotation, dense_rotation, bnb_cycle, bnb, candidates):
+    out_f, in_f = shape
+    row_shape = (m, in_f, out_f)
+    ops = 2 * m * in_f * out_f
+    xs = {dt: torch.randn(m, in_f, device=bench.device).to(dt) for dt in COMPUTE_DTYPES}
+    # One interleaved round: every candidate and baseline, then the copy floor.
+    timed, labels = [], []
+    for backend in candidates:
+        if not bench.runs_natively("matmul_4bit", backend):
+            bench.note(f"backend {backend!r} has no matmul_4bit kernel on {bench.device} (skipped)")
+            continue
+        for dt in COMPUTE_DTYPES:
+            timed.append((_ours(backend, xs[dt], st, shape), packed_rotation))
+            labels.append(("ours", backend, dt))
+    for dt in COMPUTE_DTYPES:
+        timed.append(((lambda a, x=xs[dt]: F.linear(x, a[0])), dense_rotation[dt]))
+        labels.append(("F.linear", "torch", dt))
+    if bnb_cycle is not None:
+        matmul = bnb[0].matmul_4bit
+        for dt in COMPUTE_DTYPES:
+            timed.append(((lambda s, x=xs[dt]: matmul(x, s[0].t(), quant_state=s[1])), bnb_cycle))
+            labels.append(("bitsandbytes", "bnb", dt))
+    floor_bytes = traffic(m, out_f, in_f, torch.bfloat16)
+    timed.append(bench.copy_floor(floor_bytes))
+    labels.append(("copy_", "torch", torch.uint8))
+    samples = dict(zip(labels, _measure(timed, bench.settings)))
+    floor = samples[("copy_", "torch", torch.uint8)]
+
+    rows = []
+    for (kind, backend, dt), cand in samples.items():
+        if kind != "ours":
+            continue
+        nbytes = traffic(m, out_f, in_f, dt)
+        what = f"matmul_4bit M={m}"
+        vs_linear = _versus(cand, samples[("F.linear", "torch", dt)], floor)
+        rows.append(_row(bench, what, row_shape, dt, backend, vs_linear, f"F.linear {_GEMM_KIND[dt]}",
+                         nbytes, ops, _GEMM_KIND[dt]))  # fmt: skip
+        if dt != torch.float32:
+            vs_fp32 = _versus(cand, samples[("F.linear", "torch", torch.float32)], floor)
+            rows.append(_row(bench, what, row_shape, dt, backend, vs_fp32, "F.linear fp32",
+                             nbytes, ops, _GEMM_KIND[dt]))  # fmt: skip
+        if ("bitsandbytes", "bnb", dt) in samples:
+            vs_bnb = _versus(cand, samples[("bitsandbytes", "bnb", dt)], floor)
+            rows.append(_row(bench, what, row_shape, dt, backend, vs_bnb, "bnb matmul_4bit",
+                             nbytes, ops, _GEMM_KIND[dt]))  # fmt: skip
+    for dt in COMPUTE_DTYPES:
+        dense = out_f * in_f * dt.itemsize + m * (in_f + out_f) * dt.itemsize
+        rows.append(_row(bench, f"F.linear M={m}", row_shape, dt, "torch",
+                         _alone(samples[("F.linear", "torch", dt)]), None, dense, ops,
+                         _GEMM_KIND[dt]))  # fmt: skip
+        if ("bitsandbytes", "bnb", dt) in samples:
+            rows.append(_row(bench, f"bnb matmul_4bit M={m}", row_shape, dt, "bnb",
+                             _alone(samples[("bitsandbytes", "bnb", dt)]), None,
+                             traffic(m, out_f, in_f, dt), ops, _GEMM_KIND[dt]))  # fmt: skip
+    return rows

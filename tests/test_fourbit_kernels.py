@@ -1,0 +1,455 @@
+"""NF4 / FP4 kernels of every native backend against the reference.
+
+Through the registered ops (``device_backend``: ``cpu``, ``cuda``, ``triton``, whichever run
+here): quantize codes and absmax bit for bit, dequantize exactly (fp32) or within one
+rounding (fp16/bf16), matmul_4bit within a stated error bound of the float64 product. Then
+the CPU extension directly: both matmul paths (GEMV and tiled GEMM) on every CPU ISA path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import noncontiguous, run_on
+
+import lowprec_kernels as lpk
+from lowprec_kernels import functional as LF
+from lowprec_kernels._ops import BLOCKSIZES_4BIT
+from lowprec_kernels.reference import fourbit as reference
+from lowprec_kernels.reference.codebooks import FP4_SIGN_BIT, code_4bit
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_IDS = ("f32", "f16", "bf16")
+QUANT_TYPES = ("nf4", "fp4")
+# Unit roundoff (2**-p, p significand bits with the implicit one): the largest relative error
+# of rounding one exact value into the dtype.
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+FP32_UNIT_ROUNDOFF = UNIT_ROUNDOFF[torch.float32]
+
+
+def _nonzero_randn(*shape, device, scale=1.0, dtype=torch.float32):
+    x = torch.randn(*shape, device=device) * scale
+    return torch.where(x == 0, torch.full_like(x, 0.5), x).to(dtype)
+
+
+def _quantize(backend, w, blocksize, quant_type, double_quant=False):
+    return run_on(backend, LF.quantize_4bit, w, blocksize, quant_type, double_quant)
+
+
+def _assert_same_floats(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit-equal, except that any NaN matches any NaN."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(actual), nan), "NaN positions differ"
+    bits = {4: torch.int32, 2: torch.int16}[actual.element_size()]
+    a = actual[~nan].view(bits)
+    e = expected[~nan].view(bits)
+    assert torch.equal(a, e), f"{(a != e).sum().item()} of {e.numel()} values differ"
+
+
+def _assert_same_state(a, b) -> None:
+    assert (a.blocksize, a.quant_type, a.shape, a.dtype) == (
+        b.blocksize,
+        b.quant_type,
+        b.shape,
+        b.dtype,
+    )
+    assert a.nested == b.nested
+    if b.nested:
+        assert torch.equal(a.absmax, b.absmax)  # the uint8 codes of the block absmax
+        _assert_same_floats(a.nested_absmax, b.nested_absmax)
+        _assert_same_floats(a.offset.reshape(1), b.offset.reshape(1))
+    else:
+        _assert_same_floats(a.absmax, b.absmax)
+
+
+# ------------------------------------------------------------------------------ quantize
+
+
+def _sizes(blocksize: int) -> list[int]:
+    return sorted({1, 7, blocksize - 1, blocksize, blocksize + 1, 3 * blocksize + 17})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES_4BIT)
+def test_quantize_codes_exact(device_backend, blocksize, quant_type, dtype):
+    device, backend = device_backend
+    for n in _sizes(blocksize):  # odd n: the last byte's low nibble stays 0
+        w = _nonzero_randn(n, device=device, scale=3.0, dtype=dtype)
+        q_ref, a_ref = run_on(
+            "reference", torch.ops.lowprec.quantize_4bit, w, blocksize, quant_type
+        )
+        q, a = run_on(backend, torch.ops.lowprec.quantize_4bit, w, blocksize, quant_type)
+        assert q.shape == ((n + 1) // 2, 1) and q.dtype == torch.uint8
+        _assert_same_floats(a, a_ref)
+        diff = (q != q_ref).nonzero()
+        assert diff.numel() == 0, (
+            f"n={n}: {diff.shape[0]} bytes differ, first at {diff[0].tolist()}"
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_quantize_special_blocks(device_backend, quant_type, dtype):
+    """NaN, all-zero (with -0.0), inf, subnormal-scale and partial blocks."""
+    device, backend = device_backend
+    bs = 32
+    w = _nonzero_randn(9 * bs + 5, device=device, scale=10.0)
+    w[3] = float("nan")  # block 0: absmax NaN, codes 0 (FP4: sign of x kept)
+    w[bs : 2 * bs] = 0.0  # block 1: all zero
+    w[bs + 7] = -0.0
+    w[2 * bs + 9] = float("inf")  # block 2: absmax inf, v = x / inf
+    w[3 * bs + 1] = -float("inf")
+    w[4 * bs : 5 * bs] = torch.finfo(dtype).tiny / 4  # block 4: subnormal absmax
+    w[4 * bs + 3] = -torch.finfo(dtype).tiny / 2
+    w[5 * bs + 1] = -torch.finfo(dtype).max  # block 5: the largest magnitude
+    w[9 * bs :] = float("nan")  # the partial last block, all NaN
+    w = w.to(dtype)
+    q_ref, a_ref = run_on("reference", torch.ops.lowprec.quantize_4bit, w, bs, quant_type)
+    q, a = run_on(backend, torch.ops.lowprec.quantize_4bit, w, bs, quant_type)
+    _assert_same_floats(a, a_ref)
+    assert torch.equal(q, q_ref)
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_quantize_ties_go_low(device_backend, quant_type):
+    """Values exactly at a representable midpoint of two entries (magnitudes for FP4) take the
+    lower one; one ulp either side the nearer one."""
+    device, backend = device_backend
+    code = code_4bit(quant_type).double()
+    entries = code if quant_type == "nf4" else code[:FP4_SIGN_BIT].sort().values
+    mids = ((entries[:-1] + entries[1:]) / 2).float()
+    values = torch.cat([mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1)])
+    if quant_type == "fp4":
+        values = torch.cat([values, -values])
+    bs = 32
+    blocks = values.split(bs - 1)  # each block also holds 1.0, so absmax = 1 and v = x
+    w = torch.cat([torch.cat([torch.ones(1), b]) for b in blocks]).to(device)
+    q_ref, _ = run_on("reference", torch.ops.lowprec.quantize_4bit, w, bs, quant_type)
+    q, _ = run_on(backend, torch.ops.lowprec.quantize_4bit, w, bs, quant_type)
+    assert torch.equal(q, q_ref)
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_quantize_double_quant_state(device_backend, quant_type):
+    device, backend = device_backend
+    w = _nonzero_randn(37, 300, device=device)  # blocks cross rows, a partial last block
+    qw_ref, st_ref = _quantize("reference", w, 64, quant_type, double_quant=True)
+    qw, st = _quantize(backend, w, 64, quant_type, double_quant=True)
+    assert torch.equal(qw, qw_ref)
+    _assert_same_state(st, st_ref)
+
+
+def test_quantize_noncontiguous_and_multidim(device_backend):
+    device, backend = device_backend
+    w = noncontiguous(_nonzero_randn(5, 7, 33, device=device))
+    q_ref, a_ref = run_on("reference", torch.ops.lowprec.quantize_4bit, w, 64, "nf4")
+    q, a = run_on(backend, torch.ops.lowprec.quantize_4bit, w, 64, "nf4")
+    assert torch.equal(q, q_ref) and torch.equal(a, a_ref)
+
+
+# ---------------------------------------------------------------------------- dequantize
+
+
+def _random_packed(n: int, device) -> torch.Tensor:
+    packed = torch.randint(0, 256, ((n + 1) // 2, 1), dtype=torch.uint8, device=device)
+    if n % 2:  # the reference's packing leaves the unused low nibble 0
+        packed[-1] &= 0xF0
+    return packed
+
+
+def _assert_within_one_rounding(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """``out`` is ``ref`` or one of its neighbours in out's dtype.
+
+    The reference forms each value in fp32 (codebook entry times block scale) and rounds it
+    once into the 16-bit dtype. A kernel may form the product differently (in fp32 then a
+    different rounding step, or from a scale already in the compute dtype); the definition
+    we hold every backend to is that the result is within one unit in the last place of the
+    16-bit value: at most one rounding away from the reference.
+    """
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(out), nan)
+    o, r = out[~nan], ref[~nan]
+    up = torch.nextafter(r, torch.full_like(r, float("inf")))
+    down = torch.nextafter(r, torch.full_like(r, -float("inf")))
+    ok = (o == r) | (o == up) | (o == down)
+    assert bool(ok.all()), f"{(~ok).sum().item()} values more than one rounding off"
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES_4BIT)
+def test_dequantize(device_backend, blocksize, dtype, double_quant):
+    device, backend = device_backend
+    for n in _sizes(blocksize):
+        w = _nonzero_randn(n, device=device, scale=5.0)
+        _, st = _quantize("reference", w, blocksize, "nf4", double_quant)
+        qw = _random_packed(n, device)  # every code, not only those random data hits
+        ref = run_on("reference", LF.dequantize_4bit, qw, st, dtype)
+        out = run_on(backend, LF.dequantize_4bit, qw, st, dtype)
+        assert out.dtype == dtype and out.shape == ref.shape
+        if dtype == torch.float32 or backend == "cpu":
+            _assert_same_floats(out, ref)  # fp32: exact; the CPU kernels round exactly as torch
+        else:
+            _assert_within_one_rounding(out, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_dequantize_special_scales_and_shape(device_backend, dtype):
+    """NaN, zero, inf, huge and subnormal absmax; fp4; a 3-D shape with an odd count."""
+    device, backend = device_backend
+    shape = (3, 5, 43)
+    n = 3 * 5 * 43
+    w = _nonzero_randn(*shape, device=device)
+    _, st = _quantize("reference", w, 32, "fp4")
+    scales = torch.tensor([float("nan"), 0.0, float("inf"), 3e38, 1e-40, 7e4, 1.0 + 2**-9])
+    st.absmax = scales.repeat(-(-st.absmax.numel() // scales.numel()))[: st.absmax.numel()]
+    st.absmax = st.absmax.to(device)
+    qw = _random_packed(n, device)
+    ref = run_on("reference", LF.dequantize_4bit, qw, st, dtype)
+    out = run_on(backend, LF.dequantize_4bit, qw, st, dtype)
+    assert out.shape == shape
+    if dtype == torch.float32 or backend == "cpu":
+        _assert_same_floats(out, ref)
+    else:
+        _assert_within_one_rounding(out, ref)
+
+
+# -------------------------------------------------------------------------------- matmul
+
+
+def _float64_product(x, qw, st, bias):
+    """(y64, scale): x @ W.T + bias in float64 from the reference's fp32 decoded W, and
+    |x| @ |W|.T + |bias|, the sum of magnitudes that bounds every rounding error."""
+    W = run_on("reference", LF.dequantize_4bit, qw, st, torch.float32).double()
+    x64 = x.double().reshape(-1, x.shape[-1])
+    y64 = x64 @ W.T
+    scale = x64.abs() @ W.abs().T
+    if bias is not None:
+        y64 = y64 + bias.double()
+        scale = scale + bias.double().abs()
+    return y64.reshape(*x.shape[:-1], -1), scale.reshape(*x.shape[:-1], -1)
+
+
+def _assert_matmul_close(y, y64, scale, dtype, in_features):
+    """|y - y64| <= u_out |y64| + (u_w + (K + 2) * 2**-24) * scale (+ fp16 subnormal terms).
+
+    * u_out: the result is rounded once into x's dtype.
+    * u_w: a backend may round the decoded weights into the compute dtype (x's) before the
+      products (0 for fp32: the fp32 weights are exact there).
+    * (K + 2) * 2**-24: the K products and the bias are summed in fp32 (every backend
+      accumulates in fp32, whatever order or FMA use); recursive summation of K + 1 terms
+      errs by at most (K + 1) u32 relative to the sum of magnitudes, one more for products
+      that are not exact.
+    * fp16: weights or results below its normal range round with absolute error <= 2**-25.
+    """
+    u_out = UNIT_ROUNDOFF[dtype]
+    u_w = 0.0 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
+    bound = u_out * y64.abs() + (u_w + (in_features + 2) * FP32_UNIT_ROUNDOFF) * scale
+    if dtype == torch.float16:
+        bound = bound + 2.0**-25 * (1 + scale)
+    err = (y.double() - y64).abs()
+    excess = err - bound
+    assert bool((excess <= 0).all()), f"max excess {excess.max().item():.3g}"
+
+
+ROWS = (1, 2, 3, 4, 8, 9, 17, 65)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("rows", ROWS)
+def test_matmul_rows(device_backend, rows, dtype, double_quant, bias):
+    device, backend = device_backend
+    out_f, in_f = 37, 200  # 200 % 64 != 0: blocks cross rows
+    w = _nonzero_randn(out_f, in_f, device=device)
+    qw, st = _quantize("reference", w, 64, "nf4", double_quant)
+    x = _nonzero_randn(rows, in_f, device=device, dtype=dtype)
+    b = _nonzero_randn(out_f, device=device, dtype=dtype) if bias else None
+    y = run_on(backend, LF.matmul_4bit, x, qw, st, b)
+    assert y.dtype == dtype and y.shape == (rows, out_f)
+    _assert_matmul_close(y, *_float64_product(x, qw, st, b), dtype, in_f)
+
+
+@pytest.mark.parametrize("in_f", [1, 31, 33, 95, 129])
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_matmul_odd_in_features(device_backend, in_f, quant_type):
+    """Odd K: every other weight row starts in the middle of a byte."""
+    device, backend = device_backend
+    out_f = 23
+    w = _nonzero_randn(out_f, in_f, device=device)
+    qw, st = _quantize("reference", w, 32, quant_type, double_quant=True)
+    b = _nonzero_randn(out_f, device=device)
+    for rows in (1, 3, 17):
+        x = _nonzero_randn(rows, in_f, device=device)
+        y = run_on(backend, LF.matmul_4bit, x, qw, st, b)
+        _assert_matmul_close(y, *_float64_product(x, qw, st, b), torch.float32, in_f)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("lead", [(0,), (2, 3), (2, 1, 5), (1, 1, 1)])
+def test_matmul_leading_dims_and_noncontiguous(device_backend, dtype, lead):
+    device, backend = device_backend
+    out_f, in_f = 40, 96
+    w = _nonzero_randn(out_f, in_f, device=device)
+    qw, st = _quantize("reference", w, 32, "fp4", double_quant=True)
+    x = noncontiguous(_nonzero_randn(*lead, in_f, device=device, dtype=dtype))
+    y = run_on(backend, LF.matmul_4bit, x, qw, st)
+    assert y.shape == (*lead, out_f) and y.dtype == dtype
+    if y.numel():
+        _assert_matmul_close(y, *_float64_product(x, qw, st, None), dtype, in_f)
+
+
+def test_matmul_bias_of_another_dtype(device_backend):
+    device, backend = device_backend
+    w = _nonzero_randn(16, 64, device=device)
+    qw, st = _quantize("reference", w, 64, "nf4", double_quant=True)
+    x = _nonzero_randn(3, 64, device=device, dtype=torch.bfloat16)
+    b = _nonzero_randn(16, device=device, dtype=torch.float32)
+    y = run_on(backend, LF.matmul_4bit, x, qw, st, b)
+    assert y.dtype == torch.bfloat16
+    _assert_matmul_close(y, *_float64_product(x, qw, st, b), torch.bfloat16, 64)
+
+
+@pytest.mark.parametrize("blocksize", [32, 128, 4096])
+def test_matmul_blocksizes(device_backend, blocksize):
+    device, backend = device_backend
+    out_f, in_f = 9, 1000
+    w = _nonzero_randn(out_f, in_f, device=device)
+    qw, st = _quantize("reference", w, blocksize, "nf4", double_quant=True)
+    for rows in (1, 12):
+        x = _nonzero_randn(rows, in_f, device=device)
+        y = run_on(backend, LF.matmul_4bit, x, qw, st)
+        _assert_matmul_close(y, *_float64_product(x, qw, st, None), torch.float32, in_f)
+
+
+# ------------------------------------------------------------------- the CPU extension
+
+
+_C = lpk._C  # None when the extension is not built
+
+needs_cpu_extension = pytest.mark.skipif(
+    _C is None or not hasattr(_C, "matmul_4bit_gemv_cpu"), reason="CPU extension not built"
+)
+SUPPORTED_ISAS = tuple(_C.build_info()["cpu_isa_supported"]) if _C is not None else ()
+
+
+@pytest.fixture(params=SUPPORTED_ISAS)
+def cpu_isa(request):
+    """Each CPU path this machine can run, restored to the automatic choice afterwards."""
+    previous = _C.get_cpu_isa()
+    _C.set_cpu_isa(request.param)
+    yield request.param
+    _C.set_cpu_isa(previous)
+
+
+def _weight_args(qw, st):
+    return (qw, st.absmax, st.code, st.blocksize, st.nested_absmax, st.nested_code, st.offset,
+            st.nested_blocksize)  # fmt: skip
+
+
+@needs_cpu_extension
+def test_cpp_4bit_constants_match_python():
+    constants = _C.build_info()["constants"]
+    assert constants["blocksize_min_4bit"] == min(BLOCKSIZES_4BIT)
+    assert constants["blocksize_max_4bit"] == max(BLOCKSIZES_4BIT)
+    assert constants["fp4_sign_bit"] == FP4_SIGN_BIT
+    if _C.build_info()["cuda_compiled"]:
+        from lowprec_kernels.backends import cuda as cuda_backend
+
+        assert constants["cuda_gemv_4bit_max_rows"] == cuda_backend.GEMV_MAX_ROWS
+
+
+@needs_cpu_extension
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cpu_quantize_dequantize_every_isa(cpu_isa, dtype, quant_type):
+    for blocksize in (32, 64, 4096):
+        for n in (1, 33, 3 * blocksize + 17):
+            w = _nonzero_randn(n, device="cpu", scale=3.0, dtype=dtype)
+            w[min(5, n - 1)] = -0.0
+            q_ref, a_ref = reference.quantize_4bit(w, blocksize, quant_type)
+            q = torch.full_like(q_ref, 0xAB)
+            a = torch.full_like(a_ref, -1.0)
+            _C.quantize_4bit_cpu(w, code_4bit(quant_type), blocksize, quant_type, q, a)
+            assert torch.equal(q, q_ref) and torch.equal(a, a_ref)
+            _, st = LF.quantize_4bit(w.float(), blocksize, quant_type, double_quant=True)
+            absmax, code, bs, shape, *nested = st.op_args()
+            for out_dtype in DTYPES:
+                ref = reference.dequantize_4bit(q, absmax, code, bs, shape, out_dtype, *nested)
+                out = torch.full((n,), float("nan"), dtype=out_dtype)
+                _C.dequantize_4bit_cpu(*_weight_args(q, st), out)
+                _assert_same_floats(out, ref)
+
+
+@needs_cpu_extension
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cpu_matmul_paths_every_isa(cpu_isa, path, dtype):
+    """Both matmul paths on every ISA, at shapes that hit each tail: odd K (rows starting
+    mid-byte), K % blocksize != 0, partial vectors, every group size of x rows."""
+    kernel = getattr(_C, f"matmul_4bit_{path}_cpu")
+    for out_f, in_f, blocksize in ((37, 200, 64), (11, 95, 32), (5, 1, 32), (3, 4096 + 64, 128)):
+        w = _nonzero_randn(out_f, in_f, device="cpu")
+        for double_quant in (False, True):
+            qw, st = LF.quantize_4bit(w, blocksize, "nf4", double_quant)
+            for rows in (1, 2, 3, 4, 5, 9):
+                x = _nonzero_randn(rows, in_f, device="cpu", dtype=dtype)
+                b = _nonzero_randn(out_f, device="cpu")
+                out = torch.full((rows, out_f), float("nan"), dtype=dtype)
+                kernel(x, *_weight_args(qw, st), b, out)
+                _assert_matmul_close(out, *_float64_product(x, qw, st, b), dtype, in_f)
+
+
+@needs_cpu_extension
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double"])
+def test_cpu_gemm_bf16_tiles(cpu_isa, double_quant):
+    """bf16 GEMM shapes that take the brgemm path where oneDNN's microkernel runs (in_features
+    a multiple of 32 and of the blocksize): partial 16-row groups and 64-row tiles, blocks of
+    32 and 256, more than 128 rows of x (several microkernel calls per tile)."""
+    for out_f, in_f, blocksize in ((70, 256, 64), (33, 96, 32), (17, 512, 256)):
+        w = _nonzero_randn(out_f, in_f, device="cpu")
+        qw, st = LF.quantize_4bit(w, blocksize, "nf4", double_quant)
+        for rows in (9, 130):
+            x = _nonzero_randn(rows, in_f, device="cpu", dtype=torch.bfloat16)
+            b = _nonzero_randn(out_f, device="cpu")
+            out = torch.full((rows, out_f), float("nan"), dtype=torch.bfloat16)
+            _C.matmul_4bit_gemm_cpu(x, *_weight_args(qw, st), b, out)
+            _assert_matmul_close(out, *_float64_product(x, qw, st, b), torch.bfloat16, in_f)
+
+
+@needs_cpu_extension
+def test_cpu_gemv_is_deterministic_across_threads():
+    w = _nonzero_randn(300, 256, device="cpu")
+    qw, st = LF.quantize_4bit(w, 64, "nf4", True)
+    x = _nonzero_randn(3, 256, device="cpu")
+    outs = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, max(2, previous)):
+            torch.set_num_threads(threads)
+            out = torch.empty(3, 300)
+            _C.matmul_4bit_gemv_cpu(x, *_weight_args(qw, st), None, out)
+            outs.append(out)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_cpu_extension
+def test_cpu_bindings_reject_what_would_corrupt_memory():
+    w = torch.randn(10, 64)
+    qw, st = LF.quantize_4bit(w, 64, "nf4", True)
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError, match="out must have x's dtype"):
+        _C.matmul_4bit_gemv_cpu(x, *_weight_args(qw, st), None, torch.empty(2, 10).double())
+    with pytest.raises(RuntimeError, match="packed must have"):
+        _C.matmul_4bit_gemv_cpu(x, *_weight_args(qw[:-1], st), None, torch.empty(2, 10))
+    with pytest.raises(RuntimeError, match="nested_absmax, nested_code and offset"):
+        _C.dequantize_4bit_cpu(qw, st.absmax, st.code, 64, None, None, None, 256, torch.empty(640))
+    with pytest.raises(RuntimeError, match="blocksize"):
+        _C.quantize_4bit_cpu(w, st.code, 48, "nf4", qw, torch.empty(10))
+    with pytest.raises(RuntimeError, match="quant_type"):
+        _C.quantize_4bit_cpu(w, st.code, 64, "nf5", qw, torch.empty(10))

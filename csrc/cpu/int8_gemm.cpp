@@ -98,6 +98,9 @@ constexpr int64_t kAvx2BlockRows = 64;
 constexpr int64_t kScalarBlockRows = 64;
 // The least work (multiply-adds) worth a thread of its own.
 constexpr int64_t kMinMacsPerThread = int64_t{1} << 22;
+// Workers a call asks for at most (the pool runs min(this, its threads)); bounds the
+// per-worker scratch slots.
+constexpr int64_t kMaxWorkers = 256;
 // Cache-line alignment of the scratch buffers.
 constexpr size_t kBufferAlignment = 64;
 
@@ -286,7 +289,7 @@ struct GemmRun {
           int64_t K, int64_t N)
       : source(source_),
         ctx(make_context(epilogue, W, M, K, N)),
-        workers(std::max<int64_t>(1, M * N * K / kMinMacsPerThread)) {}
+        workers(std::clamp<int64_t>(M * N * K / kMinMacsPerThread, 1, kMaxWorkers)) {}
   const ActivationSource& source;
   GemmContext ctx;
   int64_t workers;

@@ -194,7 +194,7 @@ def _gemm_bound(y64, main, dtype, outlier_abs=None, num_outliers=0, bias=None):
         bound = bound + 2 * (num_outliers + 2) * UNIT_ROUNDOFF[dtype] * outlier_abs
         bound = bound + 2 * U32 * outlier_abs
     if bias is not None:
-        bound = bound + 2 * U32 * (main.abs() + bias.double().abs())
+        bound = bound + 2 * U32 * (main.abs() + bias.cpu().double().abs())
     if dtype == torch.float16:
         bound = bound + FP16_SUBNORMAL_HALF_SPACING
     return bound

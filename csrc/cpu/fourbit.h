@@ -42,7 +42,8 @@ void dequantize_4bit_rows_split(const Packed4bit& weight, int64_t in_features, i
 
 // Weight rows [row_begin, row_end) as the B operand of a brgemm microkernel computing
 // x @ W.T in bf16: VNNI layout, tile[j * ld + (n - row_begin)] holds W[n, 2j] (low 16 bits)
-// and W[n, 2j + 1] (high 16 bits) as bf16 rounded to nearest even, j < in_features / 2.
+// and W[n, 2j + 1] (high 16 bits) as bf16 rounded to nearest even (bf16 subnormals may flush
+// to zero), j < in_features / 2.
 // Needs tile_vnni_supported (in_features a multiple of 32 and of the blocksize); runs on the
 // calling thread and prefetches the rows of the next tile of the same size (below
 // rows_total, the weight's row count), which a thread walking its tiles in order decodes next.
@@ -51,10 +52,11 @@ void dequantize_4bit_tile_vnni(const Packed4bit& weight, int64_t in_features, in
                                int64_t row_end, int64_t rows_total, uint32_t* tile, int64_t ld);
 
 // The GEMV path of matmul_4bit: y[m, n] = sum_k x[m, k] * W[n, k] + bias[n] for a weight of
-// out_features x in_features, computed in fp32 with fmaf and rounded once to x's type. x is
-// [rows, in_features] in x_type, bias fp32 [out_features] or null, y [rows, out_features] in
-// x_type. Parallel over output features; made for few rows (it decodes each weight block once
-// per group of kGemvRowGroup rows of x).
+// out_features x in_features, accumulated in fp32 and rounded once to x's type: fp32 weights
+// and FMA, except for bf16 x on AVX-512 BF16, whose products take the weights rounded to bf16
+// (vdpbf16ps). x is [rows, in_features] in x_type, bias fp32 [out_features] or null, y
+// [rows, out_features] in x_type. Parallel over output features; made for few rows (it decodes
+// each weight block once per group of kGemvRowGroup rows of x).
 void matmul_4bit_gemv(const void* x, FloatType x_type, int64_t rows, const Packed4bit& weight,
                       int64_t out_features, int64_t in_features, const float* bias, void* y);
 

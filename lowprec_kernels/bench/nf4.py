@@ -1,12 +1,14 @@
 """Suite ``nf4``: the fused 4-bit dequant-matmul (``matmul_4bit``), NF4 with double quant.
 
-For each weight shape (out x in) and number of rows M of x, one interleaved round runs, in
-turn: our op for each candidate backend with x in fp32 and in bf16 (compute dtype = x's),
-``F.linear`` in fp32 and in bf16 on the same weights dequantized, bitsandbytes'
-``matmul_4bit`` on the same packed weights (its checkpoints and ours are one format) when it
-is installed, and a ``copy_`` of the bytes our op must move. Each function reads its own
-weight copies, cycled past the last-level cache (several distinct copies per function), so
-every call streams its weights from memory as a real layer does. Reported:
+For each weight shape (out x in) and number of rows M of x, interleaved rounds run, in turn:
+our op for each candidate backend with x in fp32 and in bf16 (compute dtype = x's),
+``F.linear`` in fp32 and in bf16 on the same weights dequantized, and a ``copy_`` of the bytes
+our op must move; then, in rounds of their own, our op and bitsandbytes' ``matmul_4bit`` on
+the same packed weights (its checkpoints and ours are one format) when it is installed (a
+bitsandbytes CPU call slows the next multi-threaded op of the process, so it is kept out of
+the F.linear rounds). Each function reads its own weight copies, cycled past the last-level
+cache (several distinct copies per function), so every call streams its weights from memory
+as a real layer does. Reported:
 
 * speedup vs ``F.linear`` in the same compute dtype (the targets compare like with like), vs
   ``F.linear`` fp32 for bf16 x as well, and vs bitsandbytes;
@@ -158,33 +160,40 @@ def _rows_for(bench, m, shape, st, packed_rotation, dense_rotation, bnb_cycle, b
     row_shape = (m, in_f, out_f)
     ops = 2 * m * in_f * out_f
     xs = {dt: torch.randn(m, in_f, device=bench.device).to(dt) for dt in COMPUTE_DTYPES}
-    # One interleaved round: every candidate and baseline, then the copy floor.
-    timed, labels = [], []
+    ours = []
     for backend in candidates:
         if not bench.runs_natively("matmul_4bit", backend):
             bench.note(f"backend {backend!r} has no matmul_4bit kernel on {bench.device} (skipped)")
             continue
         for dt in COMPUTE_DTYPES:
-            timed.append((_ours(backend, xs[dt], st, shape), packed_rotation))
-            labels.append(("ours", backend, dt))
+            ours.append(
+                (("ours", backend, dt), (_ours(backend, xs[dt], st, shape), packed_rotation))
+            )
+    # Round A, interleaved: our op (each backend, each dtype), F.linear fp32 and bf16, copy_.
+    group = list(ours)
     for dt in COMPUTE_DTYPES:
-        timed.append(((lambda a, x=xs[dt]: F.linear(x, a[0])), dense_rotation[dt]))
-        labels.append(("F.linear", "torch", dt))
+        linear = (lambda a, x=xs[dt]: F.linear(x, a[0])), dense_rotation[dt]
+        group.append((("F.linear", "torch", dt), linear))
+    floor_bytes = traffic(m, out_f, in_f, torch.bfloat16)
+    group.append((("copy_", "torch", torch.uint8), bench.copy_floor(floor_bytes)))
+    samples = _measure_group(bench, group)
+    floor = samples[("copy_", "torch", torch.uint8)]
+    # Round B, interleaved: our op and bitsandbytes. Apart from round A because a bitsandbytes
+    # CPU call leaves the next multi-threaded op of the process slow (its OpenMP regions use
+    # another team size), which would tax every function measured after it.
+    bnb_samples = {}
     if bnb_cycle is not None:
         matmul = bnb[0].matmul_4bit
+        group = list(ours)
         for dt in COMPUTE_DTYPES:
-            timed.append(((lambda s, x=xs[dt]: matmul(x, s[0].t(), quant_state=s[1])), bnb_cycle))
-            labels.append(("bitsandbytes", "bnb", dt))
-    floor_bytes = traffic(m, out_f, in_f, torch.bfloat16)
-    timed.append(bench.copy_floor(floor_bytes))
-    labels.append(("copy_", "torch", torch.uint8))
-    samples = dict(zip(labels, _measure(timed, bench.settings)))
-    floor = samples[("copy_", "torch", torch.uint8)]
+            call = (lambda s, x=xs[dt]: matmul(x, s[0].t(), quant_state=s[1])), bnb_cycle
+            group.append((("bitsandbytes", "bnb", dt), call))
+        bnb_samples = _measure_group(bench, group)
 
     rows = []
-    for (kind, backend, dt), cand in samples.items():
-        if kind != "ours":
-            continue
+    for label, _ in ours:
+        _, backend, dt = label
+        cand = samples[label]
         nbytes = traffic(m, out_f, in_f, dt)
         what = f"matmul_4bit M={m}"
         vs_linear = _versus(cand, samples[("F.linear", "torch", dt)], floor)
@@ -194,17 +203,23 @@ def _rows_for(bench, m, shape, st, packed_rotation, dense_rotation, bnb_cycle, b
             vs_fp32 = _versus(cand, samples[("F.linear", "torch", torch.float32)], floor)
             rows.append(_row(bench, what, row_shape, dt, backend, vs_fp32, "F.linear fp32",
                              nbytes, ops, _GEMM_KIND[dt]))  # fmt: skip
-        if ("bitsandbytes", "bnb", dt) in samples:
-            vs_bnb = _versus(cand, samples[("bitsandbytes", "bnb", dt)], floor)
+        if ("bitsandbytes", "bnb", dt) in bnb_samples:
+            vs_bnb = _versus(bnb_samples[label], bnb_samples[("bitsandbytes", "bnb", dt)], None)
             rows.append(_row(bench, what, row_shape, dt, backend, vs_bnb, "bnb matmul_4bit",
-                             nbytes, ops, _GEMM_KIND[dt]))  # fmt: skip
+                             nbytes, ops, _GEMM_KIND[dt], note="round B (with bitsandbytes)"))  # fmt: skip
     for dt in COMPUTE_DTYPES:
         dense = out_f * in_f * dt.itemsize + m * (in_f + out_f) * dt.itemsize
         rows.append(_row(bench, f"F.linear M={m}", row_shape, dt, "torch",
                          _alone(samples[("F.linear", "torch", dt)]), None, dense, ops,
                          _GEMM_KIND[dt]))  # fmt: skip
-        if ("bitsandbytes", "bnb", dt) in samples:
+        if ("bitsandbytes", "bnb", dt) in bnb_samples:
             rows.append(_row(bench, f"bnb matmul_4bit M={m}", row_shape, dt, "bnb",
-                             _alone(samples[("bitsandbytes", "bnb", dt)]), None,
+                             _alone(bnb_samples[("bitsandbytes", "bnb", dt)]), None,
                              traffic(m, out_f, in_f, dt), ops, _GEMM_KIND[dt]))  # fmt: skip
     return rows
+
+
+def _measure_group(bench: Bench, group) -> dict:
+    """{label: per-call samples} of (label, (fn, rotation)) pairs measured interleaved."""
+    labels = [label for label, _ in group]
+    return dict(zip(labels, _measure([timed for _, timed in group], bench.settings)))

@@ -10,9 +10,9 @@
 #include <cstring>
 
 #include "cpu_isa.h"
-#include "fourbit_simd.h"
 #include "lowprec/fourbit.h"
 #include "parallel.h"
+#include "simd.h"
 
 // GCC warns about the deliberately undefined pass-through operand inside its own AVX-512
 // intrinsics (_mm512_undefined_*): a known false positive.

@@ -1,7 +1,7 @@
-// Element loads and stores of the 4-bit CPU kernels, scalar and vector, for every FloatType:
-// widening is exact, narrowing rounds to nearest even exactly as torch's casts do (bf16 by hand,
-// since vcvtneps2bf16 flushes subnormals). The same conversions as blockwise8.cpp's; kept in a
-// header so every 4-bit translation unit shares one copy.
+// Element loads and stores of the CPU kernels, scalar and vector, for every FloatType: widening
+// is exact, narrowing rounds to nearest even exactly as torch's casts do (bf16 by hand, since
+// vcvtneps2bf16 flushes subnormals). One copy for every kernel family (4-bit, blockwise 8-bit,
+// 8-bit Adam, int8); helpers specific to one family stay in its own file.
 #pragma once
 
 #include <cstdint>
@@ -129,18 +129,35 @@ LP_TARGET_AVX2 inline void avx2_store(void* data, int64_t i, __m256 value) {
 
 // -------------------------------------------------------------------------------- AVX-512
 
+// 16 fp16 or bf16 patterns widened to floats (exact).
+template <FloatType T>
+LP_TARGET_AVX512 inline __m512 avx512_widen(__m256i half_bits) {
+  static_assert(T != FloatType::kFloat32, "avx512_widen: 16-bit types only");
+  if constexpr (T == FloatType::kFloat16) {
+    return _mm512_cvtph_ps(half_bits);
+  } else {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half_bits), 16));
+  }
+}
+
 template <FloatType T>
 LP_TARGET_AVX512 inline __m512 avx512_load(const void* data, int64_t i) {
   if constexpr (T == FloatType::kFloat32) {
     return _mm512_loadu_ps(static_cast<const float*>(data) + i);
   } else {
-    const __m256i half_bits = _mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(data) + i));
-    if constexpr (T == FloatType::kFloat16) {
-      return _mm512_cvtph_ps(half_bits);
-    } else {
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half_bits), 16));
-    }
+    return avx512_widen<T>(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(data) + i)));
+  }
+}
+
+// Lanes set in `lanes` load; the others are +0. Masked loads are slow on some cores (e.g. AMD
+// Zen 4/5, more so when they miss the cache): callers use them only for a partial last vector.
+template <FloatType T>
+LP_TARGET_AVX512 inline __m512 avx512_load_masked(const void* data, int64_t i, __mmask16 lanes) {
+  if constexpr (T == FloatType::kFloat32) {
+    return _mm512_maskz_loadu_ps(lanes, static_cast<const float*>(data) + i);
+  } else {
+    return avx512_widen<T>(_mm256_maskz_loadu_epi16(lanes, static_cast<const uint16_t*>(data) + i));
   }
 }
 

@@ -771,15 +771,8 @@ UpdateBlocksFn update_blocks_for(Adam8bitPath path, bool add_weight_decay) {
 }
 
 UpdateBlocksFn update_blocks_for(Adam8bitPath path, FloatType type, bool add_weight_decay) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return update_blocks_for<FloatType::kFloat16>(path, add_weight_decay);
-    case FloatType::kBFloat16:
-      return update_blocks_for<FloatType::kBFloat16>(path, add_weight_decay);
-    case FloatType::kFloat32:
-      break;
-  }
-  return update_blocks_for<FloatType::kFloat32>(path, add_weight_decay);
+  return simd::with_float_type(
+      type, [&]<FloatType T>() { return update_blocks_for<T>(path, add_weight_decay); });
 }
 
 template <FloatType T>
@@ -793,15 +786,7 @@ AllFiniteFn all_finite_for(Adam8bitPath path) {
 }
 
 AllFiniteFn all_finite_for(Adam8bitPath path, FloatType type) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return all_finite_for<FloatType::kFloat16>(path);
-    case FloatType::kBFloat16:
-      return all_finite_for<FloatType::kBFloat16>(path);
-    case FloatType::kFloat32:
-      break;
-  }
-  return all_finite_for<FloatType::kFloat32>(path);
+  return simd::with_float_type(type, [&]<FloatType T>() { return all_finite_for<T>(path); });
 }
 
 EncodeFn encode_for(Adam8bitPath path) {

@@ -415,27 +415,11 @@ DequantizeBlocksFn dequantize_blocks_for(CpuIsa isa) {
 }
 
 QuantizeBlocksFn quantize_blocks_for(FloatType type, CpuIsa isa) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return quantize_blocks_for<FloatType::kFloat16>(isa);
-    case FloatType::kBFloat16:
-      return quantize_blocks_for<FloatType::kBFloat16>(isa);
-    case FloatType::kFloat32:
-      break;
-  }
-  return quantize_blocks_for<FloatType::kFloat32>(isa);
+  return simd::with_float_type(type, [&]<FloatType T>() { return quantize_blocks_for<T>(isa); });
 }
 
 DequantizeBlocksFn dequantize_blocks_for(FloatType type, CpuIsa isa) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return dequantize_blocks_for<FloatType::kFloat16>(isa);
-    case FloatType::kBFloat16:
-      return dequantize_blocks_for<FloatType::kBFloat16>(isa);
-    case FloatType::kFloat32:
-      break;
-  }
-  return dequantize_blocks_for<FloatType::kFloat32>(isa);
+  return simd::with_float_type(type, [&]<FloatType T>() { return dequantize_blocks_for<T>(isa); });
 }
 
 int64_t blocks_per_task(int64_t blocksize) {

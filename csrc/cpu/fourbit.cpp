@@ -591,15 +591,8 @@ QuantizeBlocksFn quantize_blocks_for(QuantType4bit quant_type, CpuIsa isa) {
 }
 
 QuantizeBlocksFn quantize_blocks_for(FloatType type, QuantType4bit quant_type, CpuIsa isa) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return quantize_blocks_for<FloatType::kFloat16>(quant_type, isa);
-    case FloatType::kBFloat16:
-      return quantize_blocks_for<FloatType::kBFloat16>(quant_type, isa);
-    case FloatType::kFloat32:
-      break;
-  }
-  return quantize_blocks_for<FloatType::kFloat32>(quant_type, isa);
+  return simd::with_float_type(
+      type, [&]<FloatType T>() { return quantize_blocks_for<T>(quant_type, isa); });
 }
 
 template <FloatType T>
@@ -613,15 +606,7 @@ DecodeRangeFn decode_range_for(CpuIsa isa) {
 }
 
 DecodeRangeFn decode_range_for(FloatType type, CpuIsa isa) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return decode_range_for<FloatType::kFloat16>(isa);
-    case FloatType::kBFloat16:
-      return decode_range_for<FloatType::kBFloat16>(isa);
-    case FloatType::kFloat32:
-      break;
-  }
-  return decode_range_for<FloatType::kFloat32>(isa);
+  return simd::with_float_type(type, [&]<FloatType T>() { return decode_range_for<T>(isa); });
 }
 
 using DecodeRowSplitFn = void (*)(const Packed4bit& weight, int64_t first, int64_t end, void* out,
@@ -637,15 +622,7 @@ DecodeRowSplitFn decode_row_split_for(CpuIsa isa) {
 }
 
 DecodeRowSplitFn decode_row_split_for(FloatType type, CpuIsa isa) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return decode_row_split_for<FloatType::kFloat16>(isa);
-    case FloatType::kBFloat16:
-      return decode_row_split_for<FloatType::kBFloat16>(isa);
-    case FloatType::kFloat32:
-      break;
-  }
-  return decode_row_split_for<FloatType::kFloat32>(isa);
+  return simd::with_float_type(type, [&]<FloatType T>() { return decode_row_split_for<T>(isa); });
 }
 
 int64_t blocks_per_task(int64_t blocksize) {

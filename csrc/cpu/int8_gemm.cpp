@@ -205,15 +205,7 @@ using EpilogueFn = void (*)(const int32_t* c, int64_t ldc, int64_t m0, int64_t r
                             const float* outlier_weights);
 
 EpilogueFn scalar_epilogue_for(FloatType type) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return &epilogue_scalar<FloatType::kFloat16>;
-    case FloatType::kBFloat16:
-      return &epilogue_scalar<FloatType::kBFloat16>;
-    case FloatType::kFloat32:
-      break;
-  }
-  return &epilogue_scalar<FloatType::kFloat32>;
+  return simd::with_float_type(type, [&]<FloatType T>() { return &epilogue_scalar<T>; });
 }
 
 // Per-panel scratch for the outlier weights (empty when there are none).
@@ -541,15 +533,7 @@ LP_TARGET_AVX512_VNNI void epilogue_avx512(const int32_t* c, int64_t ldc, int64_
 }
 
 EpilogueFn avx512_epilogue_for(FloatType type) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return &epilogue_avx512<FloatType::kFloat16>;
-    case FloatType::kBFloat16:
-      return &epilogue_avx512<FloatType::kBFloat16>;
-    case FloatType::kFloat32:
-      break;
-  }
-  return &epilogue_avx512<FloatType::kFloat32>;
+  return simd::with_float_type(type, [&]<FloatType T>() { return &epilogue_avx512<T>; });
 }
 
 // correction[m] = 128 * sum_k A[m, k]: what the unsigned offset of W adds to row m.

@@ -295,27 +295,11 @@ QuantizeRowsFn quantize_rows_for(CpuIsa isa) {
 }
 
 MarkOutliersFn mark_outliers_for(FloatType type, CpuIsa isa) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return mark_outliers_for<FloatType::kFloat16>(isa);
-    case FloatType::kBFloat16:
-      return mark_outliers_for<FloatType::kBFloat16>(isa);
-    case FloatType::kFloat32:
-      break;
-  }
-  return mark_outliers_for<FloatType::kFloat32>(isa);
+  return simd::with_float_type(type, [&]<FloatType T>() { return mark_outliers_for<T>(isa); });
 }
 
 QuantizeRowsFn quantize_rows_for(FloatType type, CpuIsa isa) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return quantize_rows_for<FloatType::kFloat16>(isa);
-    case FloatType::kBFloat16:
-      return quantize_rows_for<FloatType::kBFloat16>(isa);
-    case FloatType::kFloat32:
-      break;
-  }
-  return quantize_rows_for<FloatType::kFloat32>(isa);
+  return simd::with_float_type(type, [&]<FloatType T>() { return quantize_rows_for<T>(isa); });
 }
 
 }  // namespace

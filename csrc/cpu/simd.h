@@ -38,28 +38,27 @@ inline void store_float(void* data, int64_t i, float value) {
   }
 }
 
-inline float load_float(const void* data, int64_t i, FloatType type) {
+// f.template operator()<T>() for T = type: the one switch from a run-time FloatType to the
+// kernel templates (used as with_float_type(type, [&]<FloatType T>() { ... })).
+template <typename F>
+inline auto with_float_type(FloatType type, F&& f) {
   switch (type) {
     case FloatType::kFloat16:
-      return load_float<FloatType::kFloat16>(data, i);
+      return f.template operator()<FloatType::kFloat16>();
     case FloatType::kBFloat16:
-      return load_float<FloatType::kBFloat16>(data, i);
+      return f.template operator()<FloatType::kBFloat16>();
     case FloatType::kFloat32:
       break;
   }
-  return load_float<FloatType::kFloat32>(data, i);
+  return f.template operator()<FloatType::kFloat32>();
+}
+
+inline float load_float(const void* data, int64_t i, FloatType type) {
+  return with_float_type(type, [&]<FloatType T>() { return load_float<T>(data, i); });
 }
 
 inline void store_float(void* data, int64_t i, float value, FloatType type) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return store_float<FloatType::kFloat16>(data, i, value);
-    case FloatType::kBFloat16:
-      return store_float<FloatType::kBFloat16>(data, i, value);
-    case FloatType::kFloat32:
-      break;
-  }
-  store_float<FloatType::kFloat32>(data, i, value);
+  with_float_type(type, [&]<FloatType T>() { store_float<T>(data, i, value); });
 }
 
 // Asks for the cache line holding p in L2, ahead of use. An asm statement on x86: GCC 12

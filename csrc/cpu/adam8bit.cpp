@@ -173,19 +173,13 @@ void update_blocks_scalar(const Adam8bitTensor& t, const AdamCoefficients& c, in
 // x86 CPUs without AVX-512. Block tails (count % 8) take the scalar code.
 
 using simd::avx2_load;
+using simd::avx2_reduce_max_u32;
 using simd::avx2_store;
 using simd::kAvx2Lanes;
 
 LP_TARGET_AVX2 inline __m256 avx2_decode(const float* qmap, const uint8_t* codes) {
   return _mm256_setr_ps(qmap[codes[0]], qmap[codes[1]], qmap[codes[2]], qmap[codes[3]],
                         qmap[codes[4]], qmap[codes[5]], qmap[codes[6]], qmap[codes[7]]);
-}
-
-LP_TARGET_AVX2 inline uint32_t avx2_reduce_max_u32(__m256i value) {
-  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(value), _mm256_extracti128_si256(value, 1));
-  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
-  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
-  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
 }
 
 // table[index] per lane for a table of 8 << kIndexBits floats (kIndexBits = 1 or 2), by

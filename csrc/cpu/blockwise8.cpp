@@ -65,15 +65,6 @@ void build_tables(const float* code, Blockwise8Tables* tables) {
 using simd::load_float;
 using simd::store_float;
 
-template <FloatType T>
-inline uint32_t max_magnitude_bits_scalar(const void* input, int64_t begin, int64_t end,
-                                          uint32_t max_bits) {
-  for (int64_t i = begin; i < end; ++i) {
-    max_bits = std::max(max_bits, magnitude_bits(load_float<T>(input, i)));
-  }
-  return max_bits;
-}
-
 // Elements encoded side by side by the scalar path. One search is a chain of dependent loads
 // and compares; interleaving independent searches lets the CPU overlap them (about 6x faster
 // than one element at a time).
@@ -111,7 +102,7 @@ void quantize_blocks_scalar(const void* input, int64_t n, int64_t blocksize, int
     const int64_t begin = block * blocksize;
     const int64_t end = std::min(n, begin + blocksize);
     const float block_absmax =
-        absmax_from_magnitude_bits(max_magnitude_bits_scalar<T>(input, begin, end, 0));
+        absmax_from_magnitude_bits(simd::max_magnitude_bits<T>(input, begin, end));
     absmax[block] = block_absmax;
     encode_scalar<T>(input, begin, end, block_absmax, tables, codes);
   }
@@ -203,31 +194,17 @@ LP_TARGET_AVX2 inline void avx2_store_codes(uint8_t* dst, __m256i index) {
   _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(words, words));
 }
 
-LP_TARGET_AVX2 inline uint32_t avx2_reduce_max_u32(__m256i value) {
-  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(value), _mm256_extracti128_si256(value, 1));
-  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
-  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
-  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
-}
-
 template <FloatType T>
 LP_TARGET_AVX2 void quantize_blocks_avx2(const void* input, int64_t n, int64_t blocksize,
                                          int64_t first_block, int64_t end_block,
                                          const Blockwise8Tables& tables, uint8_t* codes,
                                          float* absmax) {
-  const __m256i magnitude_mask = _mm256_set1_epi32(0x7FFFFFFF);
   for (int64_t block = first_block; block < end_block; ++block) {
     const int64_t begin = block * blocksize;
     const int64_t end = std::min(n, begin + blocksize);
     const int64_t vector_end = begin + (end - begin) / kAvx2Lanes * kAvx2Lanes;
-
-    __m256i max_bits = _mm256_setzero_si256();
-    for (int64_t i = begin; i < vector_end; i += kAvx2Lanes) {
-      const __m256i bits = _mm256_castps_si256(avx2_load<T>(input, i));
-      max_bits = _mm256_max_epu32(max_bits, _mm256_and_si256(bits, magnitude_mask));
-    }
-    const float block_absmax = absmax_from_magnitude_bits(
-        max_magnitude_bits_scalar<T>(input, vector_end, end, avx2_reduce_max_u32(max_bits)));
+    const float block_absmax =
+        absmax_from_magnitude_bits(simd::avx2_max_magnitude_bits<T>(input, begin, end));
     absmax[block] = block_absmax;
 
     if (block_absmax == 0.0f) {
@@ -327,23 +304,13 @@ LP_TARGET_AVX512 void quantize_blocks_avx512(const void* input, int64_t n, int64
                                              int64_t first_block, int64_t end_block,
                                              const Blockwise8Tables& tables, uint8_t* codes,
                                              float* absmax) {
-  const __m512i magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF);
   for (int64_t block = first_block; block < end_block; ++block) {
     const int64_t begin = block * blocksize;
     const int64_t end = std::min(n, begin + blocksize);
     const int64_t vector_end = begin + (end - begin) / kAvx512Lanes * kAvx512Lanes;
     const __mmask16 tail = avx512_first_lanes(end - vector_end);
-
-    __m512i max_bits = _mm512_setzero_si512();
-    for (int64_t i = begin; i < vector_end; i += kAvx512Lanes) {
-      const __m512i bits = _mm512_castps_si512(avx512_load<T>(input, i));
-      max_bits = _mm512_max_epu32(max_bits, _mm512_and_si512(bits, magnitude_mask));
-    }
-    if (tail != 0) {
-      const __m512i bits = _mm512_castps_si512(avx512_load_masked<T>(input, vector_end, tail));
-      max_bits = _mm512_max_epu32(max_bits, _mm512_and_si512(bits, magnitude_mask));
-    }
-    const float block_absmax = absmax_from_magnitude_bits(_mm512_reduce_max_epu32(max_bits));
+    const float block_absmax =
+        absmax_from_magnitude_bits(simd::avx512_max_magnitude_bits<T>(input, begin, end));
     absmax[block] = block_absmax;
 
     if (block_absmax == 0.0f) {

@@ -4,9 +4,11 @@
 // 8-bit Adam, int8); helpers specific to one family stay in its own file.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cpu_isa.h"
+#include "lowprec/blockwise8.h"
 #include "lowprec/common.h"
 #include "lowprec/float16.h"
 
@@ -59,6 +61,17 @@ inline float load_float(const void* data, int64_t i, FloatType type) {
 
 inline void store_float(void* data, int64_t i, float value, FloatType type) {
   with_float_type(type, [&]<FloatType T>() { store_float<T>(data, i, value); });
+}
+
+// The largest magnitude_bits of elements [begin, end) and max_bits: the block absmax scan of
+// lowprec/blockwise8.h (absmax_from_magnitude_bits turns it into the absmax).
+template <FloatType T>
+inline uint32_t max_magnitude_bits(const void* data, int64_t begin, int64_t end,
+                                   uint32_t max_bits = 0) {
+  for (int64_t i = begin; i < end; ++i) {
+    max_bits = std::max(max_bits, magnitude_bits(load_float<T>(data, i)));
+  }
+  return max_bits;
 }
 
 // Asks for the cache line holding p in L2, ahead of use. An asm statement on x86: GCC 12
@@ -126,6 +139,27 @@ LP_TARGET_AVX2 inline void avx2_store(void* data, int64_t i, __m256 value) {
   }
 }
 
+LP_TARGET_AVX2 inline uint32_t avx2_reduce_max_u32(__m256i value) {
+  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(value), _mm256_extracti128_si256(value, 1));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
+}
+
+// max_magnitude_bits<T>(data, begin, end): whole vectors, then the tail (< 8) one by one.
+template <FloatType T>
+LP_TARGET_AVX2 inline uint32_t avx2_max_magnitude_bits(const void* data, int64_t begin,
+                                                       int64_t end) {
+  const __m256i magnitude_mask = _mm256_set1_epi32(0x7FFFFFFF);
+  const int64_t vector_end = begin + (end - begin) / kAvx2Lanes * kAvx2Lanes;
+  __m256i max_bits = _mm256_setzero_si256();
+  for (int64_t i = begin; i < vector_end; i += kAvx2Lanes) {
+    const __m256i bits = _mm256_castps_si256(avx2_load<T>(data, i));
+    max_bits = _mm256_max_epu32(max_bits, _mm256_and_si256(bits, magnitude_mask));
+  }
+  return max_magnitude_bits<T>(data, vector_end, end, avx2_reduce_max_u32(max_bits));
+}
+
 // -------------------------------------------------------------------------------- AVX-512
 
 // 16 fp16 or bf16 patterns widened to floats (exact).
@@ -189,6 +223,26 @@ LP_TARGET_AVX512 inline void avx512_store(void* data, int64_t i, __m512 value) {
 // Lanes [0, count) of a 16-lane vector, count <= 16.
 LP_TARGET_AVX512 inline __mmask16 avx512_first_lanes(int64_t count) {
   return static_cast<__mmask16>((uint32_t{1} << count) - 1u);
+}
+
+// max_magnitude_bits<T>(data, begin, end): whole vectors, then the tail (< 16) by one masked
+// load (its masked-off lanes are +0, which never raises the maximum).
+template <FloatType T>
+LP_TARGET_AVX512 inline uint32_t avx512_max_magnitude_bits(const void* data, int64_t begin,
+                                                           int64_t end) {
+  const __m512i magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  const int64_t vector_end = begin + (end - begin) / kAvx512Lanes * kAvx512Lanes;
+  __m512i max_bits = _mm512_setzero_si512();
+  for (int64_t i = begin; i < vector_end; i += kAvx512Lanes) {
+    const __m512i bits = _mm512_castps_si512(avx512_load<T>(data, i));
+    max_bits = _mm512_max_epu32(max_bits, _mm512_and_si512(bits, magnitude_mask));
+  }
+  if (vector_end < end) {
+    const __m512i bits = _mm512_castps_si512(
+        avx512_load_masked<T>(data, vector_end, avx512_first_lanes(end - vector_end)));
+    max_bits = _mm512_max_epu32(max_bits, _mm512_and_si512(bits, magnitude_mask));
+  }
+  return _mm512_reduce_max_epu32(max_bits);
 }
 
 #endif  // LOWPREC_X86_SIMD

@@ -175,6 +175,7 @@ void update_blocks_scalar(const Adam8bitTensor& t, const AdamCoefficients& c, in
 using simd::avx2_load;
 using simd::avx2_reduce_max_u32;
 using simd::avx2_store;
+using simd::avx2_store_codes;
 using simd::kAvx2Lanes;
 
 LP_TARGET_AVX2 inline __m256 avx2_decode(const float* qmap, const uint8_t* codes) {
@@ -228,12 +229,6 @@ LP_TARGET_AVX2 inline __m256i avx2_encode(__m256 v, const SegmentedEncoder& enc,
   *near = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_xor_si256(
       _mm256_cmpeq_epi32(_mm256_cvttps_epi32(position), code), _mm256_set1_epi32(-1))));
   return _mm256_min_epi32(_mm256_max_epi32(code, first), last);
-}
-
-LP_TARGET_AVX2 inline void avx2_store_codes(uint8_t* dst, __m256i index) {
-  const __m128i words =
-      _mm_packus_epi32(_mm256_castsi256_si128(index), _mm256_extracti128_si256(index, 1));
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(words, words));
 }
 
 LP_TARGET_AVX2 void encode_avx2(const float* values, int64_t count, float absmax,

@@ -127,6 +127,7 @@ void dequantize_blocks_scalar(const uint8_t* codes, const float* absmax, const f
 
 using simd::avx2_load;
 using simd::avx2_store;
+using simd::avx2_store_codes;
 using simd::kAvx2Lanes;
 
 // Per lane: bit `Bit` of index clear -> if_clear, set -> if_set.
@@ -186,12 +187,6 @@ LP_TARGET_AVX2 inline __m256i avx2_encode(__m256 v, const Blockwise8Tables& tabl
   index = avx2_search_step<1>(v, index, tables);
   index = avx2_search_step<0>(v, index, tables);
   return index;
-}
-
-LP_TARGET_AVX2 inline void avx2_store_codes(uint8_t* dst, __m256i index) {
-  const __m128i words =
-      _mm_packus_epi32(_mm256_castsi256_si128(index), _mm256_extracti128_si256(index, 1));
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(words, words));
 }
 
 template <FloatType T>

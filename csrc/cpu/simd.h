@@ -139,6 +139,13 @@ LP_TARGET_AVX2 inline void avx2_store(void* data, int64_t i, __m256 value) {
   }
 }
 
+// 8 codes in [0, 255], one per 32-bit lane, as 8 bytes (the 8-bit kernels' code stores).
+LP_TARGET_AVX2 inline void avx2_store_codes(uint8_t* dst, __m256i index) {
+  const __m128i words =
+      _mm_packus_epi32(_mm256_castsi256_si128(index), _mm256_extracti128_si256(index, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(words, words));
+}
+
 LP_TARGET_AVX2 inline uint32_t avx2_reduce_max_u32(__m256i value) {
   __m128i m = _mm_max_epu32(_mm256_castsi256_si128(value), _mm256_extracti128_si256(value, 1));
   m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));

@@ -1,7 +1,9 @@
 // Element loads and stores of the CPU kernels, scalar and vector, for every FloatType: widening
 // is exact, narrowing rounds to nearest even exactly as torch's casts do (bf16 by hand, since
-// vcvtneps2bf16 flushes subnormals). One copy for every kernel family (4-bit, blockwise 8-bit,
-// 8-bit Adam, int8); helpers specific to one family stay in its own file.
+// vcvtneps2bf16 flushes subnormals). Also the pieces every family repeats around them: the
+// FloatType -> template switch (with_float_type), the block absmax scan and the 8-bit code
+// store. One copy for every kernel family (4-bit, blockwise 8-bit, 8-bit Adam, int8); helpers
+// specific to one family stay in its own file.
 #pragma once
 
 #include <algorithm>

@@ -29,9 +29,9 @@
 #include "lowprec/adam8bit.h"
 #include "lowprec/float16.h"
 #include "parallel.h"
+#include "simd.h"
 
 #if LOWPREC_X86_SIMD
-#include <immintrin.h>
 // The AVX-512 path also needs AVX512_VBMI (vpermb / vpermt2b: the decoder's byte lookups).
 #define LP_TARGET_AVX512_VBMI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma,f16c")))
@@ -87,28 +87,9 @@ void build_tables(const float* qmap1, const float* qmap2, Adam8bitTables* tables
 
 // ------------------------------------------------------------------------------ scalar path
 
-template <FloatType T>
-inline float load_float(const void* data, int64_t i) {
-  if constexpr (T == FloatType::kFloat32) {
-    return static_cast<const float*>(data)[i];
-  } else if constexpr (T == FloatType::kFloat16) {
-    return fp16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
-  } else {
-    return bf16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
-  }
-}
-
-// Rounds to the parameter's dtype as torch's copy_ does (nearest even).
-template <FloatType T>
-inline void store_float(void* data, int64_t i, float value) {
-  if constexpr (T == FloatType::kFloat32) {
-    static_cast<float*>(data)[i] = value;
-  } else if constexpr (T == FloatType::kFloat16) {
-    static_cast<uint16_t*>(data)[i] = float_to_fp16_bits(value);
-  } else {
-    static_cast<uint16_t*>(data)[i] = float_to_bf16_bits(value);
-  }
-}
+// store_float rounds to the parameter's dtype as torch's copy_ does (nearest even).
+using simd::load_float;
+using simd::store_float;
 
 // The exponent bits that mark a NaN or an infinity (all ones), per element type.
 template <FloatType T>
@@ -191,58 +172,15 @@ void update_blocks_scalar(const Adam8bitTensor& t, const AdamCoefficients& c, in
 // Decodes with scalar table loads and looks the encoder's tables up with gathers: the path for
 // x86 CPUs without AVX-512. Block tails (count % 8) take the scalar code.
 
-constexpr int kAvx2Lanes = 8;
-
-template <FloatType T>
-LP_TARGET_AVX2 inline __m256 avx2_load(const void* data, int64_t i) {
-  if constexpr (T == FloatType::kFloat32) {
-    return _mm256_loadu_ps(static_cast<const float*>(data) + i);
-  } else {
-    const __m128i half_bits =
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(data) + i));
-    if constexpr (T == FloatType::kFloat16) {
-      return _mm256_cvtph_ps(half_bits);
-    } else {
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half_bits), 16));
-    }
-  }
-}
-
-// Round to nearest even as c10::BFloat16 does (not vcvtneps2bf16, which flushes subnormals).
-LP_TARGET_AVX2 inline __m128i avx2_float_to_bf16(__m256 value) {
-  const __m256i bits = _mm256_castps_si256(value);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
-  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
-  const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_UNORD_Q));
-  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), is_nan);
-  return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
-}
-
-template <FloatType T>
-LP_TARGET_AVX2 inline void avx2_store(void* data, int64_t i, __m256 value) {
-  if constexpr (T == FloatType::kFloat32) {
-    _mm256_storeu_ps(static_cast<float*>(data) + i, value);
-  } else {
-    __m128i* dst = reinterpret_cast<__m128i*>(static_cast<uint16_t*>(data) + i);
-    if constexpr (T == FloatType::kFloat16) {
-      _mm_storeu_si128(dst, _mm256_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    } else {
-      _mm_storeu_si128(dst, avx2_float_to_bf16(value));
-    }
-  }
-}
+using simd::avx2_load;
+using simd::avx2_reduce_max_u32;
+using simd::avx2_store;
+using simd::avx2_store_codes;
+using simd::kAvx2Lanes;
 
 LP_TARGET_AVX2 inline __m256 avx2_decode(const float* qmap, const uint8_t* codes) {
   return _mm256_setr_ps(qmap[codes[0]], qmap[codes[1]], qmap[codes[2]], qmap[codes[3]],
                         qmap[codes[4]], qmap[codes[5]], qmap[codes[6]], qmap[codes[7]]);
-}
-
-LP_TARGET_AVX2 inline uint32_t avx2_reduce_max_u32(__m256i value) {
-  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(value), _mm256_extracti128_si256(value, 1));
-  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
-  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
-  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
 }
 
 // table[index] per lane for a table of 8 << kIndexBits floats (kIndexBits = 1 or 2), by
@@ -291,12 +229,6 @@ LP_TARGET_AVX2 inline __m256i avx2_encode(__m256 v, const SegmentedEncoder& enc,
   *near = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_xor_si256(
       _mm256_cmpeq_epi32(_mm256_cvttps_epi32(position), code), _mm256_set1_epi32(-1))));
   return _mm256_min_epi32(_mm256_max_epi32(code, first), last);
-}
-
-LP_TARGET_AVX2 inline void avx2_store_codes(uint8_t* dst, __m256i index) {
-  const __m128i words =
-      _mm_packus_epi32(_mm256_castsi256_si128(index), _mm256_extracti128_si256(index, 1));
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(words, words));
 }
 
 LP_TARGET_AVX2 void encode_avx2(const float* values, int64_t count, float absmax,
@@ -423,7 +355,7 @@ LP_TARGET_AVX2 bool all_finite_avx2(const void* g, int64_t begin, int64_t end) {
 
 // ------------------------------------------------------------------------------ AVX-512 path
 
-constexpr int kAvx512Lanes = 16;
+using simd::kAvx512Lanes;
 // Codes decoded together: one byte permute looks up 64 of them.
 constexpr int kAvx512CodeGroup = 64;
 constexpr int kVectorsPerCodeGroup = kAvx512CodeGroup / kAvx512Lanes;
@@ -449,11 +381,7 @@ LP_TARGET_AVX512_VBMI inline __m512 avx512_load(const void* data, int64_t i, __m
     const __m256i half_bits = lanes == 0xFFFF
                                   ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))
                                   : _mm256_maskz_loadu_epi16(lanes, src);
-    if constexpr (T == FloatType::kFloat16) {
-      return _mm512_cvtph_ps(half_bits);
-    } else {
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half_bits), 16));
-    }
+    return simd::avx512_widen<T>(half_bits);
   }
 }
 
@@ -471,8 +399,8 @@ LP_TARGET_AVX512_VBMI inline void avx512_store_codes(uint8_t* codes, __mmask16 l
   }
 }
 
-// Rounds to nearest even; bf16 by hand as c10::BFloat16 does (vcvtneps2bf16 flushes
-// subnormals).
+// Rounds to nearest even (bf16 by simd::avx512_narrow, as c10::BFloat16 does); the lanes not
+// in `lanes` are left untouched.
 template <FloatType T>
 LP_TARGET_AVX512_VBMI inline void avx512_store(void* data, int64_t i, __mmask16 lanes,
                                                __m512 value) {
@@ -488,13 +416,7 @@ LP_TARGET_AVX512_VBMI inline void avx512_store(void* data, int64_t i, __mmask16 
     if constexpr (T == FloatType::kFloat16) {
       half_bits = _mm512_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     } else {
-      const __m512i bits = _mm512_castps_si512(value);
-      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-      const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
-      __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
-      const __mmask16 is_nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
-      rounded = _mm512_mask_mov_epi32(rounded, is_nan, _mm512_set1_epi32(0x7FC0));
-      half_bits = _mm512_cvtepi32_epi16(rounded);
+      half_bits = _mm512_cvtepi32_epi16(simd::avx512_narrow<T>(value));
     }
     uint16_t* dst = static_cast<uint16_t*>(data) + i;
     if (lanes == 0xFFFF) {
@@ -838,15 +760,8 @@ UpdateBlocksFn update_blocks_for(Adam8bitPath path, bool add_weight_decay) {
 }
 
 UpdateBlocksFn update_blocks_for(Adam8bitPath path, FloatType type, bool add_weight_decay) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return update_blocks_for<FloatType::kFloat16>(path, add_weight_decay);
-    case FloatType::kBFloat16:
-      return update_blocks_for<FloatType::kBFloat16>(path, add_weight_decay);
-    case FloatType::kFloat32:
-      break;
-  }
-  return update_blocks_for<FloatType::kFloat32>(path, add_weight_decay);
+  return simd::with_float_type(
+      type, [&]<FloatType T>() { return update_blocks_for<T>(path, add_weight_decay); });
 }
 
 template <FloatType T>
@@ -860,15 +775,7 @@ AllFiniteFn all_finite_for(Adam8bitPath path) {
 }
 
 AllFiniteFn all_finite_for(Adam8bitPath path, FloatType type) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return all_finite_for<FloatType::kFloat16>(path);
-    case FloatType::kBFloat16:
-      return all_finite_for<FloatType::kBFloat16>(path);
-    case FloatType::kFloat32:
-      break;
-  }
-  return all_finite_for<FloatType::kFloat32>(path);
+  return simd::with_float_type(type, [&]<FloatType T>() { return all_finite_for<T>(path); });
 }
 
 EncodeFn encode_for(Adam8bitPath path) {

@@ -12,10 +12,7 @@
 #include "cpu_isa.h"
 #include "lowprec/blockwise8.h"
 #include "parallel.h"
-
-#if LOWPREC_X86_SIMD
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 // GCC warns about the deliberately undefined pass-through operand inside its own AVX-512
 // intrinsics (_mm512_undefined_*): a known false positive.
@@ -65,36 +62,8 @@ void build_tables(const float* code, Blockwise8Tables* tables) {
 
 // ------------------------------------------------------------------------------ scalar path
 
-template <FloatType T>
-inline float load_float(const void* data, int64_t i) {
-  if constexpr (T == FloatType::kFloat32) {
-    return static_cast<const float*>(data)[i];
-  } else if constexpr (T == FloatType::kFloat16) {
-    return fp16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
-  } else {
-    return bf16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
-  }
-}
-
-template <FloatType T>
-inline void store_float(void* data, int64_t i, float value) {
-  if constexpr (T == FloatType::kFloat32) {
-    static_cast<float*>(data)[i] = value;
-  } else if constexpr (T == FloatType::kFloat16) {
-    static_cast<uint16_t*>(data)[i] = float_to_fp16_bits(value);
-  } else {
-    static_cast<uint16_t*>(data)[i] = float_to_bf16_bits(value);
-  }
-}
-
-template <FloatType T>
-inline uint32_t max_magnitude_bits_scalar(const void* input, int64_t begin, int64_t end,
-                                          uint32_t max_bits) {
-  for (int64_t i = begin; i < end; ++i) {
-    max_bits = std::max(max_bits, magnitude_bits(load_float<T>(input, i)));
-  }
-  return max_bits;
-}
+using simd::load_float;
+using simd::store_float;
 
 // Elements encoded side by side by the scalar path. One search is a chain of dependent loads
 // and compares; interleaving independent searches lets the CPU overlap them (about 6x faster
@@ -133,7 +102,7 @@ void quantize_blocks_scalar(const void* input, int64_t n, int64_t blocksize, int
     const int64_t begin = block * blocksize;
     const int64_t end = std::min(n, begin + blocksize);
     const float block_absmax =
-        absmax_from_magnitude_bits(max_magnitude_bits_scalar<T>(input, begin, end, 0));
+        absmax_from_magnitude_bits(simd::max_magnitude_bits<T>(input, begin, end));
     absmax[block] = block_absmax;
     encode_scalar<T>(input, begin, end, block_absmax, tables, codes);
   }
@@ -156,47 +125,10 @@ void dequantize_blocks_scalar(const uint8_t* codes, const float* absmax, const f
 
 // -------------------------------------------------------------------------------- AVX2 path
 
-constexpr int kAvx2Lanes = 8;
-
-template <FloatType T>
-LP_TARGET_AVX2 inline __m256 avx2_load(const void* data, int64_t i) {
-  if constexpr (T == FloatType::kFloat32) {
-    return _mm256_loadu_ps(static_cast<const float*>(data) + i);
-  } else {
-    const __m128i half_bits =
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(data) + i));
-    if constexpr (T == FloatType::kFloat16) {
-      return _mm256_cvtph_ps(half_bits);
-    } else {
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half_bits), 16));
-    }
-  }
-}
-
-// Round to nearest even as c10::BFloat16 does (not vcvtneps2bf16, which flushes subnormals).
-LP_TARGET_AVX2 inline __m128i avx2_float_to_bf16(__m256 value) {
-  const __m256i bits = _mm256_castps_si256(value);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
-  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
-  const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_UNORD_Q));
-  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), is_nan);
-  return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
-}
-
-template <FloatType T>
-LP_TARGET_AVX2 inline void avx2_store(void* data, int64_t i, __m256 value) {
-  if constexpr (T == FloatType::kFloat32) {
-    _mm256_storeu_ps(static_cast<float*>(data) + i, value);
-  } else {
-    __m128i* dst = reinterpret_cast<__m128i*>(static_cast<uint16_t*>(data) + i);
-    if constexpr (T == FloatType::kFloat16) {
-      _mm_storeu_si128(dst, _mm256_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    } else {
-      _mm_storeu_si128(dst, avx2_float_to_bf16(value));
-    }
-  }
-}
+using simd::avx2_load;
+using simd::avx2_store;
+using simd::avx2_store_codes;
+using simd::kAvx2Lanes;
 
 // Per lane: bit `Bit` of index clear -> if_clear, set -> if_set.
 template <int Bit>
@@ -257,37 +189,17 @@ LP_TARGET_AVX2 inline __m256i avx2_encode(__m256 v, const Blockwise8Tables& tabl
   return index;
 }
 
-LP_TARGET_AVX2 inline void avx2_store_codes(uint8_t* dst, __m256i index) {
-  const __m128i words =
-      _mm_packus_epi32(_mm256_castsi256_si128(index), _mm256_extracti128_si256(index, 1));
-  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(words, words));
-}
-
-LP_TARGET_AVX2 inline uint32_t avx2_reduce_max_u32(__m256i value) {
-  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(value), _mm256_extracti128_si256(value, 1));
-  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
-  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
-  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
-}
-
 template <FloatType T>
 LP_TARGET_AVX2 void quantize_blocks_avx2(const void* input, int64_t n, int64_t blocksize,
                                          int64_t first_block, int64_t end_block,
                                          const Blockwise8Tables& tables, uint8_t* codes,
                                          float* absmax) {
-  const __m256i magnitude_mask = _mm256_set1_epi32(0x7FFFFFFF);
   for (int64_t block = first_block; block < end_block; ++block) {
     const int64_t begin = block * blocksize;
     const int64_t end = std::min(n, begin + blocksize);
     const int64_t vector_end = begin + (end - begin) / kAvx2Lanes * kAvx2Lanes;
-
-    __m256i max_bits = _mm256_setzero_si256();
-    for (int64_t i = begin; i < vector_end; i += kAvx2Lanes) {
-      const __m256i bits = _mm256_castps_si256(avx2_load<T>(input, i));
-      max_bits = _mm256_max_epu32(max_bits, _mm256_and_si256(bits, magnitude_mask));
-    }
-    const float block_absmax = absmax_from_magnitude_bits(
-        max_magnitude_bits_scalar<T>(input, vector_end, end, avx2_reduce_max_u32(max_bits)));
+    const float block_absmax =
+        absmax_from_magnitude_bits(simd::avx2_max_magnitude_bits<T>(input, begin, end));
     absmax[block] = block_absmax;
 
     if (block_absmax == 0.0f) {
@@ -332,66 +244,11 @@ LP_TARGET_AVX2 void dequantize_blocks_avx2(const uint8_t* codes, const float* ab
 // Whole vectors use plain loads and stores; only the last partial vector of a block uses
 // masked ones (masked stores are slow on some CPUs, e.g. AMD Zen 4/5).
 
-constexpr int kAvx512Lanes = 16;
-
-// Lanes [0, remaining) of a 16-lane vector, remaining < 16.
-LP_TARGET_AVX512 inline __mmask16 avx512_tail_lanes(int64_t remaining) {
-  return static_cast<__mmask16>((1u << remaining) - 1u);
-}
-
-LP_TARGET_AVX512 inline __m512 avx512_widen(__m256i half_bits, FloatType type) {
-  return type == FloatType::kFloat16
-             ? _mm512_cvtph_ps(half_bits)
-             : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half_bits), 16));
-}
-
-template <FloatType T>
-LP_TARGET_AVX512 inline __m512 avx512_load(const void* data, int64_t i) {
-  if constexpr (T == FloatType::kFloat32) {
-    return _mm512_loadu_ps(static_cast<const float*>(data) + i);
-  } else {
-    const auto* src = reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(data) + i);
-    return avx512_widen(_mm256_loadu_si256(src), T);
-  }
-}
-
-// Masked-off lanes load as +0.
-template <FloatType T>
-LP_TARGET_AVX512 inline __m512 avx512_load_masked(const void* data, int64_t i, __mmask16 lanes) {
-  if constexpr (T == FloatType::kFloat32) {
-    return _mm512_maskz_loadu_ps(lanes, static_cast<const float*>(data) + i);
-  } else {
-    return avx512_widen(_mm256_maskz_loadu_epi16(lanes, static_cast<const uint16_t*>(data) + i), T);
-  }
-}
-
-// 16 floats as 16-bit patterns (in the low half of each 32-bit lane): fp16 or bf16, both
-// rounded to nearest even. bf16 is rounded by hand as c10::BFloat16 does (vcvtneps2bf16 would
-// flush subnormals).
-template <FloatType T>
-LP_TARGET_AVX512 inline __m512i avx512_narrow(__m512 value) {
-  if constexpr (T == FloatType::kFloat16) {
-    return _mm512_cvtepu16_epi32(
-        _mm512_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  } else {
-    const __m512i bits = _mm512_castps_si512(value);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
-    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
-    const __mmask16 is_nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
-    return _mm512_mask_mov_epi32(rounded, is_nan, _mm512_set1_epi32(0x7FC0));
-  }
-}
-
-template <FloatType T>
-LP_TARGET_AVX512 inline void avx512_store(void* data, int64_t i, __m512 value) {
-  if constexpr (T == FloatType::kFloat32) {
-    _mm512_storeu_ps(static_cast<float*>(data) + i, value);
-  } else {
-    auto* dst = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(data) + i);
-    _mm256_storeu_si256(dst, _mm512_cvtepi32_epi16(avx512_narrow<T>(value)));
-  }
-}
+using simd::avx512_first_lanes;
+using simd::avx512_load;
+using simd::avx512_load_masked;
+using simd::avx512_store;
+using simd::kAvx512Lanes;
 
 // table[index] per lane for a table of Registers * 16 floats, by a tree of permutes: one
 // vpermps/vpermt2ps per pair of registers, then blends on the higher index bits. Cheaper than
@@ -442,23 +299,13 @@ LP_TARGET_AVX512 void quantize_blocks_avx512(const void* input, int64_t n, int64
                                              int64_t first_block, int64_t end_block,
                                              const Blockwise8Tables& tables, uint8_t* codes,
                                              float* absmax) {
-  const __m512i magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF);
   for (int64_t block = first_block; block < end_block; ++block) {
     const int64_t begin = block * blocksize;
     const int64_t end = std::min(n, begin + blocksize);
     const int64_t vector_end = begin + (end - begin) / kAvx512Lanes * kAvx512Lanes;
-    const __mmask16 tail = avx512_tail_lanes(end - vector_end);
-
-    __m512i max_bits = _mm512_setzero_si512();
-    for (int64_t i = begin; i < vector_end; i += kAvx512Lanes) {
-      const __m512i bits = _mm512_castps_si512(avx512_load<T>(input, i));
-      max_bits = _mm512_max_epu32(max_bits, _mm512_and_si512(bits, magnitude_mask));
-    }
-    if (tail != 0) {
-      const __m512i bits = _mm512_castps_si512(avx512_load_masked<T>(input, vector_end, tail));
-      max_bits = _mm512_max_epu32(max_bits, _mm512_and_si512(bits, magnitude_mask));
-    }
-    const float block_absmax = absmax_from_magnitude_bits(_mm512_reduce_max_epu32(max_bits));
+    const __mmask16 tail = avx512_first_lanes(end - vector_end);
+    const float block_absmax =
+        absmax_from_magnitude_bits(simd::avx512_max_magnitude_bits<T>(input, begin, end));
     absmax[block] = block_absmax;
 
     if (block_absmax == 0.0f) {
@@ -530,27 +377,11 @@ DequantizeBlocksFn dequantize_blocks_for(CpuIsa isa) {
 }
 
 QuantizeBlocksFn quantize_blocks_for(FloatType type, CpuIsa isa) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return quantize_blocks_for<FloatType::kFloat16>(isa);
-    case FloatType::kBFloat16:
-      return quantize_blocks_for<FloatType::kBFloat16>(isa);
-    case FloatType::kFloat32:
-      break;
-  }
-  return quantize_blocks_for<FloatType::kFloat32>(isa);
+  return simd::with_float_type(type, [&]<FloatType T>() { return quantize_blocks_for<T>(isa); });
 }
 
 DequantizeBlocksFn dequantize_blocks_for(FloatType type, CpuIsa isa) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return dequantize_blocks_for<FloatType::kFloat16>(isa);
-    case FloatType::kBFloat16:
-      return dequantize_blocks_for<FloatType::kBFloat16>(isa);
-    case FloatType::kFloat32:
-      break;
-  }
-  return dequantize_blocks_for<FloatType::kFloat32>(isa);
+  return simd::with_float_type(type, [&]<FloatType T>() { return dequantize_blocks_for<T>(isa); });
 }
 
 int64_t blocks_per_task(int64_t blocksize) {

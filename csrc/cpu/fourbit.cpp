@@ -10,9 +10,9 @@
 #include <cstring>
 
 #include "cpu_isa.h"
-#include "fourbit_simd.h"
 #include "lowprec/fourbit.h"
 #include "parallel.h"
+#include "simd.h"
 
 // GCC warns about the deliberately undefined pass-through operand inside its own AVX-512
 // intrinsics (_mm512_undefined_*): a known false positive.
@@ -63,15 +63,6 @@ void build_tables(const float* code, QuantType4bit quant_type, Quantize4bitTable
 
 // ------------------------------------------------------------------------------ scalar path
 
-template <FloatType T>
-inline uint32_t max_magnitude_bits_scalar(const void* input, int64_t begin, int64_t end,
-                                          uint32_t max_bits) {
-  for (int64_t i = begin; i < end; ++i) {
-    max_bits = std::max(max_bits, magnitude_bits(load_float<T>(input, i)));
-  }
-  return max_bits;
-}
-
 // Codes of elements [begin, end) of one block (begin even) into their bytes; an odd n leaves
 // the low nibble of the last byte 0, as the reference pads.
 template <FloatType T>
@@ -92,7 +83,7 @@ void quantize_blocks_scalar(const void* input, int64_t n, int64_t blocksize, int
     const int64_t begin = block * blocksize;
     const int64_t end = std::min(n, begin + blocksize);
     const float block_absmax =
-        absmax_from_magnitude_bits(max_magnitude_bits_scalar<T>(input, begin, end, 0));
+        absmax_from_magnitude_bits(simd::max_magnitude_bits<T>(input, begin, end));
     absmax[block] = block_absmax;
     encode_pairs_scalar<T>(input, begin, end, block_absmax, tables.encoder, packed);
   }
@@ -219,30 +210,17 @@ LP_TARGET_AVX2 inline void avx2_store_packed(uint8_t* dst, __m256i codes) {
   std::memcpy(dst, &four_bytes, sizeof(four_bytes));
 }
 
-LP_TARGET_AVX2 inline uint32_t avx2_reduce_max_u32(__m256i value) {
-  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(value), _mm256_extracti128_si256(value, 1));
-  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
-  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
-  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
-}
-
 template <FloatType T, QuantType4bit Q>
 LP_TARGET_AVX2 void quantize_blocks_avx2(const void* input, int64_t n, int64_t blocksize,
                                          int64_t first_block, int64_t end_block,
                                          const Quantize4bitTables& tables, uint8_t* packed,
                                          float* absmax) {
-  const __m256i magnitude_mask = _mm256_set1_epi32(0x7FFFFFFF);
   for (int64_t block = first_block; block < end_block; ++block) {
     const int64_t begin = block * blocksize;
     const int64_t end = std::min(n, begin + blocksize);
     const int64_t vector_end = begin + (end - begin) / kAvx2Lanes * kAvx2Lanes;
-    __m256i max_bits = _mm256_setzero_si256();
-    for (int64_t i = begin; i < vector_end; i += kAvx2Lanes) {
-      const __m256i bits = _mm256_castps_si256(simd::avx2_load<T>(input, i));
-      max_bits = _mm256_max_epu32(max_bits, _mm256_and_si256(bits, magnitude_mask));
-    }
-    const float block_absmax = absmax_from_magnitude_bits(
-        max_magnitude_bits_scalar<T>(input, vector_end, end, avx2_reduce_max_u32(max_bits)));
+    const float block_absmax =
+        absmax_from_magnitude_bits(simd::avx2_max_magnitude_bits<T>(input, begin, end));
     absmax[block] = block_absmax;
     // x / 0 is not the rule's 0: an all-zero block takes the scalar path (it is rare).
     const int64_t encoded_end = block_absmax == 0.0f ? begin : vector_end;
@@ -346,18 +324,12 @@ LP_TARGET_AVX512 void quantize_blocks_avx512(const void* input, int64_t n, int64
                                              int64_t first_block, int64_t end_block,
                                              const Quantize4bitTables& tables, uint8_t* packed,
                                              float* absmax) {
-  const __m512i magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF);
   for (int64_t block = first_block; block < end_block; ++block) {
     const int64_t begin = block * blocksize;
     const int64_t end = std::min(n, begin + blocksize);
     const int64_t vector_end = begin + (end - begin) / kAvx512Lanes * kAvx512Lanes;
-    __m512i max_bits = _mm512_setzero_si512();
-    for (int64_t i = begin; i < vector_end; i += kAvx512Lanes) {
-      const __m512i bits = _mm512_castps_si512(simd::avx512_load<T>(input, i));
-      max_bits = _mm512_max_epu32(max_bits, _mm512_and_si512(bits, magnitude_mask));
-    }
-    const float block_absmax = absmax_from_magnitude_bits(
-        max_magnitude_bits_scalar<T>(input, vector_end, end, _mm512_reduce_max_epu32(max_bits)));
+    const float block_absmax =
+        absmax_from_magnitude_bits(simd::avx512_max_magnitude_bits<T>(input, begin, end));
     absmax[block] = block_absmax;
     // x / 0 is not the rule's 0: an all-zero block takes the scalar path (it is rare).
     const int64_t encoded_end = block_absmax == 0.0f ? begin : vector_end;
@@ -591,15 +563,8 @@ QuantizeBlocksFn quantize_blocks_for(QuantType4bit quant_type, CpuIsa isa) {
 }
 
 QuantizeBlocksFn quantize_blocks_for(FloatType type, QuantType4bit quant_type, CpuIsa isa) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return quantize_blocks_for<FloatType::kFloat16>(quant_type, isa);
-    case FloatType::kBFloat16:
-      return quantize_blocks_for<FloatType::kBFloat16>(quant_type, isa);
-    case FloatType::kFloat32:
-      break;
-  }
-  return quantize_blocks_for<FloatType::kFloat32>(quant_type, isa);
+  return simd::with_float_type(
+      type, [&]<FloatType T>() { return quantize_blocks_for<T>(quant_type, isa); });
 }
 
 template <FloatType T>
@@ -613,15 +578,7 @@ DecodeRangeFn decode_range_for(CpuIsa isa) {
 }
 
 DecodeRangeFn decode_range_for(FloatType type, CpuIsa isa) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return decode_range_for<FloatType::kFloat16>(isa);
-    case FloatType::kBFloat16:
-      return decode_range_for<FloatType::kBFloat16>(isa);
-    case FloatType::kFloat32:
-      break;
-  }
-  return decode_range_for<FloatType::kFloat32>(isa);
+  return simd::with_float_type(type, [&]<FloatType T>() { return decode_range_for<T>(isa); });
 }
 
 using DecodeRowSplitFn = void (*)(const Packed4bit& weight, int64_t first, int64_t end, void* out,
@@ -637,15 +594,7 @@ DecodeRowSplitFn decode_row_split_for(CpuIsa isa) {
 }
 
 DecodeRowSplitFn decode_row_split_for(FloatType type, CpuIsa isa) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return decode_row_split_for<FloatType::kFloat16>(isa);
-    case FloatType::kBFloat16:
-      return decode_row_split_for<FloatType::kBFloat16>(isa);
-    case FloatType::kFloat32:
-      break;
-  }
-  return decode_row_split_for<FloatType::kFloat32>(isa);
+  return simd::with_float_type(type, [&]<FloatType T>() { return decode_row_split_for<T>(isa); });
 }
 
 int64_t blocks_per_task(int64_t blocksize) {

@@ -20,9 +20,9 @@
 
 #include "cpu_isa.h"
 #include "fourbit.h"
-#include "fourbit_simd.h"
 #include "lowprec/fourbit.h"
 #include "parallel.h"
+#include "simd.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"

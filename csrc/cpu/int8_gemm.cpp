@@ -44,9 +44,9 @@
 #include "int8_tasks.h"
 #include "lowprec/float16.h"
 #include "lowprec/int8.h"
+#include "simd.h"
 
 #if LOWPREC_X86_SIMD
-#include <immintrin.h>
 #define LP_TARGET_AVX512_VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 #endif
@@ -167,16 +167,7 @@ void gather_outlier_weights(const GemmContext& ctx, int64_t n0, int64_t cols, fl
   }
 }
 
-template <FloatType T>
-inline void store_float(void* data, int64_t i, float value) {
-  if constexpr (T == FloatType::kFloat32) {
-    static_cast<float*>(data)[i] = value;
-  } else if constexpr (T == FloatType::kFloat16) {
-    static_cast<uint16_t*>(data)[i] = float_to_fp16_bits(value);
-  } else {
-    static_cast<uint16_t*>(data)[i] = float_to_bf16_bits(value);
-  }
-}
+using simd::store_float;
 
 // out[m, n0 + j] for the rows m0 .. m0 + rows and columns j < cols of the accumulator tile
 // c (leading dimension ldc); correction[m] (or nothing) is subtracted from row m first. Every
@@ -214,43 +205,12 @@ using EpilogueFn = void (*)(const int32_t* c, int64_t ldc, int64_t m0, int64_t r
                             const float* outlier_weights);
 
 EpilogueFn scalar_epilogue_for(FloatType type) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return &epilogue_scalar<FloatType::kFloat16>;
-    case FloatType::kBFloat16:
-      return &epilogue_scalar<FloatType::kBFloat16>;
-    case FloatType::kFloat32:
-      break;
-  }
-  return &epilogue_scalar<FloatType::kFloat32>;
+  return simd::with_float_type(type, [&]<FloatType T>() { return &epilogue_scalar<T>; });
 }
 
 // Per-panel scratch for the outlier weights (empty when there are none).
 std::vector<float> outlier_weight_scratch(const GemmContext& ctx) {
   return std::vector<float>(ctx.epilogue.num_outliers * kPanelCols);
-}
-
-template <FloatType T>
-float load_float(const void* data, int64_t i) {
-  if constexpr (T == FloatType::kFloat32) {
-    return static_cast<const float*>(data)[i];
-  } else if constexpr (T == FloatType::kFloat16) {
-    return fp16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
-  } else {
-    return bf16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
-  }
-}
-
-float load_any_float(const void* data, FloatType type, int64_t i) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return load_float<FloatType::kFloat16>(data, i);
-    case FloatType::kBFloat16:
-      return load_float<FloatType::kBFloat16>(data, i);
-    case FloatType::kFloat32:
-      break;
-  }
-  return load_float<FloatType::kFloat32>(data, i);
 }
 
 // Where the GEMM's activation rows come from: int8 codes (int8_scaled_mm), or float x that is
@@ -275,7 +235,7 @@ struct ActivationSource {
       const int64_t count = static_cast<int64_t>(outlier_cols->size());
       for (int64_t m = begin; m < end; ++m) {
         for (int64_t o = 0; o < count; ++o)
-          (*outlier_x)[m * count + o] = load_any_float(x, x_type, m * K + (*outlier_cols)[o]);
+          (*outlier_x)[m * count + o] = simd::load_float(x, m * K + (*outlier_cols)[o], x_type);
       }
     }
     return buffer;
@@ -470,7 +430,7 @@ void add_avx2_dot_phases(GemmRun& run, TaskPhases& phases) {
 
 // --------------------------------------------------------------------- AVX-512 VNNI paths
 
-constexpr int64_t kAvx512Lanes = 16;
+using simd::kAvx512Lanes;
 constexpr int64_t kVnniBytes = 64;  // int8 elements per vector
 
 LP_TARGET_AVX512_VNNI inline __mmask64 vnni_first_bytes(int64_t count) {
@@ -481,23 +441,7 @@ LP_TARGET_AVX512_VNNI inline __mmask16 vnni_first_lanes(int64_t count) {
   return static_cast<__mmask16>(count >= 16 ? 0xFFFFu : ((1u << count) - 1u));
 }
 
-// 16 floats as 16-bit patterns in 32-bit lanes, rounded to nearest even as c10 does (bf16 by
-// hand: vcvtneps2bf16 would flush subnormals).
-template <FloatType T>
-LP_TARGET_AVX512_VNNI inline __m512i avx512_narrow(__m512 value) {
-  if constexpr (T == FloatType::kFloat16) {
-    return _mm512_cvtepu16_epi32(
-        _mm512_cvtps_ph(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  } else {
-    const __m512i bits = _mm512_castps_si512(value);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
-    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
-    const __mmask16 is_nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
-    return _mm512_mask_mov_epi32(rounded, is_nan, _mm512_set1_epi32(0x7FC0));
-  }
-}
-
+// Rounded to nearest even as c10 does (simd::avx512_narrow); lanes not in `lanes` untouched.
 template <FloatType T>
 LP_TARGET_AVX512_VNNI inline void avx512_store(void* data, int64_t i, __m512 value,
                                                __mmask16 lanes) {
@@ -505,7 +449,7 @@ LP_TARGET_AVX512_VNNI inline void avx512_store(void* data, int64_t i, __m512 val
     _mm512_mask_storeu_ps(static_cast<float*>(data) + i, lanes, value);
   } else {
     _mm256_mask_storeu_epi16(static_cast<uint16_t*>(data) + i, lanes,
-                             _mm512_cvtepi32_epi16(avx512_narrow<T>(value)));
+                             _mm512_cvtepi32_epi16(simd::avx512_narrow<T>(value)));
   }
 }
 
@@ -589,15 +533,7 @@ LP_TARGET_AVX512_VNNI void epilogue_avx512(const int32_t* c, int64_t ldc, int64_
 }
 
 EpilogueFn avx512_epilogue_for(FloatType type) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return &epilogue_avx512<FloatType::kFloat16>;
-    case FloatType::kBFloat16:
-      return &epilogue_avx512<FloatType::kBFloat16>;
-    case FloatType::kFloat32:
-      break;
-  }
-  return &epilogue_avx512<FloatType::kFloat32>;
+  return simd::with_float_type(type, [&]<FloatType T>() { return &epilogue_avx512<T>; });
 }
 
 // correction[m] = 128 * sum_k A[m, k]: what the unsigned offset of W adds to row m.

@@ -18,10 +18,7 @@
 #include "lowprec/blockwise8.h"
 #include "lowprec/float16.h"
 #include "lowprec/int8.h"
-
-#if LOWPREC_X86_SIMD
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 // GCC warns about the deliberately undefined pass-through operand inside its own AVX-512
 // intrinsics (_mm512_undefined_*): a known false positive.
@@ -39,16 +36,7 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-template <FloatType T>
-inline float load_float(const void* data, int64_t i) {
-  if constexpr (T == FloatType::kFloat32) {
-    return static_cast<const float*>(data)[i];
-  } else if constexpr (T == FloatType::kFloat16) {
-    return fp16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
-  } else {
-    return bf16_bits_to_float(static_cast<const uint16_t*>(data)[i]);
-  }
-}
+using simd::load_float;
 
 inline bool column_is_outlier(const uint32_t* outlier_bits, int64_t j) {
   return outlier_bits != nullptr && ((outlier_bits[j / kBitsPerWord] >> (j % kBitsPerWord)) & 1u);
@@ -94,22 +82,8 @@ void quantize_rows_scalar(const void* x, int64_t row_begin, int64_t row_end, int
 
 // -------------------------------------------------------------------------------- AVX2 path
 
-constexpr int kAvx2Lanes = 8;
-
-template <FloatType T>
-LP_TARGET_AVX2 inline __m256 avx2_load(const void* data, int64_t i) {
-  if constexpr (T == FloatType::kFloat32) {
-    return _mm256_loadu_ps(static_cast<const float*>(data) + i);
-  } else {
-    const __m128i half_bits =
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(data) + i));
-    if constexpr (T == FloatType::kFloat16) {
-      return _mm256_cvtph_ps(half_bits);
-    } else {
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half_bits), 16));
-    }
-  }
-}
+using simd::avx2_load;
+using simd::kAvx2Lanes;
 
 LP_TARGET_AVX2 inline __m256i avx2_magnitude_bits(__m256 v) {
   return _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7FFFFFFF));
@@ -204,37 +178,10 @@ LP_TARGET_AVX2 void quantize_rows_avx2(const void* x, int64_t row_begin, int64_t
 //
 // Whole vectors use plain loads and stores; only a row's last partial vector uses masked ones.
 
-constexpr int kAvx512Lanes = 16;
-
-LP_TARGET_AVX512 inline __m512 avx512_widen(__m256i half_bits, FloatType type) {
-  return type == FloatType::kFloat16
-             ? _mm512_cvtph_ps(half_bits)
-             : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half_bits), 16));
-}
-
-// Lanes [0, count) load; the others are +0.
-template <FloatType T>
-LP_TARGET_AVX512 inline __m512 avx512_load(const void* data, int64_t i, __mmask16 lanes) {
-  if constexpr (T == FloatType::kFloat32) {
-    return _mm512_maskz_loadu_ps(lanes, static_cast<const float*>(data) + i);
-  } else {
-    return avx512_widen(_mm256_maskz_loadu_epi16(lanes, static_cast<const uint16_t*>(data) + i), T);
-  }
-}
-
-template <FloatType T>
-LP_TARGET_AVX512 inline __m512 avx512_load(const void* data, int64_t i) {
-  if constexpr (T == FloatType::kFloat32) {
-    return _mm512_loadu_ps(static_cast<const float*>(data) + i);
-  } else {
-    const auto* src = reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(data) + i);
-    return avx512_widen(_mm256_loadu_si256(src), T);
-  }
-}
-
-LP_TARGET_AVX512 inline __mmask16 avx512_first_lanes(int64_t count) {
-  return static_cast<__mmask16>((1u << count) - 1u);
-}
+using simd::avx512_first_lanes;
+using simd::avx512_load;
+using simd::avx512_load_masked;
+using simd::kAvx512Lanes;
 
 // Lanes of the columns j..j+15 that are not outliers (j a multiple of 16).
 LP_TARGET_AVX512 inline __mmask16 avx512_keep_lanes(const uint32_t* outlier_bits, int64_t j) {
@@ -263,8 +210,8 @@ LP_TARGET_AVX512 void mark_outliers_avx512(const void* x, int64_t row_begin, int
     }
     if (tail != 0) {
       // Masked-off lanes load as 0, below any threshold > 0.
-      const __m512 magnitude =
-          _mm512_castsi512_ps(avx512_magnitude_bits(avx512_load<T>(x, base + vector_end, tail)));
+      const __m512 magnitude = _mm512_castsi512_ps(
+          avx512_magnitude_bits(avx512_load_masked<T>(x, base + vector_end, tail)));
       const uint32_t hits = _mm512_cmp_ps_mask(magnitude, limit, _CMP_GE_OQ);
       bits[vector_end / kBitsPerWord] |= hits << (vector_end % kBitsPerWord);
     }
@@ -298,7 +245,7 @@ LP_TARGET_AVX512 void quantize_rows_avx512(const void* x, int64_t row_begin, int
           _mm512_mask_max_epu32(max_bits, avx512_keep_lanes(outlier_bits, j), max_bits, bits);
     }
     if (tail != 0) {
-      const __m512i bits = avx512_magnitude_bits(avx512_load<T>(x, base + vector_end, tail));
+      const __m512i bits = avx512_magnitude_bits(avx512_load_masked<T>(x, base + vector_end, tail));
       max_bits = _mm512_mask_max_epu32(max_bits, avx512_keep_lanes(outlier_bits, vector_end),
                                        max_bits, bits);
     }
@@ -311,7 +258,7 @@ LP_TARGET_AVX512 void quantize_rows_avx512(const void* x, int64_t row_begin, int
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + j), _mm512_cvtepi32_epi8(q));
     }
     if (tail != 0) {
-      const __m512i q = avx512_encode(avx512_load<T>(x, base + vector_end, tail), scale,
+      const __m512i q = avx512_encode(avx512_load_masked<T>(x, base + vector_end, tail), scale,
                                       avx512_keep_lanes(outlier_bits, vector_end));
       _mm512_mask_cvtepi32_storeu_epi8(out + vector_end, tail, q);
     }
@@ -348,27 +295,11 @@ QuantizeRowsFn quantize_rows_for(CpuIsa isa) {
 }
 
 MarkOutliersFn mark_outliers_for(FloatType type, CpuIsa isa) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return mark_outliers_for<FloatType::kFloat16>(isa);
-    case FloatType::kBFloat16:
-      return mark_outliers_for<FloatType::kBFloat16>(isa);
-    case FloatType::kFloat32:
-      break;
-  }
-  return mark_outliers_for<FloatType::kFloat32>(isa);
+  return simd::with_float_type(type, [&]<FloatType T>() { return mark_outliers_for<T>(isa); });
 }
 
 QuantizeRowsFn quantize_rows_for(FloatType type, CpuIsa isa) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return quantize_rows_for<FloatType::kFloat16>(isa);
-    case FloatType::kBFloat16:
-      return quantize_rows_for<FloatType::kBFloat16>(isa);
-    case FloatType::kFloat32:
-      break;
-  }
-  return quantize_rows_for<FloatType::kFloat32>(isa);
+  return simd::with_float_type(type, [&]<FloatType T>() { return quantize_rows_for<T>(isa); });
 }
 
 }  // namespace

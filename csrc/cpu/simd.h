@@ -1,12 +1,16 @@
-// Element loads and stores of the 4-bit CPU kernels, scalar and vector, for every FloatType:
-// widening is exact, narrowing rounds to nearest even exactly as torch's casts do (bf16 by hand,
-// since vcvtneps2bf16 flushes subnormals). The same conversions as blockwise8.cpp's; kept in a
-// header so every 4-bit translation unit shares one copy.
+// Element loads and stores of the CPU kernels, scalar and vector, for every FloatType: widening
+// is exact, narrowing rounds to nearest even exactly as torch's casts do (bf16 by hand, since
+// vcvtneps2bf16 flushes subnormals). Also the pieces every family repeats around them: the
+// FloatType -> template switch (with_float_type), the block absmax scan and the 8-bit code
+// store. One copy for every kernel family (4-bit, blockwise 8-bit, 8-bit Adam, int8); helpers
+// specific to one family stay in its own file.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cpu_isa.h"
+#include "lowprec/blockwise8.h"
 #include "lowprec/common.h"
 #include "lowprec/float16.h"
 
@@ -38,28 +42,38 @@ inline void store_float(void* data, int64_t i, float value) {
   }
 }
 
-inline float load_float(const void* data, int64_t i, FloatType type) {
+// f.template operator()<T>() for T = type: the one switch from a run-time FloatType to the
+// kernel templates (used as with_float_type(type, [&]<FloatType T>() { ... })).
+template <typename F>
+inline auto with_float_type(FloatType type, F&& f) {
   switch (type) {
     case FloatType::kFloat16:
-      return load_float<FloatType::kFloat16>(data, i);
+      return f.template operator()<FloatType::kFloat16>();
     case FloatType::kBFloat16:
-      return load_float<FloatType::kBFloat16>(data, i);
+      return f.template operator()<FloatType::kBFloat16>();
     case FloatType::kFloat32:
       break;
   }
-  return load_float<FloatType::kFloat32>(data, i);
+  return f.template operator()<FloatType::kFloat32>();
+}
+
+inline float load_float(const void* data, int64_t i, FloatType type) {
+  return with_float_type(type, [&]<FloatType T>() { return load_float<T>(data, i); });
 }
 
 inline void store_float(void* data, int64_t i, float value, FloatType type) {
-  switch (type) {
-    case FloatType::kFloat16:
-      return store_float<FloatType::kFloat16>(data, i, value);
-    case FloatType::kBFloat16:
-      return store_float<FloatType::kBFloat16>(data, i, value);
-    case FloatType::kFloat32:
-      break;
+  with_float_type(type, [&]<FloatType T>() { store_float<T>(data, i, value); });
+}
+
+// The largest magnitude_bits of elements [begin, end) and max_bits: the block absmax scan of
+// lowprec/blockwise8.h (absmax_from_magnitude_bits turns it into the absmax).
+template <FloatType T>
+inline uint32_t max_magnitude_bits(const void* data, int64_t begin, int64_t end,
+                                   uint32_t max_bits = 0) {
+  for (int64_t i = begin; i < end; ++i) {
+    max_bits = std::max(max_bits, magnitude_bits(load_float<T>(data, i)));
   }
-  store_float<FloatType::kFloat32>(data, i, value);
+  return max_bits;
 }
 
 // Asks for the cache line holding p in L2, ahead of use. An asm statement on x86: GCC 12
@@ -127,20 +141,65 @@ LP_TARGET_AVX2 inline void avx2_store(void* data, int64_t i, __m256 value) {
   }
 }
 
+// 8 codes in [0, 255], one per 32-bit lane, as 8 bytes (the 8-bit kernels' code stores).
+LP_TARGET_AVX2 inline void avx2_store_codes(uint8_t* dst, __m256i index) {
+  const __m128i words =
+      _mm_packus_epi32(_mm256_castsi256_si128(index), _mm256_extracti128_si256(index, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(words, words));
+}
+
+LP_TARGET_AVX2 inline uint32_t avx2_reduce_max_u32(__m256i value) {
+  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(value), _mm256_extracti128_si256(value, 1));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
+}
+
+// max_magnitude_bits<T>(data, begin, end): whole vectors, then the tail (< 8) one by one.
+template <FloatType T>
+LP_TARGET_AVX2 inline uint32_t avx2_max_magnitude_bits(const void* data, int64_t begin,
+                                                       int64_t end) {
+  const __m256i magnitude_mask = _mm256_set1_epi32(0x7FFFFFFF);
+  const int64_t vector_end = begin + (end - begin) / kAvx2Lanes * kAvx2Lanes;
+  __m256i max_bits = _mm256_setzero_si256();
+  for (int64_t i = begin; i < vector_end; i += kAvx2Lanes) {
+    const __m256i bits = _mm256_castps_si256(avx2_load<T>(data, i));
+    max_bits = _mm256_max_epu32(max_bits, _mm256_and_si256(bits, magnitude_mask));
+  }
+  return max_magnitude_bits<T>(data, vector_end, end, avx2_reduce_max_u32(max_bits));
+}
+
 // -------------------------------------------------------------------------------- AVX-512
+
+// 16 fp16 or bf16 patterns widened to floats (exact).
+template <FloatType T>
+LP_TARGET_AVX512 inline __m512 avx512_widen(__m256i half_bits) {
+  static_assert(T != FloatType::kFloat32, "avx512_widen: 16-bit types only");
+  if constexpr (T == FloatType::kFloat16) {
+    return _mm512_cvtph_ps(half_bits);
+  } else {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half_bits), 16));
+  }
+}
 
 template <FloatType T>
 LP_TARGET_AVX512 inline __m512 avx512_load(const void* data, int64_t i) {
   if constexpr (T == FloatType::kFloat32) {
     return _mm512_loadu_ps(static_cast<const float*>(data) + i);
   } else {
-    const __m256i half_bits = _mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(data) + i));
-    if constexpr (T == FloatType::kFloat16) {
-      return _mm512_cvtph_ps(half_bits);
-    } else {
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half_bits), 16));
-    }
+    return avx512_widen<T>(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(data) + i)));
+  }
+}
+
+// Lanes set in `lanes` load; the others are +0. Masked loads are slow on some cores (e.g. AMD
+// Zen 4/5, more so when they miss the cache): callers use them only for a partial last vector.
+template <FloatType T>
+LP_TARGET_AVX512 inline __m512 avx512_load_masked(const void* data, int64_t i, __mmask16 lanes) {
+  if constexpr (T == FloatType::kFloat32) {
+    return _mm512_maskz_loadu_ps(lanes, static_cast<const float*>(data) + i);
+  } else {
+    return avx512_widen<T>(_mm256_maskz_loadu_epi16(lanes, static_cast<const uint16_t*>(data) + i));
   }
 }
 
@@ -173,6 +232,26 @@ LP_TARGET_AVX512 inline void avx512_store(void* data, int64_t i, __m512 value) {
 // Lanes [0, count) of a 16-lane vector, count <= 16.
 LP_TARGET_AVX512 inline __mmask16 avx512_first_lanes(int64_t count) {
   return static_cast<__mmask16>((uint32_t{1} << count) - 1u);
+}
+
+// max_magnitude_bits<T>(data, begin, end): whole vectors, then the tail (< 16) by one masked
+// load (its masked-off lanes are +0, which never raises the maximum).
+template <FloatType T>
+LP_TARGET_AVX512 inline uint32_t avx512_max_magnitude_bits(const void* data, int64_t begin,
+                                                           int64_t end) {
+  const __m512i magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  const int64_t vector_end = begin + (end - begin) / kAvx512Lanes * kAvx512Lanes;
+  __m512i max_bits = _mm512_setzero_si512();
+  for (int64_t i = begin; i < vector_end; i += kAvx512Lanes) {
+    const __m512i bits = _mm512_castps_si512(avx512_load<T>(data, i));
+    max_bits = _mm512_max_epu32(max_bits, _mm512_and_si512(bits, magnitude_mask));
+  }
+  if (vector_end < end) {
+    const __m512i bits = _mm512_castps_si512(
+        avx512_load_masked<T>(data, vector_end, avx512_first_lanes(end - vector_end)));
+    max_bits = _mm512_max_epu32(max_bits, _mm512_and_si512(bits, magnitude_mask));
+  }
+  return _mm512_reduce_max_epu32(max_bits);
 }
 
 #endif  // LOWPREC_X86_SIMD

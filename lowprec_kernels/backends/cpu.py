@@ -21,23 +21,33 @@ from lowprec_kernels.reference.codebooks import code_4bit
 # --------------------------------------------------------------------------- blockwise 8-bit
 
 
-@register_kernel("quantize_blockwise", backend="cpu", device="cpu")
-def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+def _quantize_blockwise(native, A: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """Calls ``native`` (``_C.quantize_blockwise_{cpu,cuda}``) with fresh outputs."""
     A = A.contiguous()
     codes = empty(A.shape, torch.uint8, A.device)
     absmax = empty((num_blocks(A.numel(), blocksize),), torch.float32, A.device)
-    _C.quantize_blockwise_cpu(A, code.contiguous(), blocksize, codes, absmax)
+    native(A, code.contiguous(), blocksize, codes, absmax)
     return codes, absmax
+
+
+def _dequantize_blockwise(native, A, absmax, code, blocksize, dtype):
+    """Calls ``native`` (``_C.dequantize_blockwise_{cpu,cuda}``) with a fresh output."""
+    A = A.contiguous()
+    out = empty(A.shape, dtype, A.device)
+    native(A, absmax.contiguous(), code.contiguous(), blocksize, out)
+    return out
+
+
+@register_kernel("quantize_blockwise", backend="cpu", device="cpu")
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+    return _quantize_blockwise(_C.quantize_blockwise_cpu, A, code, blocksize)
 
 
 @register_kernel("dequantize_blockwise", backend="cpu", device="cpu")
 def dequantize_blockwise(
     A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
 ):
-    A = A.contiguous()
-    out = empty(A.shape, dtype, A.device)
-    _C.dequantize_blockwise_cpu(A, absmax.contiguous(), code.contiguous(), blocksize, out)
-    return out
+    return _dequantize_blockwise(_C.dequantize_blockwise_cpu, A, absmax, code, blocksize, dtype)
 
 
 # --------------------------------------------------------------------------- 8-bit Adam

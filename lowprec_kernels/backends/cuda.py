@@ -16,7 +16,11 @@ from lowprec_kernels import _C
 from lowprec_kernels._alloc import empty
 from lowprec_kernels._dispatch import mark_available, register_kernel
 from lowprec_kernels._ops import num_blocks
-from lowprec_kernels.backends.cpu import _adam8bit_multi_step
+from lowprec_kernels.backends.cpu import (
+    _adam8bit_multi_step,
+    _dequantize_blockwise,
+    _quantize_blockwise,
+)
 from lowprec_kernels.reference.codebooks import code_4bit
 
 COMPILED = hasattr(_C, "quantize_blockwise_cuda")
@@ -27,21 +31,14 @@ COMPILED = hasattr(_C, "quantize_blockwise_cuda")
 
 @register_kernel("quantize_blockwise", backend="cuda", device="cuda")
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
-    A = A.contiguous()
-    codes = empty(A.shape, torch.uint8, A.device)
-    absmax = empty((num_blocks(A.numel(), blocksize),), torch.float32, A.device)
-    _C.quantize_blockwise_cuda(A, code.contiguous(), blocksize, codes, absmax)
-    return codes, absmax
+    return _quantize_blockwise(_C.quantize_blockwise_cuda, A, code, blocksize)
 
 
 @register_kernel("dequantize_blockwise", backend="cuda", device="cuda")
 def dequantize_blockwise(
     A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
 ):
-    A = A.contiguous()
-    out = empty(A.shape, dtype, A.device)
-    _C.dequantize_blockwise_cuda(A, absmax.contiguous(), code.contiguous(), blocksize, out)
-    return out
+    return _dequantize_blockwise(_C.dequantize_blockwise_cuda, A, absmax, code, blocksize, dtype)
 
 
 # --------------------------------------------------------------------------- 8-bit Adam

@@ -155,22 +155,22 @@ def int8_linear(x, weight, weight_scale, bias, threshold):
 GEMV_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 6, torch.float16: 16}
 
 
-@functools.cache
-def _code_4bit(quant_type: str) -> torch.Tensor:
-    return code_4bit(quant_type)
+@functools.lru_cache(maxsize=16)
+def _code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
+    return code_4bit(quant_type, device)
 
 
 def _optional(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
-@register_kernel("quantize_4bit", backend="cpu", device="cpu")
-def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
+def _quantize_4bit(native, A: torch.Tensor, blocksize: int, quant_type: str):
+    """Calls ``native`` (``_C.quantize_4bit_{cpu,cuda}``) with fresh outputs."""
     A = A.contiguous()
     n = A.numel()
     packed = empty(((n + 1) // 2, 1), torch.uint8, A.device)
     absmax = empty((num_blocks(n, blocksize),), torch.float32, A.device)
-    _C.quantize_4bit_cpu(A, _code_4bit(quant_type), blocksize, quant_type, packed, absmax)
+    native(A, _code_4bit(quant_type, A.device), blocksize, quant_type, packed, absmax)
     return packed, absmax
 
 
@@ -181,16 +181,23 @@ def _weight_args(A, absmax, code, blocksize, nested_absmax, nested_code, offset,
     )  # fmt: skip
 
 
-@register_kernel("dequantize_4bit", backend="cpu", device="cpu")
-def dequantize_4bit(
-    A, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset, nested_blocksize
-):
+def _dequantize_4bit(native, A, absmax, code, blocksize, shape, dtype, *nested):
+    """Calls ``native`` (``_C.dequantize_4bit_{cpu,cuda}``) with a fresh output."""
     out = empty(list(shape), dtype, A.device)
-    weight = _weight_args(
-        A, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize
-    )
-    _C.dequantize_4bit_cpu(*weight, out)
+    native(*_weight_args(A, absmax, code, blocksize, *nested), out)
     return out
+
+
+@register_kernel("quantize_4bit", backend="cpu", device="cpu")
+def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
+    return _quantize_4bit(_C.quantize_4bit_cpu, A, blocksize, quant_type)
+
+
+@register_kernel("dequantize_4bit", backend="cpu", device="cpu")
+def dequantize_4bit(A, absmax, code, blocksize, shape, dtype, *nested):
+    return _dequantize_4bit(
+        _C.dequantize_4bit_cpu, A, absmax, code, blocksize, shape, dtype, *nested
+    )
 
 
 @register_kernel("matmul_4bit", backend="cpu", device="cpu")

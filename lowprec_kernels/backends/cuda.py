@@ -8,20 +8,20 @@ device. One section per kernel family.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from lowprec_kernels import _C
 from lowprec_kernels._alloc import empty
 from lowprec_kernels._dispatch import mark_available, register_kernel
-from lowprec_kernels._ops import num_blocks
 from lowprec_kernels.backends.cpu import (
     _adam8bit_multi_step,
+    _dequantize_4bit,
     _dequantize_blockwise,
+    _float32_bias,
+    _quantize_4bit,
     _quantize_blockwise,
+    _weight_args,
 )
-from lowprec_kernels.reference.codebooks import code_4bit
 
 COMPILED = hasattr(_C, "quantize_blockwise_cuda")
 
@@ -96,44 +96,16 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float):
 GEMV_MAX_ROWS = _C.build_info()["constants"].get("cuda_gemv_4bit_max_rows", 0) if COMPILED else 0
 
 
-@functools.lru_cache(maxsize=16)
-def _code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
-    return code_4bit(quant_type, device)
-
-
-def _optional(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous()
-
-
-def _weight_args(A, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize):
-    return (
-        A.contiguous(), absmax.contiguous(), code.contiguous(), blocksize,
-        _optional(nested_absmax), _optional(nested_code), _optional(offset), nested_blocksize,
-    )  # fmt: skip
-
-
 @register_kernel("quantize_4bit", backend="cuda", device="cuda")
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
-    A = A.contiguous()
-    n = A.numel()
-    packed = empty(((n + 1) // 2, 1), torch.uint8, A.device)
-    absmax = empty((num_blocks(n, blocksize),), torch.float32, A.device)
-    _C.quantize_4bit_cuda(
-        A, _code_4bit(quant_type, A.device), blocksize, quant_type, packed, absmax
-    )
-    return packed, absmax
+    return _quantize_4bit(_C.quantize_4bit_cuda, A, blocksize, quant_type)
 
 
 @register_kernel("dequantize_4bit", backend="cuda", device="cuda")
-def dequantize_4bit(
-    A, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset, nested_blocksize
-):
-    out = empty(list(shape), dtype, A.device)
-    weight = _weight_args(
-        A, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize
+def dequantize_4bit(A, absmax, code, blocksize, shape, dtype, *nested):
+    return _dequantize_4bit(
+        _C.dequantize_4bit_cuda, A, absmax, code, blocksize, shape, dtype, *nested
     )
-    _C.dequantize_4bit_cuda(*weight, out)
-    return out
 
 
 @register_kernel("matmul_4bit", backend="cuda", device="cuda")
@@ -154,7 +126,7 @@ def matmul_4bit(
     weight = _weight_args(
         A, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize
     )
-    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    bias32 = _float32_bias(bias)
     _C.matmul_4bit_gemv_cuda(
         x.reshape(rows, in_features).contiguous(), *weight, bias32, out.view(rows, out_features)
     )

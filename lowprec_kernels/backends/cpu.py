@@ -98,13 +98,18 @@ def _float32_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
     return None if bias is None else bias.to(torch.float32).contiguous()
 
 
-@register_kernel("int8_quantize_weight", backend="cpu", device="cpu")
-def int8_quantize_weight(W: torch.Tensor):
+def _int8_quantize_weight(native, W: torch.Tensor):
+    """Calls ``native`` (``_C.int8_quantize_weight_{cpu,cuda}``) with fresh outputs."""
     W = W.contiguous()
     codes = empty(W.shape, torch.int8, W.device)
     absmax = empty((W.shape[0],), torch.float32, W.device)
-    _C.int8_quantize_weight_cpu(W, codes, absmax)
+    native(W, codes, absmax)
     return codes, absmax
+
+
+@register_kernel("int8_quantize_weight", backend="cpu", device="cpu")
+def int8_quantize_weight(W: torch.Tensor):
+    return _int8_quantize_weight(_C.int8_quantize_weight_cpu, W)
 
 
 @register_kernel("int8_vectorwise_quant", backend="cpu", device="cpu")

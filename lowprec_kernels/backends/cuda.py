@@ -18,8 +18,10 @@ from lowprec_kernels.backends.cpu import (
     _dequantize_4bit,
     _dequantize_blockwise,
     _float32_bias,
+    _int8_quantize_weight,
     _quantize_4bit,
     _quantize_blockwise,
+    _rows,
     _weight_args,
 )
 
@@ -65,19 +67,14 @@ def adam8bit_step_(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, s
 
 @register_kernel("int8_quantize_weight", backend="cuda", device="cuda")
 def int8_quantize_weight(W: torch.Tensor):
-    W = W.contiguous()
-    codes = empty(W.shape, torch.int8, W.device)
-    absmax = empty((W.shape[0],), torch.float32, W.device)
-    _C.int8_quantize_weight_cuda(W, codes, absmax)
-    return codes, absmax
+    return _int8_quantize_weight(_C.int8_quantize_weight_cuda, W)
 
 
 @register_kernel("int8_vectorwise_quant", backend="cuda", device="cuda")
 def int8_vectorwise_quant(A: torch.Tensor, threshold: float):
     A = A.contiguous()
     codes = empty(A.shape, torch.int8, A.device)
-    rows = A.numel() // A.shape[-1] if A.shape[-1] else 0
-    row_absmax = empty((rows,), torch.float32, A.device)
+    row_absmax = empty((_rows(A),), torch.float32, A.device)
     mask = torch.empty(A.shape[-1], dtype=torch.uint8, device=A.device)
     _C.int8_vectorwise_quant_cuda(A, threshold, codes, row_absmax, mask)
     found = torch.nonzero(mask).view(-1)  # sorted; synchronizes: the count is data-dependent

@@ -48,8 +48,8 @@ constexpr int64_t kMinWeightElementsPerTask = 65536;
 // Everything the row kernels read. x_split holds, per parity p (0, and 1 when in_features is
 // odd) and row m of x, the elements x[m, p + 2j] then x[m, p + 2j + 1] for j < half_len, as
 // fp32 (or as bf16 bits in x_split_bf16 for the vdpbf16ps kernel). The lane-strided kernel
-// (AVX-512 with fp32 or fp16 x, in_features a multiple of kLaneChunkElements) reads x_lanes
-// instead: row m of x in the order its lookups produce weights (to_lane_strided).
+// (AVX-512 with fp32 or fp16 x, see lane_strided_used) reads x_lanes instead: row m of x in
+// the order its lookups produce weights (to_lane_strided).
 struct GemvProblem {
   const Packed4bit* weight;
   int64_t rows;
@@ -260,9 +260,8 @@ inline MainRange main_range(int64_t begin, int64_t end, int64_t step, int bytes_
 // chunk boundaries: no edges, no parity. A chunk may span several blocks (blocks of 32 or 64
 // weights), so the lookups use the raw codebook and each lane's sum is scaled by its own
 // block's scale afterwards.
-// Measured (Zen 5, one core, weights in L2, blocksize 64): ~4-10% faster than the split
-// kernel at M = 1 and 4. The same scheme with vpermw for bf16 x measured no faster than its
-// split kernel, which stays.
+// The same scheme with vpermw for bf16 x measured no faster than its split kernel, which
+// stays.
 constexpr int64_t kLaneChunkBytes = 64;
 constexpr int64_t kLaneChunkElements = 2 * kLaneChunkBytes;
 constexpr int kNibbleBits = 4;
@@ -280,8 +279,15 @@ inline void to_lane_strided(const float* x, int64_t count, float* x_lanes) {
         x_lanes[c + k * kLanes + l] = x[c + l * kNibblesPerLane + (k ^ 1)];
 }
 
-inline bool lane_strided_supported(int64_t in_features) {
-  return in_features % kLaneChunkElements == 0;
+// The lane-strided kernel runs from this many rows of x (one full row group) up; fewer rows
+// take the split kernel. Measured against the split kernel (Zen 5, one thread, 4096 x 4096
+// NF4, blocksize 64, double quant, weights streamed from DRAM; median of per-round time
+// ratios, 4-6 runs): split / lane time 0.94 at M = 1, 0.84 at 2, 0.90 at 3, 1.01 at 4, 1.02
+// at 5, 1.05 at 6, 1.07 at 8, 1.04 at 12, 1.10 at 16.
+constexpr int64_t kLaneStridedMinRows = kGemvRowGroup;
+
+inline bool lane_strided_used(int64_t rows, int64_t in_features) {
+  return rows >= kLaneStridedMinRows && in_features % kLaneChunkElements == 0;
 }
 
 // ------------------------------------------------------------------------------ scalar path
@@ -975,19 +981,20 @@ struct GemvPath {
   XLayout x_layout;
 };
 
-GemvPath gemv_path_for(CpuIsa isa, FloatType x_type, int64_t in_features) {
+GemvPath gemv_path_for(CpuIsa isa, FloatType x_type, int64_t rows, int64_t in_features) {
 #if LOWPREC_X86_SIMD
   if (x_type == FloatType::kBFloat16 && bf16_dot_available(isa)) {
     return {&gemv_rows_avx512_bf16, XLayout::kSplit};
   }
   if (isa == CpuIsa::kAvx512) {
-    return lane_strided_supported(in_features) ? GemvPath{&gemv_rows_avx512_lanes, XLayout::kLanes}
-                                               : GemvPath{&gemv_rows_avx512, XLayout::kSplit};
+    return lane_strided_used(rows, in_features) ? GemvPath{&gemv_rows_avx512_lanes, XLayout::kLanes}
+                                                : GemvPath{&gemv_rows_avx512, XLayout::kSplit};
   }
   if (isa == CpuIsa::kAvx2) return {&gemv_rows_avx2, XLayout::kSplit};
 #endif
   (void)isa;
   (void)x_type;
+  (void)rows;
   (void)in_features;
   return {&gemv_rows_scalar, XLayout::kSplit};
 }
@@ -1003,7 +1010,7 @@ void matmul_4bit_gemv(const void* x, FloatType x_type, int64_t rows, const Packe
   const int64_t K = in_features;
   const int parities = (K & 1) ? 2 : 1;
   const int64_t half_len = K / 2;
-  const GemvPath path = gemv_path_for(active_cpu_isa(), x_type, K);
+  const GemvPath path = gemv_path_for(active_cpu_isa(), x_type, rows, K);
   std::vector<float> x_float(static_cast<size_t>(rows * K));
   for (int64_t i = 0; i < rows * K; ++i)
     x_float[i] = load_float(x, i, x_type);

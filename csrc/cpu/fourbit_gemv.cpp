@@ -282,8 +282,8 @@ inline void to_lane_strided(const float* x, int64_t count, float* x_lanes) {
 // The lane-strided kernel runs from this many rows of x (one full row group) up; fewer rows
 // take the split kernel. Measured against the split kernel (Zen 5, one thread, 4096 x 4096
 // NF4, blocksize 64, double quant, weights streamed from DRAM; median of per-round time
-// ratios, 4-6 runs): split / lane time 0.94 at M = 1, 0.84 at 2, 0.90 at 3, 1.01 at 4, 1.02
-// at 5, 1.05 at 6, 1.07 at 8, 1.04 at 12, 1.10 at 16.
+// ratios, 4-6 runs), split time / lane time (above 1: lane faster): 0.94 at M = 1, 0.84 at
+// 2, 0.90 at 3, 1.01 at 4, 1.02 at 5, 1.05 at 6, 1.07 at 8, 1.04 at 12, 1.10 at 16.
 constexpr int64_t kLaneStridedMinRows = kGemvRowGroup;
 
 inline bool lane_strided_used(int64_t rows, int64_t in_features) {

@@ -389,13 +389,19 @@ def test_cpu_quantize_dequantize_every_isa(cpu_isa, dtype, quant_type):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_cpu_matmul_paths_every_isa(cpu_isa, path, dtype):
     """Both matmul paths on every ISA, at shapes that hit each tail: odd K (rows starting
-    mid-byte), K % blocksize != 0, partial vectors, every group size of x rows."""
+    mid-byte), K % blocksize != 0, partial vectors, every group size of x rows. K a multiple
+    of 128 with 4 or more rows of x takes the AVX-512 GEMV's lane-strided kernel for fp32/fp16
+    x (chunks spanning 4, 2 or 1 blocks, blocks spanning rows; a last group of 1, 2 or 3 rows
+    at 9, 6 and 7 rows), other shapes its split kernels. 29 x 640 at blocksize 32: a row's
+    16-block scale vector straddles a nested (double-quant) block at row 25."""
     kernel = getattr(_C, f"matmul_4bit_{path}_cpu")
-    for out_f, in_f, blocksize in ((37, 200, 64), (11, 95, 32), (5, 1, 32), (3, 4096 + 64, 128)):
+    shapes = ((37, 200, 64), (11, 95, 32), (5, 1, 32), (3, 4096 + 64, 128),
+              (29, 640, 32), (7, 256, 64), (5, 640, 128), (4, 512, 4096))  # fmt: skip
+    for out_f, in_f, blocksize in shapes:
         w = _nonzero_randn(out_f, in_f, device="cpu")
         for double_quant in (False, True):
             qw, st = LF.quantize_4bit(w, blocksize, "nf4", double_quant)
-            for rows in (1, 2, 3, 4, 5, 9):
+            for rows in (1, 2, 3, 4, 6, 7, 9):
                 x = _nonzero_randn(rows, in_f, device="cpu", dtype=dtype)
                 b = _nonzero_randn(out_f, device="cpu")
                 out = torch.full((rows, out_f), float("nan"), dtype=dtype)

@@ -81,17 +81,21 @@ constexpr int kFloatBytes = 4;
 // rounding, |F| < 2^25). With j0 = F >> 16 and f >= kNearFraction u = 2 margin, P* > j0 - margin +
 // (model_error + e + u + s) for any slack s <= margin - model_error - e - u, so v is above every
 // threshold below j0; and P* < j0 + 1 - margin - model_error always, so v is below the others.
-// The mirror's slack s: the negative half's thresholds round the other way (one ulp of |v|),
-// which moves a threshold by at most scale * ulp(|v|) positions. A boundary is decided by an
-// exact comparison instead, so a value equal to one (where the halves' ties differ) is near.
+// The slack s has two parts. v is x * fl(1 / absmax), within 3 * 2^-24 |v| of fl(x / absmax),
+// which moves P* by at most 3 * 2^-24 * scale * |v|. And the negative half's thresholds round
+// the other way (one ulp of |v|), which moves a threshold by at most scale * ulp(|v|) positions.
 // build_magnitude_encoder checks model_error + e + u + s <= margin for every segment, or reports
-// the encoder unusable.
+// the encoder unusable. Boundaries are decided by a comparison instead, so a value within a few
+// ulps of one (where the reciprocal may cross it, or the halves' ties differ) is near.
 
 // Fraction bits of the fixed-point position, and the fraction below which a value is near.
 constexpr int kPositionFractionBits = 16;
 constexpr float kPositionFractionScale = 65536.0f;
 constexpr int32_t kNearFraction = static_cast<int32_t>(kSegmentWindow * kPositionFractionScale);
 static_assert(kNearFraction == 32, "the near test masks the fraction with ~(kNearFraction - 1)");
+// Values whose bits lie within this many units of a boundary's are near: the reciprocal's v is
+// within 3 * 2^-24 |v| (under 3 ulps, or 6 units where that crosses a binade) of x / absmax.
+constexpr int32_t kBoundaryUlps = 8;
 // 32-entry tables: two per key (below / above its boundary; binades of a key for `boundary`).
 constexpr int kMagnitudeTableSize = 2 * kSegmentKeyCount;
 
@@ -174,7 +178,10 @@ inline void build_magnitude_encoder(const float* code, const SegmentedEncoder& e
       }
       const double mirror_slack =
           mirror > 0 ? scale * (nextafterf(highest, INFINITY) - highest) : 0.0;
-      if ((model_error + mirror_slack) / kUnit + 2.0 > kSegmentNearMargin / kUnit) return;
+      const double reciprocal_slack = scale * highest * 0x1.0001p-24 * 3.0;
+      if ((model_error + mirror_slack + reciprocal_slack) / kUnit + 2.0 >
+          kSegmentNearMargin / kUnit)
+        return;
     }
   }
   mag->usable = true;
@@ -190,6 +197,11 @@ struct StateEncoder {
 inline void build_state_encoder(const float* code, StateEncoder* enc) {
   build_segmented_encoder(code, &enc->segmented);
   build_magnitude_encoder(code, enc->segmented, &enc->magnitude);
+}
+
+// Whether the magnitude encoder applies to a block: its absmax is normal (its reciprocal finite).
+inline bool magnitude_encoding_applies(float absmax, const StateEncoder& enc) {
+  return enc.segmented.usable && enc.magnitude.usable && absmax >= FLT_MIN && absmax <= FLT_MAX;
 }
 
 // Everything the kernels read besides the tensors, built once per call from the two maps.
@@ -715,10 +727,12 @@ LP_TARGET_AVX512_VBMI inline __m512i avx512_encode_magnitude(__m512 v,
       _mm512_permutex2var_ps(enc.offset[0], index, enc.offset[1]));
   __m512i fixed = _mm512_min_epi32(_mm512_cvttps_epi32(position),
                                    _mm512_permutex2var_epi32(enc.last[0], index, enc.last[1]));
-  *near = _mm512_testn_epi32_mask(fixed, _mm512_set1_epi32(~(kNearFraction - 1) & 0xFFFF));
+  // Near a threshold, or within kBoundaryUlps of the boundary (integer distance of the bits).
+  const __m512i from_boundary = _mm512_add_epi32(
+      _mm512_sub_epi32(magnitude, _mm512_castps_si512(boundary)), _mm512_set1_epi32(kBoundaryUlps));
+  *near = _mm512_testn_epi32_mask(fixed, _mm512_set1_epi32(~(kNearFraction - 1) & 0xFFFF)) |
+          _mm512_cmplt_epu32_mask(from_boundary, _mm512_set1_epi32(2 * kBoundaryUlps + 1));
   if constexpr (kSigned) {
-    // A negative value exactly at a boundary: the negative half's tie goes the other way.
-    *near |= _mm512_cmp_ps_mask(_mm512_castsi512_ps(magnitude), boundary, _CMP_EQ_OQ);
     const __mmask16 negative = _mm512_movepi32_mask(bits);
     fixed = _mm512_max_epi32(_mm512_mask_sub_epi32(fixed, negative, enc.mirror, fixed),
                              _mm512_setzero_si512());
@@ -751,14 +765,17 @@ LP_TARGET_AVX512_VBMI inline void avx512_store_fixed_codes(uint8_t* codes, __mma
   avx512_store_codes(codes, lanes, _mm512_srli_epi32(fixed, kPositionFractionBits));
 }
 
-// values[i] / absmax into codes by the magnitude encoder, for a block whose absmax is positive
-// and finite; returns whether a near lane was recorded in near_lanes (one mask per vector).
+// values[i] / absmax into codes by the magnitude encoder, for a block whose absmax lies in
+// [FLT_MIN, FLT_MAX]; returns whether a near lane was recorded in near_lanes (one mask per
+// vector). It multiplies by the reciprocal of absmax instead of dividing (the divider is busy
+// enough with pass 1): the encoder's margins cover the difference, and the near lanes' exact
+// codes divide.
 template <bool kSigned>
 LP_TARGET_AVX512_VBMI inline bool avx512_encode_block(const float* values, int64_t count,
                                                       float absmax,
                                                       const Avx512MagnitudeEncoder& enc,
                                                       uint8_t* codes, uint16_t* near_lanes) {
-  const __m512 divisor = _mm512_set1_ps(absmax);
+  const __m512 reciprocal = _mm512_set1_ps(1.0f / absmax);  // finite: absmax >= FLT_MIN
   unsigned any_near = 0;
   int64_t k = 0;
   for (; k + kAvx512CodeGroup <= count; k += kAvx512CodeGroup) {
@@ -766,7 +783,7 @@ LP_TARGET_AVX512_VBMI inline bool avx512_encode_block(const float* values, int64
     for (int j = 0; j < kVectorsPerCodeGroup; ++j) {
       __mmask16 near;
       fixed[j] = avx512_encode_magnitude<kSigned>(
-          _mm512_div_ps(_mm512_loadu_ps(values + k + j * kAvx512Lanes), divisor), enc, &near);
+          _mm512_mul_ps(_mm512_loadu_ps(values + k + j * kAvx512Lanes), reciprocal), enc, &near);
       near_lanes[k / kAvx512Lanes + j] = near;
       any_near |= near;
     }
@@ -776,7 +793,7 @@ LP_TARGET_AVX512_VBMI inline bool avx512_encode_block(const float* values, int64
     const __mmask16 lanes = avx512_lanes(count - k);
     __mmask16 near;
     const __m512i fixed = avx512_encode_magnitude<kSigned>(
-        _mm512_div_ps(avx512_load<FloatType::kFloat32>(values, k, lanes), divisor), enc, &near);
+        _mm512_mul_ps(avx512_load<FloatType::kFloat32>(values, k, lanes), reciprocal), enc, &near);
     near_lanes[k / kAvx512Lanes] = near & lanes;
     any_near |= near_lanes[k / kAvx512Lanes];
     avx512_store_fixed_codes(codes + k, lanes, fixed);
@@ -795,7 +812,7 @@ LP_TARGET_AVX512_VBMI void encode_avx512(const float* values, int64_t count, flo
   }
   uint16_t near_lanes[kAvx512MaxVectorsPerBlock];
   const int64_t vectors = (count + kAvx512Lanes - 1) / kAvx512Lanes;
-  if (state_encoder.magnitude.usable) {
+  if (magnitude_encoding_applies(absmax, state_encoder)) {
     const Avx512MagnitudeEncoder registers = avx512_magnitude_encoder(state_encoder.magnitude);
     if (avx512_encode_block<true>(values, count, absmax, registers, codes, near_lanes)) {
       encode_near_lanes(values, absmax, near_lanes, vectors, enc, codes);
@@ -873,7 +890,6 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const A
   const bool scale_gradient = c.gnorm_scale != 1.0f;
   const StateEncoder& encoder1 = tables.encoder1;
   const StateEncoder& encoder2 = tables.encoder2;
-  const bool magnitude_encoders = encoder1.magnitude.usable && encoder2.magnitude.usable;
   const Avx512MagnitudeEncoder registers1 = avx512_magnitude_encoder(encoder1.magnitude);
   const Avx512MagnitudeEncoder registers2 = avx512_magnitude_encoder(encoder2.magnitude);
   for (int64_t block = first_block; block < end_block; ++block) {
@@ -924,8 +940,8 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const A
     t.absmax2[block] = absmax2;
 
     prefetch_block<T>(t, begin + kPrefetchDistance, count);
-    if (!magnitude_encoders || !segmented_encoding_applies(absmax1, encoder1.segmented) ||
-        !segmented_encoding_applies(absmax2, encoder2.segmented)) {
+    if (!magnitude_encoding_applies(absmax1, encoder1) ||
+        !magnitude_encoding_applies(absmax2, encoder2)) {
       encode_avx512(new_m, count, absmax1, encoder1, t.state1 + begin);
       encode_avx512(new_v, count, absmax2, encoder2, t.state2 + begin);
       continue;
@@ -1200,12 +1216,11 @@ void adam8bit_multi_step(const Adam8bitTensor* tensors, int64_t count, const flo
 
 namespace {
 
-// The values themselves encoded (absmax = 1: x / 1 is x exactly), in chunks of at most a block
-// (the encoders' limit).
-void encode_values(EncodeFn encode, const float* values, int64_t n, const StateEncoder& enc,
-                   uint8_t* codes) {
+// values / absmax encoded, in chunks of at most a block (the encoders' limit).
+void encode_values(EncodeFn encode, const float* values, int64_t n, float absmax,
+                   const StateEncoder& enc, uint8_t* codes) {
   for (int64_t begin = 0; begin < n; begin += kBlocksizeMax8bit) {
-    encode(values + begin, std::min<int64_t>(kBlocksizeMax8bit, n - begin), 1.0f, enc,
+    encode(values + begin, std::min<int64_t>(kBlocksizeMax8bit, n - begin), absmax, enc,
            codes + begin);
   }
 }
@@ -1215,7 +1230,7 @@ void encode_values(EncodeFn encode, const float* values, int64_t n, const StateE
 void adam8bit_encode(const float* values, int64_t n, const float* code, uint8_t* codes) {
   auto enc = std::make_unique<StateEncoder>();
   build_state_encoder(code, enc.get());
-  encode_values(encode_for(active_path()), values, n, *enc, codes);
+  encode_values(encode_for(active_path()), values, n, 1.0f, *enc, codes);
 }
 
 bool adam8bit_segmented_encoder_usable(const float* code) {
@@ -1243,7 +1258,8 @@ constexpr int64_t kSweepBatch = 4096;
 
 }  // namespace
 
-EncoderSweep adam8bit_encoder_sweep(const float* code, int64_t stride, int64_t neighbours) {
+EncoderSweep adam8bit_encoder_sweep(const float* code, int64_t stride, int64_t neighbours,
+                                    float absmax) {
   auto enc = std::make_unique<StateEncoder>();
   build_state_encoder(code, enc.get());
   const EncodeFn encode = encode_for(active_path());
@@ -1254,6 +1270,8 @@ EncoderSweep adam8bit_encoder_sweep(const float* code, int64_t stride, int64_t n
 
   std::atomic<int64_t> mismatches{0};
   std::atomic<uint32_t> first_bad{0};
+  // The encoders see x = v * absmax and must give the code of x / absmax (not always v).
+  const auto scaled = [&](float v) { return v * absmax; };
   auto record = [&](float v, uint8_t got, uint8_t want) {
     if (got == want) return;
     if (mismatches.fetch_add(1) == 0) first_bad.store(float_to_bits(v));
@@ -1265,14 +1283,16 @@ EncoderSweep adam8bit_encoder_sweep(const float* code, int64_t stride, int64_t n
       const int64_t first = batch * kSweepBatch;
       const int64_t size = std::min(kSweepBatch, samples - first);
       for (int64_t s = 0; s < size; ++s)
-        values[s] = ordinal_float(lowest + (first + s) * stride);
-      encode_values(encode, values, size, *enc, codes);
-      // The exact code counts the thresholds below v; v only grows, so one pointer walks them.
-      int want = encode_8bit(values[0], enc->segmented.thresholds);
+        values[s] = scaled(ordinal_float(lowest + (first + s) * stride));
+      encode_values(encode, values, size, absmax, *enc, codes);
+      // The exact code counts the thresholds below x / absmax, which only grows with x, so one
+      // pointer walks them.
+      int want = encode_8bit(values[0] / absmax, enc->segmented.thresholds);
       for (int64_t s = 0; s < size; ++s) {
-        while (want < kCodebookSize8bit - 1 && values[s] > enc->segmented.thresholds[want])
+        const float v = values[s] / absmax;
+        while (want < kCodebookSize8bit - 1 && v > enc->segmented.thresholds[want])
           ++want;
-        record(values[s], codes[s], static_cast<uint8_t>(want));
+        record(v, codes[s], static_cast<uint8_t>(want));
       }
     }
   });
@@ -1284,15 +1304,18 @@ EncoderSweep adam8bit_encoder_sweep(const float* code, int64_t stride, int64_t n
     const int64_t center = float_ordinal(enc->segmented.thresholds[i]);
     for (int64_t d = -neighbours; d <= neighbours; ++d) {
       const int64_t ordinal = center + d;
-      if (ordinal >= lowest && ordinal <= highest) near_values.push_back(ordinal_float(ordinal));
+      if (ordinal >= lowest && ordinal <= highest) {
+        near_values.push_back(scaled(ordinal_float(ordinal)));
+      }
     }
   }
-  near_values.push_back(1.0f);
+  near_values.push_back(absmax);
   std::vector<uint8_t> near_codes(near_values.size());
-  encode_values(encode, near_values.data(), static_cast<int64_t>(near_values.size()), *enc,
+  encode_values(encode, near_values.data(), static_cast<int64_t>(near_values.size()), absmax, *enc,
                 near_codes.data());
   for (size_t s = 0; s < near_values.size(); ++s) {
-    record(near_values[s], near_codes[s], encode_8bit(near_values[s], enc->segmented.thresholds));
+    const float v = near_values[s] / absmax;
+    record(v, near_codes[s], encode_8bit(v, enc->segmented.thresholds));
   }
   checked += static_cast<int64_t>(near_values.size());
   return {checked, mismatches.load(), first_bad.load()};

@@ -33,8 +33,8 @@ void adam8bit_encode_cpu(const at::Tensor& values, const at::Tensor& code, const
 bool adam8bit_segmented_encoder_usable(const at::Tensor& code);
 // (values checked, mismatches, bits of the first mismatch) of the encoder against the exact rule.
 std::tuple<int64_t, int64_t, int64_t> adam8bit_encoder_sweep_cpu(const at::Tensor& code,
-                                                                 int64_t stride,
-                                                                 int64_t neighbours);
+                                                                 int64_t stride, int64_t neighbours,
+                                                                 double absmax);
 
 // cpu/bindings.cpp: LLM.int8
 void int8_quantize_weight_cpu(const at::Tensor& W, const at::Tensor& out_codes,

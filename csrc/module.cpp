@@ -151,9 +151,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "adam8bit_segmented_encoder_usable", &adam8bit_segmented_encoder_usable, py::arg("code"),
       "Whether the arithmetic (segmented) encoder applies to this codebook (lowprec/adam8bit.h).");
   m.def("adam8bit_encoder_sweep_cpu", &adam8bit_encoder_sweep_cpu, py::arg("code"),
-        py::arg("stride"), py::arg("neighbours"), no_gil,
+        py::arg("stride"), py::arg("neighbours"), py::arg("absmax") = 1.0, no_gil,
         "(checked, mismatches, first mismatch bits) of the active path's encoder against the "
-        "exact rule over every stride-th float of [-1, 1] and every threshold's neighbours.");
+        "exact rule over every stride-th float v of [-1, 1] and every threshold's neighbours, "
+        "each encoded as x = v * absmax with that absmax (the rule's value is x / absmax).");
   m.def("int8_quantize_weight_cpu", &int8_quantize_weight_cpu, py::arg("W"), py::arg("out_codes"),
         py::arg("out_absmax"), no_gil);
   m.def("int8_vectorwise_quant_cpu", &int8_vectorwise_quant_cpu, py::arg("A"), py::arg("threshold"),

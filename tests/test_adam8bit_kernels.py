@@ -424,11 +424,15 @@ def test_segmented_encoder_applies_to_the_dynamic_maps(signed):
 
 
 @needs_native_cpu
+@pytest.mark.parametrize("absmax", [1.0, 0.3, 7.77e-4, 3.1e-30], ids=lambda a: f"absmax{a:g}")
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-def test_encoder_sweep_matches_exact_rule(cpu_isa, signed):
-    """Every 997th float of [-1, 1] (about 2 million, all binades) and the 256 floats on each
-    side of every threshold: the arithmetic encoder agrees with the threshold search."""
-    checked, mismatches, first_bad = _C.adam8bit_encoder_sweep_cpu(dynamic_map(signed), 997, 256)
+def test_encoder_sweep_matches_exact_rule(cpu_isa, signed, absmax):
+    """Every 997th float v of [-1, 1] (about 2 million, all binades) and the 256 floats on each
+    side of every threshold, encoded as x = v * absmax: the arithmetic encoder (which multiplies
+    by 1 / absmax on AVX-512) agrees with the threshold search on x / absmax."""
+    checked, mismatches, first_bad = _C.adam8bit_encoder_sweep_cpu(
+        dynamic_map(signed), 997, 256, absmax
+    )
     assert checked > 2_000_000
     assert mismatches == 0, f"{mismatches} mismatches, first at bits {first_bad:#010x}"
 

@@ -57,6 +57,153 @@ constexpr int64_t kCheckBatchBytes = 8 << 20;
 // Bytes of a float32: the decoder looks each one up in its own 256-entry byte table.
 constexpr int kFloatBytes = 4;
 
+// ---------------------------------------------------------------- the magnitude encoder
+//
+// The AVX-512 form of the segmented encoder (lowprec/adam8bit.h), rearranged so that a value
+// costs few shuffles, the scarce resource of the encoding pass:
+//   * it encodes |v| with the positive half of the key tables; a signed map whose negative
+//     entries mirror its positive ones (code K - c holds -code[c], K = twice the code of 0, as in
+//     the dynamic maps) gives a negative v the code max(K - code(|v|), 0). A map without negative
+//     entries gives every negative v code 0 (its mirror K is 0).
+//   * the key index is the exponent field itself (one shift; the 32-entry lookups read its low
+//     five bits, two per key), and the segment tables are indexed by (key, above the key's
+//     boundary) directly, so that a value takes four table lookups;
+//   * the position is evaluated in fixed point: F = trunc(v * S + O) with S = scale * 2^16 and
+//     O = offset * 2^16 + 2 * margin * 2^16, so F >> 16 is trunc(P + window) (the code) and the
+//     low 16 bits f are the fraction, the value being near a threshold when f < kNearFraction;
+//   * the clamp to the segment's last code is a min with (last << 16) | 0xFFFF, which keeps the
+//     code in bits 16..23 (so four vectors pack into 64 code bytes with two byte permutes) and
+//     makes a clamped value never near. No segment needs the clamp at its first code (checked).
+//
+// Exactness. Let P*(v) = v * scale + offset (real arithmetic, the segment's float coefficients),
+// which puts threshold t_q at first + q - margin within model_error. F / 2^16 lies within
+// [P* + 2 margin - e - u, P* + 2 margin + e] with u = 2^-16 (truncation) and e <= u (the fma's
+// rounding, |F| < 2^25). With j0 = F >> 16 and f >= kNearFraction u = 2 margin, P* > j0 - margin +
+// (model_error + e + u + s) for any slack s <= margin - model_error - e - u, so v is above every
+// threshold below j0; and P* < j0 + 1 - margin - model_error always, so v is below the others.
+// The slack s has two parts. v is x * fl(1 / absmax), within 3 * 2^-24 |v| of fl(x / absmax),
+// which moves P* by at most 3 * 2^-24 * scale * |v|. And the negative half's thresholds round
+// the other way (one ulp of |v|), which moves a threshold by at most scale * ulp(|v|) positions.
+// build_magnitude_encoder checks model_error + e + u + s <= margin for every segment, or reports
+// the encoder unusable. Boundaries are decided by a comparison instead, so a value within a few
+// ulps of one (where the reciprocal may cross it, or the halves' ties differ) is near.
+
+// Fraction bits of the fixed-point position, and the fraction below which a value is near.
+constexpr int kPositionFractionBits = 16;
+constexpr float kPositionFractionScale = 65536.0f;
+constexpr int32_t kNearFraction = static_cast<int32_t>(kSegmentWindow * kPositionFractionScale);
+static_assert(kNearFraction == 32, "the near test masks the fraction with ~(kNearFraction - 1)");
+// Values whose bits lie within this many units of a boundary's are near: the reciprocal's v is
+// within 3 * 2^-24 |v| (under 3 ulps, or 6 units where that crosses a binade) of x / absmax.
+constexpr int32_t kBoundaryUlps = 8;
+// 32-entry tables: two per key (below / above its boundary; binades of a key for `boundary`).
+constexpr int kMagnitudeTableSize = 2 * kSegmentKeyCount;
+
+struct MagnitudeEncoder {
+  // By exponent field & 31 (fields 96..127, two per key): the key's boundary (+inf if none).
+  alignas(64) float boundary[kMagnitudeTableSize];
+  // By 2 * key + (v above the key's boundary): the segment's fixed-point map and clamp.
+  alignas(64) float scale[kMagnitudeTableSize];
+  alignas(64) float offset[kMagnitudeTableSize];
+  alignas(64) int32_t last[kMagnitudeTableSize];
+  int32_t mirror;  // (K << 16) | 0xFFFF: F of a negative v is mirror - F(|v|), at least 0
+  bool usable;     // false: the segmented encoder (or the exact search) encodes
+};
+
+// The code of -|v| is K - code(|v|): K for the map, or -1 if its negative half does not mirror
+// its positive half. A map without negative entries has K = 0 (every negative v encodes as 0).
+inline int mirror_code(const float* code) {
+  if (!(code[0] < 0.0f)) return 0;
+  int zero = -1;
+  for (int c = 0; c < kCodebookSize8bit; ++c) {
+    if (code[c] == 0.0f) {
+      zero = c;
+      break;
+    }
+  }
+  const int mirror = 2 * zero;
+  if (zero < 0 || mirror >= kCodebookSize8bit) return -1;
+  for (int c = zero; c <= mirror; ++c) {
+    if (code[mirror - c] != -code[c]) return -1;
+  }
+  return mirror;
+}
+
+inline void build_magnitude_encoder(const float* code, const SegmentedEncoder& enc,
+                                    MagnitudeEncoder* mag) {
+  mag->usable = false;
+  const int mirror = mirror_code(code);
+  if (!enc.usable || mirror < 0) return;
+  mag->mirror =
+      static_cast<int32_t>((static_cast<uint32_t>(mirror) << kPositionFractionBits) | 0xFFFFu);
+  constexpr double kUnit = 1.0 / kPositionFractionScale;
+  for (int key = 0; key < kSegmentKeyCount; ++key) {
+    const float boundary = enc.key_boundary[key];  // sign 0: the positive half
+    mag->boundary[2 * key] = mag->boundary[2 * key + 1] = boundary;
+    const uint32_t field = kSegmentKeyMinExponentField + kSegmentKeyBinades * key;
+    const float low = key == 0 ? 0.0f : bits_to_float(field << 23);
+    const float high = key == kSegmentKeyCount - 1
+                           ? 1.0f
+                           : nextafterf(bits_to_float((field + kSegmentKeyBinades) << 23), 0.0f);
+    for (int above = 0; above < 2; ++above) {
+      const bool split = above && boundary < high;
+      const int segment = enc.key_segment[key] + (split ? 1 : 0);
+      const double scale = enc.segment_scale[segment];
+      const double offset = enc.segment_offset[segment];
+      const int first = enc.segment_first_code[segment];
+      const int last = enc.segment_last_code[segment];
+      const int index = 2 * key + above;
+      mag->scale[index] = static_cast<float>(scale * kPositionFractionScale);
+      const double offset_fixed = offset * kPositionFractionScale + kNearFraction;
+      mag->offset[index] = static_cast<float>(offset_fixed);
+      mag->last[index] =
+          static_cast<int32_t>((static_cast<uint32_t>(last) << kPositionFractionBits) | 0xFFFFu);
+      if (static_cast<double>(mag->offset[index]) != offset_fixed) return;
+      // The values of this entry: [lowest, highest].
+      const float lowest = split ? nextafterf(boundary, INFINITY) : low;
+      const float highest = split || !(boundary < high) ? high : boundary;
+      if (!(lowest <= highest)) continue;  // an empty half: never selected
+      const auto fixed = [&](float v) { return fmaf(v, mag->scale[index], mag->offset[index]); };
+      // Never below the first code (no lower clamp), always in fixed-point range.
+      if (static_cast<int64_t>(fixed(lowest)) <
+          (static_cast<int64_t>(first) << kPositionFractionBits))
+        return;
+      if (!(fixed(highest) < 0x1p25f)) return;
+      // The error budget of the exactness argument above, in units of 2^-16.
+      double model_error = 0.0;
+      for (int q = 1; q <= last - first; ++q) {
+        const double t = enc.thresholds[first + q - 1];
+        model_error =
+            fmax(model_error, fabs(t * scale + offset - (first + q - kSegmentNearMargin)));
+      }
+      const double mirror_slack =
+          mirror > 0 ? scale * (nextafterf(highest, INFINITY) - highest) : 0.0;
+      const double reciprocal_slack = scale * highest * 0x1.0001p-24 * 3.0;
+      if ((model_error + mirror_slack + reciprocal_slack) / kUnit + 2.0 >
+          kSegmentNearMargin / kUnit)
+        return;
+    }
+  }
+  mag->usable = true;
+}
+
+// Both encoders of a map: every path uses `segmented` (or its exact search); the AVX-512 path
+// uses `magnitude` where it is usable.
+struct StateEncoder {
+  SegmentedEncoder segmented;
+  MagnitudeEncoder magnitude;
+};
+
+inline void build_state_encoder(const float* code, StateEncoder* enc) {
+  build_segmented_encoder(code, &enc->segmented);
+  build_magnitude_encoder(code, enc->segmented, &enc->magnitude);
+}
+
+// Whether the magnitude encoder applies to a block: its absmax is normal (its reciprocal finite).
+inline bool magnitude_encoding_applies(float absmax, const StateEncoder& enc) {
+  return enc.segmented.usable && enc.magnitude.usable && absmax >= FLT_MIN && absmax <= FLT_MAX;
+}
+
 // Everything the kernels read besides the tensors, built once per call from the two maps.
 struct Adam8bitTables {
   alignas(64) float qmap1[kCodebookSize8bit];
@@ -64,8 +211,8 @@ struct Adam8bitTables {
   // byte_planes[k][c] = byte k of qmap[c] (little-endian), for the AVX-512 decoder.
   alignas(64) uint8_t byte_planes1[kFloatBytes][kCodebookSize8bit];
   alignas(64) uint8_t byte_planes2[kFloatBytes][kCodebookSize8bit];
-  SegmentedEncoder encoder1;
-  SegmentedEncoder encoder2;
+  StateEncoder encoder1;
+  StateEncoder encoder2;
 };
 
 void build_byte_planes(const float* qmap, uint8_t planes[kFloatBytes][kCodebookSize8bit]) {
@@ -81,8 +228,8 @@ void build_tables(const float* qmap1, const float* qmap2, Adam8bitTables* tables
   std::memcpy(tables->qmap2, qmap2, sizeof(tables->qmap2));
   build_byte_planes(qmap1, tables->byte_planes1);
   build_byte_planes(qmap2, tables->byte_planes2);
-  build_segmented_encoder(qmap1, &tables->encoder1);
-  build_segmented_encoder(qmap2, &tables->encoder2);
+  build_state_encoder(qmap1, &tables->encoder1);
+  build_state_encoder(qmap2, &tables->encoder2);
 }
 
 // ------------------------------------------------------------------------------ scalar path
@@ -120,8 +267,8 @@ inline bool segmented_encoding_applies(float absmax, const SegmentedEncoder& enc
 }
 
 // x / absmax into codes, by the segmented encoder where it applies.
-void encode_scalar(const float* values, int64_t count, float absmax, const SegmentedEncoder& enc,
-                   uint8_t* codes) {
+void encode_segmented_scalar(const float* values, int64_t count, float absmax,
+                             const SegmentedEncoder& enc, uint8_t* codes) {
   if (absmax == 0.0f) {
     std::memset(codes, enc.zero_code, count);
     return;
@@ -130,6 +277,11 @@ void encode_scalar(const float* values, int64_t count, float absmax, const Segme
     const float v = values[i] / absmax;
     codes[i] = enc.usable ? encode_segmented(v, enc) : encode_8bit(v, enc.thresholds);
   }
+}
+
+void encode_scalar(const float* values, int64_t count, float absmax, const StateEncoder& enc,
+                   uint8_t* codes) {
+  encode_segmented_scalar(values, count, absmax, enc.segmented, codes);
 }
 
 template <FloatType T, bool kAddWeightDecay>
@@ -232,9 +384,10 @@ LP_TARGET_AVX2 inline __m256i avx2_encode(__m256 v, const SegmentedEncoder& enc,
 }
 
 LP_TARGET_AVX2 void encode_avx2(const float* values, int64_t count, float absmax,
-                                const SegmentedEncoder& enc, uint8_t* codes) {
+                                const StateEncoder& state_encoder, uint8_t* codes) {
+  const SegmentedEncoder& enc = state_encoder.segmented;
   if (!segmented_encoding_applies(absmax, enc)) {
-    encode_scalar(values, count, absmax, enc, codes);
+    encode_segmented_scalar(values, count, absmax, enc, codes);
     return;
   }
   const __m256 divisor = _mm256_set1_ps(absmax);
@@ -256,7 +409,7 @@ LP_TARGET_AVX2 void encode_avx2(const float* values, int64_t count, float absmax
     }
     avx2_store_codes(codes + i, code);
   }
-  encode_scalar(values + vector_end, count - vector_end, absmax, enc, codes + vector_end);
+  encode_segmented_scalar(values + vector_end, count - vector_end, absmax, enc, codes + vector_end);
 }
 
 template <FloatType T, bool kAddWeightDecay>
@@ -531,17 +684,142 @@ inline void encode_near_lanes(const float* values, float absmax, const uint16_t*
 
 constexpr int kAvx512MaxVectorsPerBlock = kBlocksizeMax8bit / kAvx512Lanes;
 
+// The magnitude encoder's tables in registers (two per 32-entry table), loaded once per call.
+struct Avx512MagnitudeEncoder {
+  __m512 boundary[2];
+  __m512 scale[2];
+  __m512 offset[2];
+  __m512i last[2];
+  __m512i mirror;
+};
+
+LP_TARGET_AVX512_VBMI inline Avx512MagnitudeEncoder avx512_magnitude_encoder(
+    const MagnitudeEncoder& mag) {
+  static_assert(kMagnitudeTableSize == 2 * kAvx512Lanes, "a table must fill two registers");
+  return {{_mm512_load_ps(mag.boundary), _mm512_load_ps(mag.boundary + kAvx512Lanes)},
+          {_mm512_load_ps(mag.scale), _mm512_load_ps(mag.scale + kAvx512Lanes)},
+          {_mm512_load_ps(mag.offset), _mm512_load_ps(mag.offset + kAvx512Lanes)},
+          {_mm512_load_si512(mag.last), _mm512_load_si512(mag.last + kAvx512Lanes)},
+          _mm512_set1_epi32(mag.mirror)};
+}
+
+// The fixed-point position of v in [-1, 1] (not NaN), clamped: its code in bits 16..23. `near`
+// gets the lanes near a threshold, whose code must come from the exact search. kSigned: v may
+// be negative (false: v >= +0, as the second moment is).
+template <bool kSigned>
+LP_TARGET_AVX512_VBMI inline __m512i avx512_encode_magnitude(__m512 v,
+                                                             const Avx512MagnitudeEncoder& enc,
+                                                             __mmask16* near) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i magnitude = kSigned ? _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)) : bits;
+  // The exponent field, clamped below at the lowest key's: the 32-entry lookups read its low
+  // five bits, field - 96, two per key.
+  const __m512i field = _mm512_srli_epi32(
+      _mm512_max_epu32(magnitude,
+                       _mm512_set1_epi32(static_cast<int>(kSegmentKeyMinExponentField << 23))),
+      23);
+  const __m512 boundary = _mm512_permutex2var_ps(enc.boundary[0], field, enc.boundary[1]);
+  const __mmask16 above = _mm512_cmp_ps_mask(_mm512_castsi512_ps(magnitude), boundary, _CMP_GT_OQ);
+  const __m512i key_even = _mm512_and_si512(field, _mm512_set1_epi32(kMagnitudeTableSize - 2));
+  const __m512i index = _mm512_mask_or_epi32(key_even, above, key_even, _mm512_set1_epi32(1));
+  const __m512 position = _mm512_fmadd_ps(
+      _mm512_castsi512_ps(magnitude), _mm512_permutex2var_ps(enc.scale[0], index, enc.scale[1]),
+      _mm512_permutex2var_ps(enc.offset[0], index, enc.offset[1]));
+  __m512i fixed = _mm512_min_epi32(_mm512_cvttps_epi32(position),
+                                   _mm512_permutex2var_epi32(enc.last[0], index, enc.last[1]));
+  // Near a threshold, or within kBoundaryUlps of the boundary (integer distance of the bits).
+  const __m512i from_boundary = _mm512_add_epi32(
+      _mm512_sub_epi32(magnitude, _mm512_castps_si512(boundary)), _mm512_set1_epi32(kBoundaryUlps));
+  *near = _mm512_testn_epi32_mask(fixed, _mm512_set1_epi32(~(kNearFraction - 1) & 0xFFFF)) |
+          _mm512_cmplt_epu32_mask(from_boundary, _mm512_set1_epi32(2 * kBoundaryUlps + 1));
+  if constexpr (kSigned) {
+    const __mmask16 negative = _mm512_movepi32_mask(bits);
+    fixed = _mm512_max_epi32(_mm512_mask_sub_epi32(fixed, negative, enc.mirror, fixed),
+                             _mm512_setzero_si512());
+  }
+  return fixed;
+}
+
+// Byte 2 of every lane of four vectors, in order: the codes of 64 fixed-point positions.
+struct CodeBytePicker {
+  alignas(64) uint8_t index[kAvx512CodeGroup];
+  constexpr CodeBytePicker() : index{} {
+    for (int j = 0; j < kAvx512CodeGroup; ++j) {
+      const int source = (j / kAvx512Lanes) % 2;  // first or second table of each permute
+      index[j] = static_cast<uint8_t>(64 * source + 4 * (j % kAvx512Lanes) + 2);
+    }
+  }
+};
+constexpr CodeBytePicker kCodeBytePicker;
+
+LP_TARGET_AVX512_VBMI inline void avx512_store_code_group(
+    uint8_t* codes, const __m512i fixed[kVectorsPerCodeGroup]) {
+  const __m512i pick = _mm512_load_si512(kCodeBytePicker.index);
+  const __m512i low = _mm512_permutex2var_epi8(fixed[0], pick, fixed[1]);   // bytes 0..31
+  const __m512i high = _mm512_permutex2var_epi8(fixed[2], pick, fixed[3]);  // bytes 32..63
+  _mm512_storeu_si512(codes, _mm512_mask_blend_epi8(~__mmask64{0} << 32, low, high));
+}
+
+LP_TARGET_AVX512_VBMI inline void avx512_store_fixed_codes(uint8_t* codes, __mmask16 lanes,
+                                                           __m512i fixed) {
+  avx512_store_codes(codes, lanes, _mm512_srli_epi32(fixed, kPositionFractionBits));
+}
+
+// values[i] / absmax into codes by the magnitude encoder, for a block whose absmax lies in
+// [FLT_MIN, FLT_MAX]; returns whether a near lane was recorded in near_lanes (one mask per
+// vector). It multiplies by the reciprocal of absmax instead of dividing (the divider is busy
+// enough with pass 1): the encoder's margins cover the difference, and the near lanes' exact
+// codes divide.
+template <bool kSigned>
+LP_TARGET_AVX512_VBMI inline bool avx512_encode_block(const float* values, int64_t count,
+                                                      float absmax,
+                                                      const Avx512MagnitudeEncoder& enc,
+                                                      uint8_t* codes, uint16_t* near_lanes) {
+  const __m512 reciprocal = _mm512_set1_ps(1.0f / absmax);  // finite: absmax >= FLT_MIN
+  unsigned any_near = 0;
+  int64_t k = 0;
+  for (; k + kAvx512CodeGroup <= count; k += kAvx512CodeGroup) {
+    __m512i fixed[kVectorsPerCodeGroup];
+    for (int j = 0; j < kVectorsPerCodeGroup; ++j) {
+      __mmask16 near;
+      fixed[j] = avx512_encode_magnitude<kSigned>(
+          _mm512_mul_ps(_mm512_loadu_ps(values + k + j * kAvx512Lanes), reciprocal), enc, &near);
+      near_lanes[k / kAvx512Lanes + j] = near;
+      any_near |= near;
+    }
+    avx512_store_code_group(codes + k, fixed);
+  }
+  for (; k < count; k += kAvx512Lanes) {
+    const __mmask16 lanes = avx512_lanes(count - k);
+    __mmask16 near;
+    const __m512i fixed = avx512_encode_magnitude<kSigned>(
+        _mm512_mul_ps(avx512_load<FloatType::kFloat32>(values, k, lanes), reciprocal), enc, &near);
+    near_lanes[k / kAvx512Lanes] = near & lanes;
+    any_near |= near_lanes[k / kAvx512Lanes];
+    avx512_store_fixed_codes(codes + k, lanes, fixed);
+  }
+  return any_near != 0;
+}
+
 // values[i] / absmax into codes, the near lanes recorded and fixed after the loop (about 1
 // vector in 100 has one) so that the loop has no branch.
 LP_TARGET_AVX512_VBMI void encode_avx512(const float* values, int64_t count, float absmax,
-                                         const SegmentedEncoder& enc, uint8_t* codes) {
+                                         const StateEncoder& state_encoder, uint8_t* codes) {
+  const SegmentedEncoder& enc = state_encoder.segmented;
   if (!segmented_encoding_applies(absmax, enc)) {
-    encode_scalar(values, count, absmax, enc, codes);
+    encode_segmented_scalar(values, count, absmax, enc, codes);
     return;
   }
   uint16_t near_lanes[kAvx512MaxVectorsPerBlock];
-  const Avx512Encoder registers = avx512_encoder(enc);
   const int64_t vectors = (count + kAvx512Lanes - 1) / kAvx512Lanes;
+  if (magnitude_encoding_applies(absmax, state_encoder)) {
+    const Avx512MagnitudeEncoder registers = avx512_magnitude_encoder(state_encoder.magnitude);
+    if (avx512_encode_block<true>(values, count, absmax, registers, codes, near_lanes)) {
+      encode_near_lanes(values, absmax, near_lanes, vectors, enc, codes);
+    }
+    return;
+  }
+  const Avx512Encoder registers = avx512_encoder(enc);
   const __m512 divisor = _mm512_set1_ps(absmax);
   unsigned any_near = 0;
   for (int64_t j = 0; j < vectors; ++j) {
@@ -558,11 +836,40 @@ LP_TARGET_AVX512_VBMI void encode_avx512(const float* values, int64_t count, flo
   }
 }
 
+// Elements ahead of the block being encoded whose tensor lines pass 2 prefetches (two blocks of
+// the default size; 256 to 1024 measured alike, nearer ones did not hide the memory).
+#ifndef LP_PFD
+#define LP_PFD 512
+#endif
+constexpr int64_t kPrefetchDistance = LP_PFD;
+constexpr int64_t kCacheLineBytes = 64;
+
+// Prefetches every line of elements [first, first + count) of the tensors a step reads.
+template <FloatType T>
+LP_TARGET_AVX512_VBMI inline void prefetch_block(const Adam8bitTensor& t, int64_t first,
+                                                 int64_t count) {
+  if (first >= t.n) return;
+  count = std::min(count, t.n - first);
+  constexpr int64_t kElementBytes = T == FloatType::kFloat32 ? 4 : 2;
+  const char* p = static_cast<const char*>(t.p) + first * kElementBytes;
+  const char* g = static_cast<const char*>(t.g) + first * kElementBytes;
+  for (int64_t b = 0; b < count * kElementBytes; b += kCacheLineBytes) {
+    _mm_prefetch(p + b, _MM_HINT_T0);
+    _mm_prefetch(g + b, _MM_HINT_T0);
+  }
+  for (int64_t b = 0; b < count; b += kCacheLineBytes) {
+    _mm_prefetch(reinterpret_cast<const char*>(t.state1 + first + b), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(t.state2 + first + b), _MM_HINT_T0);
+  }
+}
+
 // Per block, two passes over at most 4096 elements (the new m and v wait in L1 between them):
 //   1. decode m and v (64 codes at a time), update m, v and p, take the absmax of m and v;
-//   2. encode m and v.
+//   2. encode m and v (the magnitude encoder; the segmented one for maps it does not fit).
 // The divider (one division and a square root per vector in pass 1, two divisions in
 // pass 2) works alongside the permutes and arithmetic of the decoder and the encoder.
+// Pass 2 reads no tensor, so it prefetches the tensors' lines kPrefetchDistance elements
+// ahead: without that the memory idles while it runs and pass 1 waits for every line.
 template <FloatType T, bool kAddWeightDecay>
 LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const AdamCoefficients& c,
                                                 int64_t first_block, int64_t end_block,
@@ -582,10 +889,12 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const A
   const __m512 inv_sqrt_bc2 = _mm512_set1_ps(c.inv_sqrt_bc2);
   const __m512 eps = _mm512_set1_ps(c.eps);
   const __m512i magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF);
-  const SegmentedEncoder& encoder1 = tables.encoder1;
-  const SegmentedEncoder& encoder2 = tables.encoder2;
-  const Avx512Encoder registers1 = avx512_encoder(encoder1);
-  const Avx512Encoder registers2 = avx512_encoder(encoder2);
+  // Multiplying by 1 is exact: skip it.
+  const bool scale_gradient = c.gnorm_scale != 1.0f;
+  const StateEncoder& encoder1 = tables.encoder1;
+  const StateEncoder& encoder2 = tables.encoder2;
+  const Avx512MagnitudeEncoder registers1 = avx512_magnitude_encoder(encoder1.magnitude);
+  const Avx512MagnitudeEncoder registers2 = avx512_magnitude_encoder(encoder2.magnitude);
   for (int64_t block = first_block; block < end_block; ++block) {
     const int64_t begin = block * blocksize;
     const int64_t count = std::min(blocksize, t.n - begin);
@@ -608,7 +917,8 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const A
         if (k >= count) break;
         const __mmask16 lanes = avx512_lanes(count - k);
         const __m512 p_old = avx512_load<T>(t.p, begin + k, lanes);
-        __m512 g = _mm512_mul_ps(avx512_load<T>(t.g, begin + k, lanes), gnorm_scale);
+        __m512 g = avx512_load<T>(t.g, begin + k, lanes);
+        if (scale_gradient) g = _mm512_mul_ps(g, gnorm_scale);
         if constexpr (kAddWeightDecay) g = _mm512_add_ps(g, _mm512_mul_ps(weight_decay, p_old));
         const __m512 m = _mm512_add_ps(_mm512_mul_ps(beta1, _mm512_mul_ps(m_table[j], old_scale1)),
                                        _mm512_mul_ps(one_minus_beta1, g));
@@ -632,33 +942,18 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const A
     t.absmax1[block] = absmax1;
     t.absmax2[block] = absmax2;
 
-    if (!segmented_encoding_applies(absmax1, encoder1) ||
-        !segmented_encoding_applies(absmax2, encoder2)) {
+    prefetch_block<T>(t, begin + kPrefetchDistance, count);
+    if (!magnitude_encoding_applies(absmax1, encoder1) ||
+        !magnitude_encoding_applies(absmax2, encoder2)) {
       encode_avx512(new_m, count, absmax1, encoder1, t.state1 + begin);
       encode_avx512(new_v, count, absmax2, encoder2, t.state2 + begin);
       continue;
     }
-    const __m512 divisor1 = _mm512_set1_ps(absmax1);
-    const __m512 divisor2 = _mm512_set1_ps(absmax2);
-    unsigned any_near = 0;
-    for (int64_t j = 0; j < vectors; ++j) {
-      const int64_t k = j * kAvx512Lanes;
-      const __mmask16 lanes = avx512_lanes(count - k);
-      __mmask16 near_m;
-      __mmask16 near_v;
-      const __m512i code1 =
-          avx512_encode(_mm512_div_ps(_mm512_load_ps(new_m + k), divisor1), registers1, &near_m);
-      const __m512i code2 =
-          avx512_encode(_mm512_div_ps(_mm512_load_ps(new_v + k), divisor2), registers2, &near_v);
-      avx512_store_codes(t.state1 + begin + k, lanes, code1);
-      avx512_store_codes(t.state2 + begin + k, lanes, code2);
-      near1[j] = near_m & lanes;
-      near2[j] = near_v & lanes;
-      any_near |= near1[j] | near2[j];
+    if (avx512_encode_block<true>(new_m, count, absmax1, registers1, t.state1 + begin, near1)) {
+      encode_near_lanes(new_m, absmax1, near1, vectors, encoder1.segmented, t.state1 + begin);
     }
-    if (__builtin_expect(any_near != 0, 0)) {
-      encode_near_lanes(new_m, absmax1, near1, vectors, encoder1, t.state1 + begin);
-      encode_near_lanes(new_v, absmax2, near2, vectors, encoder2, t.state2 + begin);
+    if (avx512_encode_block<false>(new_v, count, absmax2, registers2, t.state2 + begin, near2)) {
+      encode_near_lanes(new_v, absmax2, near2, vectors, encoder2.segmented, t.state2 + begin);
     }
   }
 }
@@ -729,8 +1024,8 @@ using UpdateBlocksFn = void (*)(const Adam8bitTensor& t, const AdamCoefficients&
                                 int64_t first_block, int64_t end_block, int64_t blocksize,
                                 const Adam8bitTables& tables);
 using AllFiniteFn = bool (*)(const void* g, int64_t begin, int64_t end);
-using EncodeFn = void (*)(const float* values, int64_t count, float absmax,
-                          const SegmentedEncoder& enc, uint8_t* codes);
+using EncodeFn = void (*)(const float* values, int64_t count, float absmax, const StateEncoder& enc,
+                          uint8_t* codes);
 
 // The path the active ISA setting selects: AVX-512 needs VBMI as well; else AVX2.
 enum class Adam8bitPath { kScalar, kAvx2, kAvx512 };
@@ -888,10 +1183,26 @@ void step_batch(const Adam8bitTensor* tensors, int64_t first, int64_t end,
 
 }  // namespace
 
+namespace {
+
+// The tables of the maps of the last call on this thread: building them (the encoders' fits and
+// proofs) costs about as much as stepping 100k parameters, and the maps seldom change.
+const Adam8bitTables& tables_for(const float* qmap1, const float* qmap2) {
+  thread_local std::unique_ptr<Adam8bitTables> cached;
+  if (!cached || std::memcmp(cached->qmap1, qmap1, sizeof(cached->qmap1)) != 0 ||
+      std::memcmp(cached->qmap2, qmap2, sizeof(cached->qmap2)) != 0) {
+    auto tables = std::make_unique<Adam8bitTables>();
+    build_tables(qmap1, qmap2, tables.get());
+    cached = std::move(tables);
+  }
+  return *cached;
+}
+
+}  // namespace
+
 void adam8bit_multi_step(const Adam8bitTensor* tensors, int64_t count, const float* qmap1,
                          const float* qmap2, const Adam8bitHyper& hyper) {
-  auto tables = std::make_unique<Adam8bitTables>();
-  build_tables(qmap1, qmap2, tables.get());
+  const Adam8bitTables& tables = tables_for(qmap1, qmap2);
   const Adam8bitPath path = active_path();
   for (int64_t first = 0; first < count;) {
     int64_t end = first;
@@ -901,19 +1212,18 @@ void adam8bit_multi_step(const Adam8bitTensor* tensors, int64_t count, const flo
       ++end;
     } while (end < count &&
              bytes + tensors[end].n * element_bytes(tensors[end].type) <= kCheckBatchBytes);
-    step_batch(tensors, first, end, *tables, hyper, path);
+    step_batch(tensors, first, end, tables, hyper, path);
     first = end;
   }
 }
 
 namespace {
 
-// The values themselves encoded (absmax = 1: x / 1 is x exactly), in chunks of at most a block
-// (the encoders' limit).
-void encode_values(EncodeFn encode, const float* values, int64_t n, const SegmentedEncoder& enc,
-                   uint8_t* codes) {
+// values / absmax encoded, in chunks of at most a block (the encoders' limit).
+void encode_values(EncodeFn encode, const float* values, int64_t n, float absmax,
+                   const StateEncoder& enc, uint8_t* codes) {
   for (int64_t begin = 0; begin < n; begin += kBlocksizeMax8bit) {
-    encode(values + begin, std::min<int64_t>(kBlocksizeMax8bit, n - begin), 1.0f, enc,
+    encode(values + begin, std::min<int64_t>(kBlocksizeMax8bit, n - begin), absmax, enc,
            codes + begin);
   }
 }
@@ -921,15 +1231,15 @@ void encode_values(EncodeFn encode, const float* values, int64_t n, const Segmen
 }  // namespace
 
 void adam8bit_encode(const float* values, int64_t n, const float* code, uint8_t* codes) {
-  auto enc = std::make_unique<SegmentedEncoder>();
-  build_segmented_encoder(code, enc.get());
-  encode_values(encode_for(active_path()), values, n, *enc, codes);
+  auto enc = std::make_unique<StateEncoder>();
+  build_state_encoder(code, enc.get());
+  encode_values(encode_for(active_path()), values, n, 1.0f, *enc, codes);
 }
 
 bool adam8bit_segmented_encoder_usable(const float* code) {
-  auto enc = std::make_unique<SegmentedEncoder>();
-  build_segmented_encoder(code, enc.get());
-  return enc->usable;
+  auto enc = std::make_unique<StateEncoder>();
+  build_state_encoder(code, enc.get());
+  return enc->segmented.usable && enc->magnitude.usable;
 }
 
 namespace {
@@ -951,9 +1261,10 @@ constexpr int64_t kSweepBatch = 4096;
 
 }  // namespace
 
-EncoderSweep adam8bit_encoder_sweep(const float* code, int64_t stride, int64_t neighbours) {
-  auto enc = std::make_unique<SegmentedEncoder>();
-  build_segmented_encoder(code, enc.get());
+EncoderSweep adam8bit_encoder_sweep(const float* code, int64_t stride, int64_t neighbours,
+                                    float absmax) {
+  auto enc = std::make_unique<StateEncoder>();
+  build_state_encoder(code, enc.get());
   const EncodeFn encode = encode_for(active_path());
   const int64_t lowest = float_ordinal(-1.0f);
   const int64_t highest = float_ordinal(1.0f);
@@ -962,6 +1273,8 @@ EncoderSweep adam8bit_encoder_sweep(const float* code, int64_t stride, int64_t n
 
   std::atomic<int64_t> mismatches{0};
   std::atomic<uint32_t> first_bad{0};
+  // The encoders see x = v * absmax and must give the code of x / absmax (not always v).
+  const auto scaled = [&](float v) { return v * absmax; };
   auto record = [&](float v, uint8_t got, uint8_t want) {
     if (got == want) return;
     if (mismatches.fetch_add(1) == 0) first_bad.store(float_to_bits(v));
@@ -973,14 +1286,16 @@ EncoderSweep adam8bit_encoder_sweep(const float* code, int64_t stride, int64_t n
       const int64_t first = batch * kSweepBatch;
       const int64_t size = std::min(kSweepBatch, samples - first);
       for (int64_t s = 0; s < size; ++s)
-        values[s] = ordinal_float(lowest + (first + s) * stride);
-      encode_values(encode, values, size, *enc, codes);
-      // The exact code counts the thresholds below v; v only grows, so one pointer walks them.
-      int want = encode_8bit(values[0], enc->thresholds);
+        values[s] = scaled(ordinal_float(lowest + (first + s) * stride));
+      encode_values(encode, values, size, absmax, *enc, codes);
+      // The exact code counts the thresholds below x / absmax, which only grows with x, so one
+      // pointer walks them.
+      int want = encode_8bit(values[0] / absmax, enc->segmented.thresholds);
       for (int64_t s = 0; s < size; ++s) {
-        while (want < kCodebookSize8bit - 1 && values[s] > enc->thresholds[want])
+        const float v = values[s] / absmax;
+        while (want < kCodebookSize8bit - 1 && v > enc->segmented.thresholds[want])
           ++want;
-        record(values[s], codes[s], static_cast<uint8_t>(want));
+        record(v, codes[s], static_cast<uint8_t>(want));
       }
     }
   });
@@ -989,18 +1304,21 @@ EncoderSweep adam8bit_encoder_sweep(const float* code, int64_t stride, int64_t n
   // Every threshold in [-1, 1] and its neighbours, and 1.0 itself.
   std::vector<float> near_values;
   for (int i = 0; i < kCodebookSize8bit - 1; ++i) {
-    const int64_t center = float_ordinal(enc->thresholds[i]);
+    const int64_t center = float_ordinal(enc->segmented.thresholds[i]);
     for (int64_t d = -neighbours; d <= neighbours; ++d) {
       const int64_t ordinal = center + d;
-      if (ordinal >= lowest && ordinal <= highest) near_values.push_back(ordinal_float(ordinal));
+      if (ordinal >= lowest && ordinal <= highest) {
+        near_values.push_back(scaled(ordinal_float(ordinal)));
+      }
     }
   }
-  near_values.push_back(1.0f);
+  near_values.push_back(absmax);
   std::vector<uint8_t> near_codes(near_values.size());
-  encode_values(encode, near_values.data(), static_cast<int64_t>(near_values.size()), *enc,
+  encode_values(encode, near_values.data(), static_cast<int64_t>(near_values.size()), absmax, *enc,
                 near_codes.data());
   for (size_t s = 0; s < near_values.size(); ++s) {
-    record(near_values[s], near_codes[s], encode_8bit(near_values[s], enc->thresholds));
+    const float v = near_values[s] / absmax;
+    record(v, near_codes[s], encode_8bit(v, enc->segmented.thresholds));
   }
   checked += static_cast<int64_t>(near_values.size());
   return {checked, mismatches.load(), first_bad.load()};

@@ -59,6 +59,7 @@ struct EncoderSweep {
   int64_t mismatches;
   uint32_t first_mismatch_bits;
 };
-EncoderSweep adam8bit_encoder_sweep(const float* code, int64_t stride, int64_t neighbours);
+EncoderSweep adam8bit_encoder_sweep(const float* code, int64_t stride, int64_t neighbours,
+                                    float absmax);
 
 }  // namespace lowprec::cpu

@@ -11,6 +11,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <cfloat>
 
 #include <vector>
 
@@ -102,14 +103,17 @@ bool adam8bit_segmented_encoder_usable(const at::Tensor& code) {
 }
 
 std::tuple<int64_t, int64_t, int64_t> adam8bit_encoder_sweep_cpu(const at::Tensor& code,
-                                                                 int64_t stride,
-                                                                 int64_t neighbours) {
+                                                                 int64_t stride, int64_t neighbours,
+                                                                 double absmax) {
   constexpr const char* kOp = "adam8bit_encoder_sweep_cpu";
   check_codebook_8bit(code, kOp);
   TORCH_CHECK(stride >= 1, kOp, ": stride must be >= 1, got ", stride);
   TORCH_CHECK(neighbours >= 0, kOp, ": neighbours must be >= 0, got ", neighbours);
+  const float scale = static_cast<float>(absmax);
+  TORCH_CHECK(scale > 0.0f && scale <= FLT_MAX, kOp,
+              ": absmax must be a positive finite float32, got ", absmax);
   const cpu::EncoderSweep sweep =
-      cpu::adam8bit_encoder_sweep(code.data_ptr<float>(), stride, neighbours);
+      cpu::adam8bit_encoder_sweep(code.data_ptr<float>(), stride, neighbours, scale);
   return {sweep.checked, sweep.mismatches, static_cast<int64_t>(sweep.first_mismatch_bits)};
 }
 

@@ -47,8 +47,13 @@
 namespace lowprec::cpu {
 namespace {
 
-// A parallel task updates at least this many elements (small tensors stay on one thread).
-constexpr int64_t kMinElementsPerTask = 16384;
+// Elements per worker thread at least (small tensors stay on one thread).
+constexpr int64_t kMinElementsPerWorker = 16384;
+// Elements per task of the update phase. Each task starts with kPrefetchDistance elements that
+// were not prefetched, so tasks are long: 16.7M fp32 parameters took 7-10% less time with tasks
+// of 262144 elements than with 16384 (one and two threads), and 64 tasks still balance two
+// cores when one of them is taken for a while.
+constexpr int64_t kElementsPerUpdateTask = 262144;
 // The finiteness pass: elements per parallel task, and the gradient bytes checked before
 // their tensors are updated (a batch stays in the last-level cache between the two passes).
 constexpr int64_t kCheckChunkElements = 65536;
@@ -1126,7 +1131,7 @@ void step_batch(const Adam8bitTensor* tensors, int64_t first, int64_t end,
                           hyper.decoupled, hyper.gnorm_scale, new_steps[k]);
   }
   const int64_t blocks = block_starts[count];
-  const int64_t blocks_per_task = std::max<int64_t>(1, kMinElementsPerTask / hyper.blocksize);
+  const int64_t blocks_per_task = std::max<int64_t>(1, kElementsPerUpdateTask / hyper.blocksize);
   const int64_t tasks = num_blocks(blocks, blocks_per_task);
 
   std::unique_ptr<std::atomic<bool>[]> non_finite(new std::atomic<bool>[count]);
@@ -1165,7 +1170,7 @@ void step_batch(const Adam8bitTensor* tensors, int64_t first, int64_t end,
     }
   };
   const int64_t workers =
-      std::clamp<int64_t>(elements / kMinElementsPerTask, 1, max_parallel_workers());
+      std::clamp<int64_t>(elements / kMinElementsPerWorker, 1, max_parallel_workers());
   parallel_for(0, workers, 1, [&](int64_t worker_begin, int64_t worker_end) {
     for (int64_t worker = worker_begin; worker < worker_end; ++worker)
       work();

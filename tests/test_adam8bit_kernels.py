@@ -179,7 +179,8 @@ def test_largest_blocksize_and_shapes(device_backend, dtype):
 
 def test_extreme_blocks(device_backend):
     """All-zero blocks (absmax 0), a gradient whose square overflows (v = inf: absmax inf,
-    the block's codes from NaN and 0 quotients), values around the map's smallest entries."""
+    the block's codes from NaN and 0 quotients), values around the map's smallest entries, a
+    subnormal absmax."""
     device, backend = device_backend
     qmap1, qmap2 = dynamic_map(True, device), dynamic_map(False, device)
     n, blocksize = 64 * 6, 64
@@ -190,6 +191,7 @@ def test_extreme_blocks(device_backend):
     g[130] = 3e19  # block 2: g * g overflows to inf
     g[192:256] = torch.linspace(-1e-6, 1e-6, 64, device=device)  # block 3: near the map's zero
     g[256:320] = 1e-7 * torch.sign(g[256:320])  # block 4: equal magnitudes
+    g[320:384] *= 1e-38  # block 5: m's absmax subnormal (no finite reciprocal), v = 0
     for t in range(2):
         kernel = ref.clone()
         run_both(
@@ -200,6 +202,7 @@ def test_extreme_blocks(device_backend):
         )
         assert_state_matches(kernel, ref, backend, f"step {t}: ")
     assert ref.absmax1[0] == 0 and not torch.isfinite(ref.absmax2[2])
+    assert 0 < ref.absmax1[5] < torch.finfo(torch.float32).tiny
 
 
 def test_other_codebooks(device_backend):

@@ -11,8 +11,10 @@
 //      2 x 16 KiB of new m and v): decode m and v, update them and p, write p, take the new
 //      absmax of m and v; then encode m and v into their codes.
 // The encoder is the segmented one of lowprec/adam8bit.h (arithmetic, exact, with the exact
-// search for the few values near a threshold); the AVX-512 decoder looks the maps up by byte
-// permutes, 64 codes at a time.
+// search for the few values near a threshold); the AVX-512 path uses its rearranged form, the
+// magnitude encoder below, for maps it fits (both dynamic maps). The AVX-512 decoder looks the
+// maps up by byte permutes, 64 codes at a time. The tables of both are built once per thread
+// and reused while the maps stay the same (tables_for).
 #include "adam8bit.h"
 
 #include <math.h>

@@ -844,11 +844,9 @@ LP_TARGET_AVX512_VBMI void encode_avx512(const float* values, int64_t count, flo
 }
 
 // Elements ahead of the block being encoded whose tensor lines pass 2 prefetches (two blocks of
-// the default size; 256 to 1024 measured alike, nearer ones did not hide the memory).
-#ifndef LP_PFD
-#define LP_PFD 512
-#endif
-constexpr int64_t kPrefetchDistance = LP_PFD;
+// the default size; 256 to 1024 measured alike, nearer ones did not hide the memory; 2048 to
+// 4096 were within the machine's noise and are not what the benchmarks ran).
+constexpr int64_t kPrefetchDistance = 512;
 constexpr int64_t kCacheLineBytes = 64;
 
 // Prefetches every line of elements [first, first + count) of the tensors a step reads.

@@ -773,15 +773,17 @@ LP_TARGET_AVX512_VBMI inline void avx512_store_fixed_codes(uint8_t* codes, __mma
 }
 
 // values[i] / absmax into codes by the magnitude encoder, for a block whose absmax lies in
-// [FLT_MIN, FLT_MAX]; returns whether a near lane was recorded in near_lanes (one mask per
-// vector). It multiplies by the reciprocal of absmax instead of dividing (the divider is busy
-// enough with pass 1): the encoder's margins cover the difference, and the near lanes' exact
-// codes divide.
+// [FLT_MIN, FLT_MAX]. It multiplies by the reciprocal of absmax instead of dividing (the divider
+// is busy enough with pass 1): the encoder's margins cover the difference. The near lanes are
+// recorded and, after the loop (so that it has no branch), encoded by the exact search of
+// `exact`, which divides.
 template <bool kSigned>
-LP_TARGET_AVX512_VBMI inline bool avx512_encode_block(const float* values, int64_t count,
+LP_TARGET_AVX512_VBMI inline void avx512_encode_block(const float* values, int64_t count,
                                                       float absmax,
                                                       const Avx512MagnitudeEncoder& enc,
-                                                      uint8_t* codes, uint16_t* near_lanes) {
+                                                      const SegmentedEncoder& exact,
+                                                      uint8_t* codes) {
+  uint16_t near_lanes[kAvx512MaxVectorsPerBlock];
   const __m512 reciprocal = _mm512_set1_ps(1.0f / absmax);  // finite: absmax >= FLT_MIN
   unsigned any_near = 0;
   int64_t k = 0;
@@ -805,7 +807,10 @@ LP_TARGET_AVX512_VBMI inline bool avx512_encode_block(const float* values, int64
     any_near |= near_lanes[k / kAvx512Lanes];
     avx512_store_fixed_codes(codes + k, lanes, fixed);
   }
-  return any_near != 0;
+  if (__builtin_expect(any_near != 0, 0)) {
+    encode_near_lanes(values, absmax, near_lanes, (count + kAvx512Lanes - 1) / kAvx512Lanes, exact,
+                      codes);
+  }
 }
 
 // values[i] / absmax into codes, the near lanes recorded and fixed after the loop (about 1
@@ -817,15 +822,13 @@ LP_TARGET_AVX512_VBMI void encode_avx512(const float* values, int64_t count, flo
     encode_segmented_scalar(values, count, absmax, enc, codes);
     return;
   }
-  uint16_t near_lanes[kAvx512MaxVectorsPerBlock];
-  const int64_t vectors = (count + kAvx512Lanes - 1) / kAvx512Lanes;
   if (magnitude_encoding_applies(absmax, state_encoder)) {
-    const Avx512MagnitudeEncoder registers = avx512_magnitude_encoder(state_encoder.magnitude);
-    if (avx512_encode_block<true>(values, count, absmax, registers, codes, near_lanes)) {
-      encode_near_lanes(values, absmax, near_lanes, vectors, enc, codes);
-    }
+    avx512_encode_block<true>(values, count, absmax,
+                              avx512_magnitude_encoder(state_encoder.magnitude), enc, codes);
     return;
   }
+  uint16_t near_lanes[kAvx512MaxVectorsPerBlock];
+  const int64_t vectors = (count + kAvx512Lanes - 1) / kAvx512Lanes;
   const Avx512Encoder registers = avx512_encoder(enc);
   const __m512 divisor = _mm512_set1_ps(absmax);
   unsigned any_near = 0;
@@ -881,8 +884,6 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const A
                                                 int64_t blocksize, const Adam8bitTables& tables) {
   alignas(64) float new_m[kBlocksizeMax8bit];
   alignas(64) float new_v[kBlocksizeMax8bit];
-  uint16_t near1[kAvx512MaxVectorsPerBlock];
-  uint16_t near2[kAvx512MaxVectorsPerBlock];
   const __m512 gnorm_scale = _mm512_set1_ps(c.gnorm_scale);
   const __m512 weight_decay = _mm512_set1_ps(c.weight_decay);
   const __m512 beta1 = _mm512_set1_ps(c.beta1);
@@ -903,7 +904,6 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const A
   for (int64_t block = first_block; block < end_block; ++block) {
     const int64_t begin = block * blocksize;
     const int64_t count = std::min(blocksize, t.n - begin);
-    const int64_t vectors = (count + kAvx512Lanes - 1) / kAvx512Lanes;
 
     const __m512 old_scale1 = _mm512_set1_ps(t.absmax1[block]);
     const __m512 old_scale2 = _mm512_set1_ps(t.absmax2[block]);
@@ -954,12 +954,10 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const A
       encode_avx512(new_v, count, absmax2, encoder2, t.state2 + begin);
       continue;
     }
-    if (avx512_encode_block<true>(new_m, count, absmax1, registers1, t.state1 + begin, near1)) {
-      encode_near_lanes(new_m, absmax1, near1, vectors, encoder1.segmented, t.state1 + begin);
-    }
-    if (avx512_encode_block<false>(new_v, count, absmax2, registers2, t.state2 + begin, near2)) {
-      encode_near_lanes(new_v, absmax2, near2, vectors, encoder2.segmented, t.state2 + begin);
-    }
+    avx512_encode_block<true>(new_m, count, absmax1, registers1, encoder1.segmented,
+                              t.state1 + begin);
+    avx512_encode_block<false>(new_v, count, absmax2, registers2, encoder2.segmented,
+                               t.state2 + begin);
   }
 }
 

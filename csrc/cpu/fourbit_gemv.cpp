@@ -973,8 +973,9 @@ bool bf16_dot_available(CpuIsa isa) {
 #endif
 }
 
-// The x layout a row kernel reads.
-enum class XLayout { kSplit, kLanes };
+// The x layout a row kernel reads: split into even / odd elements (as fp32, or as bf16 bits for
+// the vdpbf16ps kernel), or lane-strided.
+enum class XLayout { kSplit, kSplitBf16, kLanes };
 
 struct GemvPath {
   GemvRowsFn rows_fn;
@@ -984,7 +985,7 @@ struct GemvPath {
 GemvPath gemv_path_for(CpuIsa isa, FloatType x_type, int64_t rows, int64_t in_features) {
 #if LOWPREC_X86_SIMD
   if (x_type == FloatType::kBFloat16 && bf16_dot_available(isa)) {
-    return {&gemv_rows_avx512_bf16, XLayout::kSplit};
+    return {&gemv_rows_avx512_bf16, XLayout::kSplitBf16};
   }
   if (isa == CpuIsa::kAvx512) {
     return lane_strided_used(rows, in_features) ? GemvPath{&gemv_rows_avx512_lanes, XLayout::kLanes}
@@ -1026,6 +1027,7 @@ void matmul_4bit_gemv(const void* x, FloatType x_type, int64_t rows, const Packe
       problem.x_lanes = x_lanes.data();
       break;
     case XLayout::kSplit:
+    case XLayout::kSplitBf16:
       x_split.resize(static_cast<size_t>(parities * rows * 2 * std::max<int64_t>(half_len, 1)));
       problem.x_split = x_split.data();
       for (int parity = 0; parity < parities; ++parity) {
@@ -1039,7 +1041,7 @@ void matmul_4bit_gemv(const void* x, FloatType x_type, int64_t rows, const Packe
           }
         }
       }
-      if (x_type == FloatType::kBFloat16 && bf16_dot_available(active_cpu_isa())) {
+      if (path.x_layout == XLayout::kSplitBf16) {
         x_bf16.resize(x_split.size());
         for (size_t i = 0; i < x_split.size(); ++i)
           x_bf16[i] = float_to_bf16_bits(x_split[i]);  // exact: the values came from bf16

@@ -243,7 +243,9 @@ def _int8_gemm_kernel(
         k_in = (k + ks) < K
         a = tl.load(a_ptrs, mask=k_in[None, :], other=0)
         w = tl.load(w_ptrs, mask=k_in[:, None], other=0)
-        acc = tl.dot(a, w, acc)  # int8 x int8 -> int32: exact (|acc| < 2**31 for K < 133,000)
+        # int8 x int8 -> int32: exact (|acc| < 2**31 for K < 133,000). out_dtype is required:
+        # its default (fp32) fails to compile on a GPU, though the interpreter accepts it.
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 

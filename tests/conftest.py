@@ -85,3 +85,46 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     view.copy_(t)
     assert not view.is_contiguous() or t.numel() <= 1
     return view
+
+
+# Source lines that scripts given to run_sm90_compile_script start with: compile(fn,
+# signature, constexprs, **options) compiles a @triton.jit function for sm_90 (H100/H200).
+SM90_COMPILE_PRELUDE = r"""
+import json
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+def compile(fn, signature, constexprs, **options):
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+"""
+
+
+def run_sm90_compile_script(script: str):
+    """Runs SM90_COMPILE_PRELUDE + ``script`` in a fresh interpreter and returns the JSON its
+    last output line holds. Fresh, because TRITON_INTERPRET=1 (set for CPU test sessions)
+    replaces every @triton.jit function by an interpreted one, which cannot be compiled.
+    The GPU compiler catches what the interpreter lets through (a tl.dot whose out_dtype
+    does not match its accumulator, a tile that needs more shared memory than the GPU has);
+    no GPU is needed. Skips where this triton has no sm_90 compiler."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", SM90_COMPILE_PRELUDE + script],
+        env=env, capture_output=True, text=True, timeout=600, cwd=root,
+    )  # fmt: skip
+    if done.returncode != 0:
+        if "ptxas" in done.stderr or "GPUTarget" in done.stderr:
+            pytest.skip(f"this triton cannot compile for sm_90 here: {done.stderr[-300:]}")
+        raise AssertionError(f"compiling for sm_90 failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

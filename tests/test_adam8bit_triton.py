@@ -8,15 +8,9 @@ checked as far as a CPU allows by compiling the kernels ahead of time for sm_90 
 reading the PTX (test_gpu_code_*).
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import backend_params, noncontiguous, run_on
+from conftest import backend_params, noncontiguous, run_on, run_sm90_compile_script
 
 from lowprec_kernels import functional as LF
 from lowprec_kernels._ops import num_blocks
@@ -183,21 +177,14 @@ def test_every_gradient_non_finite(device):
 # ---------------------------------------------------------------- the GPU code path
 
 # Compiles the kernels for sm_90 as the launcher launches them and reports, per kernel,
-# the PTX instructions that decide exactness and vectorization. It runs in a fresh
-# interpreter because TRITON_INTERPRET=1 (set for this test session) replaces every
-# @triton.jit function by an interpreted one, which cannot be compiled.
+# the PTX instructions that decide exactness and vectorization (conftest's
+# run_sm90_compile_script supplies compile()).
 _COMPILE_FOR_SM90 = r"""
-import json, re
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import re
 from lowprec_kernels.backends.triton import adam8bit as k
 
 def ptx(fn, signature, constexprs, **options):
-    signature = {**signature, **{name: "constexpr" for name in constexprs}}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    return compile(fn, signature, constexprs, **options).asm["ptx"]
 
 def ops(text):
     return sorted(set(re.findall(
@@ -227,19 +214,7 @@ print(json.dumps(report))
 
 @pytest.fixture(scope="module")
 def sm90_code():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-        timeout=600, cwd=root,
-    )  # fmt: skip
-    if done.returncode != 0:
-        if "ptxas" in done.stderr or "GPUTarget" in done.stderr:
-            pytest.skip(f"this triton cannot compile for sm_90 here: {done.stderr[-300:]}")
-        raise AssertionError(f"compiling the kernels for sm_90 failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_sm90_compile_script(_COMPILE_FOR_SM90)
 
 
 @pytest.mark.parametrize("p_dtype", ["fp32", "bf16"])

@@ -64,7 +64,11 @@ GEMM_BLOCK_N = 128
 GEMM_BLOCK_K_16BIT = 64
 GEMM_BLOCK_K_32BIT = 32  # fp32 operands: half the K step for the same register footprint
 GEMM_GROUP_M = 8  # programs sharing a weight column tile run together (L2 reuse)
-GEMM_NUM_STAGES = 3
+# Pipeline depth of the GEMM's K loop. Every stage holds the weight tile's gathered loads
+# (packed bytes, codebook values, block scales) beside x's tile: 3 stages of the 16-bit
+# 128 x 128 x 64 tile need 224 KiB (Triton 3.8) to 256 KiB (3.6) of shared memory, over
+# an H100/H200's 227 KiB; 2 stages need 128 KiB (tests/test_triton_sm90.py checks).
+GEMM_NUM_STAGES = 2
 GEMM_WIDE_TILE = 128 * 128  # tiles of at least this many outputs get 8 warps, others 4
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}

@@ -581,32 +581,47 @@ def test_loads_a_bitsandbytes_state_dict():
 
 
 # 200 full-batch steps on a regression with noise (floor 0.01) and more samples than the
-# net can memorize in that time: the loss is still falling smoothly at the end, so the final
-# losses measure the optimizers rather than chaotic late-training noise. Measured here:
-# AdamW8bit vs torch.optim.AdamW 0.00635 vs 0.00641 (1.0%), Adam8bit vs torch.optim.Adam
-# 0.00870 vs 0.00853 (1.9%), AdamW8bit vs bitsandbytes' AdamW8bit within 0.3% all along.
-QUALITY = dict(n=2048, hidden=64, lr=3e-3, steps=200, rel=0.05)
+# net can memorize in that time: the loss is still falling at the end, so late losses
+# measure the optimizers. One run's final loss is no measure: late training has loss
+# spikes, and runs that differ only in rounding (the 1e-6 relative change of the inputs
+# that another machine's matmuls amount to) end 15-50% apart on some seeds, for either
+# optimizer. So the statistic is the mean of the last LAST losses, its ratio to torch's
+# averaged (geometrically) over SEEDS seeds. Measured here under such perturbations:
+# Adam8bit vs torch.optim.Adam -1.2% to +3.9%, AdamW8bit vs torch.optim.AdamW -3.5% to -2.5%.
+QUALITY = dict(n=2048, hidden=64, lr=3e-3, steps=200, rel=0.05, seeds=8, last=20)
 
 
-def _quality_run(make_opt):
-    x, y = regression_data(QUALITY["n"])
-    model = mlp(hidden=QUALITY["hidden"])
+def _quality_run(make_opt, seed=0):
+    x, y = regression_data(QUALITY["n"], seed=seed + 1)
+    model = mlp(seed=seed, hidden=QUALITY["hidden"])
     return train(model, make_opt(model.parameters()), x, y, QUALITY["steps"])
+
+
+def _late_loss_ratio(make_ours, make_theirs) -> float:
+    """Geometric mean over seeds of (our mean late loss) / (their mean late loss)."""
+    logs = []
+    for seed in range(QUALITY["seeds"]):
+        ours, theirs = _quality_run(make_ours, seed), _quality_run(make_theirs, seed)
+        late_ours, late_theirs = ours[-QUALITY["last"] :], theirs[-QUALITY["last"] :]
+        assert sum(late_ours) / len(late_ours) < 0.1 * ours[0], (seed, ours[0], late_ours)
+        logs.append(math.log(sum(late_ours) / sum(late_theirs)))
+    return math.exp(sum(logs) / len(logs))
 
 
 def test_training_matches_torch_adamw():
     hyper = dict(lr=QUALITY["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
-    ours = _quality_run(lambda params: AdamW8bit(params, **hyper))
-    theirs = _quality_run(lambda params: torch.optim.AdamW(params, **hyper))
-    assert ours[-1] < 0.05 * ours[0]
-    assert abs(ours[-1] - theirs[-1]) <= QUALITY["rel"] * theirs[-1], (ours[-1], theirs[-1])
+    ratio = _late_loss_ratio(
+        lambda params: AdamW8bit(params, **hyper), lambda params: torch.optim.AdamW(params, **hyper)
+    )
+    assert abs(ratio - 1) <= QUALITY["rel"], ratio
 
 
 def test_adam_with_l2_matches_torch_adam():
     hyper = dict(lr=QUALITY["lr"], weight_decay=1e-3)
-    ours = _quality_run(lambda params: Adam8bit(params, **hyper))
-    theirs = _quality_run(lambda params: torch.optim.Adam(params, **hyper))
-    assert abs(ours[-1] - theirs[-1]) <= QUALITY["rel"] * theirs[-1], (ours[-1], theirs[-1])
+    ratio = _late_loss_ratio(
+        lambda params: Adam8bit(params, **hyper), lambda params: torch.optim.Adam(params, **hyper)
+    )
+    assert abs(ratio - 1) <= QUALITY["rel"], ratio
 
 
 def test_training_matches_bitsandbytes_adamw8bit():

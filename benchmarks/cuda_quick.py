@@ -34,9 +34,18 @@ def cases(device):
     yield "quantize_4bit", lambda: LF.quantize_4bit(w, blocksize=64)[0]
     yield "dequantize_4bit", lambda: LF.dequantize_4bit(qw, st)
     yield "matmul_4bit", lambda: LF.matmul_4bit(x, qw, st)
+    x1 = randn(1, 130, dtype=torch.bfloat16)
+    yield "matmul_4bit M=1 bf16", lambda: LF.matmul_4bit(x1, qw, st)
+    x33 = randn(33, 130)
+    yield "matmul_4bit M=33 fp32", lambda: LF.matmul_4bit(x33, qw, st)
+    qf, sf = LF.quantize_4bit(w, blocksize=32, quant_type="fp4", double_quant=False)
+    yield "quantize_4bit fp4", lambda: LF.quantize_4bit(w, blocksize=32, quant_type="fp4")[0]
+    yield "matmul_4bit fp4 M=2", lambda: LF.matmul_4bit(x[:2], qf, sf)
     yield "int8_quantize_weight", lambda: LF.int8_quantize_weight(w)
     yield "int8_vectorwise_quant", lambda: LF.int8_vectorwise_quant(x8, threshold=6.0)
     yield "int8_linear", lambda: LF.int8_linear(x8, wq, ws, threshold=6.0)
+    x8_big = randn(67, 130, dtype=torch.float16) * 3
+    yield "int8_linear M=67 fp16", lambda: LF.int8_linear(x8_big, wq, ws, threshold=6.0)
     p0, g0 = randn(3000 + 5), randn(3000 + 5)
     q1, a1 = LF.quantize_blockwise(randn(3005) * 0.01, LF.dynamic_map(True, device), 256)
     q2, a2 = LF.quantize_blockwise(randn(3005).abs() * 1e-4, LF.dynamic_map(False, device), 256)
@@ -68,12 +77,16 @@ def main() -> int:
         for backend in ("cuda", "triton"):
             if not lpk.available_backends()[backend]:
                 continue
-            with lpk.use_backend(backend):
-                out = fn()
-            torch.cuda.synchronize()
-            ok = close(out, ref)
-            failures += not ok
-            print(f"{name:24s} {backend:7s} {'ok' if ok else 'MISMATCH'}")
+            # One broken kernel must not hide the others: report it and go on.
+            try:
+                with lpk.use_backend(backend):
+                    out = fn()
+                torch.cuda.synchronize()
+                verdict = "ok" if close(out, ref) else "MISMATCH"
+            except Exception as exc:  # noqa: BLE001
+                verdict = f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            failures += verdict != "ok"
+            print(f"{name:24s} {backend:7s} {verdict}")
     return 1 if failures else 0
 
 

@@ -21,13 +21,37 @@ constexpr int kQuantizeWarps = kQuantizeThreads / kWarpSize;
 // Dequantize: one thread per packed byte (two outputs).
 constexpr int kDequantizeThreads = 256;
 
-// GEMV: one warp per output feature; each lane takes 16-byte vectors of packed codes (32
-// weights, within one block since blocks hold >= 32 elements) and the 32 matching x values.
-constexpr int kGemvThreads = 128;
+// GEMV: a thread block of kGemvThreads threads takes kGemvWarps / warps_per_row output features
+// (rows of W); each row is split between warps_per_row warps (1 when there are enough rows to
+// fill the GPU, up to kGemvWarps for short, wide weights), which add their partial sums through
+// shared memory in a fixed order (the result does not depend on scheduling).
+constexpr int kGemvThreads = 256;
 constexpr int kGemvWarps = kGemvThreads / kWarpSize;
-constexpr int kGemvVectorBytes = 16;
-constexpr int kGemvVectorElements = 2 * kGemvVectorBytes;
-constexpr int kGemvVectorAlignment = 16;
+// Each lane reads packed codes as 4-byte words (8 weights): a warp's load covers 128 contiguous
+// bytes, and the 8 matching x values of a lane are contiguous (one 16-byte load for fp16/bf16,
+// two for fp32), so neighbouring lanes read neighbouring x and the L1 serves a warp's x load
+// from few cache lines (with 16-byte words, 32 weights per lane, every lane hit its own line).
+constexpr int kGemvWordBytes = 4;
+constexpr int kGemvWordElements = 2 * kGemvWordBytes;
+constexpr int kGemvXAlignment = 16;
+// Words each lane loads before decoding any (codes and block scales issued together): a
+// 4096-element row is 512 words, so with two warps per row one batch covers it and the whole
+// weight is requested in about one memory latency instead of several dependent ones.
+constexpr int kGemvWordsInFlight = 8;
+// warps_per_row grows (as a power of two, while every lane keeps at least one word) until
+// there are this many warps per SM: enough loads in flight to cover HBM latency.
+constexpr int kGemvTargetWarpsPerSm = 32;
+// Thread blocks per SM the register allocation must allow (launch bounds): four (64 registers,
+// 32 warps) for one or two rows of x, where the kernel is a pure stream of the weight; two
+// (128 registers) for more rows, which otherwise take up to 144 and leave one block per SM.
+constexpr int kGemvMinBlocksPerSmFewRows = 4;
+constexpr int kGemvFewRows = 2;
+constexpr int kGemvMinBlocksPerSm = 2;
+constexpr int gemv_min_blocks_per_sm(int rows) {
+  return rows <= kGemvFewRows ? kGemvMinBlocksPerSmFewRows : kGemvMinBlocksPerSm;
+}
+static_assert(kCodebookSize8bit <= kGemvThreads, "one thread per nested codebook entry");
+static_assert(kBlocksizeMin4bit % kGemvWordElements == 0, "a word never straddles two blocks");
 
 constexpr int64_t kMaxGridBlocks = 65535;
 
@@ -90,13 +114,13 @@ __global__ void __launch_bounds__(kDequantizeThreads)
   }
 }
 
-// 32 consecutive x values (16-byte aligned) as fp32, by 16-byte loads.
+// 8 consecutive x values (16-byte aligned) as fp32, by 16-byte loads.
 template <typename T>
-__device__ __forceinline__ void load_32(const T* __restrict__ src, float* dst) {
-  constexpr int kPerVector = kGemvVectorAlignment / sizeof(T);
+__device__ __forceinline__ void load_8(const T* __restrict__ src, float* dst) {
+  constexpr int kPerVector = kGemvXAlignment / sizeof(T);
   const uint4* vectors = reinterpret_cast<const uint4*>(src);
 #pragma unroll
-  for (int v = 0; v < kGemvVectorElements / kPerVector; ++v) {
+  for (int v = 0; v < kGemvWordElements / kPerVector; ++v) {
     const uint4 bits = __ldg(vectors + v);
     const T* values = reinterpret_cast<const T*>(&bits);
 #pragma unroll
@@ -105,64 +129,160 @@ __device__ __forceinline__ void load_32(const T* __restrict__ src, float* dst) {
   }
 }
 
-// Vectorized: in_features % 32 == 0 and x, packed 16-byte aligned, so every weight row is a
-// whole number of 16-byte vectors. Otherwise (odd rows that start mid-byte, unaligned data)
+// Element e (0..7) of a little-endian word of packed codes: byte e / 2, high nibble first.
+__device__ __forceinline__ uint8_t word_nibble(uint32_t word, int e) {
+  return static_cast<uint8_t>((word >> (8 * (e / 2) + ((e % 2) ? 0 : 4))) & 0xF);
+}
+
+// The scale of a block, with the nested codebook (double quantization) read from shared memory
+// and the offset read once per thread: the same arithmetic as block_scale(). load() and
+// decode() split it so that a batch issues all its global loads before the first shared-memory
+// lookup waits on one of them.
+struct GemvScales {
+  BlockScales scales;
+  const float* nested_code;  // shared copy; unused without double quantization
+  float offset;
+
+  // value: the fp32 absmax, or with double quantization the nested absmax (and code the
+  // block's absmax code).
+  __device__ __forceinline__ void load(int64_t block, float* value, uint32_t* code) const {
+    if (!scales.double_quantized()) {
+      *value = __ldg(scales.absmax + block);
+      *code = 0;
+    } else {
+      *code = __ldg(scales.absmax_codes + block);
+      *value = __ldg(scales.nested_absmax + (block >> scales.nested_blocksize_log2));
+    }
+  }
+  __device__ __forceinline__ float decode(float value, uint32_t code) const {
+    if (!scales.double_quantized()) return value;
+    return decode_nested_absmax(static_cast<uint8_t>(code), nested_code, value, offset);
+  }
+  __device__ __forceinline__ float of_block(int64_t block) const {
+    float value;
+    uint32_t code;
+    load(block, &value, &code);
+    return decode(value, code);
+  }
+};
+
+// Partial sums of one row over the words (Vectorized) or elements this warp owns: positions
+// first, first + stride, ... below count.
+template <typename T, int Rows, bool Vectorized>
+__device__ __forceinline__ void gemv_row_partial(const T* __restrict__ x,
+                                                 const uint8_t* __restrict__ packed,
+                                                 const GemvScales& scales, const float* code_table,
+                                                 int blocksize_log2, int64_t row_begin, int64_t K,
+                                                 int64_t first, int64_t stride, float* acc) {
+  if constexpr (Vectorized) {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(packed + row_begin / 2);
+    const int64_t count = K / kGemvWordElements;
+    for (int64_t base = first; base < count; base += kGemvWordsInFlight * stride) {
+      uint32_t bits[kGemvWordsInFlight];
+      float scale_value[kGemvWordsInFlight];
+      uint32_t scale_code[kGemvWordsInFlight];
+      // All global loads of the batch first (they are independent), then the arithmetic.
+#pragma unroll
+      for (int u = 0; u < kGemvWordsInFlight; ++u) {
+        const int64_t j = base + u * stride;
+        bits[u] = scale_code[u] = 0;
+        scale_value[u] = 0.0f;
+        if (j < count) {
+          bits[u] = __ldg(words + j);
+          scales.load((row_begin + j * kGemvWordElements) >> blocksize_log2, &scale_value[u],
+                      &scale_code[u]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kGemvWordsInFlight; ++u) {
+        const int64_t j = base + u * stride;
+        if (j >= count) break;
+        const float scale = scales.decode(scale_value[u], scale_code[u]);
+        float weights[kGemvWordElements];
+#pragma unroll
+        for (int e = 0; e < kGemvWordElements; ++e)
+          weights[e] = dequantize_4bit_value(word_nibble(bits[u], e), code_table, scale);
+        const int64_t k0 = j * kGemvWordElements;
+#pragma unroll
+        for (int r = 0; r < Rows; ++r) {
+          float xs[kGemvWordElements];
+          load_8(x + r * K + k0, xs);
+#pragma unroll
+          for (int e = 0; e < kGemvWordElements; ++e)
+            acc[r] = fmaf(xs[e], weights[e], acc[r]);
+        }
+      }
+    }
+  } else {
+    for (int64_t k = first; k < K; k += stride) {
+      const int64_t flat = row_begin + k;
+      const float weight = dequantize_4bit_value(code_at(packed, flat), code_table,
+                                                 scales.of_block(flat >> blocksize_log2));
+#pragma unroll
+      for (int r = 0; r < Rows; ++r)
+        acc[r] = fmaf(to_float(x[r * K + k]), weight, acc[r]);
+    }
+  }
+}
+
+// Vectorized: in_features % 8 == 0, x 16-byte and packed 4-byte aligned, so every weight row is
+// a whole number of aligned words. Otherwise (odd rows that start mid-byte, unaligned data)
 // one element per lane and step.
 template <typename T, int Rows, bool Vectorized>
-__global__ void __launch_bounds__(kGemvThreads)
+__global__ void __launch_bounds__(kGemvThreads, gemv_min_blocks_per_sm(Rows))
     gemv_4bit_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed,
                      BlockScales scales, const float* __restrict__ code, int blocksize_log2,
                      int64_t out_features, int64_t in_features, const float* __restrict__ bias,
-                     T* __restrict__ y) {
+                     int warps_per_row, T* __restrict__ y) {
   __shared__ float code_table[kCodebookSize4bit];
+  __shared__ float nested_code[kCodebookSize8bit];
+  __shared__ float partials[kGemvWarps][Rows];
+  const bool double_quantized = scales.double_quantized();
   if (threadIdx.x < kCodebookSize4bit) code_table[threadIdx.x] = code[threadIdx.x];
+  if (double_quantized && threadIdx.x < kCodebookSize8bit) {
+    nested_code[threadIdx.x] = scales.nested_code[threadIdx.x];
+  }
   __syncthreads();
+  const GemvScales block_scales{scales, nested_code, double_quantized ? *scales.offset : 0.0f};
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
+  const int rows_per_block = kGemvWarps / warps_per_row;
+  const int part = warp % warps_per_row;  // this warp's share of its row
   const int64_t K = in_features;
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp; n < out_features;
-       n += static_cast<int64_t>(gridDim.x) * kGemvWarps) {
+  // Warps of a block run the same iterations (the bounds depend on blockIdx only): they meet
+  // at the barriers of the cross-warp sum even when their own row is past the end.
+  for (int64_t first_row = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+       first_row < out_features; first_row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int64_t n = first_row + warp / warps_per_row;
     float acc[Rows];
 #pragma unroll
     for (int r = 0; r < Rows; ++r)
       acc[r] = 0.0f;
-    const int64_t row_begin = n * K;
-    if constexpr (Vectorized) {
-      const uint4* row = reinterpret_cast<const uint4*>(packed + row_begin / 2);
-      for (int64_t v = lane; v < K / kGemvVectorElements; v += kWarpSize) {
-        const uint4 bits = __ldg(row + v);
-        const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&bits);
-        const int64_t k0 = v * kGemvVectorElements;
-        const float scale = block_scale(scales, (row_begin + k0) >> blocksize_log2);
-        float weights[kGemvVectorElements];
-#pragma unroll
-        for (int b = 0; b < kGemvVectorBytes; ++b) {
-          weights[2 * b] = dequantize_4bit_value(high_nibble(bytes[b]), code_table, scale);
-          weights[2 * b + 1] = dequantize_4bit_value(low_nibble(bytes[b]), code_table, scale);
-        }
-#pragma unroll
-        for (int r = 0; r < Rows; ++r) {
-          float xs[kGemvVectorElements];
-          load_32(x + r * K + k0, xs);
-#pragma unroll
-          for (int e = 0; e < kGemvVectorElements; ++e)
-            acc[r] = fmaf(xs[e], weights[e], acc[r]);
-        }
-      }
-    } else {
-      for (int64_t k = lane; k < K; k += kWarpSize) {
-        const int64_t flat = row_begin + k;
-        const float weight = dequantize_4bit_value(code_at(packed, flat), code_table,
-                                                   block_scale(scales, flat >> blocksize_log2));
-#pragma unroll
-        for (int r = 0; r < Rows; ++r)
-          acc[r] = fmaf(to_float(x[r * K + k]), weight, acc[r]);
-      }
+    if (n < out_features) {
+      gemv_row_partial<T, Rows, Vectorized>(x, packed, block_scales, code_table, blocksize_log2,
+                                            n * K, K, part * kWarpSize + lane,
+                                            static_cast<int64_t>(warps_per_row) * kWarpSize, acc);
     }
 #pragma unroll
     for (int r = 0; r < Rows; ++r)
       acc[r] = warp_sum(acc[r]);
-    if (lane == 0) {
+    if (warps_per_row > 1) {
+      if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < Rows; ++r)
+          partials[warp][r] = acc[r];
+      }
+      __syncthreads();
+      if (part == 0 && lane == 0) {
+        for (int w = 1; w < warps_per_row; ++w) {
+#pragma unroll
+          for (int r = 0; r < Rows; ++r)
+            acc[r] += partials[warp + w][r];
+        }
+      }
+      __syncthreads();  // partials are free for the next rows
+    }
+    if (n < out_features && part == 0 && lane == 0) {
       const float b = bias != nullptr ? bias[n] : 0.0f;
 #pragma unroll
       for (int r = 0; r < Rows; ++r)
@@ -192,25 +312,58 @@ void dequantize_with_type(const uint8_t* packed, const BlockScales& scales, cons
           packed, scales, code, exact_log2(blocksize), n, static_cast<T*>(out));
 }
 
-bool aligned(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % kGemvVectorAlignment == 0;
+bool aligned(const void* p, uintptr_t alignment) {
+  return reinterpret_cast<uintptr_t>(p) % alignment == 0;
+}
+
+// Streaming multiprocessors of the current device, asked once per device.
+int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static int counts[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return 1;
+  if (counts[device] == 0) {
+    int count = 0;
+    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      count = 1;
+    }
+    counts[device] = std::max(count, 1);
+  }
+  return counts[device];
+}
+
+// Warps per row: 1, doubled while the rows give fewer than kGemvTargetWarpsPerSm warps per SM
+// and each of the doubled warps' lanes would still get a word (or element) of the row.
+int gemv_warps_per_row(int64_t out_features, int64_t positions_per_row) {
+  const int64_t target_warps = static_cast<int64_t>(sm_count()) * kGemvTargetWarpsPerSm;
+  int warps_per_row = 1;
+  while (warps_per_row < kGemvWarps && out_features * warps_per_row < target_warps &&
+         positions_per_row >= static_cast<int64_t>(2 * warps_per_row) * kWarpSize) {
+    warps_per_row *= 2;
+  }
+  return warps_per_row;
 }
 
 template <typename T, int Rows>
 void gemv_with_rows(const void* x, const uint8_t* packed, const BlockScales& scales,
                     const float* code, int64_t blocksize, int64_t out_features, int64_t in_features,
                     const float* bias, void* y, cudaStream_t stream) {
-  const unsigned grid = grid_for(out_features, kGemvWarps);
-  const bool vectorized = in_features % kGemvVectorElements == 0 && aligned(x) && aligned(packed);
+  const bool vectorized = in_features % kGemvWordElements == 0 && aligned(x, kGemvXAlignment) &&
+                          aligned(packed, kGemvWordBytes);
+  const int warps_per_row =
+      gemv_warps_per_row(out_features, vectorized ? in_features / kGemvWordElements : in_features);
+  const unsigned grid = grid_for(out_features, kGemvWarps / warps_per_row);
   const int log2 = exact_log2(blocksize);
   const T* x_typed = static_cast<const T*>(x);
   T* y_typed = static_cast<T*>(y);
   if (vectorized) {
-    gemv_4bit_kernel<T, Rows, true><<<grid, kGemvThreads, 0, stream>>>(
-        x_typed, packed, scales, code, log2, out_features, in_features, bias, y_typed);
+    gemv_4bit_kernel<T, Rows, true>
+        <<<grid, kGemvThreads, 0, stream>>>(x_typed, packed, scales, code, log2, out_features,
+                                            in_features, bias, warps_per_row, y_typed);
   } else {
-    gemv_4bit_kernel<T, Rows, false><<<grid, kGemvThreads, 0, stream>>>(
-        x_typed, packed, scales, code, log2, out_features, in_features, bias, y_typed);
+    gemv_4bit_kernel<T, Rows, false>
+        <<<grid, kGemvThreads, 0, stream>>>(x_typed, packed, scales, code, log2, out_features,
+                                            in_features, bias, warps_per_row, y_typed);
   }
 }
 

@@ -86,8 +86,9 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float):
 # --------------------------------------------------------------------------- NF4 / FP4
 
 # matmul_4bit dispatch rule: up to GEMV_MAX_ROWS rows of x (flattened to [rows, in]) the fused
-# GEMV kernel (16-byte loads of packed codes, codebook in shared memory, per-block scale
-# decode, fp32 accumulation, one warp per output feature); above that the weight is
+# GEMV kernel (4-byte words of packed codes, a batch of them and their block scales loaded
+# before any is decoded, codebooks in shared memory, fp32 accumulation, one to eight warps per
+# output feature so that short weights still fill the GPU); above that the weight is
 # dequantized into a temporary in x's dtype and multiplied by torch's GEMM (cuBLAS), as
 # torchao does: at that batch the GEMM is compute-bound and the decode costs a fraction of it.
 GEMV_MAX_ROWS = _C.build_info()["constants"].get("cuda_gemv_4bit_max_rows", 0) if COMPILED else 0

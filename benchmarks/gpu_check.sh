@@ -8,9 +8,9 @@
 #
 #   bash benchmarks/gpu_check.sh [OUTPUT_DIR]
 #
-# The folder holds 7 files (the device tool brings back at most 8): summary.txt,
-# machine.txt, build.log, pytest-cuda.log, sanitizer-memcheck.log, bench-cuda.txt and
-# bench-cuda.json.
+# The folder holds 8 files (the device tool brings back at most 8): summary.txt,
+# machine.txt, build.log, pytest-cuda.log, sanitizer-memcheck.log, nf4-gemv-check.txt,
+# bench-cuda.txt and bench-cuda.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M)}}
@@ -60,6 +60,11 @@ if command -v compute-sanitizer >/dev/null; then
 else
   echo "   compute-sanitizer not found" | tee -a "$out/summary.txt"; status=1
 fi
+
+step "NF4 GEMV check (correctness + device time against F.linear)"
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout 90 "$PY" benchmarks/cuda_gemv_check.py \
+  >"$out/nf4-gemv-check.txt" 2>&1
+rc=$?; record "nf4 gemv check" $rc; tail -n 20 "$out/nf4-gemv-check.txt"
 
 step "benchmarks (quick)"
 timeout 150 "$PY" -m lowprec_kernels.bench all --device cuda --quick --json "$out/bench-cuda.json" \

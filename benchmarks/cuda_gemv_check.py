@@ -2,7 +2,7 @@
 
 Standalone, one GPU, under a minute on an H200::
 
-    python3 benchmarks/cuda_gemv_check.py
+    PYTHONPATH=. python3 benchmarks/cuda_gemv_check.py      # from the repository root
 
 1. Correctness: the ``cuda`` backend's matmul_4bit against the float64 product of x and the
    reference-decoded weight, within the bound of tests/test_fourbit_kernels.py (fp32

@@ -58,6 +58,13 @@ def test_roofline_takes_the_binding_limit():
     memory_only = harness.Row("s", "q", (4,), "float32", "cpu", timing, bytes_moved=20 * 10**9)
     r = memory_only.roofline(ceilings)
     assert r["limit"] == "copy" and math.isclose(r["roofline_fraction"], 0.5)
+    # A row that only reads is bounded by the read rate where one was measured.
+    reader = harness.Row("s", "gemv", (4,), "float32", "cpu", timing, bytes_moved=20 * 10**9,
+                         reads_only=True)  # fmt: skip
+    assert reader.roofline(ceilings)["limit"] == "copy"  # no read rate measured
+    ceilings.read_gbps = 20.0
+    r = reader.roofline(ceilings)
+    assert r["limit"] == "read" and math.isclose(r["roofline_fraction"], 0.25)
 
 
 def test_missing_suite_is_reported_not_raised(monkeypatch):
@@ -81,6 +88,7 @@ def test_cli_smoke_writes_json(tmp_path, capsys):
     assert machine["available_backends"]["reference"] is True
     ceilings = data["ceilings"]
     assert ceilings["copy_gbps"] > 0 and ceilings["fp32_gflops"] > 0
+    assert ceilings["read_gbps"] > 0
     assert ceilings["bf16_gflops"] > 0
 
     assert set(data["suites"]) == set(bench.SUITES)

@@ -345,6 +345,10 @@ class Ceilings:
     int8_gops: float | None  # torch._int_mm; None where the device does not support it
     parallel_op_s: float | None = None  # median time of a small multi-threaded CPU op
     notes: list[str] = field(default_factory=list)
+    # Bytes read by a reduction over a large tensor. Rows that read far more than they write
+    # (a GEMV's weight) take it as their bandwidth limit: a copy's writes also cost a read of
+    # each destination line, so copy_gbps understates what reading alone reaches.
+    read_gbps: float | None = None
 
     def compute(self, kind: str) -> float | None:
         """The GEMM rate (ops/s / 1e9) limiting a row whose ops are of ``kind``."""
@@ -371,6 +375,12 @@ def _copy_rate(nbytes: int, repeats: int, device: str) -> float:
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     return 2 * nbytes / _best_seconds(lambda: dst.copy_(src), repeats, device) / 1e9
+
+
+def _read_rate(nbytes: int, repeats: int, device: str) -> float:
+    """GB/s of ``src.amax()`` over an fp32 tensor of ``nbytes``: the bytes read."""
+    src = torch.randn(nbytes // 4, device=device)
+    return nbytes / _best_seconds(lambda: src.amax(), repeats, device) / 1e9
 
 
 def _parallel_op_seconds(repeats: int = 30) -> float:
@@ -414,6 +424,8 @@ def measure_ceilings(settings: Settings) -> Ceilings:
     copy_bytes = 4 << 20 if smoke else max(8 * last_level_cache_bytes(device), 256 << 20)
     copy_gbps = _copy_rate(copy_bytes, repeats, device)
     notes.append(f"copy: {copy_bytes >> 20} MiB tensor copy_, read + write bytes counted")
+    read_gbps = _read_rate(copy_bytes, repeats, device)
+    notes.append(f"read: {copy_bytes >> 20} MiB fp32 tensor amax(), bytes read counted")
 
     n = 128 if smoke else 2048
     if device == "cuda":
@@ -432,7 +444,7 @@ def measure_ceilings(settings: Settings) -> Ceilings:
             f"WARNING: a 1M-element add takes {parallel * 1e3:.1f} ms (normally ~0.05 ms): "
             "another process holds a core, multi-threaded timings are unreliable now"
         )
-    _CEILINGS[key] = Ceilings(copy_gbps, fp32, bf16, int8, parallel, notes)
+    _CEILINGS[key] = Ceilings(copy_gbps, fp32, bf16, int8, parallel, notes, read_gbps)
     return _CEILINGS[key]
 
 
@@ -460,6 +472,7 @@ class Row:
     ops: int | None = None
     compute: str | None = None
     note: str = ""
+    reads_only: bool = False  # bytes_moved is (almost) all reads: the read rate bounds it
 
     def roofline(self, ceilings: Ceilings) -> dict[str, Any]:
         """Achieved rates and the fraction of the roofline bound max(bytes/BW, ops/peak)."""
@@ -467,7 +480,9 @@ class Row:
         gbps = self.bytes_moved / t / 1e9 if self.bytes_moved else None
         gops = self.ops / t / 1e9 if self.ops else None
         bounds = {}
-        if self.bytes_moved:
+        if self.bytes_moved and self.reads_only and ceilings.read_gbps:
+            bounds["read"] = self.bytes_moved / (ceilings.read_gbps * 1e9)
+        elif self.bytes_moved:
             bounds["copy"] = self.bytes_moved / (ceilings.copy_gbps * 1e9)
         peak = ceilings.compute(self.compute) if self.compute else None
         if self.ops and peak:
@@ -575,7 +590,8 @@ def header(machine: dict[str, Any], ceilings: Ceilings, settings: Settings) -> s
         f"backends: {machine.get('available_backends', machine.get('error'))}",
         (
             f"ceilings ({settings.device}, best of runs): copy {ceilings.copy_gbps:.1f} GB/s, "
-            f"fp32 GEMM {ceilings.fp32_gflops:.0f} GFLOP/s, "
+            + (f"read {ceilings.read_gbps:.1f} GB/s, " if ceilings.read_gbps else "")
+            + f"fp32 GEMM {ceilings.fp32_gflops:.0f} GFLOP/s, "
             f"bf16 GEMM {ceilings.bf16_gflops:.0f} GFLOP/s, int8 GEMM {int8}"
         ),
         *(f"  note: {n}" for n in ceilings.notes),

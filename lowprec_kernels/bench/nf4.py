@@ -13,8 +13,9 @@ as a real layer does. Reported:
 * speedup vs ``F.linear`` in the same compute dtype (the targets compare like with like), vs
   ``F.linear`` fp32 for bf16 x as well, and vs bitsandbytes;
 * bytes moved by our op: packed codes + absmax codes + nested absmax + x + y, and the
-  fraction of the measured copy bandwidth reached (``roof``; for large M the GEMM rate binds
-  instead), plus ``vs copy_``, the same fraction against a copy measured in the same rounds;
+  fraction of the measured read bandwidth reached (``roof``: a large ``amax()``, since the op
+  only reads; for large M the GEMM rate binds instead), plus ``vs copy_``, the fraction of the
+  rate of a copy (read + write bytes) measured in the same rounds;
 * rows for the baselines themselves, with the bytes they move (their dense weights).
 """
 
@@ -97,7 +98,8 @@ def _ours(backend: str, x: torch.Tensor, state, shape) -> Callable:
 def _row(bench: Bench, what, shape, dtype, backend, timing, baseline=None, nbytes=None, ops=None,
          compute=None, note=""):  # fmt: skip
     return Row(SUITE, what, shape, _name(dtype), backend, timing, baseline=baseline,
-               bytes_moved=nbytes, ops=ops, compute=compute, note=note)  # fmt: skip
+               bytes_moved=nbytes, ops=ops, compute=compute, note=note,
+               reads_only=True)  # fmt: skip
 
 
 def _versus(cand: list[float], base: list[float], floor: list[float] | None) -> Timing:
@@ -126,7 +128,7 @@ def rows(bench: Bench) -> list[Row]:
     )
     bench.note(
         "MB = bytes each op must move (ours: packed codes + absmax codes + x + y; F.linear:"
-        " its dense weight + x + y); roof = that over the measured copy bandwidth, or the"
+        " its dense weight + x + y); roof = that over the measured read bandwidth, or the"
         " GEMM rate where it binds"
     )
     out: list[Row] = []

@@ -40,12 +40,11 @@ import torch.nn.functional as F
 import lowprec_kernels as lpk
 from lowprec_kernels import _C
 from lowprec_kernels import functional as LF
+from lowprec_kernels.reference import fourbit as reference_fourbit
 
 RUNS = 50
 WARMUP = 5
 COPIES = 8
-U32 = 2.0**-24
-UNIT_ROUNDOFF = {torch.float32: U32, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 DEV = "cuda"
 
@@ -62,21 +61,12 @@ def dequantized64(qw, st):
 
 
 def within_bound(y, x, W64, bias):
-    """max excess over the bound of tests/test_fourbit_kernels.py (<= 0 passes)."""
-    dtype = x.dtype
-    x64 = x.double().reshape(-1, x.shape[-1])
-    y64 = x64 @ W64.T
-    scale = x64.abs() @ W64.abs().T
-    if bias is not None:
-        y64 = y64 + bias.double()
-        scale = scale + bias.double().abs()
-    u_w = 0.0 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
-    K = x.shape[-1]
-    bound = UNIT_ROUNDOFF[dtype] * y64.abs() + (u_w + (K + 2) * U32) * scale
-    if dtype == torch.float16:
-        bound = bound + 2.0**-25 * (1 + scale)
+    """(max excess over the tests' bound (<= 0 passes), max relative error): the bound is
+    reference.fourbit.matmul_4bit_error_excess, which tests/test_fourbit_kernels.py uses."""
+    y64, scale = reference_fourbit.matmul_4bit_float64(x, W64, bias)
+    excess = reference_fourbit.matmul_4bit_error_excess(y, y64, scale, x.dtype, x.shape[-1])
     err = (y.double().reshape(y64.shape) - y64).abs()
-    return (err - bound).max().item(), (err / scale.clamp_min(1e-30)).max().item()
+    return excess.max().item(), (err / scale.clamp_min(1e-30)).max().item()
 
 
 def correctness() -> bool:

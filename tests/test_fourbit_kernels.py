@@ -21,10 +21,6 @@ from lowprec_kernels.reference.codebooks import FP4_SIGN_BIT, code_4bit
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = ("f32", "f16", "bf16")
 QUANT_TYPES = ("nf4", "fp4")
-# Unit roundoff (2**-p, p significand bits with the implicit one): the largest relative error
-# of rounding one exact value into the dtype.
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-FP32_UNIT_ROUNDOFF = UNIT_ROUNDOFF[torch.float32]
 
 
 def _nonzero_randn(*shape, device, scale=1.0, dtype=torch.float32):
@@ -220,37 +216,15 @@ def test_dequantize_special_scales_and_shape(device_backend, dtype):
 
 
 def _float64_product(x, qw, st, bias):
-    """(y64, scale): x @ W.T + bias in float64 from the reference's fp32 decoded W, and
-    |x| @ |W|.T + |bias|, the sum of magnitudes that bounds every rounding error."""
+    """(y64, scale) of reference.fourbit.matmul_4bit_float64 for the reference's decoded W."""
     W = run_on("reference", LF.dequantize_4bit, qw, st, torch.float32).double()
-    x64 = x.double().reshape(-1, x.shape[-1])
-    y64 = x64 @ W.T
-    scale = x64.abs() @ W.abs().T
-    if bias is not None:
-        y64 = y64 + bias.double()
-        scale = scale + bias.double().abs()
-    return y64.reshape(*x.shape[:-1], -1), scale.reshape(*x.shape[:-1], -1)
+    return reference.matmul_4bit_float64(x, W, bias)
 
 
 def _assert_matmul_close(y, y64, scale, dtype, in_features):
-    """|y - y64| <= u_out |y64| + (u_w + (K + 2) * 2**-24) * scale (+ fp16 subnormal terms).
-
-    * u_out: the result is rounded once into x's dtype.
-    * u_w: a backend may round the decoded weights into the compute dtype (x's) before the
-      products (0 for fp32: the fp32 weights are exact there).
-    * (K + 2) * 2**-24: the K products and the bias are summed in fp32 (every backend
-      accumulates in fp32, whatever order or FMA use); recursive summation of K + 1 terms
-      errs by at most (K + 1) u32 relative to the sum of magnitudes, one more for products
-      that are not exact.
-    * fp16: weights or results below its normal range round with absolute error <= 2**-25.
-    """
-    u_out = UNIT_ROUNDOFF[dtype]
-    u_w = 0.0 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
-    bound = u_out * y64.abs() + (u_w + (in_features + 2) * FP32_UNIT_ROUNDOFF) * scale
-    if dtype == torch.float16:
-        bound = bound + 2.0**-25 * (1 + scale)
-    err = (y.double() - y64).abs()
-    excess = err - bound
+    """Within the error every backend's matmul_4bit must stay within (its derivation:
+    reference.fourbit.matmul_4bit_error_excess)."""
+    excess = reference.matmul_4bit_error_excess(y, y64, scale, dtype, in_features)
     assert bool((excess <= 0).all()), f"max excess {excess.max().item():.3g}"
 
 

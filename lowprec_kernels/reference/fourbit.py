@@ -99,3 +99,47 @@ def matmul_4bit(x, A, absmax, code, blocksize, shape, n_absmax, n_code, offset, 
     out = empty((*x.shape[:-1], shape[0]), x.dtype, x.device)
     out.view(-1, shape[0]).copy_(y)
     return out
+
+
+# --- the error every backend's matmul_4bit must stay within (tests and GPU checks) ----------
+
+# Unit roundoff (2**-p, p significand bits with the implicit one): the largest relative error
+# of rounding one exact value into the dtype.
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def matmul_4bit_float64(x: torch.Tensor, W64: torch.Tensor, bias: torch.Tensor | None):
+    """(y64, scale): x @ W64.T + bias in float64 and |x| @ |W64|.T + |bias|, the sum of
+    magnitudes that bounds every rounding error; W64 is the fp32 decoded weight in float64.
+    Both shaped like the op's output."""
+    x64 = x.double().reshape(-1, x.shape[-1])
+    y64 = x64 @ W64.T
+    scale = x64.abs() @ W64.abs().T
+    if bias is not None:
+        y64 = y64 + bias.double()
+        scale = scale + bias.double().abs()
+    return y64.reshape(*x.shape[:-1], -1), scale.reshape(*x.shape[:-1], -1)
+
+
+def matmul_4bit_error_excess(
+    y: torch.Tensor, y64: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, in_features: int
+) -> torch.Tensor:
+    """|y - y64| minus what a correct matmul_4bit with x of ``dtype`` may err by, per element
+    (<= 0: within).
+
+    The bound is u_out |y64| + (u_w + (K + 2) 2**-24) scale (+ fp16 subnormal terms):
+    * u_out: the result is rounded once into y's dtype (x's);
+    * u_w: a backend may round the decoded weights into the compute dtype before the
+      products (0 for fp32: the fp32 weights are exact there);
+    * (K + 2) 2**-24: the K products and the bias are summed in fp32 (every backend
+      accumulates in fp32, whatever order or FMA use); recursive summation of K + 1 terms
+      errs by at most (K + 1) u32 relative to the sum of magnitudes, one more for products
+      that are not exact;
+    * fp16: weights or results below its normal range round with absolute error <= 2**-25.
+    """
+    u_out = UNIT_ROUNDOFF[dtype]
+    u_w = 0.0 if dtype == torch.float32 else UNIT_ROUNDOFF[dtype]
+    bound = u_out * y64.abs() + (u_w + (in_features + 2) * UNIT_ROUNDOFF[torch.float32]) * scale
+    if dtype == torch.float16:
+        bound = bound + 2.0**-25 * (1 + scale)
+    return (y.double().reshape(y64.shape) - y64).abs() - bound

@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from lowprec_kernels import _ops  # noqa: F401 - defines torch.ops.lowprec
+from lowprec_kernels import _ops  # also defines torch.ops.lowprec
 from lowprec_kernels.quant_state import QuantState
 from lowprec_kernels.reference import codebooks
 
@@ -127,7 +127,7 @@ def matmul_4bit(
 ) -> torch.Tensor:
     """``x @ dequantize_4bit(qw).T + bias`` fused, in x's dtype; differentiable in x and bias."""
     _check_state("matmul_4bit", quant_state)
-    return torch.ops.lowprec.matmul_4bit(x, qw, *quant_state.op_args(), bias)
+    return _ops.call("matmul_4bit", x, qw, *quant_state.op_args(), bias)
 
 
 def int8_quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

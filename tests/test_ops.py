@@ -601,3 +601,55 @@ def test_forced_backend_without_kernel_falls_back_to_reference(monkeypatch):
 def test_register_kernel_rejects_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         _dispatch.register_kernel("int8_linear", "opencl")
+
+
+# ------------------------------------------------------- eager calls past the dispatcher
+
+
+@pytest.fixture
+def router_spy(monkeypatch):
+    """Records the calls of matmul_4bit that ``_ops.call`` sends straight to the router."""
+    from lowprec_kernels import _ops
+
+    calls = []
+    route = _ops._ROUTERS["matmul_4bit"]
+
+    def spy(*args):
+        calls.append(args)
+        return route(*args)
+
+    monkeypatch.setitem(_ops._ROUTERS, "matmul_4bit", spy)
+    return calls
+
+
+def _matmul_4bit_inputs(requires_grad=False):
+    qw, st = LF.quantize_4bit(torch.randn(24, 64), 64)
+    x = torch.randn(3, 64, requires_grad=requires_grad)
+    return x, qw, st
+
+
+def test_plain_eager_call_skips_the_dispatcher(router_spy):
+    x, qw, st = _matmul_4bit_inputs()
+    y = LF.matmul_4bit(x, qw, st)
+    assert len(router_spy) == 1
+    assert torch.equal(y, torch.ops.lowprec.matmul_4bit(x, qw, *st.op_args(), None))
+
+
+def test_calls_that_need_the_dispatcher_go_through_it(router_spy):
+    from lowprec_kernels import _ops
+
+    x, qw, st = _matmul_4bit_inputs(requires_grad=True)
+    y = LF.matmul_4bit(x, qw, st)  # autograd
+    assert y.grad_fn is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts x
+        assert LF.matmul_4bit(x.detach(), qw, st).dtype == torch.bfloat16
+    args = (x.detach(), qw, *st.op_args(), None)
+    with FakeTensorMode() as mode:  # dispatch modes
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        assert _ops.call("matmul_4bit", *fake_args).shape == (3, 24)
+    meta = LF.matmul_4bit(x.detach().to("meta"), qw.to("meta"), st.to("meta"))  # meta
+    assert meta.shape == (3, 24)
+    assert router_spy == []
+    with torch.no_grad():  # no grad needed: straight to the router again
+        LF.matmul_4bit(x, qw, st)
+    assert len(router_spy) == 1

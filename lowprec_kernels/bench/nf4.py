@@ -78,19 +78,23 @@ def _bitsandbytes():
     return bitsandbytes, bnb_functional
 
 
-def _ours(backend: str, x: torch.Tensor, state, shape) -> Callable:
-    """Our op on one rotated copy (packed, absmax codes, nested absmax) under ``backend``."""
+def _ours(backend: str, x: torch.Tensor, state) -> Callable:
+    """Our op, as users call it (``LF.matmul_4bit``), on one rotated copy (packed, absmax
+    codes, nested absmax) under ``backend``."""
     import lowprec_kernels as lpk
+    from lowprec_kernels import functional as LF
 
-    code, offset, nested_code = state.code, state.offset, state.nested_code
+    states = {}  # id(packed copy) -> its QuantState
 
     def call(copy):
         packed, absmax, nested_absmax = copy
+        st = states.get(id(packed))
+        if st is None:
+            st = states[id(packed)] = lpk.QuantState.from_dict(
+                {**state.as_dict(), "absmax": absmax, "nested_absmax": nested_absmax}
+            )
         with lpk.use_backend(backend):
-            return torch.ops.lowprec.matmul_4bit(
-                x, packed, absmax, code, BLOCKSIZE, shape, nested_absmax, nested_code, offset,
-                NESTED_BLOCKSIZE, None,
-            )  # fmt: skip
+            return LF.matmul_4bit(x, packed, st)
 
     return call
 
@@ -168,9 +172,7 @@ def _rows_for(bench, m, shape, st, packed_rotation, dense_rotation, bnb_cycle, b
             bench.note(f"backend {backend!r} has no matmul_4bit kernel on {bench.device} (skipped)")
             continue
         for dt in COMPUTE_DTYPES:
-            ours.append(
-                (("ours", backend, dt), (_ours(backend, xs[dt], st, shape), packed_rotation))
-            )
+            ours.append((("ours", backend, dt), (_ours(backend, xs[dt], st), packed_rotation)))
     # Round A, interleaved: our op (each backend, each dtype), F.linear fp32 and bf16, copy_.
     group = list(ours)
     for dt in COMPUTE_DTYPES:

@@ -55,7 +55,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor | None = None, blocks
     """
     if code is None and isinstance(x, torch.Tensor):
         code = _cached_dynamic_map(True, x.device)
-    return torch.ops.lowprec.quantize_blockwise(x, code, blocksize)
+    return _ops.call("quantize_blockwise", x, code, blocksize)
 
 
 def dequantize_blockwise(
@@ -68,7 +68,7 @@ def dequantize_blockwise(
     """Inverse of :func:`quantize_blockwise`: ``code[q] * absmax[block]`` in ``dtype``."""
     if code is None and isinstance(q, torch.Tensor):
         code = _cached_dynamic_map(True, q.device)
-    return torch.ops.lowprec.dequantize_blockwise(q, absmax, code, blocksize, dtype)
+    return _ops.call("dequantize_blockwise", q, absmax, code, blocksize, dtype)
 
 
 def quantize_4bit(
@@ -80,13 +80,13 @@ def quantize_4bit(
     (blocks of 256, signed dynamic map) around their mean: 4.127 bits per weight at
     blocksize 64.
     """
-    packed, absmax = torch.ops.lowprec.quantize_4bit(w, blocksize, quant_type)
+    packed, absmax = _ops.call("quantize_4bit", w, blocksize, quant_type)
     nested = {}
     if double_quant:
         offset = absmax.mean()
         nested_code = _cached_dynamic_map(True, w.device).clone()
-        absmax, nested_absmax = torch.ops.lowprec.quantize_blockwise(
-            absmax - offset, nested_code, NESTED_BLOCKSIZE
+        absmax, nested_absmax = _ops.call(
+            "quantize_blockwise", absmax - offset, nested_code, NESTED_BLOCKSIZE
         )
         nested = dict(
             nested_absmax=nested_absmax,
@@ -117,8 +117,8 @@ def dequantize_4bit(qw: torch.Tensor, quant_state: QuantState, dtype=None) -> to
     """Decodes a 4-bit tensor to ``dtype`` (default: the original ``quant_state.dtype``)."""
     _check_state("dequantize_4bit", quant_state)
     absmax, code, bs, shape, *nested = quant_state.op_args()
-    return torch.ops.lowprec.dequantize_4bit(
-        qw, absmax, code, bs, shape, dtype or quant_state.dtype, *nested
+    return _ops.call(
+        "dequantize_4bit", qw, absmax, code, bs, shape, dtype or quant_state.dtype, *nested
     )
 
 
@@ -132,7 +132,7 @@ def matmul_4bit(
 
 def int8_quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-row int8 weight: ``(codes int8 [out, in], absmax float32 [out])``."""
-    return torch.ops.lowprec.int8_quantize_weight(w)
+    return _ops.call("int8_quantize_weight", w)
 
 
 def int8_vectorwise_quant(x: torch.Tensor, threshold: float = 0.0):
@@ -142,7 +142,7 @@ def int8_vectorwise_quant(x: torch.Tensor, threshold: float = 0.0):
     are zeroed in the codes and each row's absmax ignores them. ``outlier_cols`` is a sorted
     int64 1-D tensor, empty when there are none.
     """
-    return torch.ops.lowprec.int8_vectorwise_quant(x, float(threshold))
+    return _ops.call("int8_vectorwise_quant", x, float(threshold))
 
 
 def int8_scaled_mm(
@@ -154,7 +154,7 @@ def int8_scaled_mm(
     dtype: torch.dtype = torch.float16,
 ) -> torch.Tensor:
     """The int8 GEMM with fused dequantization: ``(xq @ wq.T) * row * col / 127**2 + bias``."""
-    return torch.ops.lowprec.int8_scaled_mm(xq, row_stats, wq, w_scale, bias, dtype)
+    return _ops.call("int8_scaled_mm", xq, row_stats, wq, w_scale, bias, dtype)
 
 
 def int8_linear(
@@ -168,7 +168,7 @@ def int8_linear(
 
     Differentiable in x (``grad_x = grad_y @ W_deq``) and bias.
     """
-    return torch.ops.lowprec.int8_linear(x, wq, w_scale, bias, float(threshold))
+    return _ops.call("int8_linear", x, wq, w_scale, bias, float(threshold))
 
 
 def adam8bit_step_(

@@ -386,7 +386,7 @@ def call(name: str, *args):
     """``torch.ops.lowprec.<name>(*args)``. A plain eager call skips torch's dispatcher and
     runs the router (checker, then the backend kernel) itself: on a call that follows a
     large memory-bound op, the dispatcher's Python layers (autograd wrapper, boxed router)
-    ran with cold caches and cost 50-150 us, against ~20 us warm (matmul_4bit, M = 1,
+    ran with cold caches and cost 40-130 us, against ~20 us warm (matmul_4bit, M = 1,
     4096 x 4096, CPU: 296-398 us through the dispatcher against 253-270 us through the
     router alone)."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]

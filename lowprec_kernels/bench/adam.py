@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lowprec_kernels.bench.harness import Bench, Row
+from lowprec_kernels.bench.harness import Bench, Cycle, Row
 
 SUITE = "adam"
 DTYPES = (torch.float32, torch.bfloat16)
@@ -148,23 +148,7 @@ def _copies(bench: Bench, n: int, dtype: torch.dtype, makers: dict, bytes_per_co
         param.grad = torch.randn_like(param) * 1e-2
         item = {name: make(param) for name, make in makers.items()}
         items.append(item)
-    return _Cycle(items)
-
-
-class _Cycle:
-    """What the harness expects of a rotation: ``next()`` hands out the items in turn."""
-
-    def __init__(self, items):
-        self.copies = items
-        self._i = 0
-
-    def next(self):
-        item = self.copies[self._i]
-        self._i = (self._i + 1) % len(self.copies)
-        return item
-
-    def __len__(self) -> int:
-        return len(self.copies)
+    return Cycle(items)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

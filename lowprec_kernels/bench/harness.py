@@ -180,19 +180,11 @@ def _clone(obj):
     return obj
 
 
-class Rotation:
-    """Distinct copies of one input, handed out in turn by :meth:`next`.
+class Cycle:
+    """Prebuilt inputs handed out in turn by :meth:`next`: what the timing functions take."""
 
-    The copies together hold at least ``target_bytes`` (``Bench`` asks for twice the
-    last-level cache), so by the time a copy comes round again the cache has been flushed of
-    it: every call reads from memory, as a real workload does when it walks over weights or
-    optimizer state. Copies are clones of ``sample``: same values, distinct memory.
-    """
-
-    def __init__(self, sample, target_bytes: int):
-        per_copy = max(1, nbytes(sample))
-        count = max(2, math.ceil(target_bytes / per_copy))
-        self.copies = [sample] + [_clone(sample) for _ in range(count - 1)]
+    def __init__(self, copies: list):
+        self.copies = copies
         self._i = 0
 
     def next(self):
@@ -204,6 +196,21 @@ class Rotation:
         return len(self.copies)
 
 
+class Rotation(Cycle):
+    """Distinct copies of one input, handed out in turn by :meth:`next`.
+
+    The copies together hold at least ``target_bytes`` (``Bench`` asks for twice the
+    last-level cache), so by the time a copy comes round again the cache has been flushed of
+    it: every call reads from memory, as a real workload does when it walks over weights or
+    optimizer state. Copies are clones of ``sample``: same values, distinct memory.
+    """
+
+    def __init__(self, sample, target_bytes: int):
+        per_copy = max(1, nbytes(sample))
+        count = max(2, math.ceil(target_bytes / per_copy))
+        super().__init__([sample] + [_clone(sample) for _ in range(count - 1)])
+
+
 # --------------------------------------------------------------------------- timing
 
 
@@ -212,7 +219,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _sample(fn: Callable, inputs: Rotation, calls: int, device: str) -> float:
+def _sample(fn: Callable, inputs: Cycle, calls: int, device: str) -> float:
     """Seconds per call of ``fn`` over ``calls`` successive rotated inputs."""
     if device == "cuda":
         torch.cuda.synchronize()
@@ -229,7 +236,7 @@ def _sample(fn: Callable, inputs: Rotation, calls: int, device: str) -> float:
     return (time.perf_counter() - t0) / calls
 
 
-def _calls_per_sample(fn: Callable, inputs: Rotation, settings: Settings) -> int:
+def _calls_per_sample(fn: Callable, inputs: Cycle, settings: Settings) -> int:
     """Warm up, then pick how many calls make one sample last ``min_sample_s``."""
     for _ in range(settings.effort.warmup):
         fn(inputs.next())
@@ -265,7 +272,7 @@ class Timing:
 
 
 # A function and the rotation its argument comes from.
-Timed = tuple[Callable, Rotation]
+Timed = tuple[Callable, Cycle]
 
 
 def _measure(timed: Sequence[Timed], settings: Settings) -> list[list[float]]:
@@ -311,7 +318,7 @@ def _timing(samples: list[list[float]], has_baseline: bool, has_floor: bool) -> 
 def compare(
     candidate: Callable,
     baseline: Callable,
-    inputs: Rotation,
+    inputs: Cycle,
     settings: Settings,
     floor: Timed | None = None,
 ) -> Timing:
@@ -326,7 +333,7 @@ def compare(
     return _timing(_measure(timed, settings), True, floor is not None)
 
 
-def alone(fn: Callable, inputs: Rotation, settings: Settings, floor: Timed | None = None) -> Timing:
+def alone(fn: Callable, inputs: Cycle, settings: Settings, floor: Timed | None = None) -> Timing:
     """Times ``fn(x)`` with no baseline (reference-only rows, the copy row)."""
     timed = [(fn, inputs), *([floor] if floor else [])]
     return _timing(_measure(timed, settings), False, floor is not None)
@@ -528,11 +535,11 @@ class Bench:
         return Rotation(sample, target)
 
     def compare(
-        self, candidate: Callable, baseline: Callable, inputs: Rotation, floor: Timed | None = None
+        self, candidate: Callable, baseline: Callable, inputs: Cycle, floor: Timed | None = None
     ) -> Timing:
         return compare(candidate, baseline, inputs, self.settings, floor)
 
-    def alone(self, fn: Callable, inputs: Rotation, floor: Timed | None = None) -> Timing:
+    def alone(self, fn: Callable, inputs: Cycle, floor: Timed | None = None) -> Timing:
         return alone(fn, inputs, self.settings, floor)
 
     def copy_floor(self, nbytes: int) -> Timed:

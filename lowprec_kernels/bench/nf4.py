@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lowprec_kernels.bench.harness import Bench, Row, Timing, _measure, _timing
+from lowprec_kernels.bench.harness import Bench, Cycle, Row, Timing, _measure, _timing
 
 SUITE = "nf4"
 BLOCKSIZE = 64
@@ -50,23 +50,6 @@ def traffic(rows: int, out_features: int, in_features: int, dtype: torch.dtype) 
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-class _Cycle:
-    """Prebuilt argument objects handed out in turn (``Rotation``'s interface for objects
-    that are not plain tensors, such as bitsandbytes' QuantState)."""
-
-    def __init__(self, items: list):
-        self.items = items
-        self._i = 0
-
-    def next(self):
-        item = self.items[self._i]
-        self._i = (self._i + 1) % len(self.items)
-        return item
-
-    def __len__(self) -> int:
-        return len(self.items)
 
 
 def _bitsandbytes():
@@ -152,7 +135,7 @@ def rows(bench: Bench) -> list[Row]:
                 d = st.as_dict()
                 d.update(absmax=absmax, nested_absmax=nested_absmax)
                 bnb_states.append((packed, bnb[1].QuantState.from_dict(d, device=qw.device)))
-            bnb_cycle = _Cycle(bnb_states)
+            bnb_cycle = Cycle(bnb_states)
         shape = [out_f, in_f]
         for m in row_counts:
             out += _rows_for(bench, m, shape, st, packed_rotation, dense_rotation, bnb_cycle,

@@ -86,6 +86,22 @@ def fp32_to(x, dtype: tl.constexpr):
         return x.to(dtype)
 
 
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped launch order: GROUP_M row tiles sweep the
+    same column tile (the same weight columns) back to back, so the weight tile is reused
+    from L2."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n
+
+
 # --- encode thresholds ----------------------------------------------------------------------
 
 # A sorted codebook of 256 entries becomes a 256-entry threshold table for the kernels'

@@ -37,6 +37,7 @@ from lowprec_kernels._dispatch import register_kernel
 from lowprec_kernels.backends.triton._utils import (
     device_guard,
     fp32_to,
+    grouped_tile,
     interpreter_active,
     kernel_devices,
     num_warps_for,
@@ -379,16 +380,8 @@ def _gemm_4bit_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped launch order: GROUP_M row tiles sweep the same column tile (the same weight
-    # columns) back to back, so the decoded weight's packed bytes are reused from L2.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    # The decoded weight's packed bytes are reused from L2 across a group of row tiles.
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -38,6 +38,7 @@ from lowprec_kernels._dispatch import register_kernel
 from lowprec_kernels.backends.triton._utils import (
     device_guard,
     fp32_to,
+    grouped_tile,
     interpreter_active,
     kernel_devices,
     num_warps_for,
@@ -218,14 +219,7 @@ def _int8_gemm_kernel(
     GROUP_M: tl.constexpr,
     INT8_SCALE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    tiles_per_group = GROUP_M * tiles_n
-    first_m = (pid // tiles_per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     # int64 offsets: a [M, K] activation or a weight can pass 2**31 elements.
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -11,10 +11,10 @@ import torch
 from conftest import run_on
 
 from lowprec_kernels import functional as LF
+from lowprec_kernels.reference.rounding import UNIT_ROUNDOFF
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
-U32 = 2.0**-24  # float32 unit roundoff
-UNIT_ROUNDOFF = {torch.float32: U32, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+U32 = UNIT_ROUNDOFF[torch.float32]
 
 
 def randn_nonzero(*shape, scale=1.0):

@@ -15,14 +15,12 @@ import lowprec_kernels as lpk
 from lowprec_kernels import functional as LF
 from lowprec_kernels._ops import BLOCKSIZES_4BIT
 from lowprec_kernels.reference import codebooks
+from lowprec_kernels.reference.rounding import UNIT_ROUNDOFF
 
 NF4 = torch.tensor(codebooks.NF4_VALUES, dtype=torch.float32)
 FP4 = torch.tensor(codebooks.FP4_VALUES, dtype=torch.float32)
 CODES = {"nf4": NF4, "fp4": FP4}
 
-# Unit roundoff of each float dtype (2**-p, p = significand bits incl. the implicit one): the
-# largest relative error of rounding one exact value into that dtype.
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -30,11 +30,10 @@ from lowprec_kernels.reference.codebooks import (  # noqa: E402
     dynamic_map,
     encode_thresholds,
 )
+from lowprec_kernels.reference.rounding import UNIT_ROUNDOFF  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 QUANT_TYPES = ["nf4", "fp4"]
-# Unit roundoff (2**-p, p = significand bits) of each dtype.
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
 @pytest.fixture

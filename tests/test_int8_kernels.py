@@ -17,11 +17,10 @@ from conftest import noncontiguous, run_on
 import lowprec_kernels as lpk
 from lowprec_kernels import functional as LF
 from lowprec_kernels.reference.int8 import INT8_SCALE, int8_dequantize_weight
+from lowprec_kernels.reference.rounding import UNIT_ROUNDOFF
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["f32", "f16", "bf16"]
-# Unit roundoff 2**-p: the largest relative error of one rounding into the dtype.
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 U32 = UNIT_ROUNDOFF[torch.float32]
 # The largest magnitude below which float16 is subnormal: rounding there is absolute, not
 # relative (half its spacing, 2**-25).

@@ -11,10 +11,9 @@ import torch
 from conftest import noncontiguous, run_on
 
 from lowprec_kernels import functional as LF
+from lowprec_kernels.reference.rounding import UNIT_ROUNDOFF
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Unit roundoff 2**-p of each dtype: the largest relative error of one rounding into it.
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
 def ref(fn, *args, **kwargs):

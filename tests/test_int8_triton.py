@@ -20,11 +20,10 @@ from lowprec_kernels import _dispatch  # noqa: E402
 from lowprec_kernels import functional as LF  # noqa: E402
 from lowprec_kernels.backends.triton import _utils  # noqa: E402
 from lowprec_kernels.backends.triton import int8 as ti  # noqa: E402
+from lowprec_kernels.reference.rounding import UNIT_ROUNDOFF  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Unit roundoff 2**-p of each dtype: the largest relative error of one rounding into it.
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-FP32_U = 2.0**-24
+FP32_U = UNIT_ROUNDOFF[torch.float32]
 # Half the smallest fp16 subnormal: the absolute error of rounding a tiny value into fp16.
 FP16_SUBNORMAL_HALF_STEP = 2.0**-25
 LEADS = [(1,), (2,), (3,), (17,), (2, 3)]

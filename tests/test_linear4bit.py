@@ -18,9 +18,9 @@ from torch import nn
 
 from lowprec_kernels import functional as LF
 from lowprec_kernels.nn import Linear4bit, Params4bit
+from lowprec_kernels.reference.rounding import UNIT_ROUNDOFF
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 # A state dict's keys, in bitsandbytes' order (Linear4bit._save_to_state_dict there).
 KEYS_NESTED = ["weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
                "weight.nested_quant_map"]  # fmt: skip

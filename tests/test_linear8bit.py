@@ -16,9 +16,9 @@ from torch import nn
 import lowprec_kernels as lpk
 from lowprec_kernels import functional as LF
 from lowprec_kernels.nn import Linear8bitLt
+from lowprec_kernels.reference.rounding import UNIT_ROUNDOFF
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 STATE_DICT_KEYS = ["weight", "bias", "SCB", "weight_format"]  # bitsandbytes', in its order
 
 

@@ -21,6 +21,7 @@ from lowprec_kernels.reference.codebooks import (
     encode_thresholds,
 )
 from lowprec_kernels.reference.int8 import accumulate_dtype
+from lowprec_kernels.reference.rounding import UNIT_ROUNDOFF
 
 
 def encode_4bit(v: torch.Tensor, x: torch.Tensor, quant_type: str) -> torch.Tensor:
@@ -102,10 +103,6 @@ def matmul_4bit(x, A, absmax, code, blocksize, shape, n_absmax, n_code, offset, 
 
 
 # --- the error every backend's matmul_4bit must stay within (tests and GPU checks) ----------
-
-# Unit roundoff (2**-p, p significand bits with the implicit one): the largest relative error
-# of rounding one exact value into the dtype.
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
 def matmul_4bit_float64(x: torch.Tensor, W64: torch.Tensor, bias: torch.Tensor | None):

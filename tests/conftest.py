@@ -72,6 +72,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+# The CPU paths (scalar, avx2, avx512) of the native extension this machine can run.
+SUPPORTED_CPU_ISAS = tuple(lpk._C.build_info()["cpu_isa_supported"]) if lpk._C is not None else ()
+
+
+@pytest.fixture(params=SUPPORTED_CPU_ISAS)
+def cpu_isa(request):
+    """Each CPU path this machine can run, restored to the automatic choice afterwards."""
+    previous = lpk._C.get_cpu_isa()
+    assert lpk._C.set_cpu_isa(request.param) == request.param
+    yield request.param
+    lpk._C.set_cpu_isa(previous)
+
+
 def run_on(backend: str, fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` with ``backend`` forced."""
     with lpk.use_backend(backend):

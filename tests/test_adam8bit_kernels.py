@@ -22,7 +22,7 @@ import os
 
 import pytest
 import torch
-from conftest import run_on
+from conftest import SUPPORTED_CPU_ISAS, run_on
 
 import lowprec_kernels as lpk
 from lowprec_kernels.reference.codebooks import dynamic_map, encode_nearest, encode_thresholds
@@ -339,17 +339,7 @@ def test_single_step_skip(device_backend):
 
 _C = getattr(lpk, "_C", None)
 NATIVE_CPU = _C is not None and lpk.available_backends()["cpu"]
-SUPPORTED_ISAS = tuple(_C.build_info()["cpu_isa_supported"]) if NATIVE_CPU else ()
 needs_native_cpu = pytest.mark.skipif(not NATIVE_CPU, reason="native CPU kernels not built")
-
-
-@pytest.fixture(params=SUPPORTED_ISAS)
-def cpu_isa(request):
-    """Each CPU path this machine can run, restored afterwards."""
-    previous = _C.get_cpu_isa()
-    assert _C.set_cpu_isa(request.param) == request.param
-    yield request.param
-    _C.set_cpu_isa(previous)
 
 
 @needs_native_cpu
@@ -442,8 +432,8 @@ def test_encoder_sweep_matches_exact_rule(cpu_isa, signed, absmax):
 
 # Every float of [-1, 1] (2.1e9 values, a few seconds per map on the AVX-512 path): on the path
 # the kernels take by default, and on every path with LOWPREC_EXHAUSTIVE=1.
-EXHAUSTIVE_ISAS = SUPPORTED_ISAS if os.environ.get("LOWPREC_EXHAUSTIVE") == "1" else (
-    SUPPORTED_ISAS[-1:])  # fmt: skip
+EXHAUSTIVE_ISAS = SUPPORTED_CPU_ISAS if os.environ.get("LOWPREC_EXHAUSTIVE") == "1" else (
+    SUPPORTED_CPU_ISAS[-1:])  # fmt: skip
 
 
 @needs_native_cpu

@@ -307,16 +307,6 @@ _C = lpk._C  # None when the extension is not built
 needs_cpu_extension = pytest.mark.skipif(
     _C is None or not hasattr(_C, "matmul_4bit_gemv_cpu"), reason="CPU extension not built"
 )
-SUPPORTED_ISAS = tuple(_C.build_info()["cpu_isa_supported"]) if _C is not None else ()
-
-
-@pytest.fixture(params=SUPPORTED_ISAS)
-def cpu_isa(request):
-    """Each CPU path this machine can run, restored to the automatic choice afterwards."""
-    previous = _C.get_cpu_isa()
-    _C.set_cpu_isa(request.param)
-    yield request.param
-    _C.set_cpu_isa(previous)
 
 
 def _weight_args(qw, st):

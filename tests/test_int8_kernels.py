@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import noncontiguous, run_on
+from conftest import SUPPORTED_CPU_ISAS, noncontiguous, run_on
 
 import lowprec_kernels as lpk
 from lowprec_kernels import functional as LF
@@ -324,16 +324,6 @@ def test_int8_linear_nan_inf_zero_rows(device_backend):
 # ------------------------------------------------------------ CPU: every instruction set
 
 _C = pytest.importorskip("lowprec_kernels._C", reason="native extension not built")
-CPU_ISAS = tuple(_C.build_info()["cpu_isa_supported"])
-
-
-@pytest.fixture(params=CPU_ISAS)
-def cpu_isa(request):
-    """Each CPU path this machine can run, restored to the automatic choice afterwards."""
-    previous = _C.get_cpu_isa()
-    assert _C.set_cpu_isa(request.param) == request.param
-    yield request.param
-    _C.set_cpu_isa(previous)
 
 
 def on_cpu(fn, *args):
@@ -401,7 +391,7 @@ def test_cpu_paths_agree_exactly():
         for M in (2, 11):
             x = _planted_activations(M, K, torch.float32, [5, 200])
             outs = []
-            for isa in CPU_ISAS:
+            for isa in SUPPORTED_CPU_ISAS:
                 _C.set_cpu_isa(isa)
                 outs.append(on_cpu(LF.int8_linear, x, wq, ws, b, 6.0))
             for out in outs[1:]:

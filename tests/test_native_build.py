@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from conftest import SUPPORTED_CPU_ISAS
 
 import lowprec_kernels as lpk
 from lowprec_kernels import _ops
@@ -29,16 +30,6 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = ("f32", "f16", "bf16")
 BLOCKSIZES = _ops.BLOCKSIZES_8BIT
 IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
-SUPPORTED_ISAS = tuple(_C.build_info()["cpu_isa_supported"])
-
-
-@pytest.fixture(params=SUPPORTED_ISAS)
-def cpu_isa(request):
-    """Each CPU path this machine can run, restored to the automatic choice afterwards."""
-    previous = _C.get_cpu_isa()
-    assert _C.set_cpu_isa(request.param) == request.param
-    yield request.param
-    _C.set_cpu_isa(previous)
 
 
 # ------------------------------------------------------------------------------ build_info
@@ -83,12 +74,12 @@ def test_cuda_backend_registration_matches_build():
 
 def test_set_cpu_isa_switches_and_validates():
     best = _C.set_cpu_isa("auto")
-    assert best == SUPPORTED_ISAS[-1]
-    for isa in SUPPORTED_ISAS:
+    assert best == SUPPORTED_CPU_ISAS[-1]
+    for isa in SUPPORTED_CPU_ISAS:
         assert _C.set_cpu_isa(isa) == isa == _C.get_cpu_isa() == _C.build_info()["cpu_isa"]
     with pytest.raises(ValueError, match="must be one of"):
         _C.set_cpu_isa("sse9")
-    for isa in set(_C.build_info()["cpu_isa_compiled"]) - set(SUPPORTED_ISAS):
+    for isa in set(_C.build_info()["cpu_isa_compiled"]) - set(SUPPORTED_CPU_ISAS):
         with pytest.raises(ValueError, match="not supported"):
             _C.set_cpu_isa(isa)
     assert _C.set_cpu_isa("auto") == best
@@ -122,7 +113,7 @@ def _isa_in_subprocess(env_value: str | None) -> subprocess.CompletedProcess:
 def test_env_var_lowers_the_isa(requested):
     done = _isa_in_subprocess(requested)
     assert done.returncode == 0, done.stderr
-    best = SUPPORTED_ISAS[-1]
+    best = SUPPORTED_CPU_ISAS[-1]
     order = ["scalar", "avx2", "avx512"]
     if requested in order:  # the environment can only lower the choice
         expected = order[min(order.index(requested), order.index(best))]

@@ -41,6 +41,17 @@ rc=$?; record "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)" $rc
 [ $rc = 0 ] || { tail -n 40 "$out/build.log"; exit 1; }
 "$PY" -c "import json, lowprec_kernels as l; print(json.dumps(l.build_info(), indent=1, default=str))" \
   >>"$out/machine.txt" 2>&1
+# The first H200 run crashed (SIGSEGV inside ostream << long) when a CPU binding formatted its
+# error message, under that machine's compiler (/opt/gcc, gcc 13.3) only. Record which C++
+# compiler and runtime the build used, and whether that error path works, to find the cause.
+{ echo "== C++ toolchain of the build"
+  echo "CXX=${CXX:-unset} CC=${CC:-unset}; g++ on PATH: $(command -v g++)"
+  g++ --version | head -n1
+  echo "libstdc++ the extension loads:"; ldd lowprec_kernels/_C*.so | grep -E "stdc\+\+|libgcc_s"
+  echo "libstdc++ symbols defined in the extension: $(nm -C --defined-only lowprec_kernels/_C*.so | grep -cE ' std::(basic_ostream|locale|ios_base)')"
+  "$PY" -c "import torch; from lowprec_kernels import _C; x = torch.zeros(3); _C.quantize_blockwise_cpu(x, torch.zeros(256), 64, torch.zeros(2, dtype=torch.uint8), torch.zeros(1))" 2>&1 | tail -n1
+  echo "binding error path exit status: ${PIPESTATUS[0]} (1: a Python exception, as expected; 139: SIGSEGV)"
+} >>"$out/machine.txt" 2>&1
 
 step "tests on cuda (cuda + triton + reference backends)"
 # Worker processes share the GPU; each keeps its CPU threads few so 16 cores are not

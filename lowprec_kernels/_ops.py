@@ -382,6 +382,11 @@ def _dispatcher_has_work(tensors: list[torch.Tensor]) -> bool:
     )
 
 
+def plain_eager(tensors: list[torch.Tensor]) -> bool:
+    """Whether a call on these tensors may skip torch's dispatcher (see ``call``)."""
+    return bool(tensors) and not _dispatcher_has_work(tensors)
+
+
 def call(name: str, *args):
     """``torch.ops.lowprec.<name>(*args)``. A plain eager call skips torch's dispatcher and
     runs the router (checker, then the backend kernel) itself: on a call that follows a
@@ -389,10 +394,18 @@ def call(name: str, *args):
     ran with cold caches and cost 40-130 us, against ~20 us warm (matmul_4bit, M = 1,
     4096 x 4096, CPU: 296-398 us through the dispatcher against 253-270 us through the
     router alone)."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if tensors and not _dispatcher_has_work(tensors):
+    if plain_eager([a for a in args if isinstance(a, torch.Tensor)]):
         return _ROUTERS[name](*args)
     return getattr(torch.ops.lowprec, name)(*args)
+
+
+def route_mutating(name: str, mutated: list[torch.Tensor], *args) -> None:
+    """Runs the router of ``name``, an op that writes into ``mutated`` (its ``Tensor(a!)``
+    arguments), for a call the caller found ``plain_eager``, then bumps the version counters
+    of ``mutated`` as the dispatcher's ADInplaceOrView layer would: autograd still refuses a
+    backward through their old values."""
+    _ROUTERS[name](*args)
+    torch.autograd.graph.increment_version(mutated)
 
 
 def _define(schema: str, check: Callable, fake_outputs: Callable) -> None:

@@ -247,6 +247,43 @@ def test_one_fused_call_per_param_group(monkeypatch):
     assert "adam8bit_step_" not in routed
 
 
+def test_eager_step_skips_the_dispatcher_and_bumps_versions(monkeypatch):
+    """A plain eager step runs the multi-step router directly (hyperparameters as floats) and
+    bumps the version counters of what it wrote, as the dispatcher would; under the profiler
+    (work for the dispatcher) it goes through adam8bit_group_step_. Both give the same
+    parameters and state."""
+    routed = []
+    route = _ops._ROUTERS["adam8bit_multi_step_"]
+
+    def spy(*args):
+        routed.append(args)
+        return route(*args)
+
+    monkeypatch.setitem(_ops._ROUTERS, "adam8bit_multi_step_", spy)
+    torch.manual_seed(0)
+    fast = nn.Parameter(torch.randn(5000))
+    slow = nn.Parameter(fast.detach().clone())
+    opts = {}
+    for p in (fast, slow):
+        p.grad = torch.randn_like(p) * 1e-2 if p is fast else fast.grad.clone()
+        opts[id(p)] = AdamW8bit([p], lr=torch.tensor(1e-3), weight_decay=0.01)
+    saved = fast * fast  # autograd saves fast for the backward of this product
+    before = fast._version
+    opts[id(fast)].step()
+    assert len(routed) == 1
+    assert fast._version > before
+    state = opts[id(fast)].state[fast]
+    assert all(state[k]._version > 0 for k in ("state1", "state2", "absmax1", "absmax2", "step"))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+    with torch.autograd.profiler.profile():
+        opts[id(slow)].step()
+    assert len(routed) == 1
+    assert torch.equal(fast, slow)
+    for name, t in opts[id(fast)].state[fast].items():
+        assert torch.equal(t, opts[id(slow)].state[slow][name]), name
+
+
 def test_param_groups_use_their_own_hyperparameters():
     torch.manual_seed(0)
     a, b = nn.Parameter(torch.randn(5000)), nn.Parameter(torch.randn(5000))

@@ -85,6 +85,22 @@ def cpu_isa(request):
     lpk._C.set_cpu_isa(previous)
 
 
+def spy_on_router(monkeypatch, name: str) -> list:
+    """Records the calls that reach op ``name``'s router straight from ``_ops.call`` or
+    ``_ops.route_mutating`` (the dispatcher calls the router it registered, not this one)."""
+    from lowprec_kernels import _ops
+
+    calls = []
+    route = _ops._ROUTERS[name]
+
+    def spy(*args):
+        calls.append(args)
+        return route(*args)
+
+    monkeypatch.setitem(_ops._ROUTERS, name, spy)
+    return calls
+
+
 def run_on(backend: str, fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` with ``backend`` forced."""
     with lpk.use_backend(backend):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import spy_on_router
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -609,17 +610,7 @@ def test_register_kernel_rejects_unknown_backend():
 @pytest.fixture
 def router_spy(monkeypatch):
     """Records the calls of matmul_4bit that ``_ops.call`` sends straight to the router."""
-    from lowprec_kernels import _ops
-
-    calls = []
-    route = _ops._ROUTERS["matmul_4bit"]
-
-    def spy(*args):
-        calls.append(args)
-        return route(*args)
-
-    monkeypatch.setitem(_ops._ROUTERS, "matmul_4bit", spy)
-    return calls
+    return spy_on_router(monkeypatch, "matmul_4bit")
 
 
 def _matmul_4bit_inputs(requires_grad=False):

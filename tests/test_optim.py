@@ -12,7 +12,7 @@ import re
 
 import pytest
 import torch
-from conftest import run_on
+from conftest import run_on, spy_on_router
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -252,14 +252,7 @@ def test_eager_step_skips_the_dispatcher_and_bumps_versions(monkeypatch):
     bumps the version counters of what it wrote, as the dispatcher would; under the profiler
     (work for the dispatcher) it goes through adam8bit_group_step_. Both give the same
     parameters and state."""
-    routed = []
-    route = _ops._ROUTERS["adam8bit_multi_step_"]
-
-    def spy(*args):
-        routed.append(args)
-        return route(*args)
-
-    monkeypatch.setitem(_ops._ROUTERS, "adam8bit_multi_step_", spy)
+    routed = spy_on_router(monkeypatch, "adam8bit_multi_step_")
     torch.manual_seed(0)
     fast = nn.Parameter(torch.randn(5000))
     slow = nn.Parameter(fast.detach().clone())

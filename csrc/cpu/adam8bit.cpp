@@ -103,14 +103,18 @@ constexpr int kFloatBytes = 4;
 constexpr int kPositionFractionBits = 16;
 constexpr float kPositionFractionScale = 65536.0f;
 constexpr int32_t kNearFraction = static_cast<int32_t>(kSegmentWindow * kPositionFractionScale);
-static_assert(kNearFraction == 32, "the near test masks the fraction with ~(kNearFraction - 1)");
-// Values whose bits lie within this many units of a boundary's are near: the reciprocal's v is
-// within 3 * 2^-24 |v| (under 3 ulps, or 6 units where that crosses a binade) of x / absmax.
+static_assert(kNearFraction == 32, "the near test compares with 32 units of 2^-16");
+// The values whose bits lie within kBoundaryUlps units of a boundary's must be near: the
+// reciprocal's v is within 3 * 2^-24 |v| (under 3 ulps, or 6 units where that crosses a binade)
+// of x / absmax. This is a lower bound on the window the near test below uses.
 constexpr int32_t kBoundaryUlps = 8;
 // Both near tests in one unsigned comparison, so that a vector of lanes is tested with two integer
 // minimums instead of mask registers: the "near distance" is min(f, B - M + kNearFraction / 2)
 // (B, M: the bits of the boundary and of |v|), near when below kNearFraction. Its second term is
-// below kNearFraction for M in [B - 15, B + 16], which holds the +-kBoundaryUlps window.
+// below kNearFraction for M in [B - 15, B + 16]: that is the window, and it holds the
+// +-kBoundaryUlps one. A boundary must also lie at least that far inside its key (checked by
+// build_magnitude_encoder): a value the reciprocal moves across the key's edge is then tested
+// against the right boundary.
 static_assert(kNearFraction / 2 - 1 >= kBoundaryUlps, "the near distance must cover the window");
 struct MagnitudeEncoder {
   // By key: its boundary (+inf if none) and the segment of its values not above the boundary.
@@ -164,6 +168,12 @@ inline void build_magnitude_encoder(const float* code, const SegmentedEncoder& e
     const float boundary = enc.key_boundary[key];  // sign 0: the positive half
     mag->boundary[key] = boundary;
     mag->key_segment[key] = enc.key_segment[key];
+    if (boundary < INFINITY) {  // at least the near window inside the key's binades
+      const uint32_t edge = (kSegmentKeyMinExponentField + kSegmentKeyBinades * key) << 23;
+      const uint32_t bits = float_to_bits(boundary);
+      if (key > 0 && bits - edge < static_cast<uint32_t>(kNearFraction)) return;
+      if ((edge + (kSegmentKeyBinades << 23)) - bits < static_cast<uint32_t>(kNearFraction)) return;
+    }
     const uint32_t field = kSegmentKeyMinExponentField + kSegmentKeyBinades * key;
     const float low = key == 0 ? 0.0f : bits_to_float(field << 23);
     const float high = key == kSegmentKeyCount - 1
@@ -218,9 +228,13 @@ inline void build_state_encoder(const float* code, StateEncoder* enc) {
   build_magnitude_encoder(code, enc->segmented, &enc->magnitude);
 }
 
-// Whether the magnitude encoder applies to a block: its absmax is normal (its reciprocal finite).
+// Whether the magnitude encoder applies to a block: its absmax is normal and at most 2^126, so
+// that its reciprocal is normal too (a subnormal one is less precise than the encoder's margins
+// allow for).
+constexpr float kMagnitudeEncoderMaxAbsmax = 0x1p126f;
 inline bool magnitude_encoding_applies(float absmax, const StateEncoder& enc) {
-  return enc.segmented.usable && enc.magnitude.usable && absmax >= FLT_MIN && absmax <= FLT_MAX;
+  return enc.segmented.usable && enc.magnitude.usable && absmax >= FLT_MIN &&
+         absmax <= kMagnitudeEncoderMaxAbsmax;
 }
 
 // Everything the kernels read besides the tensors, built once per call from the two maps.
@@ -954,9 +968,11 @@ LP_TARGET_AVX512_VBMI inline void avx512_update_vector(const Adam8bitTensor& t,
   avx512_store<T>(t.p, i, lanes, p);
   _mm512_store_ps(new_m, m);
   _mm512_store_ps(new_v, v);
-  const __m512i magnitude_mask = _mm512_set1_epi32(0x7FFFFFFF);
-  const __m512i m_bits = _mm512_and_si512(_mm512_castps_si512(m), magnitude_mask);
-  const __m512i v_bits = _mm512_and_si512(_mm512_castps_si512(v), magnitude_mask);
+  const __m512i m_bits = _mm512_and_si512(_mm512_castps_si512(m), _mm512_set1_epi32(0x7FFFFFFF));
+  // v is >= +0 unless the caller's second-moment map or scales are negative: its bits as they
+  // are, whose maximum has the sign bit set exactly when some v is -0 or below (the caller then
+  // takes the magnitudes again, see avx512_v_absmax).
+  const __m512i v_bits = _mm512_castps_si512(v);
   if constexpr (kFull) {
     *max1 = _mm512_max_epu32(*max1, m_bits);
     *max2 = _mm512_max_epu32(*max2, v_bits);
@@ -964,6 +980,17 @@ LP_TARGET_AVX512_VBMI inline void avx512_update_vector(const Adam8bitTensor& t,
     *max1 = _mm512_mask_max_epu32(*max1, lanes, *max1, m_bits);
     *max2 = _mm512_mask_max_epu32(*max2, lanes, *max2, v_bits);
   }
+}
+
+// The absmax of a block's new v from the maximum of their bits as they are: the same when no v
+// is negative; else the magnitudes are taken again (only a raw-op caller with a signed map or a
+// negative scale for the second moment gets there).
+inline float avx512_v_absmax(uint32_t max_raw_bits, const float* new_v, int64_t count) {
+  if (!(max_raw_bits >> 31)) return absmax_from_magnitude_bits(max_raw_bits);
+  uint32_t max_bits = 0;
+  for (int64_t k = 0; k < count; ++k)
+    max_bits = std::max(max_bits, magnitude_bits(new_v[k]));
+  return absmax_from_magnitude_bits(max_bits);
 }
 
 // Pass 1 on the code group at element k of a block of `count` elements starting at `begin`.
@@ -1004,7 +1031,9 @@ struct PendingBlock {
   float absmax2 = 0.0f;
   const float* new_m = nullptr;
   const float* new_v = nullptr;
-  // Both states take the magnitude encoder (else pass 2 runs after the next block's pass 1).
+  // Pass 2 runs beside the next block's pass 1: the block is whole, both states take the
+  // magnitude encoder and no new v is negative (v takes its unsigned form). Else it runs after
+  // the next block's pass 1, by encode_avx512.
   bool interleaved = false;
 };
 
@@ -1081,8 +1110,8 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512_pipelined(const Adam8bitTensor& 
     const __m512 old_scale2 = _mm512_set1_ps(t.absmax2[block]);
     __m512i max1 = _mm512_setzero_si512();
     __m512i max2 = _mm512_setzero_si512();
-    // Only a block's last group can be partial, and only the last block has one; the pending
-    // block is never the last, so it is whole and at least as long as this one.
+    // An interleaved pending block is whole (PendingBlock::interleaved), so at least as long as
+    // this one, and its groups are full.
     const bool interleave = pending.count != 0 && pending.interleaved;
     int64_t k = 0;
     for (; k < count; k += kAvx512CodeGroup) {
@@ -1098,7 +1127,8 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512_pipelined(const Adam8bitTensor& 
     complete_pending(interleave ? k : 0);
 
     const float absmax1 = absmax_from_magnitude_bits(_mm512_reduce_max_epu32(max1));
-    const float absmax2 = absmax_from_magnitude_bits(_mm512_reduce_max_epu32(max2));
+    const uint32_t v_max_raw_bits = _mm512_reduce_max_epu32(max2);
+    const float absmax2 = avx512_v_absmax(v_max_raw_bits, block_v, count);
     t.absmax1[block] = absmax1;
     t.absmax2[block] = absmax2;
     pending.begin = begin;
@@ -1107,7 +1137,8 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512_pipelined(const Adam8bitTensor& 
     pending.absmax2 = absmax2;
     pending.new_m = block_m;
     pending.new_v = block_v;
-    pending.interleaved = count == blocksize && magnitude_encoding_applies(absmax1, encoder1) &&
+    pending.interleaved = count == blocksize && !(v_max_raw_bits >> 31) &&
+                          magnitude_encoding_applies(absmax1, encoder1) &&
                           magnitude_encoding_applies(absmax2, encoder2);
     if (pending.interleaved) {
       reciprocal1 = avx512_reciprocal(absmax1);

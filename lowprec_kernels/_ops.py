@@ -366,12 +366,13 @@ def _plain_tensor(t: torch.Tensor) -> bool:
 
 def _dispatcher_has_work(tensors: list[torch.Tensor]) -> bool:
     """Whether torch's dispatcher would do more for this call than run the router: autograd
-    (a tensor needs grad), autocast, tracing or compiling, function or dispatch modes (fake
-    and functional tensors), functorch transforms, the profiler, tensor subclasses, devices
-    other than CPU and CUDA (meta)."""
+    (a tensor needs grad), autocast, tracing (torch.jit too) or compiling, function or
+    dispatch modes (fake and functional tensors), functorch transforms, the profiler, tensor
+    subclasses, devices other than CPU and CUDA (meta)."""
     return (
         tensors[0].device.type not in ("cpu", "cuda")  # meta tensors take the fake kernel
         or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
         or torch._C._is_torch_function_mode_enabled()
         or is_in_torch_dispatch_mode()
         or torch._C._are_functorch_transforms_active()
@@ -405,7 +406,11 @@ def route_mutating(name: str, mutated: list[torch.Tensor], *args) -> None:
     of ``mutated`` as the dispatcher's ADInplaceOrView layer would: autograd still refuses a
     backward through their old values."""
     _ROUTERS[name](*args)
-    torch.autograd.graph.increment_version(mutated)
+    try:
+        torch.autograd.graph.increment_version(mutated)
+    except TypeError:  # torch < 2.5 takes one tensor at a time
+        for t in mutated:
+            torch.autograd.graph.increment_version(t)
 
 
 def _define(schema: str, check: Callable, fake_outputs: Callable) -> None:

@@ -626,6 +626,15 @@ def test_plain_eager_call_skips_the_dispatcher(router_spy):
     assert torch.equal(y, torch.ops.lowprec.matmul_4bit(x, qw, *st.op_args(), None))
 
 
+def test_jit_trace_records_the_op(router_spy):
+    """torch.jit.trace sees only what passes the dispatcher: a traced call must not skip it."""
+    x, qw, st = _matmul_4bit_inputs()
+    traced = torch.jit.trace(lambda x: LF.matmul_4bit(x, qw, st), (x,), check_trace=False)
+    assert router_spy == []
+    assert "lowprec::matmul_4bit" in str(traced.graph)
+    assert torch.equal(traced(x), LF.matmul_4bit(x, qw, st))
+
+
 def test_calls_that_need_the_dispatcher_go_through_it(router_spy):
     from lowprec_kernels import _ops
 

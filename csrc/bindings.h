@@ -79,6 +79,18 @@ void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                           const std::optional<at::Tensor>& nested_code,
                           const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
                           const std::optional<at::Tensor>& bias, const at::Tensor& out);
+// matmul_4bit's whole plain eager call (lowprec_kernels/_ops.py, call): the checker's conditions
+// as a yes or no, the output (filled with `poison` when given: the tests' poison mode) and the
+// kernel, GEMV up to gemv_max_rows rows of x. Nothing when an argument is not one the checker
+// accepts: the caller then takes the checked path, which reports it. On a call after a large
+// memory-bound op the Python layers of that path (checker, allocation, reshapes) cost ~100 us
+// against ~300 us for the kernel at M = 1, 4096 x 4096.
+std::optional<at::Tensor> matmul_4bit_eager_cpu(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+    int64_t blocksize, const std::vector<int64_t>& shape,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+    const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+    const std::optional<at::Tensor>& bias, int64_t gemv_max_rows, std::optional<double> poison);
 
 #if defined(LOWPREC_WITH_CUDA)
 // cuda/bindings.cpp

@@ -182,6 +182,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("nested_absmax"),
         py::arg("nested_code"), py::arg("offset"), py::arg("nested_blocksize"), py::arg("bias"),
         py::arg("out"), no_gil);
+  m.def("matmul_4bit_eager_cpu", &matmul_4bit_eager_cpu, py::arg("x"), py::arg("packed"),
+        py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("shape"),
+        py::arg("nested_absmax"), py::arg("nested_code"), py::arg("offset"),
+        py::arg("nested_blocksize"), py::arg("bias"), py::arg("gemv_max_rows"), py::arg("poison"),
+        no_gil, "The output, or None when an argument is not one the op's checker accepts.");
 #if defined(LOWPREC_WITH_CUDA)
   m.def("quantize_blockwise_cuda", &quantize_blockwise_cuda, py::arg("A"), py::arg("code"),
         py::arg("blocksize"), py::arg("out_codes"), py::arg("out_absmax"), no_gil);

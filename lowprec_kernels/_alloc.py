@@ -26,6 +26,12 @@ def _poison_value(dtype: torch.dtype) -> float | int | bool:
     return torch.iinfo(dtype).min  # int8: -128, never a valid LLM.int8 code (range ±127)
 
 
+def poison(dtype: torch.dtype) -> float | int | bool | None:
+    """The value fresh outputs of ``dtype`` start as, or None while poisoning is off: for
+    kernels that allocate their outputs natively."""
+    return _poison_value(dtype) if _POISON else None
+
+
 def empty(shape, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """``torch.empty`` that fills the tensor with poison while poisoning is on."""
     out = torch.empty(shape, dtype=dtype, device=device)

@@ -27,6 +27,8 @@ _DEFAULT_ORDER = {
 
 # (op name, backend) -> {device type or "any": kernel}
 _KERNELS: dict[tuple[str, str], dict[str, Callable]] = {}
+# The same for eager entries (register_eager).
+_EAGER: dict[tuple[str, str], dict[str, Callable]] = {}
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "lowprec_backend", default=None
 )
@@ -44,6 +46,28 @@ def register_kernel(op: str, backend: str, device: str = "any") -> Callable[[Cal
         return fn
 
     return decorate
+
+
+def register_eager(op: str, backend: str, device: str = "any") -> Callable[[Callable], Callable]:
+    """Decorator: ``fn`` runs a whole plain eager call of ``op`` (validation, output, kernel) in
+    one native call, for ``backend`` on ``device``. It takes the op's arguments unchecked and
+    returns the op's result, or None for arguments it does not accept: the caller then goes
+    through the op's checker and ``register_kernel``'s kernel, which report them."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def decorate(fn: Callable) -> Callable:
+        _EAGER.setdefault((op, backend), {})[device] = fn
+        return fn
+
+    return decorate
+
+
+def eager_for(op: str, device_type: str) -> Callable | None:
+    """The eager entry of the backend that runs ``op`` on ``device_type`` now, if it has one."""
+    backend, _ = kernel_for(op, device_type)
+    table = _EAGER.get((op, backend), {})
+    return table.get(device_type) or table.get("any")
 
 
 def mark_available(backend: str, available: bool = True) -> None:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from lowprec_kernels._dispatch import kernel_for
+from lowprec_kernels._dispatch import eager_for, kernel_for
 from lowprec_kernels.reference.codebooks import QUANT_TYPES_4BIT
 from lowprec_kernels.reference.int8 import int8_dequantize_weight
 
@@ -394,8 +394,15 @@ def call(name: str, *args):
     large memory-bound op, the dispatcher's Python layers (autograd wrapper, boxed router)
     ran with cold caches and cost 40-130 us, against ~20 us warm (matmul_4bit, M = 1,
     4096 x 4096, CPU: 296-398 us through the dispatcher against 253-270 us through the
-    router alone)."""
-    if plain_eager([a for a in args if isinstance(a, torch.Tensor)]):
+    router alone). Where the backend has an eager entry (``_dispatch.register_eager``), that one
+    native call replaces the router's Python layers too."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if plain_eager(tensors):
+        eager = eager_for(name, tensors[0].device.type)
+        if eager is not None:
+            result = eager(*args)
+            if result is not None:
+                return result
         return _ROUTERS[name](*args)
     return getattr(torch.ops.lowprec, name)(*args)
 

@@ -86,18 +86,25 @@ def cpu_isa(request):
 
 
 def spy_on_router(monkeypatch, name: str) -> list:
-    """Records the calls that reach op ``name``'s router straight from ``_ops.call`` or
-    ``_ops.route_mutating`` (the dispatcher calls the router it registered, not this one)."""
-    from lowprec_kernels import _ops
+    """Records the calls that skip torch's dispatcher for op ``name``: those ``_ops.call`` or
+    ``_ops.route_mutating`` send straight to its router, and those its eager entries
+    (``_dispatch.register_eager``) take. (The dispatcher calls the router it registered, not
+    this one.)"""
+    from lowprec_kernels import _dispatch, _ops
 
     calls = []
-    route = _ops._ROUTERS[name]
 
-    def spy(*args):
-        calls.append(args)
-        return route(*args)
+    def spying(fn):
+        def spy(*args):
+            calls.append(args)
+            return fn(*args)
 
-    monkeypatch.setitem(_ops._ROUTERS, name, spy)
+        return spy
+
+    monkeypatch.setitem(_ops._ROUTERS, name, spying(_ops._ROUTERS[name]))
+    for key, table in _dispatch._EAGER.items():
+        if key[0] == name:
+            monkeypatch.setitem(_dispatch._EAGER, key, {d: spying(fn) for d, fn in table.items()})
     return calls
 
 

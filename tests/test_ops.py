@@ -609,7 +609,8 @@ def test_register_kernel_rejects_unknown_backend():
 
 @pytest.fixture
 def router_spy(monkeypatch):
-    """Records the calls of matmul_4bit that ``_ops.call`` sends straight to the router."""
+    """Records the calls of matmul_4bit that skip the dispatcher (one per call: the eager
+    entry takes it, or the router when there is none)."""
     return spy_on_router(monkeypatch, "matmul_4bit")
 
 
@@ -650,6 +651,58 @@ def test_calls_that_need_the_dispatcher_go_through_it(router_spy):
     meta = LF.matmul_4bit(x.detach().to("meta"), qw.to("meta"), st.to("meta"))  # meta
     assert meta.shape == (3, 24)
     assert router_spy == []
-    with torch.no_grad():  # no grad needed: straight to the router again
+    with torch.no_grad():  # no grad needed: past the dispatcher again
         LF.matmul_4bit(x, qw, st)
     assert len(router_spy) == 1
+
+
+# The eager entries: one native call for the whole plain eager op, checked against the router.
+
+_EAGER_SHAPES = [(1, 64), (3, 64), (2, 3, 64), (17, 64), (0, 64), (6, 96)]
+
+
+@pytest.mark.skipif(not lpk.available_backends()["cpu"], reason="needs the native CPU backend")
+@pytest.mark.parametrize("double_quant", [False, True], ids=["fp32-absmax", "nested"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_eager_entry_matches_the_router(dtype, double_quant):
+    """Every path of the matmul_4bit eager entry (GEMV and GEMM rows, leading dims, no rows,
+    bias, strided x) gives the router's result bit for bit, poisoned output included."""
+    from lowprec_kernels import _dispatch, _ops
+
+    eager = _dispatch.eager_for("matmul_4bit", "cpu")
+    assert eager is not None
+    for x_shape in _EAGER_SHAPES:
+        k = x_shape[-1]
+        qw, st = LF.quantize_4bit(randn_nonzero(10, k), 32, "nf4", double_quant)
+        x = randn_nonzero(*x_shape, dtype=dtype)
+        for bias in (None, randn_nonzero(10, dtype=dtype)):
+            for x_in in (x, randn_nonzero(*x_shape[:-1], 2 * k, dtype=dtype)[..., ::2]):
+                args = (x_in, qw, *st.op_args(), bias)
+                got = eager(*args)
+                want = _ops._ROUTERS["matmul_4bit"](*args)
+                assert got is not None, (x_shape, bias is not None)
+                assert got.dtype == want.dtype and got.shape == want.shape
+                assert torch.equal(got, want), (x_shape, bias is not None, x_in.is_contiguous())
+
+
+def _matmul_bad_weights():
+    """The bad inputs of the table for matmul_4bit, and its dequantize_4bit rows that concern
+    the weight (the same checker, check_4bit_weight), applied to matmul_4bit."""
+    for op, variant, ident, changes, exc, name in BAD:
+        if op == "matmul_4bit" or (op == "dequantize_4bit" and "dtype" not in changes):
+            yield pytest.param(variant, changes, exc, name, id=f"{op}-{ident}")
+
+
+@pytest.mark.skipif(not lpk.available_backends()["cpu"], reason="needs the native CPU backend")
+@pytest.mark.parametrize(("variant", "changes", "exc", "name"), list(_matmul_bad_weights()))
+def test_eager_entry_declines_what_the_checker_rejects(variant, changes, exc, name):
+    """The entry's native conditions cover the checker's: it declines every bad input (so
+    that the checker reports it, through ``_ops.call``)."""
+    from lowprec_kernels import _dispatch, _ops
+
+    args = _apply(valid_args("matmul_4bit", variant), changes)
+    ordered = [args[n] for n in arg_names("matmul_4bit")]
+    assert _dispatch.eager_for("matmul_4bit", "cpu")(*ordered) is None
+    if ordered[0].device.type == "cpu":
+        with pytest.raises(exc, match=rf"lowprec\.matmul_4bit: .*\b{name}\b"):
+            _ops.call("matmul_4bit", *ordered)

@@ -13,8 +13,8 @@ import functools
 import torch
 
 from lowprec_kernels import _C
-from lowprec_kernels._alloc import empty
-from lowprec_kernels._dispatch import mark_available, register_kernel
+from lowprec_kernels._alloc import empty, poison
+from lowprec_kernels._dispatch import mark_available, register_eager, register_kernel
 from lowprec_kernels._ops import num_blocks
 from lowprec_kernels.reference.codebooks import code_4bit
 
@@ -221,6 +221,21 @@ def matmul_4bit(
     kernel = _C.matmul_4bit_gemv_cpu if rows <= GEMV_MAX_ROWS[x.dtype] else _C.matmul_4bit_gemm_cpu
     kernel(x2d, *weight, _optional(bias), out.view(rows, out_features))
     return out
+
+
+@register_eager("matmul_4bit", backend="cpu", device="cpu")
+def matmul_4bit_eager(
+    x, A, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize, bias
+):
+    """The call above in one native step (``_C.matmul_4bit_eager_cpu``), or None for arguments
+    it does not accept (the checker then reports them)."""
+    try:
+        return _C.matmul_4bit_eager_cpu(
+            x, A, absmax, code, blocksize, shape, nested_absmax, nested_code, offset,
+            nested_blocksize, bias, GEMV_MAX_ROWS.get(x.dtype, 0), poison(x.dtype),
+        )  # fmt: skip
+    except (TypeError, AttributeError):  # an argument of the wrong kind: the checker names it
+        return None
 
 
 mark_available("cpu")

@@ -1,6 +1,13 @@
 // The Python module lowprec_kernels._C: kernel entry points, the CPU ISA switch and
 // build_info(). The only translation unit that includes pybind11 (the slowest headers), so
 // adding a kernel family adds a few m.def lines here and nothing heavier.
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/jit/frontend/tracer.h>
+#include <torch/csrc/profiler/api.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <stdexcept>
@@ -111,6 +118,33 @@ std::string set_cpu_isa(const std::string& name) {
   return get_cpu_isa();
 }
 
+// The checks of lowprec_kernels._ops._dispatcher_has_work that read torch's thread-local state
+// and the tensors, in one call: from Python each costs a few microseconds when the caches are
+// cold (after a large op), ~25 us in all. The caller checks first what only Python sees
+// (torch.compile, which would stop at this call; the tensors' Python types).
+bool dispatcher_has_work(const std::vector<at::Tensor>& tensors) {
+  if (tensors.empty()) return true;
+  if (torch::jit::tracer::isTracing() || at::impl::torch_function_mode_enabled() ||
+      c10::impl::TorchDispatchModeTLS::any_modes_set() ||
+      torch::profiler::impl::profilerEnabled()) {
+    return true;
+  }
+  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
+  if (included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+      included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode)) {
+    return true;  // functorch transforms (vmap, grad, ...)
+  }
+  const c10::DeviceType device = tensors[0].device().type();
+  if (device != c10::DeviceType::CPU && device != c10::DeviceType::CUDA) return true;
+  if (at::autocast::is_autocast_enabled(device)) return true;
+  if (c10::GradMode::is_enabled()) {
+    for (const at::Tensor& t : tensors) {
+      if (t.requires_grad()) return true;
+    }
+  }
+  return false;
+}
+
 // Exposes the shared threshold rule so tests can compare it with the Python reference.
 float midpoint_threshold_for_test(float lower, float upper) {
   return midpoint_threshold(lower, upper);
@@ -127,6 +161,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "What was compiled (CPU ISA paths, CUDA archs), the ISA chosen now, and the constants "
         "the C++ side uses.");
   m.def("get_cpu_isa", &get_cpu_isa, "The CPU path kernels take now: avx512, avx2 or scalar.");
+  m.def("dispatcher_has_work", &dispatcher_has_work, py::arg("tensors"),
+        "Whether torch's thread-local state or these tensors give its dispatcher work (tracing, "
+        "modes, functorch, profiler, autocast, autograd, a device other than CPU or CUDA).");
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"),
         "Force the CPU path (avx512, avx2, scalar; auto = best supported) for this process. "
         "Raises ValueError for a path this CPU or build lacks. Returns the active path.");

@@ -32,6 +32,7 @@ def _load_backend(module: str) -> None:
 
 
 if _C is not None:
+    _ops.use_native_state_check(_C.dispatcher_has_work)
     _load_backend("cpu")
     _load_backend("cuda")
 try:

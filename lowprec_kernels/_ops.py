@@ -357,30 +357,54 @@ _ROUTERS: dict[str, Callable] = {}
 def _plain_tensor(t: torch.Tensor) -> bool:
     """A Tensor or Parameter (or a subclass adding neither torch function nor dispatch)."""
     cls = type(t)
-    return cls is torch.Tensor or (
-        isinstance(t, torch.nn.Parameter)
-        and cls.__torch_function__ is torch.nn.Parameter.__torch_function__
-        and cls.__torch_dispatch__ is torch.Tensor.__torch_dispatch__
+    return (
+        cls is torch.Tensor
+        or cls is torch.nn.Parameter
+        or (
+            isinstance(t, torch.nn.Parameter)
+            and cls.__torch_function__ is torch.nn.Parameter.__torch_function__
+            and cls.__torch_dispatch__ is torch.Tensor.__torch_dispatch__
+        )
     )
+
+
+def _state_has_work(tensors: list[torch.Tensor]) -> bool:
+    """The checks of ``_dispatcher_has_work`` on torch's thread-local state and the tensors;
+    ``_C.dispatcher_has_work`` makes the same ones in a single call when the extension is
+    built (tests/test_ops.py compares the two under each condition)."""
+    return (
+        torch.jit.is_tracing()
+        or torch._C._is_torch_function_mode_enabled()
+        or is_in_torch_dispatch_mode()
+        or torch._C._are_functorch_transforms_active()
+        or torch.autograd._profiler_enabled()
+        or tensors[0].device.type not in ("cpu", "cuda")  # meta tensors take the fake kernel
+        or torch.is_autocast_enabled(tensors[0].device.type)
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    )
+
+
+_native_state_has_work: Callable[[list[torch.Tensor]], bool] | None = None
+
+
+def use_native_state_check(check: Callable[[list[torch.Tensor]], bool]) -> None:
+    """Called once the extension is loaded: ``check`` replaces ``_state_has_work``. Each of
+    its Python calls costs a few microseconds with cold caches (after a large op), ~25 us in
+    all, against one call here."""
+    global _native_state_has_work
+    _native_state_has_work = check
 
 
 def _dispatcher_has_work(tensors: list[torch.Tensor]) -> bool:
     """Whether torch's dispatcher would do more for this call than run the router: autograd
     (a tensor needs grad), autocast, tracing (torch.jit too) or compiling, function or
     dispatch modes (fake and functional tensors), functorch transforms, the profiler, tensor
-    subclasses, devices other than CPU and CUDA (meta)."""
-    return (
-        tensors[0].device.type not in ("cpu", "cuda")  # meta tensors take the fake kernel
-        or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or torch._C._is_torch_function_mode_enabled()
-        or is_in_torch_dispatch_mode()
-        or torch._C._are_functorch_transforms_active()
-        or torch.autograd._profiler_enabled()
-        or torch.is_autocast_enabled(tensors[0].device.type)
-        or not all(_plain_tensor(t) for t in tensors)
-        or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-    )
+    subclasses, devices other than CPU and CUDA (meta). torch.compile is asked first: it
+    folds the answer, and would stop at the native call."""
+    if torch.compiler.is_compiling() or not all(_plain_tensor(t) for t in tensors):
+        return True
+    check = _native_state_has_work or _state_has_work
+    return check(tensors)
 
 
 def plain_eager(tensors: list[torch.Tensor]) -> bool:

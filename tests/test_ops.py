@@ -636,6 +636,50 @@ def test_jit_trace_records_the_op(router_spy):
     assert torch.equal(traced(x), LF.matmul_4bit(x, qw, st))
 
 
+@pytest.mark.skipif(lpk._C is None, reason="needs the native extension")
+def test_native_state_check_agrees_with_python():
+    """_C.dispatcher_has_work (the fast form) and _ops._state_has_work under each state that
+    gives torch's dispatcher work, and with none."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lowprec_kernels import _ops
+
+    class Passing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class PassingFunction(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    x, w = torch.randn(3, 4), torch.randn(4, requires_grad=True)
+    seen = []
+
+    def both(tensors):
+        seen.append((_ops._state_has_work(tensors), lpk._C.dispatcher_has_work(tensors)))
+        return tensors[0]
+
+    both([x])  # nothing: False
+    both([x, w])  # a tensor needing grad
+    with torch.no_grad():
+        both([x, w])  # ... but no grad mode: False
+    both([x.to("meta")])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        both([x])
+    with torch.autograd.profiler.profile():
+        both([x])
+    with PassingFunction():
+        both([x])
+    with Passing():
+        both([x])
+    torch.func.vmap(lambda row: both([row]))(x)
+    torch.jit.trace(lambda t: both([t]), (x,), check_trace=False)
+    python, native = zip(*seen)
+    assert native == python
+    assert python[:3] == (False, True, False) and all(python[3:])
+
+
 def test_calls_that_need_the_dispatcher_go_through_it(router_spy):
     from lowprec_kernels import _ops
 

@@ -316,6 +316,26 @@ void dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax, con
   cpu::dequantize_4bit(packed_4bit(packed, scales, code, blocksize), n, out.data_ptr(), out_type);
 }
 
+namespace {
+
+// The checks of both matmul_4bit kernels' bindings; the weight, or nothing when there is
+// nothing to compute (no rows of x, no output features).
+std::optional<cpu::Packed4bit> checked_matmul_4bit(
+    const char* op, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const at::Tensor& code, int64_t blocksize, const std::optional<at::Tensor>& nested_absmax,
+    const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+    int64_t nested_blocksize, const std::optional<at::Tensor>& bias, const at::Tensor& out) {
+  check_matmul_4bit_operands(op, c10::DeviceType::CPU, x, packed, bias, out);
+  const int64_t rows = x.size(0), in_features = x.size(1), out_features = out.size(1);
+  const BlockScales scales = check_4bit_weight(op, c10::DeviceType::CPU, packed, absmax, code,
+                                               blocksize, out_features * in_features, nested_absmax,
+                                               nested_code, offset, nested_blocksize);
+  if (rows == 0 || out_features == 0) return std::nullopt;
+  return packed_4bit(packed, scales, code, blocksize);
+}
+
+}  // namespace
+
 void matmul_4bit_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                           const at::Tensor& code, int64_t blocksize,
                           const std::optional<at::Tensor>& nested_absmax,
@@ -323,16 +343,13 @@ void matmul_4bit_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                           const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
                           const std::optional<at::Tensor>& bias, const at::Tensor& out) {
   constexpr const char* kOp = "matmul_4bit_gemv_cpu";
-  check_matmul_4bit_operands(kOp, c10::DeviceType::CPU, x, packed, bias, out);
-  const int64_t rows = x.size(0), in_features = x.size(1), out_features = out.size(1);
-  const BlockScales scales = check_4bit_weight(kOp, c10::DeviceType::CPU, packed, absmax, code,
-                                               blocksize, out_features * in_features, nested_absmax,
-                                               nested_code, offset, nested_blocksize);
-  if (rows == 0 || out_features == 0) return;
+  const std::optional<cpu::Packed4bit> weight =
+      checked_matmul_4bit(kOp, x, packed, absmax, code, blocksize, nested_absmax, nested_code,
+                          offset, nested_blocksize, bias, out);
+  if (!weight) return;
   const at::Tensor bias_float = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  cpu::matmul_4bit_gemv(x.data_ptr(), float_type_of(x, kOp, "x"), rows,
-                        packed_4bit(packed, scales, code, blocksize), out_features, in_features,
-                        bias ? bias_float.data_ptr<float>() : nullptr, out.data_ptr());
+  cpu::matmul_4bit_gemv(x.data_ptr(), float_type_of(x, kOp, "x"), x.size(0), *weight, out.size(1),
+                        x.size(1), bias ? bias_float.data_ptr<float>() : nullptr, out.data_ptr());
 }
 
 namespace {
@@ -386,13 +403,12 @@ void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                           const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
                           const std::optional<at::Tensor>& bias, const at::Tensor& out) {
   constexpr const char* kOp = "matmul_4bit_gemm_cpu";
-  check_matmul_4bit_operands(kOp, c10::DeviceType::CPU, x, packed, bias, out);
-  const int64_t rows = x.size(0), in_features = x.size(1), out_features = out.size(1);
-  const BlockScales scales = check_4bit_weight(kOp, c10::DeviceType::CPU, packed, absmax, code,
-                                               blocksize, out_features * in_features, nested_absmax,
-                                               nested_code, offset, nested_blocksize);
-  if (rows == 0 || out_features == 0) return;
-  const cpu::Packed4bit w4 = packed_4bit(packed, scales, code, blocksize);
+  const std::optional<cpu::Packed4bit> checked =
+      checked_matmul_4bit(kOp, x, packed, absmax, code, blocksize, nested_absmax, nested_code,
+                          offset, nested_blocksize, bias, out);
+  if (!checked) return;
+  const int64_t in_features = x.size(1), out_features = out.size(1);
+  const cpu::Packed4bit& w4 = *checked;
   if (x.scalar_type() == at::kBFloat16 && cpu::tile_vnni_supported(w4, in_features) &&
       brgemm_bf16_available()) {
     matmul_4bit_brgemm_bf16(x, w4, out_features, bias, out);

@@ -36,16 +36,20 @@ _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 _AVAILABLE: dict[str, bool] = {name: name == "reference" for name in BACKENDS}
 
 
-def register_kernel(op: str, backend: str, device: str = "any") -> Callable[[Callable], Callable]:
-    """Decorator: ``fn`` implements ``torch.ops.lowprec.<op>`` for ``backend`` on ``device``."""
+def _register(table: dict, op: str, backend: str, device: str) -> Callable[[Callable], Callable]:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
     def decorate(fn: Callable) -> Callable:
-        _KERNELS.setdefault((op, backend), {})[device] = fn
+        table.setdefault((op, backend), {})[device] = fn
         return fn
 
     return decorate
+
+
+def register_kernel(op: str, backend: str, device: str = "any") -> Callable[[Callable], Callable]:
+    """Decorator: ``fn`` implements ``torch.ops.lowprec.<op>`` for ``backend`` on ``device``."""
+    return _register(_KERNELS, op, backend, device)
 
 
 def register_eager(op: str, backend: str, device: str = "any") -> Callable[[Callable], Callable]:
@@ -53,14 +57,7 @@ def register_eager(op: str, backend: str, device: str = "any") -> Callable[[Call
     one native call, for ``backend`` on ``device``. It takes the op's arguments unchecked and
     returns the op's result, or None for arguments it does not accept: the caller then goes
     through the op's checker and ``register_kernel``'s kernel, which report them."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-    def decorate(fn: Callable) -> Callable:
-        _EAGER.setdefault((op, backend), {})[device] = fn
-        return fn
-
-    return decorate
+    return _register(_EAGER, op, backend, device)
 
 
 def eager_for(op: str, device_type: str) -> Callable | None:

@@ -135,6 +135,19 @@ def run_both(op_name, backend, kernel_args, ref_args):
     run_on("reference", op, *ref_args)
 
 
+def step_both_and_compare(backend, ref, g, qmap1, qmap2, variant, blocksize):
+    """One adam8bit_step_ of a copy of ``ref`` on ``backend`` and of ``ref`` on the reference,
+    compared."""
+    kernel = ref.clone()
+    run_both(
+        "adam8bit_step_",
+        backend,
+        step_args(kernel, g, qmap1, qmap2, variant, blocksize),
+        step_args(ref, g, qmap1, qmap2, variant, blocksize),
+    )
+    assert_state_matches(kernel, ref, backend)
+
+
 # ---------------------------------------------------------------- one tensor, several steps
 
 SIZES = [1, 63, 300, 4099]
@@ -215,15 +228,8 @@ def test_other_codebooks(device_backend):
     scattered[-1] = 1.0
     for qmap1, qmap2 in ((uniform, uniform.abs().sort().values), (scattered, scattered)):
         ref = State(randn_nonzero(777, torch.float32, device), 256)
-        kernel = ref.clone()
         g = randn_nonzero(777, torch.float32, device)
-        run_both(
-            "adam8bit_step_",
-            backend,
-            step_args(kernel, g, qmap1, qmap2, VARIANTS[1], 256),
-            step_args(ref, g, qmap1, qmap2, VARIANTS[1], 256),
-        )
-        assert_state_matches(kernel, ref, backend)
+        step_both_and_compare(backend, ref, g, qmap1, qmap2, VARIANTS[1], 256)
 
 
 def test_signed_second_moment_map(device_backend):
@@ -234,15 +240,8 @@ def test_signed_second_moment_map(device_backend):
     qmap = dynamic_map(True, device)
     ref = State(randn_nonzero(1000, torch.float32, device), 256)
     ref.state2 = torch.randint(0, 100, (1000,), dtype=torch.uint8, device=device)  # v < 0
-    kernel = ref.clone()
     g = randn_nonzero(1000, torch.float32, device, scale=1e-3)
-    run_both(
-        "adam8bit_step_",
-        backend,
-        step_args(kernel, g, qmap, qmap, VARIANTS[0], 256),
-        step_args(ref, g, qmap, qmap, VARIANTS[0], 256),
-    )
-    assert_state_matches(kernel, ref, backend)
+    step_both_and_compare(backend, ref, g, qmap, qmap, VARIANTS[0], 256)
     assert (ref.state2 < 127).any(), "no v stayed negative: the test lost its point"
 
 
@@ -254,15 +253,8 @@ def test_absmax_near_the_float32_maximum(device_backend):
     ref = State(randn_nonzero(512, torch.float32, device), 256)
     ref.absmax1.fill_(3e38)  # m = code * 3e38: the new absmax stays near 3e38 (beta1 = 0.9)
     ref.absmax2.fill_(1e-7)
-    kernel = ref.clone()
     g = randn_nonzero(512, torch.float32, device, scale=1e-3)
-    run_both(
-        "adam8bit_step_",
-        backend,
-        step_args(kernel, g, qmap1, qmap2, VARIANTS[1], 256),
-        step_args(ref, g, qmap1, qmap2, VARIANTS[1], 256),
-    )
-    assert_state_matches(kernel, ref, backend)
+    step_both_and_compare(backend, ref, g, qmap1, qmap2, VARIANTS[1], 256)
     assert (ref.absmax1 > 2.0**126).all()
 
 

@@ -371,7 +371,10 @@ def _plain_tensor(t: torch.Tensor) -> bool:
 def _state_has_work(tensors: list[torch.Tensor]) -> bool:
     """The checks of ``_dispatcher_has_work`` on torch's thread-local state and the tensors;
     ``_C.dispatcher_has_work`` makes the same ones in a single call when the extension is
-    built (tests/test_ops.py compares the two under each condition)."""
+    built (tests/test_ops.py compares the two under each condition). One difference: the
+    native one reads this thread's dispatch-mode stack, this one the process-wide one, so
+    inside a mode's own ``__torch_dispatch__`` (the mode popped) or in a thread without a
+    mode it answers "no work", as the dispatcher would."""
     return (
         torch.jit.is_tracing()
         or torch._C._is_torch_function_mode_enabled()

@@ -488,7 +488,8 @@ bool matmul_4bit_eager_accepts(const at::Tensor& x, const at::Tensor& packed,
   if (shape.size() != 2 || shape[0] <= 0 || shape[1] <= 0) return false;
   if (shape[0] > std::numeric_limits<int64_t>::max() / shape[1]) return false;
   const int64_t n = shape[0] * shape[1];
-  if (!cpu_contiguous(packed) || packed.scalar_type() != at::kByte || packed.numel() != (n + 1) / 2)
+  if (!cpu_contiguous(packed) || packed.scalar_type() != at::kByte ||
+      packed.numel() != n / 2 + (n & 1))  // (n + 1) / 2, no overflow
     return false;
   if (!power_of_two_in(blocksize, kBlocksizeMin4bit, kBlocksizeMax4bit)) return false;
   if (!cpu_contiguous(code) || code.scalar_type() != at::kFloat ||

@@ -409,6 +409,26 @@ def test_cpu_gemv_is_deterministic_across_threads():
 
 
 @needs_cpu_extension
+@pytest.mark.parametrize(("out_f", "in_f", "blocksize"), [(9, 4096 + 96, 64), (7, 2048 + 33, 32)])
+def test_cpu_gemv_decodes_every_scale_exactly(cpu_isa, out_f, in_f, blocksize):
+    """x = a unit vector picks one column of W: y is its decoded weights bit for bit. One
+    column per block of every row, double-quantized scales whose nested absmax differs per
+    nested block: rows of 64 or more blocks take the AVX-512 byte-plane scale decode (with
+    AVX512_VBMI), rows starting mid-block and mid nested block, the last blocks of a row in
+    the 16-wide decode and its scalar tail."""
+    w = _nonzero_randn(out_f, in_f, device="cpu")
+    qw, st = LF.quantize_4bit(w, blocksize, "nf4", True)
+    st.nested_absmax = torch.linspace(0.5, 2.0, st.nested_absmax.numel())
+    W = run_on("reference", LF.dequantize_4bit, qw, st, torch.float32)
+    out = torch.empty(1, out_f)
+    for k in range(blocksize // 3, in_f, blocksize):
+        x = torch.zeros(1, in_f)
+        x[0, k] = 1.0
+        _C.matmul_4bit_gemv_cpu(x, *_weight_args(qw, st), None, out)
+        assert torch.equal(out[0], W[:, k]), f"column {k}"
+
+
+@needs_cpu_extension
 def test_cpu_bindings_reject_what_would_corrupt_memory():
     w = torch.randn(10, 64)
     qw, st = LF.quantize_4bit(w, 64, "nf4", True)

@@ -28,17 +28,12 @@
 #include <thread>
 #include <vector>
 
+#include "byte_planes.h"
 #include "cpu_isa.h"
 #include "lowprec/adam8bit.h"
 #include "lowprec/float16.h"
 #include "parallel.h"
 #include "simd.h"
-
-#if LOWPREC_X86_SIMD
-// The AVX-512 path also needs AVX512_VBMI (vpermb / vpermt2b: the decoder's byte lookups).
-#define LP_TARGET_AVX512_VBMI \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma,f16c")))
-#endif
 
 // GCC warns about the deliberately undefined pass-through operand inside its own AVX-512
 // intrinsics (_mm512_undefined_*): a known false positive.
@@ -61,9 +56,6 @@ constexpr int64_t kElementsPerUpdateTask = 262144;
 // their tensors are updated (a batch stays in the last-level cache between the two passes).
 constexpr int64_t kCheckChunkElements = 65536;
 constexpr int64_t kCheckBatchBytes = 8 << 20;
-
-// Bytes of a float32: the decoder looks each one up in its own 256-entry byte table.
-constexpr int kFloatBytes = 4;
 
 // ---------------------------------------------------------------- the magnitude encoder
 //
@@ -241,26 +233,18 @@ inline bool magnitude_encoding_applies(float absmax, const StateEncoder& enc) {
 struct Adam8bitTables {
   alignas(64) float qmap1[kCodebookSize8bit];
   alignas(64) float qmap2[kCodebookSize8bit];
-  // byte_planes[k][c] = byte k of qmap[c] (little-endian), for the AVX-512 decoder.
-  alignas(64) uint8_t byte_planes1[kFloatBytes][kCodebookSize8bit];
-  alignas(64) uint8_t byte_planes2[kFloatBytes][kCodebookSize8bit];
+  // The maps' byte planes, for the AVX-512 decoder.
+  BytePlanes byte_planes1;
+  BytePlanes byte_planes2;
   StateEncoder encoder1;
   StateEncoder encoder2;
 };
 
-void build_byte_planes(const float* qmap, uint8_t planes[kFloatBytes][kCodebookSize8bit]) {
-  for (int c = 0; c < kCodebookSize8bit; ++c) {
-    const uint32_t bits = float_to_bits(qmap[c]);
-    for (int k = 0; k < kFloatBytes; ++k)
-      planes[k][c] = static_cast<uint8_t>(bits >> (8 * k));
-  }
-}
-
 void build_tables(const float* qmap1, const float* qmap2, Adam8bitTables* tables) {
   std::memcpy(tables->qmap1, qmap1, sizeof(tables->qmap1));
   std::memcpy(tables->qmap2, qmap2, sizeof(tables->qmap2));
-  build_byte_planes(qmap1, tables->byte_planes1);
-  build_byte_planes(qmap2, tables->byte_planes2);
+  build_byte_planes(qmap1, &tables->byte_planes1);
+  build_byte_planes(qmap2, &tables->byte_planes2);
   build_state_encoder(qmap1, &tables->encoder1);
   build_state_encoder(qmap2, &tables->encoder2);
 }
@@ -543,7 +527,7 @@ LP_TARGET_AVX2 bool all_finite_avx2(const void* g, int64_t begin, int64_t end) {
 
 using simd::kAvx512Lanes;
 // Codes decoded together: one byte permute looks up 64 of them.
-constexpr int kAvx512CodeGroup = 64;
+constexpr int kAvx512CodeGroup = kBytePlaneCodes;
 constexpr int kVectorsPerCodeGroup = kAvx512CodeGroup / kAvx512Lanes;
 
 LP_TARGET_AVX512_VBMI inline __mmask16 avx512_lanes(int64_t remaining) {
@@ -611,49 +595,6 @@ LP_TARGET_AVX512_VBMI inline void avx512_store(void* data, int64_t i, __mmask16 
       _mm256_mask_storeu_epi16(dst, lanes, half_bits);
     }
   }
-}
-
-// The decoder's lane order. After the byte lookups, four planes are interleaved into floats by
-// unpack instructions, which work within 128-bit lanes: output vector j, 128-bit lane L,
-// element r comes from byte 16 L + 4 j + r. Permuting the codes first by
-// order[16 L + 4 j + r] = 16 j + 4 L + r makes that element code 16 j + 4 L + r, so the
-// output comes out in memory order.
-struct DecodeOrder {
-  alignas(64) uint8_t index[kAvx512CodeGroup];
-  constexpr DecodeOrder() : index{} {
-    for (int lane = 0; lane < 4; ++lane)
-      for (int j = 0; j < 4; ++j)
-        for (int r = 0; r < 4; ++r)
-          index[16 * lane + 4 * j + r] = static_cast<uint8_t>(16 * j + 4 * lane + r);
-  }
-};
-constexpr DecodeOrder kDecodeOrder;
-
-// qmap[codes[i]] for 64 codes, without gathers: each byte of the float32 entries is looked up
-// in its own 256-entry byte table (two 128-entry two-register permutes and a blend on the
-// code's top bit), and the four bytes are interleaved back into floats.
-LP_TARGET_AVX512_VBMI inline void avx512_decode(
-    __m512i codes, const uint8_t (&planes)[kFloatBytes][kCodebookSize8bit],
-    __m512 out[kVectorsPerCodeGroup]) {
-  const __m512i index = _mm512_permutexvar_epi8(_mm512_load_si512(kDecodeOrder.index), codes);
-  const __mmask64 upper_half = _mm512_movepi8_mask(index);
-  __m512i bytes[kFloatBytes];
-  for (int k = 0; k < kFloatBytes; ++k) {
-    const uint8_t* plane = planes[k];
-    const __m512i lower =
-        _mm512_permutex2var_epi8(_mm512_load_si512(plane), index, _mm512_load_si512(plane + 64));
-    const __m512i upper = _mm512_permutex2var_epi8(_mm512_load_si512(plane + 128), index,
-                                                   _mm512_load_si512(plane + 192));
-    bytes[k] = _mm512_mask_blend_epi8(upper_half, lower, upper);
-  }
-  const __m512i low_words_lo = _mm512_unpacklo_epi8(bytes[0], bytes[1]);
-  const __m512i low_words_hi = _mm512_unpackhi_epi8(bytes[0], bytes[1]);
-  const __m512i high_words_lo = _mm512_unpacklo_epi8(bytes[2], bytes[3]);
-  const __m512i high_words_hi = _mm512_unpackhi_epi8(bytes[2], bytes[3]);
-  out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(low_words_lo, high_words_lo));
-  out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(low_words_lo, high_words_lo));
-  out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(low_words_hi, high_words_hi));
-  out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(low_words_hi, high_words_hi));
 }
 
 // The segmented encoder's tables in registers, loaded once per call: a 32-entry table (sign
@@ -1003,8 +944,10 @@ LP_TARGET_AVX512_VBMI inline void avx512_update_code_group(
   const __mmask64 code_lanes = avx512_code_lanes(remaining);
   __m512 m_table[kVectorsPerCodeGroup];
   __m512 v_table[kVectorsPerCodeGroup];
-  avx512_decode(avx512_load_codes(t.state1 + begin + k, code_lanes), tables.byte_planes1, m_table);
-  avx512_decode(avx512_load_codes(t.state2 + begin + k, code_lanes), tables.byte_planes2, v_table);
+  avx512_byte_plane_lookup(avx512_load_codes(t.state1 + begin + k, code_lanes), tables.byte_planes1,
+                           m_table);
+  avx512_byte_plane_lookup(avx512_load_codes(t.state2 + begin + k, code_lanes), tables.byte_planes2,
+                           v_table);
   if (remaining >= kAvx512CodeGroup) {
     for (int j = 0; j < kVectorsPerCodeGroup; ++j) {
       const int64_t kj = k + j * kAvx512Lanes;
@@ -1212,11 +1155,6 @@ LP_TARGET_AVX512_VBMI bool all_finite_avx512(const void* g, int64_t begin, int64
             largest[0], _mm512_set1_epi16(static_cast<int16_t>(non_finite_exponent<T>()))) == 0;
   }
   return finite && all_finite_scalar<T>(g, i, end);
-}
-
-bool cpu_has_avx512_vbmi() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vbmi");
 }
 
 #endif  // LOWPREC_X86_SIMD

@@ -35,6 +35,19 @@ bool cpu_has_avx512() {
 #endif
 }
 
+}  // namespace
+
+bool cpu_has_avx512_vbmi() {
+#if LOWPREC_X86_SIMD
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512vbmi");
+#else
+  return false;
+#endif
+}
+
+namespace {
+
 // The environment can only lower the choice: asking for a path this CPU lacks gets the best
 // one it has, and an unknown name is reported and ignored.
 CpuIsa isa_from_environment() {

@@ -15,6 +15,9 @@
 // Instruction sets a function body may use; the caller must have checked cpu_supports().
 #define LP_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define LP_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+// The AVX-512 path plus AVX512_VBMI (vpermb / vpermt2b), where cpu_has_avx512_vbmi().
+#define LP_TARGET_AVX512_VBMI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma,f16c")))
 #else
 #define LOWPREC_X86_SIMD 0
 #endif
@@ -33,6 +36,10 @@ std::vector<CpuIsa> compiled_cpu_isas();
 // Compiled, and supported by this CPU and operating system.
 bool cpu_supports(CpuIsa isa);
 CpuIsa best_supported_cpu_isa();
+
+// Whether the CPU has AVX512_VBMI, which kernels of the AVX-512 path use where they can (the
+// byte-plane lookups of byte_planes.h).
+bool cpu_has_avx512_vbmi();
 
 // The path kernels take now.
 CpuIsa active_cpu_isa();

@@ -421,8 +421,8 @@ def call(name: str, *args):
     large memory-bound op, the dispatcher's Python layers (autograd wrapper, boxed router)
     ran with cold caches and cost 40-130 us, against ~20 us warm (matmul_4bit, M = 1,
     4096 x 4096, CPU: 296-398 us through the dispatcher against 253-270 us through the
-    router alone). Where the backend has an eager entry (``_dispatch.register_eager``), that one
-    native call replaces the router's Python layers too."""
+    router alone). Where the backend has an eager entry (``_dispatch.register_eager``), its
+    one native call replaces the router's Python layers too."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if plain_eager(tensors):
         eager = eager_for(name, tensors[0].device.type)

@@ -4,9 +4,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -270,6 +272,79 @@ inline void check_matmul_4bit_operands(const char* op, c10::DeviceType device_ty
                 " elements, got ", bias->numel());
     TORCH_CHECK(bias->device() == packed.device(), op, ": bias must be on the weight's device");
   }
+}
+
+// ------------------------------------------------------------------ eager entries
+
+inline bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline bool power_of_two_in(int64_t v, int64_t lowest, int64_t highest) {
+  return is_power_of_two(v) && v >= lowest && v <= highest;
+}
+
+// check_matmul_4bit (lowprec_kernels/_ops.py) as a yes or no, plus what the kernels need beyond
+// it (weight tensors contiguous, everything on packed's device): the eager entries decline what
+// this does not accept, and the checked path reports it. tests/test_ops.py keeps the two in
+// step: this declines every bad input of the checker's table.
+inline bool matmul_4bit_eager_accepts(const at::Tensor& x, const at::Tensor& packed,
+                                      const at::Tensor& absmax, const at::Tensor& code,
+                                      int64_t blocksize, const std::vector<int64_t>& shape,
+                                      const std::optional<at::Tensor>& nested_absmax,
+                                      const std::optional<at::Tensor>& nested_code,
+                                      const std::optional<at::Tensor>& offset,
+                                      int64_t nested_blocksize,
+                                      const std::optional<at::Tensor>& bias) {
+  if (!packed.defined()) return false;
+  const c10::Device device = packed.device();
+  const auto weight_tensor = [&](const at::Tensor& t) {
+    return t.defined() && t.device() == device && t.is_contiguous();
+  };
+  if (shape.size() != 2 || shape[0] <= 0 || shape[1] <= 0) return false;
+  if (shape[0] > std::numeric_limits<int64_t>::max() / shape[1]) return false;
+  const int64_t n = shape[0] * shape[1];
+  if (!weight_tensor(packed) || packed.scalar_type() != at::kByte ||
+      packed.numel() != n / 2 + (n & 1))  // (n + 1) / 2, no overflow
+    return false;
+  if (!power_of_two_in(blocksize, kBlocksizeMin4bit, kBlocksizeMax4bit)) return false;
+  if (!weight_tensor(code) || code.scalar_type() != at::kFloat || code.numel() != kCodebookSize4bit)
+    return false;
+  const int64_t num_blocks = (n + blocksize - 1) / blocksize;
+  if (!weight_tensor(absmax) || absmax.numel() != num_blocks) return false;
+  if (absmax.scalar_type() == at::kByte) {
+    if (!nested_absmax || !nested_code || !offset) return false;
+    if (!weight_tensor(*nested_absmax) || nested_absmax->scalar_type() != at::kFloat) return false;
+    if (!weight_tensor(*nested_code) || nested_code->scalar_type() != at::kFloat ||
+        nested_code->numel() != kCodebookSize8bit)
+      return false;
+    if (!weight_tensor(*offset) || offset->scalar_type() != at::kFloat || offset->numel() != 1)
+      return false;
+    if (!power_of_two_in(nested_blocksize, kBlocksizeMin8bit, kBlocksizeMax8bit)) return false;
+    if (nested_absmax->numel() != (num_blocks + nested_blocksize - 1) / nested_blocksize)
+      return false;
+  } else if (absmax.scalar_type() != at::kFloat || nested_absmax || nested_code || offset) {
+    return false;
+  }
+  if (!x.defined() || x.device() != device || !is_float_type(x.scalar_type()) || x.dim() == 0 ||
+      x.size(-1) != shape[1])
+    return false;
+  if (bias &&
+      (!bias->defined() || bias->device() != device || !is_float_type(bias->scalar_type()) ||
+       bias->dim() != 1 || bias->size(0) != shape[0]))
+    return false;
+  return true;
+}
+
+// The output of an eager matmul_4bit call: x's leading dimensions and dtype, out_features
+// last, filled with `poison` when given (the tests' poison mode, lowprec_kernels/_alloc.py).
+inline at::Tensor matmul_4bit_eager_output(const at::Tensor& x, int64_t out_features,
+                                           std::optional<double> poison) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(out_features);
+  at::Tensor out = at::empty(shape, x.options());
+  if (poison) out.fill_(*poison);
+  return out;
 }
 
 }  // namespace lowprec

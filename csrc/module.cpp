@@ -250,5 +250,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("nested_absmax"),
         py::arg("nested_code"), py::arg("offset"), py::arg("nested_blocksize"), py::arg("bias"),
         py::arg("out"), no_gil);
+  m.def("matmul_4bit_eager_cuda", &matmul_4bit_eager_cuda, py::arg("x"), py::arg("packed"),
+        py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("shape"),
+        py::arg("nested_absmax"), py::arg("nested_code"), py::arg("offset"),
+        py::arg("nested_blocksize"), py::arg("bias"), py::arg("gemv_max_rows"), py::arg("poison"),
+        no_gil, "The output, or None when the call is not one this entry takes.");
 #endif
 }

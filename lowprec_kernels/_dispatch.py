@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 from collections.abc import Callable, Iterator
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -60,8 +61,16 @@ def register_eager(op: str, backend: str, device: str = "any") -> Callable[[Call
     return _register(_EAGER, op, backend, device)
 
 
+# LOWPREC_EAGER=0 turns the eager entries off (every plain eager call takes the checked path):
+# for A/B timing and for ruling them out when something looks wrong.
+_EAGER_ENABLED = os.environ.get("LOWPREC_EAGER", "1") != "0"
+
+
 def eager_for(op: str, device_type: str) -> Callable | None:
-    """The eager entry of the backend that runs ``op`` on ``device_type`` now, if it has one."""
+    """The eager entry of the backend that runs ``op`` on ``device_type`` now, if it has one
+    (and LOWPREC_EAGER is not 0)."""
+    if not _EAGER_ENABLED:
+        return None
     backend, _ = kernel_for(op, device_type)
     table = _EAGER.get((op, backend), {})
     return table.get(device_type) or table.get("any")

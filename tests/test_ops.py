@@ -705,28 +705,63 @@ def test_calls_that_need_the_dispatcher_go_through_it(router_spy):
 _EAGER_SHAPES = [(1, 64), (3, 64), (2, 3, 64), (17, 64), (0, 64), (6, 96)]
 
 
-@pytest.mark.skipif(not lpk.available_backends()["cpu"], reason="needs the native CPU backend")
+def _eager_matmul_4bit(device: str):
+    """The matmul_4bit eager entry that a plain call on ``device`` takes (its native backend
+    must be there: every native backend that runs matmul_4bit has one)."""
+    from lowprec_kernels import _dispatch
+
+    if not lpk.available_backends()[device]:
+        pytest.skip(f"needs the native {device} backend")
+    eager = _dispatch.eager_for("matmul_4bit", device)
+    assert eager is not None
+    return eager
+
+
 @pytest.mark.parametrize("double_quant", [False, True], ids=["fp32-absmax", "nested"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_eager_entry_matches_the_router(dtype, double_quant):
+def test_eager_entry_matches_the_router(device, dtype, double_quant):
     """Every path of the matmul_4bit eager entry (GEMV and GEMM rows, leading dims, no rows,
-    bias, strided x) gives the router's result bit for bit, poisoned output included."""
-    from lowprec_kernels import _dispatch, _ops
+    bias, strided x) gives the router's result bit for bit, poisoned output included. The CUDA
+    entry takes the GEMV's rows only and declines more."""
+    from lowprec_kernels import _ops
+    from lowprec_kernels.backends import cuda as cuda_backend
 
-    eager = _dispatch.eager_for("matmul_4bit", "cpu")
-    assert eager is not None
+    eager = _eager_matmul_4bit(device)
     for x_shape in _EAGER_SHAPES:
         k = x_shape[-1]
-        qw, st = LF.quantize_4bit(randn_nonzero(10, k), 32, "nf4", double_quant)
-        x = randn_nonzero(*x_shape, dtype=dtype)
-        for bias in (None, randn_nonzero(10, dtype=dtype)):
-            for x_in in (x, randn_nonzero(*x_shape[:-1], 2 * k, dtype=dtype)[..., ::2]):
+        qw, st = LF.quantize_4bit(randn_nonzero(10, k).to(device), 32, "nf4", double_quant)
+        x = randn_nonzero(*x_shape, dtype=dtype).to(device)
+        rows = x.numel() // k
+        for bias in (None, randn_nonzero(10, dtype=dtype).to(device)):
+            strided = randn_nonzero(*x_shape[:-1], 2 * k, dtype=dtype).to(device)[..., ::2]
+            for x_in in (x, strided):
                 args = (x_in, qw, *st.op_args(), bias)
                 got = eager(*args)
+                if device == "cuda" and rows > cuda_backend.GEMV_MAX_ROWS:
+                    assert got is None, x_shape
+                    continue
                 want = _ops._ROUTERS["matmul_4bit"](*args)
                 assert got is not None, (x_shape, bias is not None)
                 assert got.dtype == want.dtype and got.shape == want.shape
                 assert torch.equal(got, want), (x_shape, bias is not None, x_in.is_contiguous())
+
+
+def test_eager_entries_can_be_turned_off(monkeypatch):
+    """LOWPREC_EAGER=0 (read at import; here its flag): plain eager calls take the router."""
+    from lowprec_kernels import _dispatch, _ops
+
+    routed = []
+    route = _ops._ROUTERS["matmul_4bit"]
+    monkeypatch.setitem(
+        _ops._ROUTERS, "matmul_4bit", lambda *args: routed.append(args) or route(*args)
+    )
+    x, qw, st = _matmul_4bit_inputs()
+    LF.matmul_4bit(x, qw, st)
+    assert routed == [] or not lpk.available_backends()["cpu"]  # the eager entry took it
+    monkeypatch.setattr(_dispatch, "_EAGER_ENABLED", False)
+    assert _dispatch.eager_for("matmul_4bit", "cpu") is None
+    LF.matmul_4bit(x, qw, st)
+    assert len(routed) == 1 + (not lpk.available_backends()["cpu"])
 
 
 def _matmul_bad_weights():
@@ -737,16 +772,19 @@ def _matmul_bad_weights():
             yield pytest.param(variant, changes, exc, name, id=f"{op}-{ident}")
 
 
-@pytest.mark.skipif(not lpk.available_backends()["cpu"], reason="needs the native CPU backend")
 @pytest.mark.parametrize(("variant", "changes", "exc", "name"), list(_matmul_bad_weights()))
-def test_eager_entry_declines_what_the_checker_rejects(variant, changes, exc, name):
+def test_eager_entry_declines_what_the_checker_rejects(device, variant, changes, exc, name):
     """The entry's native conditions cover the checker's: it declines every bad input (so
     that the checker reports it, through ``_ops.call``)."""
-    from lowprec_kernels import _dispatch, _ops
+    from lowprec_kernels import _ops
 
+    eager = _eager_matmul_4bit(device)
     args = _apply(valid_args("matmul_4bit", variant), changes)
-    ordered = [args[n] for n in arg_names("matmul_4bit")]
-    assert _dispatch.eager_for("matmul_4bit", "cpu")(*ordered) is None
-    if ordered[0].device.type == "cpu":
+    ordered = [
+        a.to(device) if isinstance(a, torch.Tensor) and a.device.type == "cpu" else a
+        for a in (args[n] for n in arg_names("matmul_4bit"))
+    ]
+    assert eager(*ordered) is None
+    if ordered[0].device.type == device:
         with pytest.raises(exc, match=rf"lowprec\.matmul_4bit: .*\b{name}\b"):
             _ops.call("matmul_4bit", *ordered)

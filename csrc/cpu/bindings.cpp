@@ -13,7 +13,6 @@
 #include <algorithm>
 #include <cfloat>
 
-#include <limits>
 #include <vector>
 
 #include "../binding_checks.h"
@@ -461,82 +460,18 @@ void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const a
 
 // ------------------------------------------------------------------- matmul_4bit, eager entry
 
-namespace {
-
-bool is_float_type(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
-bool cpu_contiguous(const at::Tensor& t) {
-  return t.defined() && t.device().is_cpu() && t.is_contiguous();
-}
-
-bool power_of_two_in(int64_t v, int64_t lowest, int64_t highest) {
-  return is_power_of_two(v) && v >= lowest && v <= highest;
-}
-
-// check_matmul_4bit (lowprec_kernels/_ops.py) as a yes or no, plus what the kernels need beyond
-// it (weight tensors contiguous, everything on the CPU). tests/test_ops.py keeps the two in step:
-// this declines every bad input of the checker's table.
-bool matmul_4bit_eager_accepts(const at::Tensor& x, const at::Tensor& packed,
-                               const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
-                               const std::vector<int64_t>& shape,
-                               const std::optional<at::Tensor>& nested_absmax,
-                               const std::optional<at::Tensor>& nested_code,
-                               const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
-                               const std::optional<at::Tensor>& bias) {
-  if (shape.size() != 2 || shape[0] <= 0 || shape[1] <= 0) return false;
-  if (shape[0] > std::numeric_limits<int64_t>::max() / shape[1]) return false;
-  const int64_t n = shape[0] * shape[1];
-  if (!cpu_contiguous(packed) || packed.scalar_type() != at::kByte ||
-      packed.numel() != n / 2 + (n & 1))  // (n + 1) / 2, no overflow
-    return false;
-  if (!power_of_two_in(blocksize, kBlocksizeMin4bit, kBlocksizeMax4bit)) return false;
-  if (!cpu_contiguous(code) || code.scalar_type() != at::kFloat ||
-      code.numel() != kCodebookSize4bit)
-    return false;
-  const int64_t num_blocks = (n + blocksize - 1) / blocksize;
-  if (!cpu_contiguous(absmax) || absmax.numel() != num_blocks) return false;
-  if (absmax.scalar_type() == at::kByte) {
-    if (!nested_absmax || !nested_code || !offset) return false;
-    if (!cpu_contiguous(*nested_absmax) || nested_absmax->scalar_type() != at::kFloat) return false;
-    if (!cpu_contiguous(*nested_code) || nested_code->scalar_type() != at::kFloat ||
-        nested_code->numel() != kCodebookSize8bit)
-      return false;
-    if (!cpu_contiguous(*offset) || offset->scalar_type() != at::kFloat || offset->numel() != 1)
-      return false;
-    if (!power_of_two_in(nested_blocksize, kBlocksizeMin8bit, kBlocksizeMax8bit)) return false;
-    if (nested_absmax->numel() != (num_blocks + nested_blocksize - 1) / nested_blocksize)
-      return false;
-  } else if (absmax.scalar_type() != at::kFloat || nested_absmax || nested_code || offset) {
-    return false;
-  }
-  if (!x.defined() || !x.device().is_cpu() || !is_float_type(x.scalar_type()) || x.dim() == 0 ||
-      x.size(-1) != shape[1])
-    return false;
-  if (bias &&
-      (!bias->defined() || !bias->device().is_cpu() || !is_float_type(bias->scalar_type()) ||
-       bias->dim() != 1 || bias->size(0) != shape[0]))
-    return false;
-  return true;
-}
-
-}  // namespace
-
 std::optional<at::Tensor> matmul_4bit_eager_cpu(
     const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
     int64_t blocksize, const std::vector<int64_t>& shape,
     const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
     const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
     const std::optional<at::Tensor>& bias, int64_t gemv_max_rows, std::optional<double> poison) {
-  if (!matmul_4bit_eager_accepts(x, packed, absmax, code, blocksize, shape, nested_absmax,
+  if (!packed.defined() || !packed.device().is_cpu() ||
+      !matmul_4bit_eager_accepts(x, packed, absmax, code, blocksize, shape, nested_absmax,
                                  nested_code, offset, nested_blocksize, bias))
     return std::nullopt;
   const int64_t out_features = shape[0], in_features = shape[1];
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
-  out_shape.push_back(out_features);
-  at::Tensor out = at::empty(out_shape, x.options());
-  if (poison) out.fill_(*poison);
+  at::Tensor out = matmul_4bit_eager_output(x, out_features, poison);
   const at::Tensor x2d = x.reshape({-1, in_features}).contiguous();
   const int64_t rows = x2d.size(0);
   if (rows == 0) return out;

@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
+
 #include "../binding_checks.h"
 #include "adam8bit.h"
 #include "blockwise8.h"
@@ -211,6 +213,29 @@ void matmul_4bit_gemv_cuda(const at::Tensor& x, const at::Tensor& packed, const 
                    scales, code.data_ptr<float>(), blocksize, out_features, in_features,
                    bias ? bias->data_ptr<float>() : nullptr, out.data_ptr(), stream),
                kOp);
+}
+
+std::optional<at::Tensor> matmul_4bit_eager_cuda(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+    int64_t blocksize, const std::vector<int64_t>& shape,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+    const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+    const std::optional<at::Tensor>& bias, int64_t gemv_max_rows, std::optional<double> poison) {
+  if (!packed.defined() || !packed.device().is_cuda() ||
+      !matmul_4bit_eager_accepts(x, packed, absmax, code, blocksize, shape, nested_absmax,
+                                 nested_code, offset, nested_blocksize, bias))
+    return std::nullopt;
+  const int64_t out_features = shape[0], in_features = shape[1];
+  const int64_t rows = x.numel() / in_features;
+  if (rows > std::min<int64_t>(gemv_max_rows, cuda::kGemv4bitMaxRows)) return std::nullopt;
+  at::Tensor out = matmul_4bit_eager_output(x, out_features, poison);
+  if (rows == 0) return out;
+  const std::optional<at::Tensor> bias32 =
+      bias ? std::optional<at::Tensor>(bias->to(at::kFloat).contiguous()) : std::nullopt;
+  matmul_4bit_gemv_cuda(x.reshape({rows, in_features}).contiguous(), packed, absmax, code,
+                        blocksize, nested_absmax, nested_code, offset, nested_blocksize, bias32,
+                        out.view({rows, out_features}));
+  return out;
 }
 
 }  // namespace lowprec

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from lowprec_kernels import _C
-from lowprec_kernels._alloc import empty
-from lowprec_kernels._dispatch import mark_available, register_kernel
+from lowprec_kernels._alloc import empty, poison
+from lowprec_kernels._dispatch import mark_available, register_eager, register_kernel
 from lowprec_kernels.backends.cpu import (
     _adam8bit_multi_step,
     _dequantize_4bit,
@@ -129,6 +129,21 @@ def matmul_4bit(
         x.reshape(rows, in_features).contiguous(), *weight, bias32, out.view(rows, out_features)
     )
     return out
+
+
+@register_eager("matmul_4bit", backend="cuda", device="cuda")
+def matmul_4bit_eager(
+    x, A, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize, bias
+):
+    """The GEMV case of the call above in one native step (``_C.matmul_4bit_eager_cuda``), or
+    None for more rows or arguments it does not accept (the checked path then takes them)."""
+    try:
+        return _C.matmul_4bit_eager_cuda(
+            x, A, absmax, code, blocksize, shape, nested_absmax, nested_code, offset,
+            nested_blocksize, bias, GEMV_MAX_ROWS, poison(x.dtype),
+        )  # fmt: skip
+    except (TypeError, AttributeError):  # an argument of the wrong kind: the checker names it
+        return None
 
 
 mark_available("cuda", COMPILED and torch.cuda.is_available())

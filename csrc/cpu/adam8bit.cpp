@@ -1023,23 +1023,19 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512_pipelined(const Adam8bitTensor& 
   __m512 reciprocal1 = _mm512_setzero_ps();
   __m512 reciprocal2 = _mm512_setzero_ps();
 
-  // Finishes the pending block's pass 2 from code group `from` on.
+  // Finishes the pending block's pass 2: an interleaved one (whole, so full groups) from code
+  // group `from` on, any other one all of it.
   const auto complete_pending = [&](int64_t from) {
     if (pending.count == 0) return;
-    uint8_t* codes1 = t.state1 + pending.begin;
-    uint8_t* codes2 = t.state2 + pending.begin;
-    if (!pending.interleaved) {
-      encode_avx512(pending.new_m, pending.count, pending.absmax1, encoder1, codes1);
-      encode_avx512(pending.new_v, pending.count, pending.absmax2, encoder2, codes2);
-    } else if (from == 0) {
-      avx512_encode_block<true>(pending.new_m, pending.count, pending.absmax1, registers1,
-                                encoder1.segmented, codes1);
-      avx512_encode_block<false>(pending.new_v, pending.count, pending.absmax2, registers2,
-                                 encoder2.segmented, codes2);
-    } else {
+    if (pending.interleaved) {
       for (int64_t k = from; k < pending.count; k += kAvx512CodeGroup)
         avx512_encode_pending_group(t, encoder1, encoder2, registers1, registers2, reciprocal1,
                                     reciprocal2, k, pending);
+    } else {
+      encode_avx512(pending.new_m, pending.count, pending.absmax1, encoder1,
+                    t.state1 + pending.begin);
+      encode_avx512(pending.new_v, pending.count, pending.absmax2, encoder2,
+                    t.state2 + pending.begin);
     }
     pending.count = 0;
   };
@@ -1067,7 +1063,7 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512_pipelined(const Adam8bitTensor& 
                                     reciprocal2, k, pending);
       }
     }
-    complete_pending(interleave ? k : 0);
+    complete_pending(k);
 
     const float absmax1 = absmax_from_magnitude_bits(_mm512_reduce_max_epu32(max1));
     const uint32_t v_max_raw_bits = _mm512_reduce_max_epu32(max2);

@@ -6,9 +6,9 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
 #include "cpu_isa.h"
+#include "lowprec/common.h"
 
 #if LOWPREC_X86_SIMD
 #include <immintrin.h>
@@ -27,8 +27,7 @@ struct BytePlanes {
 
 inline void build_byte_planes(const float* table, BytePlanes* out) {
   for (int c = 0; c < kBytePlaneEntries; ++c) {
-    uint32_t bits;
-    std::memcpy(&bits, table + c, sizeof(bits));
+    const uint32_t bits = float_to_bits(table[c]);
     for (int k = 0; k < kBytePlaneCount; ++k)
       out->planes[k][c] = static_cast<uint8_t>(bits >> (8 * k));
   }

@@ -39,8 +39,11 @@ bool cpu_has_avx512() {
 
 bool cpu_has_avx512_vbmi() {
 #if LOWPREC_X86_SIMD
-  __builtin_cpu_init();
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512vbmi");
+  static const bool has = [] {  // asked on every Adam step and GEMV call: ask the CPU once
+    __builtin_cpu_init();
+    return cpu_has_avx512() && __builtin_cpu_supports("avx512vbmi");
+  }();
+  return has;
 #else
   return false;
 #endif

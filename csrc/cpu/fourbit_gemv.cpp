@@ -1060,11 +1060,6 @@ GemvPath gemv_path_for(CpuIsa isa, FloatType x_type, int64_t rows, int64_t in_fe
   return {&gemv_rows_scalar, XLayout::kSplit};
 }
 
-bool avx512_vbmi_available() {
-  static const bool available = cpu_has_avx512_vbmi();
-  return available;
-}
-
 }  // namespace
 
 bool gemv_uses_bf16_dot() {
@@ -1085,7 +1080,7 @@ void matmul_4bit_gemv(const void* x, FloatType x_type, int64_t rows, const Packe
   BytePlanes nested_code_planes;
   // Rows of fewer than 64 blocks would take the permute tree anyway.
   if (weight.scales.double_quantized() && (K >> weight.blocksize_log2) >= kBytePlaneCodes &&
-      active_cpu_isa() == CpuIsa::kAvx512 && avx512_vbmi_available()) {
+      active_cpu_isa() == CpuIsa::kAvx512 && cpu_has_avx512_vbmi()) {
     build_byte_planes(weight.scales.nested_code, &nested_code_planes);
     problem.nested_code_planes = &nested_code_planes;
   }

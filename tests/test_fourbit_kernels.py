@@ -354,9 +354,9 @@ def test_cpu_quantize_dequantize_every_isa(cpu_isa, dtype, quant_type):
 def test_cpu_matmul_paths_every_isa(cpu_isa, path, dtype):
     """Both matmul paths on every ISA, at shapes that hit each tail: odd K (rows starting
     mid-byte), K % blocksize != 0, partial vectors, every group size of x rows. K a multiple
-    of 128 with 4 or more rows of x takes the AVX-512 GEMV's lane-strided kernel for fp32/fp16
-    x (chunks spanning 4, 2 or 1 blocks, blocks spanning rows; a last group of 1, 2 or 3 rows
-    at 9, 6 and 7 rows), other shapes its split kernels. 29 x 640 at blocksize 32: a row's
+    of 128 takes the AVX-512 GEMV's lane-strided kernel for fp32/fp16 x at every M (chunks
+    spanning 4, 2 or 1 blocks, blocks spanning rows; a last group of 1, 2 or 3 rows at 9, 6
+    and 7 rows), other K its split kernels. 29 x 640 at blocksize 32: a row's
     16-block scale vector straddles a nested (double-quant) block at row 25."""
     kernel = getattr(_C, f"matmul_4bit_{path}_cpu")
     shapes = ((37, 200, 64), (11, 95, 32), (5, 1, 32), (3, 4096 + 64, 128),

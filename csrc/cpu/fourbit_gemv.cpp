@@ -292,15 +292,16 @@ inline void to_lane_strided(const float* x, int64_t count, float* x_lanes) {
         x_lanes[c + k * kLanes + l] = x[c + l * kNibblesPerLane + (k ^ 1)];
 }
 
-// The lane-strided kernel runs from this many rows of x (one full row group) up; fewer rows
-// take the split kernel. Measured against the split kernel (Zen 5, one thread, 4096 x 4096
-// NF4, blocksize 64, double quant, weights streamed from DRAM; median of per-round time
-// ratios, 4-6 runs), split time / lane time (above 1: lane faster): 0.94 at M = 1, 0.84 at
-// 2, 0.90 at 3, 1.01 at 4, 1.02 at 5, 1.05 at 6, 1.07 at 8, 1.04 at 12, 1.10 at 16.
-constexpr int64_t kLaneStridedMinRows = kGemvRowGroup;
-
-inline bool lane_strided_used(int64_t rows, int64_t in_features) {
-  return rows >= kLaneStridedMinRows && in_features % kLaneChunkElements == 0;
+// The lane-strided kernel takes fp32 and fp16 x at every M where in_features allows it. Its
+// lookups and FMAs share the vector pipes: one vpermps and one FMA per 16 weights run at ~2.7
+// per cycle together (Zen 5), and the split kernel adds a widening permute per 16 bytes and a
+// table multiply per 32, ~30% more of that work. Once it also streams its weights with a
+// software prefetch (as the split kernel does), it measured faster at every M (one thread,
+// 4096 x 4096 NF4, blocksize 64, double quant, weights hot in L3, GB/s of weight bytes):
+// M = 1: 26.1-26.3 against 23.6; M = 2: 16.2 against 9.6; M = 3: 12.0 against 6.6. Without
+// that prefetch it had measured slower below M = 4 (0.84-0.94 of the split kernel's speed).
+inline bool lane_strided_used(int64_t in_features) {
+  return in_features % kLaneChunkElements == 0;
 }
 
 // ------------------------------------------------------------------------------ scalar path
@@ -797,8 +798,10 @@ LP_TARGET_AVX512 void avx512_lanes_group(const GemvProblem& p, const RowTile& ti
     acc[r] = _mm512_setzero_ps();
   const __m512 code = _mm512_loadu_ps(p.weight->code);
   const uint8_t* row = p.weight->packed + tile.segment->first_byte;
-  for (int64_t xi = tile.tile_begin; xi < tile.tile_end; xi += kLaneChunkBytes)
+  for (int64_t xi = tile.tile_begin; xi < tile.tile_end; xi += kLaneChunkBytes) {
+    if (tile.stream_prefetch) simd::prefetch_l2(row + xi + kStreamPrefetchBytes);
     avx512_lanes_chunk<Rows, Blocks>(row + xi, chunk_scales(p, tile, xi), code, x, 2 * xi, acc);
+  }
   for (int r = 0; r < Rows; ++r)
     sums[r] += _mm512_reduce_add_ps(acc[r]);
 }
@@ -817,7 +820,7 @@ inline void run_lanes_group(const GemvProblem& p, const RowTile& tile, float* su
 }
 
 struct Avx512LanesKernel : Avx512ScaleDecode {
-  static constexpr bool kStreamPrefetch = false;
+  static constexpr bool kStreamPrefetch = true;
   static constexpr int kRowGroup = kGemvRowGroup;
   static constexpr int kXElementBytes = sizeof(float);
   template <int Rows, int Blocks>
@@ -1042,20 +1045,19 @@ struct GemvPath {
   XLayout x_layout;
 };
 
-GemvPath gemv_path_for(CpuIsa isa, FloatType x_type, int64_t rows, int64_t in_features) {
+GemvPath gemv_path_for(CpuIsa isa, FloatType x_type, int64_t in_features) {
 #if LOWPREC_X86_SIMD
   if (x_type == FloatType::kBFloat16 && bf16_dot_available(isa)) {
     return {&gemv_rows_avx512_bf16, XLayout::kSplitBf16};
   }
   if (isa == CpuIsa::kAvx512) {
-    return lane_strided_used(rows, in_features) ? GemvPath{&gemv_rows_avx512_lanes, XLayout::kLanes}
-                                                : GemvPath{&gemv_rows_avx512, XLayout::kSplit};
+    return lane_strided_used(in_features) ? GemvPath{&gemv_rows_avx512_lanes, XLayout::kLanes}
+                                          : GemvPath{&gemv_rows_avx512, XLayout::kSplit};
   }
   if (isa == CpuIsa::kAvx2) return {&gemv_rows_avx2, XLayout::kSplit};
 #endif
   (void)isa;
   (void)x_type;
-  (void)rows;
   (void)in_features;
   return {&gemv_rows_scalar, XLayout::kSplit};
 }
@@ -1071,7 +1073,7 @@ void matmul_4bit_gemv(const void* x, FloatType x_type, int64_t rows, const Packe
   const int64_t K = in_features;
   const int parities = (K & 1) ? 2 : 1;
   const int64_t half_len = K / 2;
-  const GemvPath path = gemv_path_for(active_cpu_isa(), x_type, rows, K);
+  const GemvPath path = gemv_path_for(active_cpu_isa(), x_type, K);
   simd::CacheLineVector<float> x_float(static_cast<size_t>(rows * K));
   for (int64_t i = 0; i < rows * K; ++i)
     x_float[i] = load_float(x, i, x_type);

@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from lowprec_kernels._dispatch import eager_for, kernel_for
@@ -400,11 +401,15 @@ def use_native_state_check(check: Callable[[list[torch.Tensor]], bool]) -> None:
 
 def _dispatcher_has_work(tensors: list[torch.Tensor]) -> bool:
     """Whether torch's dispatcher would do more for this call than run the router: autograd
-    (a tensor needs grad), autocast, tracing (torch.jit too) or compiling, function or
-    dispatch modes (fake and functional tensors), functorch transforms, the profiler, tensor
-    subclasses, devices other than CPU and CUDA (meta). torch.compile is asked first: it
-    folds the answer, and would stop at the native call."""
-    if torch.compiler.is_compiling() or not all(_plain_tensor(t) for t in tensors):
+    (a tensor needs grad, or a forward-mode AD level is open), autocast, tracing (torch.jit
+    too) or compiling, function or dispatch modes (fake and functional tensors), functorch
+    transforms, the profiler, tensor subclasses, devices other than CPU and CUDA (meta).
+    torch.compile is asked first: it folds the answer, and would stop at the native call."""
+    if (
+        torch.compiler.is_compiling()
+        or forward_ad._current_level >= 0
+        or not all(_plain_tensor(t) for t in tensors)
+    ):
         return True
     check = _native_state_has_work or _state_has_work
     return check(tensors)
@@ -423,6 +428,8 @@ def call(name: str, *args):
     4096 x 4096, CPU: 296-398 us through the dispatcher against 253-270 us through the
     router alone). Where the backend has an eager entry (``_dispatch.register_eager``), its
     one native call replaces the router's Python layers too."""
+    if name in _LINEAR_INPUTS and forward_ad._current_level >= 0:
+        return linear_jvp(name, args)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if plain_eager(tensors):
         eager = eager_for(name, tensors[0].device.type)
@@ -668,6 +675,43 @@ def _int8_linear_backward(ctx, grad_out):
 torch.library.register_autograd(
     "lowprec::int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup, lib=_LIB
 )
+
+
+# Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) of the linear ops. The custom
+# ops' autograd (register_autograd) has no forward formula, so ``call`` routes their calls
+# under a dual level here instead of letting a tangent be dropped. Positions of x and bias in
+# each op's arguments:
+_LINEAR_INPUTS = {"matmul_4bit": (0, 10), "int8_linear": (0, 3)}
+
+
+def _x_tangent_term(name: str, x_tangent: torch.Tensor, args: list) -> torch.Tensor:
+    """x_tangent @ W.T with the weight of the backward formula (its transpose)."""
+    if name == "matmul_4bit":  # linear in x: the fused op itself, no dense weight
+        return torch.ops.lowprec.matmul_4bit(x_tangent, *args[1:10], None)
+    # LLM.int8 quantizes x itself, so the op is not linear in x; its backward takes the
+    # dequantized weight as the derivative (straight through), and so does the tangent.
+    weight, weight_scale = args[1], args[2]
+    return x_tangent @ int8_dequantize_weight(weight, weight_scale, x_tangent.dtype).T
+
+
+def linear_jvp(name: str, args: Sequence) -> torch.Tensor:
+    """``name``'s output, dual with its tangent dx @ W.T + dbias (the weight is frozen).
+    Reverse-mode autograd still sees the primal computation."""
+    x_at, bias_at = _LINEAR_INPUTS[name]
+    args = list(args)
+    op = getattr(torch.ops.lowprec, name)
+    x, x_tangent = forward_ad.unpack_dual(args[x_at])
+    bias, bias_tangent = (
+        (None, None) if args[bias_at] is None else forward_ad.unpack_dual(args[bias_at])
+    )
+    if x_tangent is None and bias_tangent is None:
+        return op(*args)
+    args[x_at], args[bias_at] = x, bias
+    y = op(*args)
+    tangent = torch.zeros_like(y) if x_tangent is None else _x_tangent_term(name, x_tangent, args)
+    if bias_tangent is not None:
+        tangent = tangent + bias_tangent.to(y.dtype)
+    return forward_ad.make_dual(y, tangent.to(y.dtype))
 
 
 # --------------------------------------------------------------------------- autocast

@@ -15,7 +15,9 @@ import pytest
 import torch
 from conftest import backend_params, run_on
 from torch import nn
+from torch.autograd import forward_ad
 
+import lowprec_kernels as lpk
 from lowprec_kernels import functional as LF
 from lowprec_kernels.nn import Linear4bit, Params4bit
 from lowprec_kernels.reference.rounding import UNIT_ROUNDOFF
@@ -230,6 +232,42 @@ def test_backward_to_input_and_bias_only(dtype, compute_dtype):
     assert bool(((x.grad.double().reshape(-1, 70) - g64 @ W).abs() <= bound_x).all())
     bound_b = 2 * (2 * u + 6 * 2.0**-24) * g64.abs().sum(0)
     assert bool(((layer.bias.grad.double() - g64.sum(0)).abs() <= bound_b).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device_backend", backend_params(include_reference=True))
+def test_forward_mode_ad(device_backend, dtype):
+    """Forward-mode AD (dual tensors, torch.func.jvp): the primal is the plain forward, the
+    tangent dx @ W.T + dbias, the transpose of the backward formula. (An eager call used to
+    return no tangent at all.)"""
+    device, backend = device_backend
+    layer = Linear4bit(100, 37, dtype=dtype, device=device)
+    x, tx = (randn_nonzero(2, 3, 100, dtype=dtype).to(device) for _ in range(2))
+    tb = randn_nonzero(37, dtype=dtype).to(device)
+    plain = run_on(backend, layer, x)
+    y, tangent = run_on(backend, torch.func.jvp, layer, (x,), (tx,))
+    assert torch.equal(y, plain) and tangent.dtype == dtype
+    assert torch.equal(tangent, run_on(backend, LF.matmul_4bit, tx, layer.weight,
+                                       layer.quant_state))  # fmt: skip
+    # The bias's tangent, through the functional op and torch.autograd.forward_ad.
+    with forward_ad.dual_level(), lpk.use_backend(backend):
+        dual = LF.matmul_4bit(forward_ad.make_dual(x, tx), layer.weight, layer.quant_state,
+                              forward_ad.make_dual(layer.bias.detach(), tb))  # fmt: skip
+        y_dual, tangent_dual = forward_ad.unpack_dual(dual)
+        bias_only = forward_ad.unpack_dual(
+            LF.matmul_4bit(
+                x, layer.weight, layer.quant_state, forward_ad.make_dual(layer.bias.detach(), tb)
+            )
+        )
+        no_tangent = forward_ad.unpack_dual(layer(x))
+    assert torch.equal(y_dual, plain) and torch.equal(tangent_dual, tangent + tb)
+    assert torch.equal(bias_only.tangent, tb.expand_as(plain))
+    assert no_tangent.tangent is None and torch.equal(no_tangent.primal, plain)
+    # Against float64 (as test_forward_is_the_op): W, not its transpose or another layout.
+    W = w_deq(layer).double().to(device)
+    t64 = tx.double() @ W.T
+    bound = 2 * (2 * UNIT_ROUNDOFF[dtype] + 100 * 2.0**-24) * (tx.double().abs() @ W.abs().T)
+    assert bool(((tangent.double() - t64).abs() <= bound + 2.0**-24).all())
 
 
 # ---------------------------------------------------------------- state dict

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import backend_params, run_on
 from torch import nn
+from torch.autograd import forward_ad
 
 import lowprec_kernels as lpk
 from lowprec_kernels import functional as LF
@@ -150,6 +151,33 @@ def test_backward_to_input_and_bias(device_backend, dtype, threshold):
     gb = g64.reshape(-1, N)
     bound = 2 * (u + 6 * 2.0**-24) * gb.abs().sum(0)
     assert bool(((layer.bias.grad.cpu().double() - gb.sum(0)).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_mode_ad(device_backend, dtype, threshold):
+    """Forward-mode AD (torch.func.jvp, dual tensors): the primal is the plain forward, the
+    tangent dx @ W_deq.T + dbias, the linearization the backward formula transposes (LLM.int8
+    quantizes x, so the op itself is not linear in x)."""
+    device, backend = device_backend
+    layer = Linear8bitLt.from_linear(linear(40, 21, dtype=dtype, device=device), threshold)
+    x = activations(2, 3, 40, dtype=dtype, device=device)
+    tx = randn(2, 3, 40, dtype=dtype, device=device)
+    tb = randn(21, dtype=dtype, device=device)
+    plain = run_on(backend, layer, x)
+    y, tangent = run_on(backend, torch.func.jvp, layer, (x,), (tx,))
+    assert torch.equal(y, plain) and tangent.dtype == dtype
+    with forward_ad.dual_level(), lpk.use_backend(backend):
+        dual = LF.int8_linear(forward_ad.make_dual(x, tx), layer.weight, layer.SCB,
+                              forward_ad.make_dual(layer.bias.detach(), tb), threshold)  # fmt: skip
+        y_dual, tangent_dual = forward_ad.unpack_dual(dual)
+    assert torch.equal(y_dual, plain) and torch.equal(tangent_dual, tangent + tb)
+    # tx @ W_deq.T in x's dtype: W_deq rounded into it (u), fp32 accumulation over K
+    # (K * 2**-24 of the sum of magnitudes), the result rounded (u); bound doubled.
+    t64, W = tx.double().cpu(), w_deq64(layer).cpu()
+    u, K = UNIT_ROUNDOFF[dtype], 40
+    bound = 2 * (2 * u + K * 2.0**-24) * (t64.abs() @ W.abs().T)
+    assert bool(((tangent.cpu().double() - t64 @ W.T).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -1178,12 +1178,9 @@ Adam8bitPath active_path() {
 
 template <FloatType T, bool kAddWeightDecay>
 UpdateBlocksFn update_blocks_for(Adam8bitPath path) {
-#if LOWPREC_X86_SIMD
-  if (path == Adam8bitPath::kAvx512) return &update_blocks_avx512<T, kAddWeightDecay>;
-  if (path == Adam8bitPath::kAvx2) return &update_blocks_avx2<T, kAddWeightDecay>;
-#endif
-  (void)path;
-  return &update_blocks_scalar<T, kAddWeightDecay>;
+  return LP_PER_ISA(path, (&update_blocks_avx512<T, kAddWeightDecay>),
+                    (&update_blocks_avx2<T, kAddWeightDecay>),
+                    (&update_blocks_scalar<T, kAddWeightDecay>));
 }
 
 template <FloatType T>
@@ -1198,12 +1195,7 @@ UpdateBlocksFn update_blocks_for(Adam8bitPath path, FloatType type, bool add_wei
 
 template <FloatType T>
 AllFiniteFn all_finite_for(Adam8bitPath path) {
-#if LOWPREC_X86_SIMD
-  if (path == Adam8bitPath::kAvx512) return &all_finite_avx512<T>;
-  if (path == Adam8bitPath::kAvx2) return &all_finite_avx2<T>;
-#endif
-  (void)path;
-  return &all_finite_scalar<T>;
+  return LP_PER_ISA(path, &all_finite_avx512<T>, &all_finite_avx2<T>, &all_finite_scalar<T>);
 }
 
 AllFiniteFn all_finite_for(Adam8bitPath path, FloatType type) {
@@ -1211,12 +1203,7 @@ AllFiniteFn all_finite_for(Adam8bitPath path, FloatType type) {
 }
 
 EncodeFn encode_for(Adam8bitPath path) {
-#if LOWPREC_X86_SIMD
-  if (path == Adam8bitPath::kAvx512) return &encode_avx512;
-  if (path == Adam8bitPath::kAvx2) return &encode_avx2;
-#endif
-  (void)path;
-  return &encode_scalar;
+  return LP_PER_ISA(path, &encode_avx512, &encode_avx2, &encode_scalar);
 }
 
 int64_t element_bytes(FloatType type) {

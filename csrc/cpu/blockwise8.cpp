@@ -358,22 +358,14 @@ using DequantizeBlocksFn = void (*)(const uint8_t* codes, const float* absmax, c
 
 template <FloatType T>
 QuantizeBlocksFn quantize_blocks_for(CpuIsa isa) {
-#if LOWPREC_X86_SIMD
-  if (isa == CpuIsa::kAvx512) return &quantize_blocks_avx512<T>;
-  if (isa == CpuIsa::kAvx2) return &quantize_blocks_avx2<T>;
-#endif
-  (void)isa;
-  return &quantize_blocks_scalar<T>;
+  return LP_PER_ISA(isa, &quantize_blocks_avx512<T>, &quantize_blocks_avx2<T>,
+                    &quantize_blocks_scalar<T>);
 }
 
 template <FloatType T>
 DequantizeBlocksFn dequantize_blocks_for(CpuIsa isa) {
-#if LOWPREC_X86_SIMD
-  if (isa == CpuIsa::kAvx512) return &dequantize_blocks_avx512<T>;
-  if (isa == CpuIsa::kAvx2) return &dequantize_blocks_avx2<T>;
-#endif
-  (void)isa;
-  return &dequantize_blocks_scalar<T>;
+  return LP_PER_ISA(isa, &dequantize_blocks_avx512<T>, &dequantize_blocks_avx2<T>,
+                    &dequantize_blocks_scalar<T>);
 }
 
 QuantizeBlocksFn quantize_blocks_for(FloatType type, CpuIsa isa) {

@@ -48,4 +48,18 @@ void set_active_cpu_isa(CpuIsa isa);
 // What LOWPREC_CPU_ISA asked for ("" when unset), for build_info.
 std::string requested_cpu_isa();
 
+// The build of one kernel for `isa` (a CpuIsa, or another path enum with kAvx512 and kAvx2):
+// the one form of every per-ISA selector. A build without x86 SIMD compiles (and so names)
+// only the scalar kernels. A template argument list with a comma goes in parentheses.
+#if LOWPREC_X86_SIMD
+#define LP_PER_ISA(isa, avx512, avx2, scalar) \
+  ((isa) == decltype(isa)::kAvx512 ? (avx512) : (isa) == decltype(isa)::kAvx2 ? (avx2) : (scalar))
+#else
+#define LP_PER_ISA(isa, avx512, avx2, scalar) ::lowprec::cpu::scalar_build(isa, scalar)
+template <typename Isa, typename Fn>
+constexpr Fn scalar_build(Isa /*isa*/, Fn scalar) {
+  return scalar;
+}
+#endif
+
 }  // namespace lowprec::cpu

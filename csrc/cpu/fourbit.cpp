@@ -548,12 +548,8 @@ using DecodeRangeFn = void (*)(const Packed4bit& weight, int64_t begin, int64_t 
 
 template <FloatType T, QuantType4bit Q>
 QuantizeBlocksFn quantize_blocks_for(CpuIsa isa) {
-#if LOWPREC_X86_SIMD
-  if (isa == CpuIsa::kAvx512) return &quantize_blocks_avx512<T, Q>;
-  if (isa == CpuIsa::kAvx2) return &quantize_blocks_avx2<T, Q>;
-#endif
-  (void)isa;
-  return &quantize_blocks_scalar<T>;
+  return LP_PER_ISA(isa, (&quantize_blocks_avx512<T, Q>), (&quantize_blocks_avx2<T, Q>),
+                    &quantize_blocks_scalar<T>);
 }
 
 template <FloatType T>
@@ -569,12 +565,7 @@ QuantizeBlocksFn quantize_blocks_for(FloatType type, QuantType4bit quant_type, C
 
 template <FloatType T>
 DecodeRangeFn decode_range_for(CpuIsa isa) {
-#if LOWPREC_X86_SIMD
-  if (isa == CpuIsa::kAvx512) return &decode_range_avx512<T>;
-  if (isa == CpuIsa::kAvx2) return &decode_range_avx2<T>;
-#endif
-  (void)isa;
-  return &decode_range_scalar<T>;
+  return LP_PER_ISA(isa, &decode_range_avx512<T>, &decode_range_avx2<T>, &decode_range_scalar<T>);
 }
 
 DecodeRangeFn decode_range_for(FloatType type, CpuIsa isa) {

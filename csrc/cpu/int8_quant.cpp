@@ -276,22 +276,14 @@ using QuantizeRowsFn = void (*)(const void* x, int64_t row_begin, int64_t row_en
 
 template <FloatType T>
 MarkOutliersFn mark_outliers_for(CpuIsa isa) {
-#if LOWPREC_X86_SIMD
-  if (isa == CpuIsa::kAvx512) return &mark_outliers_avx512<T>;
-  if (isa == CpuIsa::kAvx2) return &mark_outliers_avx2<T>;
-#endif
-  (void)isa;
-  return &mark_outliers_scalar<T>;
+  return LP_PER_ISA(isa, &mark_outliers_avx512<T>, &mark_outliers_avx2<T>,
+                    &mark_outliers_scalar<T>);
 }
 
 template <FloatType T>
 QuantizeRowsFn quantize_rows_for(CpuIsa isa) {
-#if LOWPREC_X86_SIMD
-  if (isa == CpuIsa::kAvx512) return &quantize_rows_avx512<T>;
-  if (isa == CpuIsa::kAvx2) return &quantize_rows_avx2<T>;
-#endif
-  (void)isa;
-  return &quantize_rows_scalar<T>;
+  return LP_PER_ISA(isa, &quantize_rows_avx512<T>, &quantize_rows_avx2<T>,
+                    &quantize_rows_scalar<T>);
 }
 
 MarkOutliersFn mark_outliers_for(FloatType type, CpuIsa isa) {

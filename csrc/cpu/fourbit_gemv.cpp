@@ -295,11 +295,13 @@ inline void to_lane_strided(const float* x, int64_t count, float* x_lanes) {
 // The lane-strided kernel takes fp32 and fp16 x at every M where in_features allows it. Its
 // lookups and FMAs share the vector pipes: one vpermps and one FMA per 16 weights run at ~2.7
 // per cycle together (Zen 5), and the split kernel adds a widening permute per 16 bytes and a
-// table multiply per 32, ~30% more of that work. Once it also streams its weights with a
-// software prefetch (as the split kernel does), it measured faster at every M (one thread,
-// 4096 x 4096 NF4, blocksize 64, double quant, weights hot in L3, GB/s of weight bytes):
-// M = 1: 26.1-26.3 against 23.6; M = 2: 16.2 against 9.6; M = 3: 12.0 against 6.6. Without
-// that prefetch it had measured slower below M = 4 (0.84-0.94 of the split kernel's speed).
+// table multiply per 32, ~30% more of that work. Measured against the split kernel (C++ driver,
+// 4096 x 4096 NF4, blocksize 64, double quant, weights from DRAM, the two interleaved in one
+// process; GB/s of weight bytes, one thread / two): M = 2: 13.3-13.9 / 25.1-25.8 against
+// 9.5-9.6 / 18.5-18.7; M = 3: 10.2 / 19.1-19.6 against 6.6-6.7 / 12.8-13.1. At M = 1, where a
+// row is one tile and the kernel streams it with a software prefetch (as the split kernel
+// does), 26.1-26.3 against 23.6 with weights hot in L3, and ~3% more from DRAM. (An earlier
+// build had measured the lane kernel at 0.84-0.94 of the split one below M = 4.)
 inline bool lane_strided_used(int64_t in_features) {
   return in_features % kLaneChunkElements == 0;
 }

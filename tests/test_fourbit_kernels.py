@@ -8,6 +8,8 @@ the CPU extension directly: both matmul paths (GEMV and tiled GEMM) on every CPU
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import noncontiguous, run_on
@@ -357,20 +359,24 @@ def test_cpu_matmul_paths_every_isa(cpu_isa, path, dtype):
     of 128 takes the AVX-512 GEMV's lane-strided kernel for fp32/fp16 x at every M (chunks
     spanning 4, 2 or 1 blocks, blocks spanning rows; a last group of 1, 2 or 3 rows at 9, 6
     and 7 rows), other K its split kernels. 29 x 640 at blocksize 32: a row's
-    16-block scale vector straddles a nested (double-quant) block at row 25."""
+    16-block scale vector straddles a nested (double-quant) block at row 25. 3 x 8192: rows
+    of the lane kernel in several K-slices (tiles) at every M; 5 x 1024 at blocksize 256 and
+    FP4: a chunk within one block, the other codebook."""
     kernel = getattr(_C, f"matmul_4bit_{path}_cpu")
     shapes = ((37, 200, 64), (11, 95, 32), (5, 1, 32), (3, 4096 + 64, 128),
-              (29, 640, 32), (7, 256, 64), (5, 640, 128), (4, 512, 4096))  # fmt: skip
-    for out_f, in_f, blocksize in shapes:
+              (29, 640, 32), (7, 256, 64), (5, 640, 128), (4, 512, 4096), (3, 8192, 64),
+              (5, 1024, 256))  # fmt: skip
+    for (out_f, in_f, blocksize), (quant_type, double_quant) in itertools.product(
+        shapes, (("nf4", False), ("nf4", True), ("fp4", True))
+    ):
         w = _nonzero_randn(out_f, in_f, device="cpu")
-        for double_quant in (False, True):
-            qw, st = LF.quantize_4bit(w, blocksize, "nf4", double_quant)
-            for rows in (1, 2, 3, 4, 6, 7, 9):
-                x = _nonzero_randn(rows, in_f, device="cpu", dtype=dtype)
-                b = _nonzero_randn(out_f, device="cpu")
-                out = torch.full((rows, out_f), float("nan"), dtype=dtype)
-                kernel(x, *_weight_args(qw, st), b, out)
-                _assert_matmul_close(out, *_float64_product(x, qw, st, b), dtype, in_f)
+        qw, st = LF.quantize_4bit(w, blocksize, quant_type, double_quant)
+        for rows in (1, 2, 3, 4, 6, 7, 9):
+            x = _nonzero_randn(rows, in_f, device="cpu", dtype=dtype)
+            b = _nonzero_randn(out_f, device="cpu")
+            out = torch.full((rows, out_f), float("nan"), dtype=dtype)
+            kernel(x, *_weight_args(qw, st), b, out)
+            _assert_matmul_close(out, *_float64_product(x, qw, st, b), dtype, in_f)
 
 
 @needs_cpu_extension

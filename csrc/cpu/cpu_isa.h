@@ -8,6 +8,7 @@
 #pragma once
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -50,10 +51,13 @@ std::string requested_cpu_isa();
 
 // The build of one kernel for `isa` (a CpuIsa, or another path enum with kAvx512 and kAvx2):
 // the one form of every per-ISA selector. A build without x86 SIMD compiles (and so names)
-// only the scalar kernels. A template argument list with a comma goes in parentheses.
+// only the scalar kernels. A template argument list with a comma goes in parentheses; `isa`
+// is read twice.
 #if LOWPREC_X86_SIMD
-#define LP_PER_ISA(isa, avx512, avx2, scalar) \
-  ((isa) == decltype(isa)::kAvx512 ? (avx512) : (isa) == decltype(isa)::kAvx2 ? (avx2) : (scalar))
+#define LP_PER_ISA(isa, avx512, avx2, scalar)               \
+  ((isa) == std::decay_t<decltype(isa)>::kAvx512 ? (avx512) \
+   : (isa) == std::decay_t<decltype(isa)>::kAvx2 ? (avx2)   \
+                                                 : (scalar))
 #else
 #define LP_PER_ISA(isa, avx512, avx2, scalar) ::lowprec::cpu::scalar_build(isa, scalar)
 template <typename Isa, typename Fn>

@@ -428,8 +428,9 @@ def call(name: str, *args):
     4096 x 4096, CPU: 296-398 us through the dispatcher against 253-270 us through the
     router alone). Where the backend has an eager entry (``_dispatch.register_eager``), its
     one native call replaces the router's Python layers too."""
-    if name in _LINEAR_INPUTS and forward_ad._current_level >= 0:
-        return linear_jvp(name, args)
+    if name in _LINEARS and forward_ad._current_level >= 0 and torch.compiler.is_compiling():
+        op = getattr(torch.ops.lowprec, name)
+        return _with_tangents(_LINEARS[name], args, lambda primal_args: op(*primal_args))
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if plain_eager(tensors):
         eager = eager_for(name, tensors[0].device.type)
@@ -623,95 +624,137 @@ def _adam8bit_group_step_fake(*args) -> None:
 
 
 # --------------------------------------------------------------------------- autograd
-# The quantized weights are frozen (the QLoRA / LLM.int8 setting): gradients flow to the
-# input and the bias only.
+# The linear ops, matmul_4bit and int8_linear, are differentiated in x and bias only: the
+# quantized weight is frozen (the QLoRA / LLM.int8 setting). Each has its own kernel for the
+# Autograd dispatch key, as aten's ops do, so that both modes live in one place:
+#   * reverse mode: an autograd.Function when an input needs grad. Under torch.func's
+#     reverse-mode transforms (grad, jacrev) a Function cannot be applied from inside a
+#     dispatcher kernel, so those are refused by name (torch.library.register_autograd's
+#     kernel failed there too);
+#   * forward mode (torch.autograd.forward_ad, torch.func.jvp / jacfwd, nested, under vmap):
+#     the tangents of x and bias are unpacked, the primal is computed, and the output gets the
+#     tangent dx @ W.T + dbias by further dispatched calls, themselves differentiable.
+#     (register_autograd has no forward-mode formula.)
+# Both take W as the backward formula does: exact for matmul_4bit, which is linear in x; for
+# int8_linear, which quantizes x itself, the dequantized weight is the straight-through
+# derivative.
 
 
 def _grad_bias(grad_out: torch.Tensor, bias_dtype: torch.dtype) -> torch.Tensor:
     return grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(bias_dtype)
 
 
-def _matmul_4bit_setup(ctx, inputs, output):
-    x, A, absmax, code, bs, shape, nested_absmax, nested_code, offset, nbs, bias = inputs
-    ctx.weight_args = (A, absmax, code, bs, shape)
-    ctx.nested_args = (nested_absmax, nested_code, offset, nbs)
-    ctx.bias_dtype = bias.dtype if bias is not None else None
+class _Linear:
+    """How one linear op's arguments are laid out, and its weight's products."""
+
+    def __init__(self, name: str, x_at: int, bias_at: int, grad_x, tangent_x):
+        self.op = getattr(torch.ops.lowprec, name).default
+        self.x_at, self.bias_at = x_at, bias_at
+        self.grad_x = grad_x  # (args, grad_out) -> grad_out @ W
+        self.tangent_x = tangent_x  # (args, x_tangent) -> x_tangent @ W.T
+
+    def below_autograd(self, keyset, args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return self.op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
-def _matmul_4bit_backward(ctx, grad_out):
-    A, absmax, code, bs, shape = ctx.weight_args
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        W = torch.ops.lowprec.dequantize_4bit(
-            A, absmax, code, bs, shape, grad_out.dtype, *ctx.nested_args
-        )
-        grad_x = grad_out @ W
-    if ctx.needs_input_grad[10]:
-        grad_bias = _grad_bias(grad_out, ctx.bias_dtype)
-    return grad_x, None, None, None, None, None, None, None, None, None, grad_bias
+def _matmul_4bit_grad_x(args, grad_out):
+    A, absmax, code, bs, shape, *nested = args[1:10]
+    W = torch.ops.lowprec.dequantize_4bit(A, absmax, code, bs, shape, grad_out.dtype, *nested)
+    return grad_out @ W
 
 
-torch.library.register_autograd(
-    "lowprec::matmul_4bit", _matmul_4bit_backward, setup_context=_matmul_4bit_setup, lib=_LIB
-)
+def _matmul_4bit_tangent_x(args, x_tangent):
+    return torch.ops.lowprec.matmul_4bit(x_tangent, *args[1:10], None)
 
 
-def _int8_linear_setup(ctx, inputs, output):
-    x, weight, weight_scale, bias, threshold = inputs
-    ctx.save_for_backward(weight, weight_scale)
-    ctx.bias_dtype = bias.dtype if bias is not None else None
+def _int8_linear_grad_x(args, grad_out):
+    return grad_out @ int8_dequantize_weight(args[1], args[2], grad_out.dtype)
 
 
-def _int8_linear_backward(ctx, grad_out):
-    weight, weight_scale = ctx.saved_tensors
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = grad_out @ int8_dequantize_weight(weight, weight_scale, grad_out.dtype)
-    if ctx.needs_input_grad[3]:
-        grad_bias = _grad_bias(grad_out, ctx.bias_dtype)
-    return grad_x, None, None, grad_bias, None
+def _int8_linear_tangent_x(args, x_tangent):
+    return x_tangent @ int8_dequantize_weight(args[1], args[2], x_tangent.dtype).T
 
 
-torch.library.register_autograd(
-    "lowprec::int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup, lib=_LIB
-)
-
-
-# Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) of the linear ops. The custom
-# ops' autograd (register_autograd) has no forward formula, so ``call`` routes their calls
-# under a dual level here instead of letting a tangent be dropped. Positions of x and bias in
-# each op's arguments:
-_LINEAR_INPUTS = {"matmul_4bit": (0, 10), "int8_linear": (0, 3)}
-
-
-def _x_tangent_term(name: str, x_tangent: torch.Tensor, args: list) -> torch.Tensor:
-    """x_tangent @ W.T with the weight of the backward formula (its transpose)."""
-    if name == "matmul_4bit":  # linear in x: the fused op itself, no dense weight
-        return torch.ops.lowprec.matmul_4bit(x_tangent, *args[1:10], None)
-    # LLM.int8 quantizes x itself, so the op is not linear in x; its backward takes the
-    # dequantized weight as the derivative (straight through), and so does the tangent.
-    weight, weight_scale = args[1], args[2]
-    return x_tangent @ int8_dequantize_weight(weight, weight_scale, x_tangent.dtype).T
-
-
-def linear_jvp(name: str, args: Sequence) -> torch.Tensor:
-    """``name``'s output, dual with its tangent dx @ W.T + dbias (the weight is frozen).
-    Reverse-mode autograd still sees the primal computation."""
-    x_at, bias_at = _LINEAR_INPUTS[name]
-    args = list(args)
-    op = getattr(torch.ops.lowprec, name)
-    x, x_tangent = forward_ad.unpack_dual(args[x_at])
-    bias, bias_tangent = (
-        (None, None) if args[bias_at] is None else forward_ad.unpack_dual(args[bias_at])
-    )
-    if x_tangent is None and bias_tangent is None:
-        return op(*args)
-    args[x_at], args[bias_at] = x, bias
-    y = op(*args)
-    tangent = torch.zeros_like(y) if x_tangent is None else _x_tangent_term(name, x_tangent, args)
+def _linear_tangent(linear: _Linear, args, x_tangent, bias_tangent, y) -> torch.Tensor:
+    """dx @ W.T + dbias, in y's dtype; y gives the shape where only the bias has a tangent."""
+    if x_tangent is None:
+        tangent = torch.zeros(y.shape, dtype=y.dtype, device=y.device)
+    else:
+        tangent = linear.tangent_x(args, x_tangent).to(y.dtype)
     if bias_tangent is not None:
         tangent = tangent + bias_tangent.to(y.dtype)
-    return forward_ad.make_dual(y, tangent.to(y.dtype))
+    return tangent
+
+
+class _LinearFunction(torch.autograd.Function):
+    """Reverse mode of a _Linear op: forward(linear, keyset, *op_args)."""
+
+    @staticmethod
+    def forward(linear: _Linear, keyset, *args):
+        return linear.below_autograd(keyset, args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        linear, _, *args = inputs
+        ctx.linear, ctx.args = linear, args
+        bias = args[linear.bias_at]
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        linear, needs = ctx.linear, ctx.needs_input_grad[2:]
+        grads = [None] * len(ctx.args)
+        if needs[linear.x_at]:
+            grads[linear.x_at] = linear.grad_x(ctx.args, grad_out)
+        if needs[linear.bias_at]:
+            grads[linear.bias_at] = _grad_bias(grad_out, ctx.bias_dtype)
+        return None, None, *grads
+
+
+def _with_tangents(linear: _Linear, args, primal) -> torch.Tensor:
+    """``primal(args)`` with x and bias stripped of their tangents, made dual with the tangent
+    dx @ W.T + dbias where they had one (forward-mode AD)."""
+    args = list(args)
+    x_tangent = bias_tangent = None
+    if forward_ad._current_level >= 0:
+        args[linear.x_at], x_tangent = forward_ad.unpack_dual(args[linear.x_at])
+        if args[linear.bias_at] is not None:
+            args[linear.bias_at], bias_tangent = forward_ad.unpack_dual(args[linear.bias_at])
+    y = primal(args)
+    if x_tangent is None and bias_tangent is None:
+        return y
+    return forward_ad.make_dual(y, _linear_tangent(linear, args, x_tangent, bias_tangent, y))
+
+
+def _register_linear_autograd(linear: _Linear) -> None:
+    def primal(keyset, args):
+        if torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args
+        ):
+            if torch._C._are_functorch_transforms_active():
+                raise NotImplementedError(
+                    f"lowprec::{linear.op._opname}: torch.func's reverse-mode transforms (grad, "
+                    "vjp, jacrev, hessian) are not supported; torch.autograd (backward(), "
+                    "torch.autograd.grad) and torch.func's forward-mode ones (jvp, jacfwd) are"
+                )
+            return _LinearFunction.apply(linear, keyset, *args)
+        return linear.below_autograd(keyset, args)
+
+    def autograd_kernel(keyset, *args):
+        return _with_tangents(linear, args, lambda a: primal(keyset, a))
+
+    _LIB.impl(linear.op._opname, autograd_kernel, "Autograd", with_keyset=True)
+    _LINEARS[linear.op._opname] = linear
+
+
+# The linear ops by name. ``call`` applies their forward-mode rule itself while torch.compile
+# traces (the tangents are not visible to the Autograd kernel under its tracing).
+_LINEARS: dict[str, _Linear] = {}
+_register_linear_autograd(
+    _Linear("matmul_4bit", 0, 10, _matmul_4bit_grad_x, _matmul_4bit_tangent_x)
+)
+_register_linear_autograd(_Linear("int8_linear", 0, 3, _int8_linear_grad_x, _int8_linear_tangent_x))
 
 
 # --------------------------------------------------------------------------- autocast

@@ -270,6 +270,44 @@ def test_forward_mode_ad(device_backend, dtype):
     assert bool(((tangent.double() - t64).abs() <= bound + 2.0**-24).all())
 
 
+@pytest.mark.parametrize("device_backend", backend_params(include_reference=True))
+def test_forward_mode_transforms(device_backend):
+    """The forward rule lives in the op's Autograd kernel, so it holds however the op is
+    reached: a direct torch.ops call, vmap inside a dual level, nested forward mode (a
+    forward-over-forward Hessian), torch.compile of a jvp. torch.func's reverse-mode
+    transforms are refused by name, not answered with a wrong gradient."""
+    device, backend = device_backend
+    layer = Linear4bit(64, 8, device=device)
+    W = w_deq(layer).to(device)
+    dense = nn.Linear(64, 8, device=device)
+    with torch.no_grad():
+        dense.weight.copy_(W)
+        dense.bias.copy_(layer.bias)
+    x, tx = (randn_nonzero(3, 64).to(device) for _ in range(2))
+    op_args = (layer.weight, *layer.quant_state.op_args(), layer.bias)
+    with forward_ad.dual_level(), lpk.use_backend(backend):
+        direct = forward_ad.unpack_dual(
+            torch.ops.lowprec.matmul_4bit(forward_ad.make_dual(x, tx), *op_args)
+        )
+        batched = torch.vmap(layer)(x.unsqueeze(1))
+    assert torch.equal(
+        direct.tangent, run_on(backend, LF.matmul_4bit, tx, layer.weight, layer.quant_state)
+    )
+    assert torch.equal(batched.squeeze(1), run_on(backend, layer, x))
+
+    def loss(module):
+        return lambda v: torch.sin(module(v)).sum()
+
+    hessian = run_on(backend, torch.func.jacfwd(torch.func.jacfwd(loss(layer))), x[0])
+    torch.testing.assert_close(hessian, torch.func.jacfwd(torch.func.jacfwd(loss(dense)))(x[0]))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda v, t: torch.func.jvp(layer, (v,), (t,)))
+    _, tangent = run_on(backend, compiled, x, tx)
+    torch.testing.assert_close(tangent, tx @ W.T)
+    with pytest.raises(NotImplementedError, match="reverse-mode transforms"):
+        run_on(backend, torch.func.grad(loss(layer)), x[0])
+
+
 # ---------------------------------------------------------------- state dict
 
 

@@ -180,6 +180,21 @@ def test_forward_mode_ad(device_backend, dtype, threshold):
     assert bool(((tangent.cpu().double() - t64 @ W.T).abs() <= bound).all())
 
 
+def test_forward_mode_through_the_op_itself(device_backend):
+    """A direct torch.ops call and vmap inside a dual level take the same forward rule."""
+    device, backend = device_backend
+    layer = Linear8bitLt.from_linear(linear(40, 21, device=device))
+    x = activations(3, 40, device=device)
+    tx = randn(3, 40, device=device)
+    with forward_ad.dual_level(), lpk.use_backend(backend):
+        direct = forward_ad.unpack_dual(torch.ops.lowprec.int8_linear(
+            forward_ad.make_dual(x, tx), layer.weight, layer.SCB, layer.bias, 6.0))  # fmt: skip
+        batched = torch.vmap(layer)(x.unsqueeze(1))
+    _, tangent = run_on(backend, torch.func.jvp, layer, (x,), (tx,))
+    assert torch.equal(direct.tangent, tangent)
+    assert torch.equal(batched.squeeze(1), run_on(backend, layer, x))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_autocast_computes_in_the_autocast_dtype(device_backend, dtype):
     device, backend = device_backend

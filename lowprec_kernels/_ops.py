@@ -697,9 +697,12 @@ class _LinearFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         linear, _, *args = inputs
-        ctx.linear, ctx.args = linear, args
         bias = args[linear.bias_at]
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        # The weight's arguments only: keeping x would hold every layer's activation until
+        # the backward, which does not need it.
+        ctx.linear = linear
+        ctx.args = [None if i in (linear.x_at, linear.bias_at) else a for i, a in enumerate(args)]
 
     @staticmethod
     def backward(ctx, grad_out):

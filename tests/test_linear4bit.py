@@ -10,6 +10,7 @@ import copy
 import io
 import pickle
 import re
+import weakref
 
 import pytest
 import torch
@@ -306,6 +307,20 @@ def test_forward_mode_transforms(device_backend):
     torch.testing.assert_close(tangent, tx @ W.T)
     with pytest.raises(NotImplementedError, match="reverse-mode transforms"):
         run_on(backend, torch.func.grad(loss(layer)), x[0])
+
+
+def test_backward_keeps_no_activation():
+    """The op's autograd keeps the weight's arguments only: an activation is freed as soon as
+    the forward is done with it (the backward, grad_out @ W, does not need it)."""
+    layer = Linear4bit(128, 16)
+    x = randn_nonzero(4, 128).requires_grad_()
+    h = x * 2.0
+    alive = weakref.ref(h)
+    y = layer(h)
+    del h
+    assert alive() is None
+    y.sum().backward()
+    assert x.grad is not None
 
 
 # ---------------------------------------------------------------- state dict

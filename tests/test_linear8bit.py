@@ -7,6 +7,7 @@ import copy
 import io
 import pickle
 import types
+import weakref
 
 import pytest
 import torch
@@ -178,6 +179,20 @@ def test_forward_mode_ad(device_backend, dtype, threshold):
     u, K = UNIT_ROUNDOFF[dtype], 40
     bound = 2 * (2 * u + K * 2.0**-24) * (t64.abs() @ W.abs().T)
     assert bool(((tangent.cpu().double() - t64 @ W.T).abs() <= bound).all())
+
+
+def test_backward_keeps_no_activation():
+    """The op's autograd keeps the weight's arguments only: an activation is freed as soon as
+    the forward is done with it (the backward, grad_out @ W, does not need it)."""
+    layer = Linear8bitLt.from_linear(linear(128, 16))
+    x = randn(4, 128).requires_grad_()
+    h = x * 2.0
+    alive = weakref.ref(h)
+    y = layer(h)
+    del h
+    assert alive() is None
+    y.sum().backward()
+    assert x.grad is not None
 
 
 def test_forward_mode_through_the_op_itself(device_backend):

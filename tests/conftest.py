@@ -9,6 +9,7 @@ triton is first imported: this file does it before importing the package.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -164,3 +165,17 @@ def run_sm90_compile_script(script: str):
             pytest.skip(f"this triton cannot compile for sm_90 here: {done.stderr[-300:]}")
         raise AssertionError(f"compiling for sm_90 failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def assert_backward_keeps_no_activation(layer, x: torch.Tensor) -> None:
+    """``layer``'s autograd keeps no activation alive: an input computed just before it is
+    freed once the forward is done (the linear ops' backward, grad_out @ W, needs only the
+    weight), and the backward still reaches x."""
+    x = x.requires_grad_()
+    h = x * 2.0
+    alive = weakref.ref(h)
+    y = layer(h)
+    del h
+    assert alive() is None
+    y.sum().backward()
+    assert x.grad is not None

@@ -205,6 +205,12 @@ void gemv_rows_tiled(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
       kTileGranuleBytes, kXBudgetBytes / (group_rows * 2 * Kernel::kXElementBytes) /
                              kTileGranuleBytes * kTileGranuleBytes);
   const bool stream_prefetch = Kernel::kStreamPrefetch && p.half_len <= tile_bytes;
+  // Where a panel runs in one pass (whole rows, one group of x rows), each row's scales are
+  // decoded just before its products. Decoding the panel's rows up front leaves the memory
+  // stream without requests for as long: 43.3-45.3 -> 45.0-47.3 GB/s at M = 1, fp32 x, 4096 x
+  // 4096 from DRAM, two threads (C++ driver, the two interleaved in one process, three runs).
+  const bool decode_per_row =  // exactly one pass: one tile, one group, both non-empty
+      stream_prefetch && p.half_len > 0 && p.rows > 0 && p.rows <= kGroup;
   const int64_t blocks_per_row = max_blocks_per_row(p);
   std::vector<float> scale_buffer(static_cast<size_t>(kPanelRows * blocks_per_row));
   std::vector<float> sums(static_cast<size_t>(kPanelRows * p.rows));
@@ -212,9 +218,12 @@ void gemv_rows_tiled(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
   RowScales scales[kPanelRows];
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kPanelRows) {
     const int64_t panel = std::min(kPanelRows, n_end - n0);
+    auto decode = [&](int64_t i) {
+      scales[i] = Kernel::decode_scales(p, n0 + i, scale_buffer.data() + i * blocks_per_row);
+    };
     for (int64_t i = 0; i < panel; ++i) {
       segments[i] = row_segment(n0 + i, p.in_features);
-      scales[i] = Kernel::decode_scales(p, n0 + i, scale_buffer.data() + i * blocks_per_row);
+      if (!decode_per_row) decode(i);
     }
     std::fill(sums.begin(), sums.end(), 0.0f);
     // Group by group: the panel's packed rows (kPanelRows x in_features / 2 bytes) stay in
@@ -225,6 +234,7 @@ void gemv_rows_tiled(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
         const int64_t t1 = std::min(p.half_len, t0 + tile_bytes);
         for (int64_t i = 0; i < panel; ++i) {
           if (!stream_prefetch && m0 == 0 && t0 == 0) prefetch_row(p, n0 + kPanelRows + i);
+          if (decode_per_row) decode(i);  // the only pass over the panel
           const RowTile tile{&segments[i], &scales[i], m0, t0, t1, stream_prefetch};
           Kernel::run(p, tile, rows_in_group, sums.data() + i * p.rows + m0);
         }

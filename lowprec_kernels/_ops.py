@@ -648,6 +648,7 @@ class _Linear:
     """How one linear op's arguments are laid out, and its weight's products."""
 
     def __init__(self, name: str, x_at: int, bias_at: int, grad_x, tangent_x):
+        self.name = name
         self.op = getattr(torch.ops.lowprec, name).default
         self.x_at, self.bias_at = x_at, bias_at
         self.grad_x = grad_x  # (args, grad_out) -> grad_out @ W
@@ -679,7 +680,7 @@ def _int8_linear_tangent_x(args, x_tangent):
 def _linear_tangent(linear: _Linear, args, x_tangent, bias_tangent, y) -> torch.Tensor:
     """dx @ W.T + dbias, in y's dtype; y gives the shape where only the bias has a tangent."""
     if x_tangent is None:
-        tangent = torch.zeros(y.shape, dtype=y.dtype, device=y.device)
+        tangent = torch.zeros_like(y)
     else:
         tangent = linear.tangent_x(args, x_tangent).to(y.dtype)
     if bias_tangent is not None:
@@ -737,7 +738,7 @@ def _register_linear_autograd(linear: _Linear) -> None:
         ):
             if torch._C._are_functorch_transforms_active():
                 raise NotImplementedError(
-                    f"lowprec::{linear.op._opname}: torch.func's reverse-mode transforms (grad, "
+                    f"lowprec::{linear.name}: torch.func's reverse-mode transforms (grad, "
                     "vjp, jacrev, hessian) are not supported; torch.autograd (backward(), "
                     "torch.autograd.grad) and torch.func's forward-mode ones (jvp, jacfwd) are"
                 )
@@ -747,8 +748,8 @@ def _register_linear_autograd(linear: _Linear) -> None:
     def autograd_kernel(keyset, *args):
         return _with_tangents(linear, args, lambda a: primal(keyset, a))
 
-    _LIB.impl(linear.op._opname, autograd_kernel, "Autograd", with_keyset=True)
-    _LINEARS[linear.op._opname] = linear
+    _LIB.impl(linear.name, autograd_kernel, "Autograd", with_keyset=True)
+    _LINEARS[linear.name] = linear
 
 
 # The linear ops by name. ``call`` applies their forward-mode rule itself while torch.compile

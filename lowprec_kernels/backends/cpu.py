@@ -223,19 +223,26 @@ def matmul_4bit(
     return out
 
 
+def _eager_or_none(entry, *args):
+    """``entry(*args)``, a native eager entry, or None where an argument is of the wrong kind
+    (pybind refuses it): the checked path then names it."""
+    try:
+        return entry(*args)
+    except (TypeError, AttributeError):
+        return None
+
+
 @register_eager("matmul_4bit", backend="cpu", device="cpu")
 def matmul_4bit_eager(
     x, A, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize, bias
 ):
     """The call above in one native step (``_C.matmul_4bit_eager_cpu``), or None for arguments
     it does not accept (the checker then reports them)."""
-    try:
-        return _C.matmul_4bit_eager_cpu(
-            x, A, absmax, code, blocksize, shape, nested_absmax, nested_code, offset,
-            nested_blocksize, bias, GEMV_MAX_ROWS.get(x.dtype, 0), poison(x.dtype),
-        )  # fmt: skip
-    except (TypeError, AttributeError):  # an argument of the wrong kind: the checker names it
-        return None
+    return _eager_or_none(
+        _C.matmul_4bit_eager_cpu, x, A, absmax, code, blocksize, shape, nested_absmax,
+        nested_code, offset, nested_blocksize, bias, GEMV_MAX_ROWS.get(x.dtype, 0),
+        poison(x.dtype),
+    )  # fmt: skip
 
 
 mark_available("cpu")

@@ -17,6 +17,7 @@ from lowprec_kernels.backends.cpu import (
     _adam8bit_multi_step,
     _dequantize_4bit,
     _dequantize_blockwise,
+    _eager_or_none,
     _float32_bias,
     _int8_quantize_weight,
     _quantize_4bit,
@@ -137,13 +138,11 @@ def matmul_4bit_eager(
 ):
     """The GEMV case of the call above in one native step (``_C.matmul_4bit_eager_cuda``), or
     None for more rows or arguments it does not accept (the checked path then takes them)."""
-    try:
-        return _C.matmul_4bit_eager_cuda(
-            x, A, absmax, code, blocksize, shape, nested_absmax, nested_code, offset,
-            nested_blocksize, bias, GEMV_MAX_ROWS, poison(x.dtype),
-        )  # fmt: skip
-    except (TypeError, AttributeError):  # an argument of the wrong kind: the checker names it
-        return None
+    return _eager_or_none(
+        _C.matmul_4bit_eager_cuda, x, A, absmax, code, blocksize, shape,
+        nested_absmax, nested_code, offset, nested_blocksize, bias, GEMV_MAX_ROWS,
+        poison(x.dtype),
+    )  # fmt: skip
 
 
 mark_available("cuda", COMPILED and torch.cuda.is_available())

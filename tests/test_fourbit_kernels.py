@@ -361,11 +361,13 @@ def test_cpu_matmul_paths_every_isa(cpu_isa, path, dtype):
     and 7 rows), other K its split kernels. 29 x 640 at blocksize 32: a row's
     16-block scale vector straddles a nested (double-quant) block at row 25. 3 x 8192: rows
     of the lane kernel in several K-slices (tiles) at every M; 5 x 1024 at blocksize 256 and
-    FP4: a chunk within one block, the other codebook."""
+    FP4: a chunk within one block, the other codebook. At M = 1 the lane kernel's rows of one
+    tile take the single-row driver, which sums 16 rows at a time: 29 and 45 rows give panels
+    cut short by the end and by the split between threads."""
     kernel = getattr(_C, f"matmul_4bit_{path}_cpu")
     shapes = ((37, 200, 64), (11, 95, 32), (5, 1, 32), (3, 4096 + 64, 128),
               (29, 640, 32), (7, 256, 64), (5, 640, 128), (4, 512, 4096), (3, 8192, 64),
-              (5, 1024, 256))  # fmt: skip
+              (5, 1024, 256), (45, 384, 64))  # fmt: skip
     for (out_f, in_f, blocksize), (quant_type, double_quant) in itertools.product(
         shapes, (("nf4", False), ("nf4", True), ("fp4", True))
     ):
@@ -400,28 +402,31 @@ def test_cpu_gemm_bf16_tiles(cpu_isa, double_quant):
 def test_cpu_gemv_is_deterministic_across_threads():
     w = _nonzero_randn(300, 256, device="cpu")
     qw, st = LF.quantize_4bit(w, 64, "nf4", True)
-    x = _nonzero_randn(3, 256, device="cpu")
-    outs = []
     previous = torch.get_num_threads()
-    try:
-        for threads in (1, max(2, previous)):
-            torch.set_num_threads(threads)
-            out = torch.empty(3, 300)
-            _C.matmul_4bit_gemv_cpu(x, *_weight_args(qw, st), None, out)
-            outs.append(out)
-    finally:
-        torch.set_num_threads(previous)
-    assert torch.equal(outs[0], outs[1])
+    for rows in (1, 3):  # the single-row driver and the tiled one
+        x = _nonzero_randn(rows, 256, device="cpu")
+        outs = []
+        try:
+            for threads in (1, max(2, previous)):
+                torch.set_num_threads(threads)
+                out = torch.empty(rows, 300)
+                _C.matmul_4bit_gemv_cpu(x, *_weight_args(qw, st), None, out)
+                outs.append(out)
+        finally:
+            torch.set_num_threads(previous)
+        assert torch.equal(outs[0], outs[1])
 
 
 @needs_cpu_extension
-@pytest.mark.parametrize(("out_f", "in_f", "blocksize"), [(9, 4096 + 96, 64), (7, 2048 + 33, 32)])
+@pytest.mark.parametrize(
+    ("out_f", "in_f", "blocksize"), [(9, 4096 + 96, 64), (7, 2048 + 33, 32), (19, 4096, 64)]
+)
 def test_cpu_gemv_decodes_every_scale_exactly(cpu_isa, out_f, in_f, blocksize):
     """x = a unit vector picks one column of W: y is its decoded weights bit for bit. One
     column per block of every row, double-quantized scales whose nested absmax differs per
     nested block: rows of 64 or more blocks take the AVX-512 byte-plane scale decode (with
     AVX512_VBMI), rows starting mid-block and mid nested block, the last blocks of a row in
-    the 16-wide decode and its scalar tail."""
+    the 16-wide decode and its scalar tail; 19 x 4096 in the lane kernel's single-row driver."""
     w = _nonzero_randn(out_f, in_f, device="cpu")
     qw, st = LF.quantize_4bit(w, blocksize, "nf4", True)
     st.nested_absmax = torch.linspace(0.5, 2.0, st.nested_absmax.numel())

@@ -361,9 +361,10 @@ def test_cpu_matmul_paths_every_isa(cpu_isa, path, dtype):
     and 7 rows), other K its split kernels. 29 x 640 at blocksize 32: a row's
     16-block scale vector straddles a nested (double-quant) block at row 25. 3 x 8192: rows
     of the lane kernel in several K-slices (tiles) at every M; 5 x 1024 at blocksize 256 and
-    FP4: a chunk within one block, the other codebook. At M = 1 the lane kernel's rows of one
-    tile take the single-row driver, which sums 16 rows at a time: 29 and 45 rows give panels
-    cut short by the end and by the split between threads."""
+    FP4: a chunk within one block, the other codebook. At M = 1 the rows of one tile take the
+    single-row driver, which sums 16 rows at a time (29 and 45 rows: panels cut short by the
+    end and by the split between threads): the lane kernel's, and for bf16 x (K a multiple of
+    64, blocks of 64 or more) the vdpbf16ps kernel's, 4160 giving it an odd chunk count."""
     kernel = getattr(_C, f"matmul_4bit_{path}_cpu")
     shapes = ((37, 200, 64), (11, 95, 32), (5, 1, 32), (3, 4096 + 64, 128),
               (29, 640, 32), (7, 256, 64), (5, 640, 128), (4, 512, 4096), (3, 8192, 64),

@@ -865,7 +865,8 @@ void gemv_rows_avx512_lanes(const GemvProblem& p, int64_t n_begin, int64_t n_end
 // 26.0; in L3, 58.5 against 53.2 and 31.4 against 28.5.
 
 constexpr int kSingleRowPanel = kLanes;  // one row sum per lane of avx512_row_sums
-// The rows this driver takes: those the tiled driver runs in one tile (x stays in L1).
+// The lane kernel's rows this driver takes: those the tiled driver runs in one tile (x stays in
+// L1).
 constexpr int64_t kSingleRowMaxBytes = kXBudgetBytes / (2 * sizeof(float));
 
 // Lane i: the sum of the lanes of v[i], for 16 vectors. Each level adds the two halves of a
@@ -897,34 +898,22 @@ LP_TARGET_AVX512 inline __m512 avx512_row_sums(const __m512* v) {
   return _mm512_permutexvar_ps(transpose, sums);
 }
 
-template <int Blocks>
-LP_TARGET_AVX512 void avx512_lanes_single_rows(const GemvProblem& p, int64_t n_begin,
-                                               int64_t n_end) {
-  const Packed4bit& w = *p.weight;
-  const int64_t row_bytes = p.half_len;
-  const int bytes_per_block_log2 = w.blocksize_log2 - 1;
-  const __m512 code = _mm512_loadu_ps(w.code);
-  const float* x = p.x_lanes;
+// Runs Row::sum (the vector whose lanes add up to one weight row's product with x) over whole
+// weight rows, 16 at a time.
+template <typename Row>
+LP_TARGET_AVX512 void avx512_single_rows(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
+  const int bytes_per_block_log2 = p.weight->blocksize_log2 - 1;
   std::vector<float> scale_buffer(static_cast<size_t>(max_blocks_per_row(p)));
   alignas(64) float sums[kSingleRowPanel];
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kSingleRowPanel) {
     const int panel = static_cast<int>(std::min<int64_t>(kSingleRowPanel, n_end - n0));
     __m512 row_sums[kSingleRowPanel];
     for (int i = 0; i < panel; ++i) {
-      const int64_t first_byte = (n0 + i) * row_bytes;
+      const int64_t first_byte = (n0 + i) * p.half_len;
       const RowScales scales = Avx512ScaleDecode::decode_scales(p, n0 + i, scale_buffer.data());
-      const float* row_scales =
-          scales.scales + ((first_byte >> bytes_per_block_log2) - scales.first_block);
-      const uint8_t* row = w.packed + first_byte;
-      // In a register: row_sums[i] (a runtime index, so in memory) would chain every chunk's
-      // accumulation through a store and a load.
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t xi = 0; xi < row_bytes; xi += kLaneChunkBytes) {
-        simd::prefetch_l2(row + xi + kStreamPrefetchBytes);
-        avx512_lanes_chunk<1, Blocks>(row + xi, row_scales + (xi >> bytes_per_block_log2), code, &x,
-                                      2 * xi, &acc);
-      }
-      row_sums[i] = acc;
+      row_sums[i] =
+          Row::sum(p, p.weight->packed + first_byte,
+                   scales.scales + ((first_byte >> bytes_per_block_log2) - scales.first_block));
     }
     for (int i = panel; i < kSingleRowPanel; ++i)
       row_sums[i] = _mm512_setzero_ps();
@@ -934,14 +923,32 @@ LP_TARGET_AVX512 void avx512_lanes_single_rows(const GemvProblem& p, int64_t n_b
   }
 }
 
+// A row of the lane-strided kernel (rows are whole chunks).
+template <int Blocks>
+struct Avx512LanesRow {
+  LP_TARGET_AVX512 LP_ALWAYS_INLINE static __m512 sum(const GemvProblem& p, const uint8_t* row,
+                                                      const float* row_scales) {
+    const int bytes_per_block_log2 = p.weight->blocksize_log2 - 1;
+    const __m512 code = _mm512_loadu_ps(p.weight->code);
+    const float* x = p.x_lanes;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t xi = 0; xi < p.half_len; xi += kLaneChunkBytes) {
+      simd::prefetch_l2(row + xi + kStreamPrefetchBytes);
+      avx512_lanes_chunk<1, Blocks>(row + xi, row_scales + (xi >> bytes_per_block_log2), code, &x,
+                                    2 * xi, &acc);
+    }
+    return acc;
+  }
+};
+
 void gemv_rows_avx512_lanes_single(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
   switch (blocks_per_lane_chunk(p.weight->blocksize_log2 - 1)) {
     case 4:
-      return avx512_lanes_single_rows<4>(p, n_begin, n_end);
+      return avx512_single_rows<Avx512LanesRow<4>>(p, n_begin, n_end);
     case 2:
-      return avx512_lanes_single_rows<2>(p, n_begin, n_end);
+      return avx512_single_rows<Avx512LanesRow<2>>(p, n_begin, n_end);
     default:
-      return avx512_lanes_single_rows<1>(p, n_begin, n_end);
+      return avx512_single_rows<Avx512LanesRow<1>>(p, n_begin, n_end);
   }
 }
 
@@ -1127,6 +1134,57 @@ void gemv_rows_avx512_bf16(const GemvProblem& p, int64_t n_begin, int64_t n_end)
   gemv_rows_tiled<Avx512Bf16Kernel>(p, n_begin, n_end);
 }
 
+// The bf16 rows the single-row driver takes: whole 32-byte chunks, each within one block, whose
+// x stays in L1 (the rows the tiled driver runs in one tile).
+inline bool bf16_single_row_used(int64_t in_features, int blocksize_log2) {
+  return in_features % (2 * kBf16ChunkBytes) == 0 &&
+         (int64_t{1} << (blocksize_log2 - 1)) >= kBf16ChunkBytes &&
+         in_features / 2 <= kXBudgetBytes / (2 * static_cast<int64_t>(sizeof(uint16_t)));
+}
+
+// A row of the bf16 kernel for the single-row driver: rows of whole 32-byte chunks, each within
+// one block. Not inlined into the driver, which is compiled for AVX-512 without BF16.
+struct Avx512Bf16Row {
+  // Chunks per step, two accumulation chains each: four chunks per step measured 4% slower
+  // than two.
+  static constexpr int kChunksPerStep = 2;
+  static constexpr int64_t kCacheLineBytes = 64;
+  LP_TARGET_AVX512_BF16 __attribute__((noinline)) static __m512 sum(const GemvProblem& p,
+                                                                    const uint8_t* row,
+                                                                    const float* row_scales) {
+    const int bytes_per_block_log2 = p.weight->blocksize_log2 - 1;
+    const __m512 code = _mm512_loadu_ps(p.weight->code);
+    const uint16_t* xe = p.x_split_bf16 + split_offset(p, 0, 0, 0);
+    const uint16_t* xo = p.x_split_bf16 + split_offset(p, 0, 0, 1);
+    __m512 acc[kChunksPerStep][2];
+    for (int c = 0; c < kChunksPerStep; ++c)
+      acc[c][0] = acc[c][1] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + kChunksPerStep * kBf16ChunkBytes <= p.half_len;
+         j += kChunksPerStep * kBf16ChunkBytes) {
+#pragma GCC unroll 8
+      for (int c = 0; c < kChunksPerStep; ++c) {
+        const int64_t jc = j + c * kBf16ChunkBytes;
+        if (jc % kCacheLineBytes == 0) simd::prefetch_l2(row + jc + kStreamPrefetchBytes);
+        const __m512i table = bf16_table<1>(code, row_scales[jc >> bytes_per_block_log2]);
+        bf16_gemv_chunk<1, false>(row + jc, table, &xe, &xo, jc, 0, &acc[c][0], &acc[c][1]);
+      }
+    }
+    for (; j < p.half_len; j += kBf16ChunkBytes) {  // the chunks left after whole steps
+      const __m512i table = bf16_table<1>(code, row_scales[j >> bytes_per_block_log2]);
+      bf16_gemv_chunk<1, false>(row + j, table, &xe, &xo, j, 0, &acc[0][0], &acc[0][1]);
+    }
+    __m512 total = _mm512_add_ps(acc[0][0], acc[0][1]);
+    for (int c = 1; c < kChunksPerStep; ++c)
+      total = _mm512_add_ps(total, _mm512_add_ps(acc[c][0], acc[c][1]));
+    return total;
+  }
+};
+
+void gemv_rows_avx512_bf16_single(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
+  avx512_single_rows<Avx512Bf16Row>(p, n_begin, n_end);
+}
+
 #endif  // LOWPREC_X86_SIMD
 
 using GemvRowsFn = void (*)(const GemvProblem& p, int64_t n_begin, int64_t n_end);
@@ -1150,9 +1208,12 @@ struct GemvPath {
   XLayout x_layout;
 };
 
-GemvPath gemv_path_for(CpuIsa isa, FloatType x_type, int64_t rows, int64_t in_features) {
+GemvPath gemv_path_for(CpuIsa isa, FloatType x_type, int64_t rows, int64_t in_features,
+                       int blocksize_log2) {
 #if LOWPREC_X86_SIMD
   if (x_type == FloatType::kBFloat16 && bf16_dot_available(isa)) {
+    if (rows == 1 && bf16_single_row_used(in_features, blocksize_log2))
+      return {&gemv_rows_avx512_bf16_single, XLayout::kSplitBf16};
     return {&gemv_rows_avx512_bf16, XLayout::kSplitBf16};
   }
   if (isa == CpuIsa::kAvx512) {
@@ -1167,6 +1228,7 @@ GemvPath gemv_path_for(CpuIsa isa, FloatType x_type, int64_t rows, int64_t in_fe
   (void)x_type;
   (void)rows;
   (void)in_features;
+  (void)blocksize_log2;
   return {&gemv_rows_scalar, XLayout::kSplit};
 }
 
@@ -1181,7 +1243,7 @@ void matmul_4bit_gemv(const void* x, FloatType x_type, int64_t rows, const Packe
   const int64_t K = in_features;
   const int parities = (K & 1) ? 2 : 1;
   const int64_t half_len = K / 2;
-  const GemvPath path = gemv_path_for(active_cpu_isa(), x_type, rows, K);
+  const GemvPath path = gemv_path_for(active_cpu_isa(), x_type, rows, K, weight.blocksize_log2);
   simd::CacheLineVector<float> x_float(static_cast<size_t>(rows * K));
   for (int64_t i = 0; i < rows * K; ++i)
     x_float[i] = load_float(x, i, x_type);

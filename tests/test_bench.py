@@ -38,7 +38,8 @@ def test_compare_interleaves_and_reports_ratio():
     calls = []
     rot = harness.Rotation(torch.ones(64), 0)
     timing = harness.compare(lambda x: calls.append("A"), lambda x: calls.append("B"), rot, SMOKE)
-    assert calls[-2:] == ["A", "B"]
+    # Interleaved, each timed sample after an untimed one of the same function (its settle).
+    assert calls[-4:] == ["A", "A", "B", "B"]
     assert timing.pairs == 1 and timing.seconds > 0 and timing.baseline_seconds > 0
     lo, hi = timing.speedup_iqr
     assert lo <= timing.speedup <= hi

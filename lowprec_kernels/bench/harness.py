@@ -6,7 +6,9 @@ baseline measured in the same run:
 * inputs are rotated: enough distinct copies that together they exceed the last-level
   cache, cycled so that no call reads data a previous call left in the cache;
 * candidate and baseline are interleaved (A B A B ...) and the reported ratio is the median
-  of the per-pair ratios, with its interquartile range as the spread;
+  of the per-pair ratios, with its interquartile range as the spread; each timed sample
+  follows an untimed one of the same function, so that no function is timed in the wake of
+  another;
 * threads are pinned to the cores this process may use;
 * the machine's own ceilings (copy bandwidth, GEMM rates) are measured once per process, and
   every row reports the fraction of its roofline bound it reaches.

@@ -362,13 +362,14 @@ def test_cpu_matmul_paths_every_isa(cpu_isa, path, dtype):
     16-block scale vector straddles a nested (double-quant) block at row 25. 3 x 8192: rows
     of the lane kernel in several K-slices (tiles) at every M; 5 x 1024 at blocksize 256 and
     FP4: a chunk within one block, the other codebook. At M = 1 the rows of one tile take the
-    single-row driver, which sums 16 rows at a time (29 and 45 rows: panels cut short by the
-    end and by the split between threads): the lane kernel's, and for bf16 x (K a multiple of
-    64, blocks of 64 or more) the vdpbf16ps kernel's, 4160 giving it an odd chunk count."""
+    single-row driver, which sums 16 rows at a time (29 rows: a panel cut short by the end;
+    45 x 4096: also by the split between two threads): the lane kernel's, and for bf16 x (K a
+    multiple of 64, blocks of 64 or more) the vdpbf16ps kernel's, 4160 giving it an odd chunk
+    count. 6 x 640 at blocksize 256: rows starting inside a block."""
     kernel = getattr(_C, f"matmul_4bit_{path}_cpu")
     shapes = ((37, 200, 64), (11, 95, 32), (5, 1, 32), (3, 4096 + 64, 128),
               (29, 640, 32), (7, 256, 64), (5, 640, 128), (4, 512, 4096), (3, 8192, 64),
-              (5, 1024, 256), (45, 384, 64))  # fmt: skip
+              (5, 1024, 256), (45, 4096, 64), (6, 640, 256))  # fmt: skip
     for (out_f, in_f, blocksize), (quant_type, double_quant) in itertools.product(
         shapes, (("nf4", False), ("nf4", True), ("fp4", True))
     ):
@@ -419,22 +420,26 @@ def test_cpu_gemv_is_deterministic_across_threads():
 
 
 @needs_cpu_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
-    ("out_f", "in_f", "blocksize"), [(9, 4096 + 96, 64), (7, 2048 + 33, 32), (19, 4096, 64)]
+    ("out_f", "in_f", "blocksize"),
+    [(9, 4096 + 96, 64), (7, 2048 + 33, 32), (19, 4096, 64), (5, 4160, 128), (6, 640, 256)],
 )
-def test_cpu_gemv_decodes_every_scale_exactly(cpu_isa, out_f, in_f, blocksize):
-    """x = a unit vector picks one column of W: y is its decoded weights bit for bit. One
-    column per block of every row, double-quantized scales whose nested absmax differs per
-    nested block: rows of 64 or more blocks take the AVX-512 byte-plane scale decode (with
-    AVX512_VBMI), rows starting mid-block and mid nested block, the last blocks of a row in
-    the 16-wide decode and its scalar tail; 19 x 4096 in the lane kernel's single-row driver."""
+def test_cpu_gemv_decodes_every_scale_exactly(cpu_isa, out_f, in_f, blocksize, dtype):
+    """x = a unit vector picks one column of W: y is its decoded weights bit for bit (bf16 x:
+    rounded to bf16, as the bf16 kernel's tables are). One column per block of every row,
+    double-quantized scales whose nested absmax differs per nested block: rows of 64 or more
+    blocks take the AVX-512 byte-plane scale decode (with AVX512_VBMI), rows starting mid-block
+    and mid nested block, the last blocks of a row in the 16-wide decode and its scalar tail;
+    19 x 4096, 5 x 4160 (bf16) and 6 x 640 in the single-row driver, the last two with rows
+    starting inside a block."""
     w = _nonzero_randn(out_f, in_f, device="cpu")
     qw, st = LF.quantize_4bit(w, blocksize, "nf4", True)
     st.nested_absmax = torch.linspace(0.5, 2.0, st.nested_absmax.numel())
-    W = run_on("reference", LF.dequantize_4bit, qw, st, torch.float32)
-    out = torch.empty(1, out_f)
+    W = run_on("reference", LF.dequantize_4bit, qw, st, torch.float32).to(dtype)
+    out = torch.empty(1, out_f, dtype=dtype)
     for k in range(blocksize // 3, in_f, blocksize):
-        x = torch.zeros(1, in_f)
+        x = torch.zeros(1, in_f, dtype=dtype)
         x[0, k] = 1.0
         _C.matmul_4bit_gemv_cpu(x, *_weight_args(qw, st), None, out)
         assert torch.equal(out[0], W[:, k]), f"column {k}"

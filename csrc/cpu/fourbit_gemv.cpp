@@ -177,6 +177,14 @@ struct RowTile {
 constexpr int64_t kPanelRows = 16;
 constexpr int64_t kXBudgetBytes = 24 << 10;  // half of a 48 KiB L1D
 constexpr int64_t kTileGranuleBytes = 64;    // slices are multiples of the widest step
+constexpr int64_t kCacheLineBytes = 64;
+
+// Packed bytes per slice of a weight row: the most whose x values (group_rows rows of x, both
+// halves) fit in kXBudgetBytes.
+inline int64_t tile_bytes_for(int64_t group_rows, int64_t x_element_bytes) {
+  return std::max<int64_t>(kTileGranuleBytes, kXBudgetBytes / (group_rows * 2 * x_element_bytes) /
+                                                  kTileGranuleBytes * kTileGranuleBytes);
+}
 
 // How far ahead (into L2) a kernel reading whole rows in order asks for the packed bytes. The
 // hardware prefetcher alone leaves the fp32 GEMV waiting on memory; 8 KiB ahead made it 17%
@@ -189,10 +197,9 @@ constexpr int64_t kStreamPrefetchBytes = 8192;
 // order, are prefetched by the kernels that stream (Kernel::kStreamPrefetch) instead: a burst
 // per panel competes with their own prefetches.
 inline void prefetch_row(const GemvProblem& p, int64_t n) {
-  constexpr int64_t kCacheLine = 64;
   if (n >= p.out_features) return;
   const RowSegment segment = row_segment(n, p.in_features);
-  for (int64_t j = segment.first_byte; j < segment.end_byte; j += kCacheLine) {
+  for (int64_t j = segment.first_byte; j < segment.end_byte; j += kCacheLineBytes) {
     simd::prefetch_l2(p.weight->packed + j);
   }
 }
@@ -201,9 +208,7 @@ template <typename Kernel>
 void gemv_rows_tiled(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
   constexpr int kGroup = Kernel::kRowGroup;
   const int64_t group_rows = std::min<int64_t>(kGroup, p.rows);
-  const int64_t tile_bytes = std::max<int64_t>(
-      kTileGranuleBytes, kXBudgetBytes / (group_rows * 2 * Kernel::kXElementBytes) /
-                             kTileGranuleBytes * kTileGranuleBytes);
+  const int64_t tile_bytes = tile_bytes_for(group_rows, Kernel::kXElementBytes);
   const bool stream_prefetch = Kernel::kStreamPrefetch && p.half_len <= tile_bytes;
   // Where a panel runs in one pass (whole rows, one group of x rows), each row's scales are
   // decoded just before its products. Decoding the panel's rows up front leaves the memory
@@ -754,17 +759,17 @@ inline int blocks_per_lane_chunk(int bytes_per_block_log2) {
   return static_cast<int>(std::max<int64_t>(1, kLaneChunkBytes >> bytes_per_block_log2));
 }
 
-// Each dword lane's scale for a chunk whose first block's scale is at `scales`: broadcasts
-// (load-port work) blended by lane, keeping the shuffle ports free for the lookups. Reads
-// exactly the chunk's Blocks scales (they lie in the row, which ends at a chunk boundary).
-template <int Blocks>
-LP_TARGET_AVX512 LP_ALWAYS_INLINE __m512 lane_scales(const float* scales) {
+// Each dword lane's scale for a chunk whose first block is `block`, read from `scales` (RowScales,
+// or CodedScales below; anything with of(block)): broadcasts (load-port work) blended by lane,
+// keeping the shuffle ports free for the lookups. Reads exactly the chunk's Blocks scales (they
+// lie in the row, which ends at a chunk boundary).
+template <int Blocks, typename Scales>
+LP_TARGET_AVX512 LP_ALWAYS_INLINE __m512 lane_scales(const Scales& scales, int64_t block) {
   constexpr int kLanesPerBlock = kLanes / Blocks;
-  __m512 result = _mm512_set1_ps(scales[0]);
-  for (int block = 1; block < Blocks; ++block) {
-    const auto lanes =
-        static_cast<__mmask16>(((1u << kLanesPerBlock) - 1) << (block * kLanesPerBlock));
-    result = _mm512_mask_mov_ps(result, lanes, _mm512_set1_ps(scales[block]));
+  __m512 result = _mm512_set1_ps(scales.of(block));
+  for (int b = 1; b < Blocks; ++b) {
+    const auto lanes = static_cast<__mmask16>(((1u << kLanesPerBlock) - 1) << (b * kLanesPerBlock));
+    result = _mm512_mask_mov_ps(result, lanes, _mm512_set1_ps(scales.of(block + b)));
   }
   return result;
 }
@@ -793,12 +798,6 @@ LP_TARGET_AVX512 LP_ALWAYS_INLINE void avx512_lanes_chunk(const uint8_t* bytes, 
   }
 }
 
-// The scales of the chunk at byte xi of the tile's row, first block first.
-inline const float* chunk_scales(const GemvProblem& p, const RowTile& tile, int64_t xi) {
-  const int64_t j = tile.segment->first_byte + xi;
-  return tile.scales->scales + ((j >> (p.weight->blocksize_log2 - 1)) - tile.scales->first_block);
-}
-
 template <int Rows, int Blocks>
 LP_TARGET_AVX512 void avx512_lanes_group(const GemvProblem& p, const RowTile& tile, float* sums) {
   const float* x[Rows];
@@ -811,8 +810,9 @@ LP_TARGET_AVX512 void avx512_lanes_group(const GemvProblem& p, const RowTile& ti
   const uint8_t* row = p.weight->packed + tile.segment->first_byte;
   for (int64_t xi = tile.tile_begin; xi < tile.tile_end; xi += kLaneChunkBytes) {
     if (tile.stream_prefetch) simd::prefetch_l2(row + xi + kStreamPrefetchBytes);
-    avx512_lanes_chunk<Rows>(row + xi, lane_scales<Blocks>(chunk_scales(p, tile, xi)), code, x,
-                             2 * xi, acc);
+    const int64_t block = (tile.segment->first_byte + xi) >> (p.weight->blocksize_log2 - 1);
+    avx512_lanes_chunk<Rows>(row + xi, lane_scales<Blocks>(*tile.scales, block), code, x, 2 * xi,
+                             acc);
   }
   for (int r = 0; r < Rows; ++r)
     sums[r] += _mm512_reduce_add_ps(acc[r]);
@@ -867,7 +867,9 @@ void gemv_rows_avx512_lanes(const GemvProblem& p, int64_t n_begin, int64_t n_end
 constexpr int kSingleRowPanel = kLanes;  // one row sum per lane of avx512_row_sums
 // The lane kernel's rows this driver takes: those the tiled driver runs in one tile (x stays in
 // L1).
-constexpr int64_t kSingleRowMaxBytes = kXBudgetBytes / (2 * sizeof(float));
+inline bool lanes_single_row_used(int64_t in_features) {
+  return in_features / 2 <= tile_bytes_for(1, sizeof(float));
+}
 
 // Lane i: the sum of the lanes of v[i], for 16 vectors. Each level adds the two halves of a
 // pair of vectors packed side by side (45 shuffles and adds for 16 vectors, against ~8 per
@@ -898,31 +900,13 @@ LP_TARGET_AVX512 inline __m512 avx512_row_sums(const __m512* v) {
   return _mm512_permutexvar_ps(transpose, sums);
 }
 
-// The scales a row kernel of the single-row driver reads, from the row's first block on: decoded
-// floats, or (double quant) the blocks' codes and the decoded scale of every code.
-struct DecodedScales {
-  const float* scales;
-  LP_TARGET_AVX512 LP_ALWAYS_INLINE float of(int64_t block) const { return scales[block]; }
-};
+// The scales of a row within one nested block (double quant), by block: each block's absmax code
+// looked up in the table of its nested block's decoded scales (NestedScaleTable).
 struct CodedScales {
-  const uint8_t* codes;
+  const uint8_t* codes;  // every block's
   const float* scale_of_code;
-  LP_TARGET_AVX512 LP_ALWAYS_INLINE float of(int64_t block) const {
-    return scale_of_code[codes[block]];
-  }
+  float of(int64_t block) const { return scale_of_code[codes[block]]; }
 };
-
-// Each dword lane's scale for a chunk whose first block is `block`, as lane_scales.
-template <int Blocks, typename Scales>
-LP_TARGET_AVX512 LP_ALWAYS_INLINE __m512 lane_scales_of(const Scales& scales, int64_t block) {
-  constexpr int kLanesPerBlock = kLanes / Blocks;
-  __m512 result = _mm512_set1_ps(scales.of(block));
-  for (int b = 1; b < Blocks; ++b) {
-    const auto lanes = static_cast<__mmask16>(((1u << kLanesPerBlock) - 1) << (b * kLanesPerBlock));
-    result = _mm512_mask_mov_ps(result, lanes, _mm512_set1_ps(scales.of(block + b)));
-  }
-  return result;
-}
 
 // The decoded scale of every absmax code in one nested block (decode_nested_absmax, the same
 // product and sum): a row within one nested block then reads each block's scale with a byte load
@@ -950,7 +934,6 @@ LP_TARGET_AVX512 inline void build_nested_scale_table(const BlockScales& s, int6
 template <typename Row>
 LP_TARGET_AVX512 void avx512_single_rows(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
   const BlockScales& s = p.weight->scales;
-  const int bytes_per_block_log2 = p.weight->blocksize_log2 - 1;
   std::vector<float> scale_buffer(static_cast<size_t>(max_blocks_per_row(p)));
   NestedScaleTable table;
   alignas(64) float sums[kSingleRowPanel];
@@ -959,19 +942,15 @@ LP_TARGET_AVX512 void avx512_single_rows(const GemvProblem& p, int64_t n_begin, 
     __m512 row_sums[kSingleRowPanel];
     for (int i = 0; i < panel; ++i) {
       const int64_t first_byte = (n0 + i) * p.half_len;
-      const uint8_t* row = p.weight->packed + first_byte;
-      const int64_t first_block = first_byte >> bytes_per_block_log2;
       const BlockRange blocks = row_blocks(p, n0 + i);
       const int64_t nested_block = blocks.begin >> s.nested_blocksize_log2;
       if (s.double_quantized() && ((blocks.end - 1) >> s.nested_blocksize_log2) == nested_block) {
         if (table.nested_block != nested_block) build_nested_scale_table(s, nested_block, &table);
-        row_sums[i] =
-            Row::sum(p, row, CodedScales{s.absmax_codes + first_block, table.scale_of_code});
+        row_sums[i] = Row::sum(p, first_byte, CodedScales{s.absmax_codes, table.scale_of_code});
         continue;
       }
       const RowScales scales = Avx512ScaleDecode::decode_scales(p, n0 + i, scale_buffer.data());
-      row_sums[i] =
-          Row::sum(p, row, DecodedScales{scales.scales + (first_block - scales.first_block)});
+      row_sums[i] = Row::sum(p, first_byte, scales);
     }
     for (int i = panel; i < kSingleRowPanel; ++i)
       row_sums[i] = _mm512_setzero_ps();
@@ -985,15 +964,18 @@ LP_TARGET_AVX512 void avx512_single_rows(const GemvProblem& p, int64_t n_begin, 
 template <int Blocks>
 struct Avx512LanesRow {
   template <typename Scales>
-  LP_TARGET_AVX512 LP_ALWAYS_INLINE static __m512 sum(const GemvProblem& p, const uint8_t* row,
+  LP_TARGET_AVX512 LP_ALWAYS_INLINE static __m512 sum(const GemvProblem& p, int64_t first_byte,
                                                       const Scales& scales) {
+    const uint8_t* row = p.weight->packed + first_byte;
     const int bytes_per_block_log2 = p.weight->blocksize_log2 - 1;
     const __m512 code = _mm512_loadu_ps(p.weight->code);
     const float* x = p.x_lanes;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t xi = 0; xi < p.half_len; xi += kLaneChunkBytes) {
       simd::prefetch_l2(row + xi + kStreamPrefetchBytes);
-      const __m512 lane_scale = lane_scales_of<Blocks>(scales, xi >> bytes_per_block_log2);
+      // Blocks counted from the weight's start: a row may start inside a block.
+      const __m512 lane_scale =
+          lane_scales<Blocks>(scales, (first_byte + xi) >> bytes_per_block_log2);
       avx512_lanes_chunk<1>(row + xi, lane_scale, code, &x, 2 * xi, &acc);
     }
     return acc;
@@ -1198,7 +1180,7 @@ void gemv_rows_avx512_bf16(const GemvProblem& p, int64_t n_begin, int64_t n_end)
 inline bool bf16_single_row_used(int64_t in_features, int blocksize_log2) {
   return in_features % (2 * kBf16ChunkBytes) == 0 &&
          (int64_t{1} << (blocksize_log2 - 1)) >= kBf16ChunkBytes &&
-         in_features / 2 <= kXBudgetBytes / (2 * static_cast<int64_t>(sizeof(uint16_t)));
+         in_features / 2 <= tile_bytes_for(1, sizeof(uint16_t));
 }
 
 // A row of the bf16 kernel for the single-row driver: rows of whole 32-byte chunks, each within
@@ -1207,11 +1189,11 @@ struct Avx512Bf16Row {
   // Chunks per step, two accumulation chains each: four chunks per step measured 4% slower
   // than two.
   static constexpr int kChunksPerStep = 2;
-  static constexpr int64_t kCacheLineBytes = 64;
   template <typename Scales>
   LP_TARGET_AVX512_BF16 __attribute__((noinline)) static __m512 sum(const GemvProblem& p,
-                                                                    const uint8_t* row,
+                                                                    int64_t first_byte,
                                                                     const Scales& scales) {
+    const uint8_t* row = p.weight->packed + first_byte;
     const int bytes_per_block_log2 = p.weight->blocksize_log2 - 1;
     const __m512 code = _mm512_loadu_ps(p.weight->code);
     const uint16_t* xe = p.x_split_bf16 + split_offset(p, 0, 0, 0);
@@ -1222,16 +1204,17 @@ struct Avx512Bf16Row {
     int64_t j = 0;
     for (; j + kChunksPerStep * kBf16ChunkBytes <= p.half_len;
          j += kChunksPerStep * kBf16ChunkBytes) {
-#pragma GCC unroll 8
       for (int c = 0; c < kChunksPerStep; ++c) {
         const int64_t jc = j + c * kBf16ChunkBytes;
         if (jc % kCacheLineBytes == 0) simd::prefetch_l2(row + jc + kStreamPrefetchBytes);
-        const __m512i table = bf16_table<1>(code, scales.of(jc >> bytes_per_block_log2));
+        const __m512i table =
+            bf16_table<1>(code, scales.of((first_byte + jc) >> bytes_per_block_log2));
         bf16_gemv_chunk<1, false>(row + jc, table, &xe, &xo, jc, 0, &acc[c][0], &acc[c][1]);
       }
     }
     for (; j < p.half_len; j += kBf16ChunkBytes) {  // the chunks left after whole steps
-      const __m512i table = bf16_table<1>(code, scales.of(j >> bytes_per_block_log2));
+      const __m512i table =
+          bf16_table<1>(code, scales.of((first_byte + j) >> bytes_per_block_log2));
       bf16_gemv_chunk<1, false>(row + j, table, &xe, &xo, j, 0, &acc[0][0], &acc[0][1]);
     }
     __m512 total = _mm512_add_ps(acc[0][0], acc[0][1]);
@@ -1278,7 +1261,7 @@ GemvPath gemv_path_for(CpuIsa isa, FloatType x_type, int64_t rows, int64_t in_fe
   }
   if (isa == CpuIsa::kAvx512) {
     if (!lane_strided_used(in_features)) return {&gemv_rows_avx512, XLayout::kSplit};
-    if (rows == 1 && in_features / 2 <= kSingleRowMaxBytes)
+    if (rows == 1 && lanes_single_row_used(in_features))
       return {&gemv_rows_avx512_lanes_single, XLayout::kLanes};
     return {&gemv_rows_avx512_lanes, XLayout::kLanes};
   }

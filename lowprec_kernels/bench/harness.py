@@ -284,7 +284,9 @@ def _measure(timed: Sequence[Timed], settings: Settings) -> list[list[float]]:
     rotated inputs): a function's time right after another's carries that one's wake. On
     this 2-core VM our matmul_4bit at M = 1, 4096 x 4096, took 251 us per call over the 8
     calls after a copy_ and 4 bf16 F.linear calls, 181 us after itself, and the effect faded
-    over ~8 calls (~1.5 ms), so the first calls of a sample are not enough to drop.
+    over ~8 calls (~1.5 ms), so the first calls of a sample are not enough to drop. A sample
+    lasts at least min_sample_s: 2 ms at full effort, 1 ms under --quick, whose numbers may
+    still carry part of that wake.
     """
     effort = settings.effort
     calls = [_calls_per_sample(fn, inputs, settings) for fn, inputs in timed]

@@ -365,11 +365,15 @@ def test_cpu_matmul_paths_every_isa(cpu_isa, path, dtype):
     single-row driver, which sums 16 rows at a time (29 rows: a panel cut short by the end;
     45 x 4096: also by the split between two threads): the lane kernel's, and for bf16 x (K a
     multiple of 64, blocks of 64 or more) the vdpbf16ps kernel's, 4160 giving it an odd chunk
-    count. 6 x 640 at blocksize 256: rows starting inside a block."""
+    count. 6 x 640 at blocksize 256: rows starting inside a block. Longer rows run in slices
+    of x: 5 x 8320 (two for fp32 and fp16 x, one for bf16; rows across two nested blocks),
+    3 x 16512 (three slices; two for bf16 x), at blocksize 32 with rows across three nested
+    blocks, whose scales are decoded."""
     kernel = getattr(_C, f"matmul_4bit_{path}_cpu")
     shapes = ((37, 200, 64), (11, 95, 32), (5, 1, 32), (3, 4096 + 64, 128),
               (29, 640, 32), (7, 256, 64), (5, 640, 128), (4, 512, 4096), (3, 8192, 64),
-              (5, 1024, 256), (45, 4096, 64), (6, 640, 256))  # fmt: skip
+              (5, 1024, 256), (45, 4096, 64), (6, 640, 256), (5, 8320, 64),
+              (3, 16512, 64), (3, 16512, 32))  # fmt: skip
     for (out_f, in_f, blocksize), (quant_type, double_quant) in itertools.product(
         shapes, (("nf4", False), ("nf4", True), ("fp4", True))
     ):
@@ -423,7 +427,14 @@ def test_cpu_gemv_is_deterministic_across_threads():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     ("out_f", "in_f", "blocksize"),
-    [(9, 4096 + 96, 64), (7, 2048 + 33, 32), (19, 4096, 64), (5, 4160, 128), (6, 640, 256)],
+    [
+        (9, 4096 + 96, 64),
+        (7, 2048 + 33, 32),
+        (19, 4096, 64),
+        (5, 4160, 128),
+        (6, 640, 256),
+        (4, 8320, 64),
+    ],  # fmt: skip
 )
 def test_cpu_gemv_decodes_every_scale_exactly(cpu_isa, out_f, in_f, blocksize, dtype):
     """x = a unit vector picks one column of W: y is its decoded weights bit for bit (bf16 x:
@@ -431,8 +442,9 @@ def test_cpu_gemv_decodes_every_scale_exactly(cpu_isa, out_f, in_f, blocksize, d
     double-quantized scales whose nested absmax differs per nested block: rows of 64 or more
     blocks take the AVX-512 byte-plane scale decode (with AVX512_VBMI), rows starting mid-block
     and mid nested block, the last blocks of a row in the 16-wide decode and its scalar tail;
-    19 x 4096, 5 x 4160 (bf16) and 6 x 640 in the single-row driver, the last two with rows
-    starting inside a block."""
+    19 x 4096, 5 x 4160 (bf16), 6 x 640 and 4 x 8320 in the single-row driver, 4160 and 640
+    with rows starting inside a block, 8320 in two slices of x (fp32) with rows across two
+    nested blocks."""
     w = _nonzero_randn(out_f, in_f, device="cpu")
     qw, st = LF.quantize_4bit(w, blocksize, "nf4", True)
     st.nested_absmax = torch.linspace(0.5, 2.0, st.nested_absmax.numel())

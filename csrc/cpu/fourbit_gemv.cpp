@@ -863,13 +863,30 @@ void gemv_rows_avx512_lanes(const GemvProblem& p, int64_t n_begin, int64_t n_end
 // driver, 4096 x 4096 NF4, blocksize 64, double quant, the two interleaved in one process; GB/s
 // of weight bytes): weights from DRAM, two threads 52.3 against 48.8, one thread 28.5 against
 // 26.0; in L3, 58.5 against 53.2 and 31.4 against 28.5.
+//
+// Longer rows (x beyond L1) run in slices (RowSlice), each slice over all of the task's rows:
+// the tiled driver's panels of 16 rows interleave 16 short runs of weights, which left rows of
+// in_features 11008 and 16384 at 21-25 GB/s from DRAM on two threads; sliced here, 35-42
+// (fp32 x; bf16 x 28 -> 42-49 at 16384).
 
 constexpr int kSingleRowPanel = kLanes;  // one row sum per lane of avx512_row_sums
-// The lane kernel's rows this driver takes: those the tiled driver runs in one tile (x stays in
-// L1).
-inline bool lanes_single_row_used(int64_t in_features) {
-  return in_features / 2 <= tile_bytes_for(1, sizeof(float));
+// The bytes of x a slice of rows may span: two thirds of a 48 KiB L1D. Against the tiled
+// driver's 24 KiB, 32 KiB made fp32 x at in_features 8192 (one slice instead of two) 39% faster
+// and 16384 12% faster (weights from DRAM, two threads); 44 KiB was slower.
+constexpr int64_t kSingleRowXBudgetBytes = 32 << 10;
+constexpr int64_t single_row_slice_bytes(int64_t x_element_bytes) {
+  return kSingleRowXBudgetBytes / (2 * x_element_bytes);
 }
+
+// A slice [begin, end) of every weight row's packed bytes: rows longer than one tile (x beyond
+// L1) run slice by slice, each slice over all of the task's rows, so that x's slice stays in L1
+// and the weights are still read in long runs. prefetch_delta: how far ahead of a read its
+// prefetch goes, the same position some rows on (kStreamPrefetchBytes of reading order).
+struct RowSlice {
+  int64_t begin;
+  int64_t end;
+  int64_t prefetch_delta;
+};
 
 // Lane i: the sum of the lanes of v[i], for 16 vectors. Each level adds the two halves of a
 // pair of vectors packed side by side (45 shuffles and adds for 16 vectors, against ~8 per
@@ -908,6 +925,17 @@ struct CodedScales {
   float of(int64_t block) const { return scale_of_code[codes[block]]; }
 };
 
+// The same for a row across two nested blocks. A type of its own: choosing the table per block
+// cost rows within one nested block 5-10% (4096 x 4096, blocksize 64, fp32 x).
+struct CodedScalesAcrossNested {
+  const uint8_t* codes;
+  const float* scale_of_code[2];  // the row's first nested block's table, then the next one's
+  int64_t second_nested_begin;    // the first block of the next nested block
+  float of(int64_t block) const {
+    return scale_of_code[block >= second_nested_begin][codes[block]];
+  }
+};
+
 // The decoded scale of every absmax code in one nested block (decode_nested_absmax, the same
 // product and sum): a row within one nested block then reads each block's scale with a byte load
 // and a broadcast load in its chunk loop, and decodes nothing per row. Decoding each row's 64
@@ -929,50 +957,98 @@ LP_TARGET_AVX512 inline void build_nested_scale_table(const BlockScales& s, int6
   table->nested_block = nested_block;
 }
 
-// Runs Row::sum (the vector whose lanes add up to one weight row's product with x) over whole
-// weight rows, 16 at a time.
+// The tables of the nested blocks a row of the single-row driver touches, kept while rows stay in
+// them (two: a row spans at most two nested blocks where this driver reads scales by code).
+class NestedScaleTables {
+ public:
+  LP_TARGET_AVX512 const float* of(const BlockScales& s, int64_t nested_block) {
+    for (NestedScaleTable& table : tables_)
+      if (table.nested_block == nested_block) return table.scale_of_code;
+    NestedScaleTable& table = tables_[next_];
+    next_ ^= 1;
+    build_nested_scale_table(s, nested_block, &table);
+    return table.scale_of_code;
+  }
+
+ private:
+  NestedScaleTable tables_[2];
+  int next_ = 0;
+};
+
+// Runs Row::sum (the vector whose lanes add up to one weight row's product with x, over a slice
+// of the row) over whole weight rows, 16 at a time, slice by slice (RowSlice).
 template <typename Row>
 LP_TARGET_AVX512 void avx512_single_rows(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
   const BlockScales& s = p.weight->scales;
+  const int64_t slice_count = (p.half_len + Row::kMaxSliceBytes - 1) / Row::kMaxSliceBytes;
+  const int64_t slice_bytes = (p.half_len + slice_count - 1) / slice_count;
+  const int64_t slice_step =
+      (slice_bytes + kCacheLineBytes - 1) / kCacheLineBytes * kCacheLineBytes;
   std::vector<float> scale_buffer(static_cast<size_t>(max_blocks_per_row(p)));
-  NestedScaleTable table;
+  std::vector<float> row_totals(slice_count > 1 ? static_cast<size_t>(n_end - n_begin) : 0);
+  NestedScaleTables tables;
   alignas(64) float sums[kSingleRowPanel];
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kSingleRowPanel) {
-    const int panel = static_cast<int>(std::min<int64_t>(kSingleRowPanel, n_end - n0));
-    __m512 row_sums[kSingleRowPanel];
-    for (int i = 0; i < panel; ++i) {
-      const int64_t first_byte = (n0 + i) * p.half_len;
-      const BlockRange blocks = row_blocks(p, n0 + i);
-      const int64_t nested_block = blocks.begin >> s.nested_blocksize_log2;
-      if (s.double_quantized() && ((blocks.end - 1) >> s.nested_blocksize_log2) == nested_block) {
-        if (table.nested_block != nested_block) build_nested_scale_table(s, nested_block, &table);
-        row_sums[i] = Row::sum(p, first_byte, CodedScales{s.absmax_codes, table.scale_of_code});
-        continue;
+  for (int64_t t0 = 0; t0 < p.half_len; t0 += slice_step) {
+    const int64_t t1 = std::min(p.half_len, t0 + slice_step);
+    const int64_t rows_ahead = (kStreamPrefetchBytes + (t1 - t0) - 1) / (t1 - t0);
+    const RowSlice slice{t0, t1, rows_ahead * p.half_len};
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kSingleRowPanel) {
+      const int panel = static_cast<int>(std::min<int64_t>(kSingleRowPanel, n_end - n0));
+      __m512 row_sums[kSingleRowPanel];
+      for (int i = 0; i < panel; ++i) {
+        const int64_t first_byte = (n0 + i) * p.half_len;
+        const BlockRange blocks = row_blocks(p, n0 + i);
+        const int64_t nested_first = blocks.begin >> s.nested_blocksize_log2;
+        const int64_t nested_last = (blocks.end - 1) >> s.nested_blocksize_log2;
+        if (s.double_quantized() && nested_last == nested_first) {
+          const CodedScales coded{s.absmax_codes, tables.of(s, nested_first)};
+          row_sums[i] = Row::sum(p, first_byte, coded, slice);
+          continue;
+        }
+        if (s.double_quantized() && nested_last == nested_first + 1) {
+          const CodedScalesAcrossNested coded{
+              s.absmax_codes,
+              {tables.of(s, nested_first), tables.of(s, nested_last)},
+              nested_last << s.nested_blocksize_log2};
+          row_sums[i] = Row::sum(p, first_byte, coded, slice);
+          continue;
+        }
+        const RowScales scales = Avx512ScaleDecode::decode_scales(p, n0 + i, scale_buffer.data());
+        row_sums[i] = Row::sum(p, first_byte, scales, slice);
       }
-      const RowScales scales = Avx512ScaleDecode::decode_scales(p, n0 + i, scale_buffer.data());
-      row_sums[i] = Row::sum(p, first_byte, scales);
+      for (int i = panel; i < kSingleRowPanel; ++i)
+        row_sums[i] = _mm512_setzero_ps();
+      _mm512_store_ps(sums, avx512_row_sums(row_sums));
+      for (int i = 0; i < panel; ++i) {
+        if (slice_count == 1) {
+          write_outputs(p, n0 + i, sums + i);
+        } else {
+          float& total = row_totals[n0 + i - n_begin];
+          total = t0 == 0 ? sums[i] : total + sums[i];
+        }
+      }
     }
-    for (int i = panel; i < kSingleRowPanel; ++i)
-      row_sums[i] = _mm512_setzero_ps();
-    _mm512_store_ps(sums, avx512_row_sums(row_sums));
-    for (int i = 0; i < panel; ++i)
-      write_outputs(p, n0 + i, sums + i);
+  }
+  if (slice_count > 1) {
+    for (int64_t n = n_begin; n < n_end; ++n)
+      write_outputs(p, n, &row_totals[n - n_begin]);
   }
 }
 
 // A row of the lane-strided kernel (rows are whole chunks).
 template <int Blocks>
 struct Avx512LanesRow {
+  static constexpr int64_t kMaxSliceBytes = single_row_slice_bytes(sizeof(float));
   template <typename Scales>
   LP_TARGET_AVX512 LP_ALWAYS_INLINE static __m512 sum(const GemvProblem& p, int64_t first_byte,
-                                                      const Scales& scales) {
+                                                      const Scales& scales, const RowSlice& slice) {
     const uint8_t* row = p.weight->packed + first_byte;
     const int bytes_per_block_log2 = p.weight->blocksize_log2 - 1;
     const __m512 code = _mm512_loadu_ps(p.weight->code);
     const float* x = p.x_lanes;
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t xi = 0; xi < p.half_len; xi += kLaneChunkBytes) {
-      simd::prefetch_l2(row + xi + kStreamPrefetchBytes);
+    for (int64_t xi = slice.begin; xi < slice.end; xi += kLaneChunkBytes) {
+      simd::prefetch_l2(row + xi + slice.prefetch_delta);
       // Blocks counted from the weight's start: a row may start inside a block.
       const __m512 lane_scale =
           lane_scales<Blocks>(scales, (first_byte + xi) >> bytes_per_block_log2);
@@ -1175,12 +1251,10 @@ void gemv_rows_avx512_bf16(const GemvProblem& p, int64_t n_begin, int64_t n_end)
   gemv_rows_tiled<Avx512Bf16Kernel>(p, n_begin, n_end);
 }
 
-// The bf16 rows the single-row driver takes: whole 32-byte chunks, each within one block, whose
-// x stays in L1 (the rows the tiled driver runs in one tile).
+// The bf16 rows the single-row driver takes: whole 32-byte chunks, each within one block.
 inline bool bf16_single_row_used(int64_t in_features, int blocksize_log2) {
   return in_features % (2 * kBf16ChunkBytes) == 0 &&
-         (int64_t{1} << (blocksize_log2 - 1)) >= kBf16ChunkBytes &&
-         in_features / 2 <= tile_bytes_for(1, sizeof(uint16_t));
+         (int64_t{1} << (blocksize_log2 - 1)) >= kBf16ChunkBytes;
 }
 
 // A row of the bf16 kernel for the single-row driver: rows of whole 32-byte chunks, each within
@@ -1189,10 +1263,12 @@ struct Avx512Bf16Row {
   // Chunks per step, two accumulation chains each: four chunks per step measured 4% slower
   // than two.
   static constexpr int kChunksPerStep = 2;
+  static constexpr int64_t kMaxSliceBytes = single_row_slice_bytes(sizeof(uint16_t));
   template <typename Scales>
   LP_TARGET_AVX512_BF16 __attribute__((noinline)) static __m512 sum(const GemvProblem& p,
                                                                     int64_t first_byte,
-                                                                    const Scales& scales) {
+                                                                    const Scales& scales,
+                                                                    const RowSlice& slice) {
     const uint8_t* row = p.weight->packed + first_byte;
     const int bytes_per_block_log2 = p.weight->blocksize_log2 - 1;
     const __m512 code = _mm512_loadu_ps(p.weight->code);
@@ -1201,18 +1277,18 @@ struct Avx512Bf16Row {
     __m512 acc[kChunksPerStep][2];
     for (int c = 0; c < kChunksPerStep; ++c)
       acc[c][0] = acc[c][1] = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + kChunksPerStep * kBf16ChunkBytes <= p.half_len;
+    int64_t j = slice.begin;
+    for (; j + kChunksPerStep * kBf16ChunkBytes <= slice.end;
          j += kChunksPerStep * kBf16ChunkBytes) {
       for (int c = 0; c < kChunksPerStep; ++c) {
         const int64_t jc = j + c * kBf16ChunkBytes;
-        if (jc % kCacheLineBytes == 0) simd::prefetch_l2(row + jc + kStreamPrefetchBytes);
+        if (jc % kCacheLineBytes == 0) simd::prefetch_l2(row + jc + slice.prefetch_delta);
         const __m512i table =
             bf16_table<1>(code, scales.of((first_byte + jc) >> bytes_per_block_log2));
         bf16_gemv_chunk<1, false>(row + jc, table, &xe, &xo, jc, 0, &acc[c][0], &acc[c][1]);
       }
     }
-    for (; j < p.half_len; j += kBf16ChunkBytes) {  // the chunks left after whole steps
+    for (; j < slice.end; j += kBf16ChunkBytes) {  // the chunks left after whole steps
       const __m512i table =
           bf16_table<1>(code, scales.of((first_byte + j) >> bytes_per_block_log2));
       bf16_gemv_chunk<1, false>(row + j, table, &xe, &xo, j, 0, &acc[0][0], &acc[0][1]);
@@ -1261,8 +1337,7 @@ GemvPath gemv_path_for(CpuIsa isa, FloatType x_type, int64_t rows, int64_t in_fe
   }
   if (isa == CpuIsa::kAvx512) {
     if (!lane_strided_used(in_features)) return {&gemv_rows_avx512, XLayout::kSplit};
-    if (rows == 1 && lanes_single_row_used(in_features))
-      return {&gemv_rows_avx512_lanes_single, XLayout::kLanes};
+    if (rows == 1) return {&gemv_rows_avx512_lanes_single, XLayout::kLanes};
     return {&gemv_rows_avx512_lanes, XLayout::kLanes};
   }
   if (isa == CpuIsa::kAvx2) return {&gemv_rows_avx2, XLayout::kSplit};

@@ -866,8 +866,8 @@ void gemv_rows_avx512_lanes(const GemvProblem& p, int64_t n_begin, int64_t n_end
 //
 // Longer rows (x beyond L1) run in slices (RowSlice), each slice over all of the task's rows:
 // the tiled driver's panels of 16 rows interleave 16 short runs of weights, which left rows of
-// in_features 11008 and 16384 at 21-25 GB/s from DRAM on two threads; sliced here, 35-42
-// (fp32 x; bf16 x 28 -> 42-49 at 16384).
+// in_features 11008 and 16384 at 20-23 GB/s from DRAM on two threads; sliced here, 32-39
+// (fp32 x; bf16 x at 16384: 26-28 -> 39-49).
 
 constexpr int kSingleRowPanel = kLanes;  // one row sum per lane of avx512_row_sums
 // The bytes of x a slice of rows may span: two thirds of a 48 KiB L1D. Against the tiled

@@ -361,8 +361,8 @@ def test_cpu_matmul_paths_every_isa(cpu_isa, path, dtype):
     and 7 rows), other K its split kernels. 29 x 640 at blocksize 32: a row's
     16-block scale vector straddles a nested (double-quant) block at row 25. 3 x 8192: rows
     of the lane kernel in several K-slices (tiles) at every M; 5 x 1024 at blocksize 256 and
-    FP4: a chunk within one block, the other codebook. At M = 1 the rows of one tile take the
-    single-row driver, which sums 16 rows at a time (29 rows: a panel cut short by the end;
+    FP4: a chunk within one block, the other codebook. At M <= 4 (bf16 x: M <= 2) rows take the
+    streaming driver, which sums 16 rows at a time (29 rows: a panel cut short by the end;
     45 x 4096: also by the split between two threads): the lane kernel's, and for bf16 x (K a
     multiple of 64, blocks of 64 or more) the vdpbf16ps kernel's, 4160 giving it an odd chunk
     count. 6 x 640 at blocksize 256: rows starting inside a block. Longer rows run in slices
@@ -409,7 +409,7 @@ def test_cpu_gemv_is_deterministic_across_threads():
     w = _nonzero_randn(300, 256, device="cpu")
     qw, st = LF.quantize_4bit(w, 64, "nf4", True)
     previous = torch.get_num_threads()
-    for rows in (1, 3):  # the single-row driver and the tiled one
+    for rows in (1, 3, 6):  # the streaming driver (1, 3) and the tiled one (6)
         x = _nonzero_randn(rows, 256, device="cpu")
         outs = []
         try:
@@ -442,7 +442,7 @@ def test_cpu_gemv_decodes_every_scale_exactly(cpu_isa, out_f, in_f, blocksize, d
     double-quantized scales whose nested absmax differs per nested block: rows of 64 or more
     blocks take the AVX-512 byte-plane scale decode (with AVX512_VBMI), rows starting mid-block
     and mid nested block, the last blocks of a row in the 16-wide decode and its scalar tail;
-    19 x 4096, 5 x 4160 (bf16), 6 x 640 and 4 x 8320 in the single-row driver, 4160 and 640
+    19 x 4096, 5 x 4160 (bf16), 6 x 640 and 4 x 8320 in the streaming driver, 4160 and 640
     with rows starting inside a block, 8320 in two slices of x (fp32) with rows across two
     nested blocks."""
     w = _nonzero_randn(out_f, in_f, device="cpu")

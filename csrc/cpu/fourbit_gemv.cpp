@@ -852,30 +852,33 @@ void gemv_rows_avx512_lanes(const GemvProblem& p, int64_t n_begin, int64_t n_end
   gemv_rows_tiled<Avx512LanesKernel>(p, n_begin, n_end);
 }
 
-// ------------------------------- AVX-512 lane-strided path, one row of x over whole rows
+// ---------------------------- AVX-512 streaming driver: weight rows in order, few rows of x
 //
-// At M = 1 with rows of one tile, gemv_rows_tiled's work per weight row (a tile, a call through
-// the group dispatch, a horizontal sum) took about a third of a row's time at in_features 4096
-// (rows of 2048 packed bytes ran at 27 GB/s on one core with the weights in L3, against 40 GB/s
-// for the chunk loop alone, from the times at in_features 2048 and 4096). This driver runs a
-// panel's rows back to back with the chunk loop inline, each row's sum in a register, and adds
-// up the panel's 16 row sums together (avx512_row_sums). Measured against the tiled driver (C++
+// For one group of x rows (M <= 4 with fp32 / fp16 x, M <= 2 with bf16 x) the weights are read
+// once, so they can stream: this driver runs weight rows back to back, the chunk loop inline,
+// each row's sums in registers, and adds up 16 rows' sums together (avx512_row_sums). At M = 1
+// the tiled driver's work per weight row (a tile, a call through the group dispatch, a
+// horizontal sum) took about a third of a row's time at in_features 4096 (rows of 2048 packed
+// bytes ran at 27 GB/s on one core with the weights in L3, against 40 GB/s for the chunk loop
+// alone, from the times at in_features 2048 and 4096). Measured against the tiled driver (C++
 // driver, 4096 x 4096 NF4, blocksize 64, double quant, the two interleaved in one process; GB/s
-// of weight bytes): weights from DRAM, two threads 52.3 against 48.8, one thread 28.5 against
-// 26.0; in L3, 58.5 against 53.2 and 31.4 against 28.5.
+// of weight bytes), fp32 x at M = 1: weights from DRAM, two threads 52.3 against 48.8, one
+// thread 28.5 against 26.0; in L3, 58.5 against 53.2 and 31.4 against 28.5. From DRAM, two
+// threads, at M = 2 / 3 / 4: 32.8-33.8 / 20.2-21.2 / 14.5-15.3 against 23.4-24.5 / 16.6-17.3 /
+// 13.2-14.0.
 //
 // Longer rows (x beyond L1) run in slices (RowSlice), each slice over all of the task's rows:
 // the tiled driver's panels of 16 rows interleave 16 short runs of weights, which left rows of
-// in_features 11008 and 16384 at 20-23 GB/s from DRAM on two threads; sliced here, 32-39
-// (fp32 x; bf16 x at 16384: 26-28 -> 39-49).
+// in_features 11008 and 16384 at 20-23 GB/s from DRAM on two threads (M = 1); sliced here,
+// 32-39 (fp32 x; bf16 x at 16384: 26-28 -> 39-49; M = 2 at 11008: 17 -> 25, bf16 24 -> 35).
 
-constexpr int kSingleRowPanel = kLanes;  // one row sum per lane of avx512_row_sums
+constexpr int kStreamingPanel = kLanes;  // one row sum per lane of avx512_row_sums
 // The bytes of x a slice of rows may span: two thirds of a 48 KiB L1D. Against the tiled
 // driver's 24 KiB, 32 KiB made fp32 x at in_features 8192 (one slice instead of two) 39% faster
 // and 16384 12% faster (weights from DRAM, two threads); 44 KiB was slower.
-constexpr int64_t kSingleRowXBudgetBytes = 32 << 10;
-constexpr int64_t single_row_slice_bytes(int64_t x_element_bytes) {
-  return kSingleRowXBudgetBytes / (2 * x_element_bytes);
+constexpr int64_t kStreamingXBudgetBytes = 32 << 10;
+constexpr int64_t streaming_slice_bytes(int64_t x_element_bytes) {
+  return kStreamingXBudgetBytes / (2 * x_element_bytes);
 }
 
 // A slice [begin, end) of every weight row's packed bytes: rows longer than one tile (x beyond
@@ -957,7 +960,7 @@ LP_TARGET_AVX512 inline void build_nested_scale_table(const BlockScales& s, int6
   table->nested_block = nested_block;
 }
 
-// The tables of the nested blocks a row of the single-row driver touches, kept while rows stay in
+// The tables of the nested blocks a row of the streaming driver touches, kept while rows stay in
 // them (two: a row spans at most two nested blocks where this driver reads scales by code).
 class NestedScaleTables {
  public:
@@ -975,97 +978,122 @@ class NestedScaleTables {
   int next_ = 0;
 };
 
-// Runs Row::sum (the vector whose lanes add up to one weight row's product with x, over a slice
-// of the row) over whole weight rows, 16 at a time, slice by slice (RowSlice).
-template <typename Row>
-LP_TARGET_AVX512 void avx512_single_rows(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
+// Runs Row::sum (for each of the Rows rows of x, the vector whose lanes add up to its product
+// with one weight row, over a slice of the row) over whole weight rows, 16 at a time, slice by
+// slice (RowSlice).
+template <typename Row, int Rows>
+LP_TARGET_AVX512 void avx512_streaming_rows(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
   const BlockScales& s = p.weight->scales;
-  const int64_t slice_count = (p.half_len + Row::kMaxSliceBytes - 1) / Row::kMaxSliceBytes;
+  const int64_t max_slice_bytes = Row::kMaxSliceBytes / Rows;  // Rows rows of x in the budget
+  const int64_t slice_count = (p.half_len + max_slice_bytes - 1) / max_slice_bytes;
   const int64_t slice_bytes = (p.half_len + slice_count - 1) / slice_count;
   const int64_t slice_step =
       (slice_bytes + kCacheLineBytes - 1) / kCacheLineBytes * kCacheLineBytes;
   std::vector<float> scale_buffer(static_cast<size_t>(max_blocks_per_row(p)));
-  std::vector<float> row_totals(slice_count > 1 ? static_cast<size_t>(n_end - n_begin) : 0);
+  std::vector<float> row_totals(slice_count > 1 ? static_cast<size_t>((n_end - n_begin) * Rows)
+                                                : 0);
   NestedScaleTables tables;
-  alignas(64) float sums[kSingleRowPanel];
+  alignas(64) float sums[Rows][kStreamingPanel];
   for (int64_t t0 = 0; t0 < p.half_len; t0 += slice_step) {
     const int64_t t1 = std::min(p.half_len, t0 + slice_step);
     const int64_t rows_ahead = (kStreamPrefetchBytes + (t1 - t0) - 1) / (t1 - t0);
     const RowSlice slice{t0, t1, rows_ahead * p.half_len};
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += kSingleRowPanel) {
-      const int panel = static_cast<int>(std::min<int64_t>(kSingleRowPanel, n_end - n0));
-      __m512 row_sums[kSingleRowPanel];
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kStreamingPanel) {
+      const int panel = static_cast<int>(std::min<int64_t>(kStreamingPanel, n_end - n0));
+      __m512 row_sums[Rows][kStreamingPanel];
       for (int i = 0; i < panel; ++i) {
         const int64_t first_byte = (n0 + i) * p.half_len;
         const BlockRange blocks = row_blocks(p, n0 + i);
         const int64_t nested_first = blocks.begin >> s.nested_blocksize_log2;
         const int64_t nested_last = (blocks.end - 1) >> s.nested_blocksize_log2;
+        __m512 acc[Rows];
         if (s.double_quantized() && nested_last == nested_first) {
           const CodedScales coded{s.absmax_codes, tables.of(s, nested_first)};
-          row_sums[i] = Row::sum(p, first_byte, coded, slice);
-          continue;
-        }
-        if (s.double_quantized() && nested_last == nested_first + 1) {
+          Row::template sum<Rows>(p, first_byte, coded, slice, acc);
+        } else if (s.double_quantized() && nested_last == nested_first + 1) {
           const CodedScalesAcrossNested coded{
               s.absmax_codes,
               {tables.of(s, nested_first), tables.of(s, nested_last)},
               nested_last << s.nested_blocksize_log2};
-          row_sums[i] = Row::sum(p, first_byte, coded, slice);
+          Row::template sum<Rows>(p, first_byte, coded, slice, acc);
+        } else {
+          const RowScales scales = Avx512ScaleDecode::decode_scales(p, n0 + i, scale_buffer.data());
+          Row::template sum<Rows>(p, first_byte, scales, slice, acc);
+        }
+        for (int r = 0; r < Rows; ++r)
+          row_sums[r][i] = acc[r];
+      }
+      for (int r = 0; r < Rows; ++r) {
+        for (int i = panel; i < kStreamingPanel; ++i)
+          row_sums[r][i] = _mm512_setzero_ps();
+        _mm512_store_ps(sums[r], avx512_row_sums(row_sums[r]));
+      }
+      for (int i = 0; i < panel; ++i) {
+        float out[Rows];  // y[0..Rows) of weight row n0 + i
+        for (int r = 0; r < Rows; ++r)
+          out[r] = sums[r][i];
+        if (slice_count == 1) {
+          write_outputs(p, n0 + i, out);
           continue;
         }
-        const RowScales scales = Avx512ScaleDecode::decode_scales(p, n0 + i, scale_buffer.data());
-        row_sums[i] = Row::sum(p, first_byte, scales, slice);
-      }
-      for (int i = panel; i < kSingleRowPanel; ++i)
-        row_sums[i] = _mm512_setzero_ps();
-      _mm512_store_ps(sums, avx512_row_sums(row_sums));
-      for (int i = 0; i < panel; ++i) {
-        if (slice_count == 1) {
-          write_outputs(p, n0 + i, sums + i);
-        } else {
-          float& total = row_totals[n0 + i - n_begin];
-          total = t0 == 0 ? sums[i] : total + sums[i];
-        }
+        float* total = &row_totals[(n0 + i - n_begin) * Rows];
+        for (int r = 0; r < Rows; ++r)
+          total[r] = t0 == 0 ? out[r] : total[r] + out[r];
       }
     }
   }
   if (slice_count > 1) {
     for (int64_t n = n_begin; n < n_end; ++n)
-      write_outputs(p, n, &row_totals[n - n_begin]);
+      write_outputs(p, n, &row_totals[(n - n_begin) * Rows]);
   }
+}
+
+// Calls avx512_streaming_rows<Row, p.rows> (1 to kMaxRows rows of x).
+template <typename Row, int kMaxRows>
+void avx512_streaming_rows_for(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
+  if constexpr (kMaxRows > 1) {
+    if (p.rows < kMaxRows) return avx512_streaming_rows_for<Row, kMaxRows - 1>(p, n_begin, n_end);
+  }
+  avx512_streaming_rows<Row, kMaxRows>(p, n_begin, n_end);
 }
 
 // A row of the lane-strided kernel (rows are whole chunks).
 template <int Blocks>
 struct Avx512LanesRow {
-  static constexpr int64_t kMaxSliceBytes = single_row_slice_bytes(sizeof(float));
-  template <typename Scales>
-  LP_TARGET_AVX512 LP_ALWAYS_INLINE static __m512 sum(const GemvProblem& p, int64_t first_byte,
-                                                      const Scales& scales, const RowSlice& slice) {
+  static constexpr int64_t kMaxSliceBytes = streaming_slice_bytes(sizeof(float));
+  template <int Rows, typename Scales>
+  LP_TARGET_AVX512 LP_ALWAYS_INLINE static void sum(const GemvProblem& p, int64_t first_byte,
+                                                    const Scales& scales, const RowSlice& slice,
+                                                    __m512* out) {
     const uint8_t* row = p.weight->packed + first_byte;
     const int bytes_per_block_log2 = p.weight->blocksize_log2 - 1;
     const __m512 code = _mm512_loadu_ps(p.weight->code);
-    const float* x = p.x_lanes;
-    __m512 acc = _mm512_setzero_ps();
+    const float* x[Rows];
+    __m512 acc[Rows];  // in registers: `out` (the caller's array) would chain through memory
+    for (int r = 0; r < Rows; ++r) {
+      x[r] = p.x_lanes + r * p.in_features;
+      acc[r] = _mm512_setzero_ps();
+    }
     for (int64_t xi = slice.begin; xi < slice.end; xi += kLaneChunkBytes) {
       simd::prefetch_l2(row + xi + slice.prefetch_delta);
       // Blocks counted from the weight's start: a row may start inside a block.
       const __m512 lane_scale =
           lane_scales<Blocks>(scales, (first_byte + xi) >> bytes_per_block_log2);
-      avx512_lanes_chunk<1>(row + xi, lane_scale, code, &x, 2 * xi, &acc);
+      avx512_lanes_chunk<Rows>(row + xi, lane_scale, code, x, 2 * xi, acc);
     }
-    return acc;
+    for (int r = 0; r < Rows; ++r)
+      out[r] = acc[r];
   }
 };
 
-void gemv_rows_avx512_lanes_single(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
+void gemv_rows_avx512_lanes_streaming(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
   switch (blocks_per_lane_chunk(p.weight->blocksize_log2 - 1)) {
     case 4:
-      return avx512_single_rows<Avx512LanesRow<4>>(p, n_begin, n_end);
+      return avx512_streaming_rows_for<Avx512LanesRow<4>, kGemvRowGroup>(p, n_begin, n_end);
     case 2:
-      return avx512_single_rows<Avx512LanesRow<2>>(p, n_begin, n_end);
+      return avx512_streaming_rows_for<Avx512LanesRow<2>, kGemvRowGroup>(p, n_begin, n_end);
     default:
-      return avx512_single_rows<Avx512LanesRow<1>>(p, n_begin, n_end);
+      return avx512_streaming_rows_for<Avx512LanesRow<1>, kGemvRowGroup>(p, n_begin, n_end);
   }
 }
 
@@ -1251,32 +1279,43 @@ void gemv_rows_avx512_bf16(const GemvProblem& p, int64_t n_begin, int64_t n_end)
   gemv_rows_tiled<Avx512Bf16Kernel>(p, n_begin, n_end);
 }
 
-// The bf16 rows the single-row driver takes: whole 32-byte chunks, each within one block.
-inline bool bf16_single_row_used(int64_t in_features, int blocksize_log2) {
+// Rows of bf16 x the streaming driver takes; more go to the tiled driver. Against it (4096 x
+// 4096, two threads, from DRAM): M = 1 +9%, M = 2 +24%, but M = 3 -6% and M = 4 -2 to -5%.
+constexpr int kBf16StreamingRowsMax = 2;
+
+// The bf16 weight rows the streaming driver takes: whole 32-byte chunks, each within one block.
+inline bool bf16_streaming_used(int64_t in_features, int blocksize_log2) {
   return in_features % (2 * kBf16ChunkBytes) == 0 &&
          (int64_t{1} << (blocksize_log2 - 1)) >= kBf16ChunkBytes;
 }
 
-// A row of the bf16 kernel for the single-row driver: rows of whole 32-byte chunks, each within
+// A row of the bf16 kernel for the streaming driver: rows of whole 32-byte chunks, each within
 // one block. Not inlined into the driver, which is compiled for AVX-512 without BF16.
 struct Avx512Bf16Row {
-  // Chunks per step, two accumulation chains each: four chunks per step measured 4% slower
-  // than two.
-  static constexpr int kChunksPerStep = 2;
-  static constexpr int64_t kMaxSliceBytes = single_row_slice_bytes(sizeof(uint16_t));
-  template <typename Scales>
-  LP_TARGET_AVX512_BF16 __attribute__((noinline)) static __m512 sum(const GemvProblem& p,
-                                                                    int64_t first_byte,
-                                                                    const Scales& scales,
-                                                                    const RowSlice& slice) {
+  static constexpr int64_t kMaxSliceBytes = streaming_slice_bytes(sizeof(uint16_t));
+  template <int Rows, typename Scales>
+  LP_TARGET_AVX512_BF16 __attribute__((noinline)) static void sum(const GemvProblem& p,
+                                                                  int64_t first_byte,
+                                                                  const Scales& scales,
+                                                                  const RowSlice& slice,
+                                                                  __m512* out) {
+    // Chunks per step, two accumulation chains each per row of x: at one row, four chunks per
+    // step measured 4% slower than two; four rows of x bring chains enough (as in
+    // bf16_gemv_group).
+    constexpr int kChunksPerStep = Rows < 4 ? 2 : 1;
     const uint8_t* row = p.weight->packed + first_byte;
     const int bytes_per_block_log2 = p.weight->blocksize_log2 - 1;
     const __m512 code = _mm512_loadu_ps(p.weight->code);
-    const uint16_t* xe = p.x_split_bf16 + split_offset(p, 0, 0, 0);
-    const uint16_t* xo = p.x_split_bf16 + split_offset(p, 0, 0, 1);
-    __m512 acc[kChunksPerStep][2];
+    const uint16_t* xe[Rows];
+    const uint16_t* xo[Rows];
+    for (int r = 0; r < Rows; ++r) {
+      xe[r] = p.x_split_bf16 + split_offset(p, 0, r, 0);
+      xo[r] = p.x_split_bf16 + split_offset(p, 0, r, 1);
+    }
+    __m512 acc[kChunksPerStep][2][Rows];
     for (int c = 0; c < kChunksPerStep; ++c)
-      acc[c][0] = acc[c][1] = _mm512_setzero_ps();
+      for (int r = 0; r < Rows; ++r)
+        acc[c][0][r] = acc[c][1][r] = _mm512_setzero_ps();
     int64_t j = slice.begin;
     for (; j + kChunksPerStep * kBf16ChunkBytes <= slice.end;
          j += kChunksPerStep * kBf16ChunkBytes) {
@@ -1285,23 +1324,26 @@ struct Avx512Bf16Row {
         if (jc % kCacheLineBytes == 0) simd::prefetch_l2(row + jc + slice.prefetch_delta);
         const __m512i table =
             bf16_table<1>(code, scales.of((first_byte + jc) >> bytes_per_block_log2));
-        bf16_gemv_chunk<1, false>(row + jc, table, &xe, &xo, jc, 0, &acc[c][0], &acc[c][1]);
+        bf16_gemv_chunk<Rows, false>(row + jc, table, xe, xo, jc, 0, acc[c][0], acc[c][1]);
       }
     }
     for (; j < slice.end; j += kBf16ChunkBytes) {  // the chunks left after whole steps
+      if (j % kCacheLineBytes == 0) simd::prefetch_l2(row + j + slice.prefetch_delta);
       const __m512i table =
           bf16_table<1>(code, scales.of((first_byte + j) >> bytes_per_block_log2));
-      bf16_gemv_chunk<1, false>(row + j, table, &xe, &xo, j, 0, &acc[0][0], &acc[0][1]);
+      bf16_gemv_chunk<Rows, false>(row + j, table, xe, xo, j, 0, acc[0][0], acc[0][1]);
     }
-    __m512 total = _mm512_add_ps(acc[0][0], acc[0][1]);
-    for (int c = 1; c < kChunksPerStep; ++c)
-      total = _mm512_add_ps(total, _mm512_add_ps(acc[c][0], acc[c][1]));
-    return total;
+    for (int r = 0; r < Rows; ++r) {
+      __m512 total = _mm512_add_ps(acc[0][0][r], acc[0][1][r]);
+      for (int c = 1; c < kChunksPerStep; ++c)
+        total = _mm512_add_ps(total, _mm512_add_ps(acc[c][0][r], acc[c][1][r]));
+      out[r] = total;
+    }
   }
 };
 
-void gemv_rows_avx512_bf16_single(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
-  avx512_single_rows<Avx512Bf16Row>(p, n_begin, n_end);
+void gemv_rows_avx512_bf16_streaming(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
+  avx512_streaming_rows_for<Avx512Bf16Row, kBf16StreamingRowsMax>(p, n_begin, n_end);
 }
 
 #endif  // LOWPREC_X86_SIMD
@@ -1331,13 +1373,13 @@ GemvPath gemv_path_for(CpuIsa isa, FloatType x_type, int64_t rows, int64_t in_fe
                        int blocksize_log2) {
 #if LOWPREC_X86_SIMD
   if (x_type == FloatType::kBFloat16 && bf16_dot_available(isa)) {
-    if (rows == 1 && bf16_single_row_used(in_features, blocksize_log2))
-      return {&gemv_rows_avx512_bf16_single, XLayout::kSplitBf16};
+    if (rows <= kBf16StreamingRowsMax && bf16_streaming_used(in_features, blocksize_log2))
+      return {&gemv_rows_avx512_bf16_streaming, XLayout::kSplitBf16};
     return {&gemv_rows_avx512_bf16, XLayout::kSplitBf16};
   }
   if (isa == CpuIsa::kAvx512) {
     if (!lane_strided_used(in_features)) return {&gemv_rows_avx512, XLayout::kSplit};
-    if (rows == 1) return {&gemv_rows_avx512_lanes_single, XLayout::kLanes};
+    if (rows <= kGemvRowGroup) return {&gemv_rows_avx512_lanes_streaming, XLayout::kLanes};
     return {&gemv_rows_avx512_lanes, XLayout::kLanes};
   }
   if (isa == CpuIsa::kAvx2) return {&gemv_rows_avx2, XLayout::kSplit};

@@ -149,7 +149,8 @@ def int8_linear(x, weight, weight_scale, bias, threshold):
 
 # matmul_4bit dispatch rule (x flattened to [rows, in_features]): up to GEMV_MAX_ROWS[x.dtype]
 # rows the fused GEMV kernel (each weight block decoded in registers once per group of 4 rows
-# of x, never written out); above that the GEMM path: tiles of weight rows decoded into a
+# of x, never written out; with one group, M <= 4 or bf16 M <= 2, it streams the weight rows
+# in order); above that the GEMM path: tiles of weight rows decoded into a
 # per-thread cache-resident buffer, then multiplied there (bf16: oneDNN's brgemm microkernel
 # on tiles decoded straight into its VNNI layout, where torch has it and in_features is a
 # multiple of 32 and of the blocksize; otherwise torch's GEMM per tile). Crossovers measured

@@ -405,17 +405,19 @@ def test_cpu_gemm_bf16_tiles(cpu_isa, double_quant):
 
 
 @needs_cpu_extension
-def test_cpu_gemv_is_deterministic_across_threads():
-    w = _nonzero_randn(300, 256, device="cpu")
+@pytest.mark.parametrize(("out_f", "in_f"), [(300, 256), (40, 8320)])
+def test_cpu_gemv_is_deterministic_across_threads(out_f, in_f):
+    """300 x 256 split between threads mid-panel; 40 x 8320: rows in slices of x."""
+    w = _nonzero_randn(out_f, in_f, device="cpu")
     qw, st = LF.quantize_4bit(w, 64, "nf4", True)
     previous = torch.get_num_threads()
     for rows in (1, 3, 6):  # the streaming driver (1, 3) and the tiled one (6)
-        x = _nonzero_randn(rows, 256, device="cpu")
+        x = _nonzero_randn(rows, in_f, device="cpu")
         outs = []
         try:
             for threads in (1, max(2, previous)):
                 torch.set_num_threads(threads)
-                out = torch.empty(rows, 300)
+                out = torch.empty(rows, out_f)
                 _C.matmul_4bit_gemv_cpu(x, *_weight_args(qw, st), None, out)
                 outs.append(out)
         finally:
@@ -434,29 +436,50 @@ def test_cpu_gemv_is_deterministic_across_threads():
         (5, 4160, 128),
         (6, 640, 256),
         (4, 8320, 64),
-    ],  # fmt: skip
+        (3, 16512, 32),
+    ],
 )
 def test_cpu_gemv_decodes_every_scale_exactly(cpu_isa, out_f, in_f, blocksize, dtype):
-    """x = a unit vector picks one column of W: y is its decoded weights bit for bit (bf16 x:
-    rounded to bf16, as the bf16 kernel's tables are). A column in every 64 of every row,
+    """x = unit vectors (1, 2 and 4 rows of x) pick columns of W: y is their decoded weights
+    bit for bit (bf16 x: rounded to bf16, as the bf16 kernel's tables are). A column in every
+    64 of every row,
     double-quantized scales whose nested absmax differs per nested block: rows of 64 or more
     blocks take the AVX-512 byte-plane scale decode (with AVX512_VBMI), rows starting mid-block
     and mid nested block, the last blocks of a row in the 16-wide decode and its scalar tail;
     19 x 4096, 5 x 4160 (bf16), 6 x 640 and 4 x 8320 in the streaming driver, 4160 and 640
     with rows starting inside a block, 8320 in two slices of x (fp32) with rows across two
-    nested blocks."""
+    nested blocks, 16512 at blocksize 32 in slices with rows across three nested blocks
+    (decoded scales)."""
     w = _nonzero_randn(out_f, in_f, device="cpu")
     qw, st = LF.quantize_4bit(w, blocksize, "nf4", True)
     st.nested_absmax = torch.linspace(0.5, 2.0, st.nested_absmax.numel())
     W = run_on("reference", LF.dequantize_4bit, qw, st, torch.float32).to(dtype)
-    out = torch.empty(1, out_f, dtype=dtype)
-    # At least one column per 64 (a bf16 kernel step; half a lane-kernel chunk), whatever the
-    # blocksize: a wrong block index may show in some steps of a block only.
-    for k in range(blocksize // 3, in_f, min(blocksize, 64)):
-        x = torch.zeros(1, in_f, dtype=dtype)
-        x[0, k] = 1.0
-        _C.matmul_4bit_gemv_cpu(x, *_weight_args(qw, st), None, out)
-        assert torch.equal(out[0], W[:, k]), f"column {k}"
+    for rows in (1, 2, 4):
+        # Row r of x picks column k + r * spread: each row of x a column in every 64.
+        spread = 64 // rows
+        out = torch.empty(rows, out_f, dtype=dtype)
+        for k in range(blocksize // 3 % 64, in_f - (rows - 1) * spread, 64):
+            x = torch.zeros(rows, in_f, dtype=dtype)
+            columns = [k + r * spread for r in range(rows)]
+            for r, c in enumerate(columns):
+                x[r, c] = 1.0
+            _C.matmul_4bit_gemv_cpu(x, *_weight_args(qw, st), None, out)
+            for r, c in enumerate(columns):
+                assert torch.equal(out[r], W[:, c]), f"x row {r}, column {c}"
+
+
+@needs_cpu_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cpu_gemv_of_no_in_features_is_the_bias(cpu_isa, dtype):
+    """in_features 0 at every row count: y = bias (the streaming driver, which divides by the
+    row's length, is not taken)."""
+    qw, absmax = torch.empty(0, 1, dtype=torch.uint8), torch.empty(0)
+    b = _nonzero_randn(3, device="cpu")
+    for rows in (1, 2, 3, 4, 6):
+        x = torch.empty(rows, 0, dtype=dtype)
+        out = torch.full((rows, 3), float("nan"), dtype=dtype)
+        _C.matmul_4bit_gemv_cpu(x, qw, absmax, code_4bit("nf4"), 64, None, None, None, 256, b, out)
+        assert torch.equal(out, b.to(dtype).expand(rows, 3))
 
 
 @needs_cpu_extension

@@ -881,10 +881,10 @@ constexpr int64_t streaming_slice_bytes(int64_t x_element_bytes) {
   return kStreamingXBudgetBytes / (2 * x_element_bytes);
 }
 
-// A slice [begin, end) of every weight row's packed bytes: rows longer than one tile (x beyond
-// L1) run slice by slice, each slice over all of the task's rows, so that x's slice stays in L1
-// and the weights are still read in long runs. prefetch_delta: how far ahead of a read its
-// prefetch goes, the same position some rows on (kStreamPrefetchBytes of reading order).
+// A slice [begin, end) of every weight row's packed bytes: rows whose x exceeds the budget run
+// slice by slice, each slice over all of the task's rows, so that x's slice stays in L1 and the
+// weights are still read in long runs. prefetch_delta: how far ahead of a read its prefetch
+// goes, the same position some rows on (kStreamPrefetchBytes of reading order).
 struct RowSlice {
   int64_t begin;
   int64_t end;
@@ -964,18 +964,32 @@ LP_TARGET_AVX512 inline void build_nested_scale_table(const BlockScales& s, int6
 // them (two: a row spans at most two nested blocks where this driver reads scales by code).
 class NestedScaleTables {
  public:
-  LP_TARGET_AVX512 const float* of(const BlockScales& s, int64_t nested_block) {
-    for (NestedScaleTable& table : tables_)
-      if (table.nested_block == nested_block) return table.scale_of_code;
-    NestedScaleTable& table = tables_[next_];
-    next_ ^= 1;
-    build_nested_scale_table(s, nested_block, &table);
-    return table.scale_of_code;
+  // The table of nested block `first`, and (if `second` >= 0) of `second`, both valid together.
+  LP_TARGET_AVX512 void get(const BlockScales& s, int64_t first, int64_t second,
+                            const float** first_table, const float** second_table) {
+    const int i = slot(s, first, -1);
+    *first_table = tables_[i].scale_of_code;
+    if (second >= 0) *second_table = tables_[slot(s, second, i)].scale_of_code;
   }
 
  private:
-  NestedScaleTable tables_[2];
-  int next_ = 0;
+  // The slot holding nested block `block`: if absent, built in the slot built longest ago, never
+  // in slot `keep` (-1: none).
+  LP_TARGET_AVX512 int slot(const BlockScales& s, int64_t block, int keep) {
+    for (int i = 0; i < 2; ++i)
+      if (tables_[i].nested_block == block) return i;
+    int i = tables_[0].built_at <= tables_[1].built_at ? 0 : 1;
+    if (i == keep) i ^= 1;
+    build_nested_scale_table(s, block, &tables_[i]);
+    tables_[i].built_at = ++builds_;
+    return i;
+  }
+
+  struct Entry : NestedScaleTable {
+    int64_t built_at = 0;
+  };
+  Entry tables_[2];
+  int64_t builds_ = 0;
 };
 
 // Runs Row::sum (for each of the Rows rows of x, the vector whose lanes add up to its product
@@ -984,11 +998,14 @@ class NestedScaleTables {
 template <typename Row, int Rows>
 LP_TARGET_AVX512 void avx512_streaming_rows(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
   const BlockScales& s = p.weight->scales;
-  const int64_t max_slice_bytes = Row::kMaxSliceBytes / Rows;  // Rows rows of x in the budget
-  const int64_t slice_count = (p.half_len + max_slice_bytes - 1) / max_slice_bytes;
+  // Rows rows of x in the budget, in whole steps of the row kernel; the slices as even as that
+  // allows.
+  constexpr int64_t kGranule = Row::kSliceGranuleBytes;
+  constexpr int64_t kMaxSliceBytes = Row::kMaxSliceBytes / Rows / kGranule * kGranule;
+  static_assert(kMaxSliceBytes >= kGranule, "the x budget holds a step of every row of x");
+  const int64_t slice_count = (p.half_len + kMaxSliceBytes - 1) / kMaxSliceBytes;
   const int64_t slice_bytes = (p.half_len + slice_count - 1) / slice_count;
-  const int64_t slice_step =
-      (slice_bytes + kCacheLineBytes - 1) / kCacheLineBytes * kCacheLineBytes;
+  const int64_t slice_step = (slice_bytes + kGranule - 1) / kGranule * kGranule;
   std::vector<float> scale_buffer(static_cast<size_t>(max_blocks_per_row(p)));
   std::vector<float> row_totals(slice_count > 1 ? static_cast<size_t>((n_end - n_begin) * Rows)
                                                 : 0);
@@ -1008,15 +1025,17 @@ LP_TARGET_AVX512 void avx512_streaming_rows(const GemvProblem& p, int64_t n_begi
         const int64_t nested_last = (blocks.end - 1) >> s.nested_blocksize_log2;
         __m512 acc[Rows];
         if (s.double_quantized() && nested_last == nested_first) {
-          const CodedScales coded{s.absmax_codes, tables.of(s, nested_first)};
+          CodedScales coded{s.absmax_codes, nullptr};
+          tables.get(s, nested_first, -1, &coded.scale_of_code, nullptr);
           Row::template sum<Rows>(p, first_byte, coded, slice, acc);
         } else if (s.double_quantized() && nested_last == nested_first + 1) {
-          const CodedScalesAcrossNested coded{
-              s.absmax_codes,
-              {tables.of(s, nested_first), tables.of(s, nested_last)},
-              nested_last << s.nested_blocksize_log2};
+          CodedScalesAcrossNested coded{s.absmax_codes, {}, nested_last << s.nested_blocksize_log2};
+          tables.get(s, nested_first, nested_last, &coded.scale_of_code[0],
+                     &coded.scale_of_code[1]);
           Row::template sum<Rows>(p, first_byte, coded, slice, acc);
         } else {
+          // Rows across three or more nested blocks (blocks of 32 at in_features above 8192, or
+          // small nested blocks): decoded per slice, so 2-3 times per row where rows are sliced.
           const RowScales scales = Avx512ScaleDecode::decode_scales(p, n0 + i, scale_buffer.data());
           Row::template sum<Rows>(p, first_byte, scales, slice, acc);
         }
@@ -1048,7 +1067,8 @@ LP_TARGET_AVX512 void avx512_streaming_rows(const GemvProblem& p, int64_t n_begi
   }
 }
 
-// Calls avx512_streaming_rows<Row, p.rows> (1 to kMaxRows rows of x).
+// Calls avx512_streaming_rows<Row, p.rows>; gemv_path_for sends only 1 to kMaxRows rows of x
+// here (the driver writes Rows outputs per weight row).
 template <typename Row, int kMaxRows>
 void avx512_streaming_rows_for(const GemvProblem& p, int64_t n_begin, int64_t n_end) {
   if constexpr (kMaxRows > 1) {
@@ -1061,6 +1081,7 @@ void avx512_streaming_rows_for(const GemvProblem& p, int64_t n_begin, int64_t n_
 template <int Blocks>
 struct Avx512LanesRow {
   static constexpr int64_t kMaxSliceBytes = streaming_slice_bytes(sizeof(float));
+  static constexpr int64_t kSliceGranuleBytes = kLaneChunkBytes;
   template <int Rows, typename Scales>
   LP_TARGET_AVX512 LP_ALWAYS_INLINE static void sum(const GemvProblem& p, int64_t first_byte,
                                                     const Scales& scales, const RowSlice& slice,
@@ -1110,6 +1131,13 @@ constexpr int64_t kBf16ChunkBytes = 32;
 // a larger group than the fp32 kernel's amortizes the decode over more rows.
 constexpr int kGemvRowGroupBf16 = 4;
 
+// 32-byte chunks per step of the bf16 kernels, two accumulation chains each per row of x: few
+// rows give few independent chains, so two chunks per step then (at one row, four chunks per
+// step measured 4% slower than two).
+constexpr int bf16_chunks_per_step(int rows) {
+  return rows < 4 ? 2 : 1;
+}
+
 LP_TARGET_AVX512_BF16 inline __mmask32 first_lanes32(int64_t count) {
   return static_cast<__mmask32>((uint64_t{1} << count) - 1u);
 }
@@ -1148,8 +1176,7 @@ LP_TARGET_AVX512_BF16 __attribute__((noinline)) void bf16_gemv_edges(const GemvP
                                                                      const RowTile& tile,
                                                                      int64_t begin, int64_t end,
                                                                      float* sums) {
-  // Few rows give few independent accumulation chains: take two chunks per step then.
-  constexpr int kChunksPerStep = Rows < 4 ? 2 : 1;
+  constexpr int kChunksPerStep = bf16_chunks_per_step(Rows);
   const Packed4bit& w = *p.weight;
   const RowSegment& segment = *tile.segment;
   const uint16_t* xe[Rows];
@@ -1208,8 +1235,7 @@ LP_TARGET_AVX512_BF16 inline __m512i bf16_table(__m512 code, float scale) {
 
 template <int Rows>
 LP_TARGET_AVX512_BF16 void bf16_gemv_group(const GemvProblem& p, const RowTile& tile, float* sums) {
-  // Few rows give few independent accumulation chains: two chunks per step then.
-  constexpr int kChunksPerStep = Rows < 4 ? 2 : 1;
+  constexpr int kChunksPerStep = bf16_chunks_per_step(Rows);
   const Packed4bit& w = *p.weight;
   const RowSegment& segment = *tile.segment;
   const int bytes_per_block_log2 = w.blocksize_log2 - 1;
@@ -1293,16 +1319,18 @@ inline bool bf16_streaming_used(int64_t in_features, int blocksize_log2) {
 // one block. Not inlined into the driver, which is compiled for AVX-512 without BF16.
 struct Avx512Bf16Row {
   static constexpr int64_t kMaxSliceBytes = streaming_slice_bytes(sizeof(uint16_t));
+  // Whole steps of the widest (kBf16StreamingRowsMax rows), which are also whole cache lines
+  // for the prefetch.
+  static constexpr int64_t kSliceGranuleBytes = 2 * kBf16ChunkBytes;
+  static_assert(bf16_chunks_per_step(kBf16StreamingRowsMax) * kBf16ChunkBytes <=
+                kSliceGranuleBytes);
   template <int Rows, typename Scales>
   LP_TARGET_AVX512_BF16 __attribute__((noinline)) static void sum(const GemvProblem& p,
                                                                   int64_t first_byte,
                                                                   const Scales& scales,
                                                                   const RowSlice& slice,
                                                                   __m512* out) {
-    // Chunks per step, two accumulation chains each per row of x: at one row, four chunks per
-    // step measured 4% slower than two; four rows of x bring chains enough (as in
-    // bf16_gemv_group).
-    constexpr int kChunksPerStep = Rows < 4 ? 2 : 1;
+    constexpr int kChunksPerStep = bf16_chunks_per_step(Rows);
     const uint8_t* row = p.weight->packed + first_byte;
     const int bytes_per_block_log2 = p.weight->blocksize_log2 - 1;
     const __m512 code = _mm512_loadu_ps(p.weight->code);
@@ -1373,13 +1401,17 @@ GemvPath gemv_path_for(CpuIsa isa, FloatType x_type, int64_t rows, int64_t in_fe
                        int blocksize_log2) {
 #if LOWPREC_X86_SIMD
   if (x_type == FloatType::kBFloat16 && bf16_dot_available(isa)) {
-    if (rows <= kBf16StreamingRowsMax && bf16_streaming_used(in_features, blocksize_log2))
+    if (rows <= kBf16StreamingRowsMax && in_features > 0 &&
+        bf16_streaming_used(in_features, blocksize_log2))
       return {&gemv_rows_avx512_bf16_streaming, XLayout::kSplitBf16};
     return {&gemv_rows_avx512_bf16, XLayout::kSplitBf16};
   }
   if (isa == CpuIsa::kAvx512) {
     if (!lane_strided_used(in_features)) return {&gemv_rows_avx512, XLayout::kSplit};
-    if (rows <= kGemvRowGroup) return {&gemv_rows_avx512_lanes_streaming, XLayout::kLanes};
+    // in_features 0 (y = bias) takes the tiled driver: the streaming one divides by the row's
+    // length.
+    if (rows <= kGemvRowGroup && in_features > 0)
+      return {&gemv_rows_avx512_lanes_streaming, XLayout::kLanes};
     return {&gemv_rows_avx512_lanes, XLayout::kLanes};
   }
   if (isa == CpuIsa::kAvx2) return {&gemv_rows_avx2, XLayout::kSplit};

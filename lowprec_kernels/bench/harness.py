@@ -7,8 +7,8 @@ baseline measured in the same run:
   cache, cycled so that no call reads data a previous call left in the cache;
 * candidate and baseline are interleaved (A B A B ...) and the reported ratio is the median
   of the per-pair ratios, with its interquartile range as the spread; each timed sample
-  follows an untimed one of the same function, so that no function is timed in the wake of
-  another;
+  follows untimed calls of the same function (``Effort.settle_s``), so that no function is
+  timed in the wake of another;
 * threads are pinned to the cores this process may use;
 * the machine's own ceilings (copy bandwidth, GEMM rates) are measured once per process, and
   every row reports the fraction of its roofline bound it reaches.
@@ -51,16 +51,17 @@ class Effort:
     warmup: int  # untimed calls of each function before timing
     row_budget_s: float  # stop adding pairs to a row once it has run this long
     min_sample_s: float  # one sample repeats the call until it lasts this long (tiny ops)
+    settle_s: float  # untimed calls of a function before each of its samples, at least this long
     rotate: bool  # rotate inputs past the LLC (off for smoke: tiny sizes, tiny memory)
 
 
 EFFORTS = {
     "full": Effort("full", pairs=21, min_pairs=5, warmup=2, row_budget_s=15.0,
-                   min_sample_s=2e-3, rotate=True),
+                   min_sample_s=2e-3, settle_s=6e-3, rotate=True),
     "quick": Effort("quick", pairs=7, min_pairs=3, warmup=1, row_budget_s=3.0,
-                    min_sample_s=1e-3, rotate=True),
+                    min_sample_s=1e-3, settle_s=3e-3, rotate=True),
     "smoke": Effort("smoke", pairs=1, min_pairs=1, warmup=1, row_budget_s=0.0,
-                    min_sample_s=0.0, rotate=False),
+                    min_sample_s=0.0, settle_s=0.0, rotate=False),
 }  # fmt: skip
 
 # Native backends worth benchmarking per device type, in the order they are tried.
@@ -280,13 +281,14 @@ Timed = tuple[Callable, Cycle]
 def _measure(timed: Sequence[Timed], settings: Settings) -> list[list[float]]:
     """Per-call samples of each function, interleaved: f0 f1 f2 f0 f1 f2 ...
 
-    Each sample is timed after as many untimed calls of the same function (on the next
-    rotated inputs): a function's time right after another's carries that one's wake. On
-    this 2-core VM our matmul_4bit at M = 1, 4096 x 4096, took 251 us per call over the 8
-    calls after a copy_ and 4 bf16 F.linear calls, 181 us after itself, and the effect faded
-    over ~8 calls (~1.5 ms), so the first calls of a sample are not enough to drop. A sample
-    lasts at least min_sample_s: 2 ms at full effort, 1 ms under --quick, whose numbers may
-    still carry part of that wake.
+    Each sample is timed after untimed samples of the same function (on the next rotated
+    inputs) lasting settle_s: a function's time right after another's carries that one's
+    wake. On this 2-core VM our matmul_4bit at M = 1, 4096 x 4096 (weights from memory),
+    took 324, 281, 255 ... us per call after two fp32 and four bf16 F.linear calls and 16
+    copy_ calls, and reached its 177-181 us after itself only after ~30 calls (~6 ms). The
+    same kernel on weights held in L2 showed no such wake (one slow call): it is the memory
+    side, not the clock. At full effort the settle is 6 ms, under --quick 3 ms, whose numbers
+    may still carry part of that wake.
     """
     effort = settings.effort
     calls = [_calls_per_sample(fn, inputs, settings) for fn, inputs in timed]
@@ -296,7 +298,10 @@ def _measure(timed: Sequence[Timed], settings: Settings) -> list[list[float]]:
         if i >= effort.min_pairs and time.perf_counter() - start > effort.row_budget_s:
             break
         for (fn, inputs), n, out in zip(timed, calls, samples):
-            _sample(fn, inputs, n, settings.device)  # settle: untimed
+            settled = time.perf_counter() + effort.settle_s
+            _sample(fn, inputs, n, settings.device)  # untimed, at least once
+            while time.perf_counter() < settled:
+                _sample(fn, inputs, n, settings.device)
             out.append(_sample(fn, inputs, n, settings.device))
     return samples
 

@@ -179,11 +179,17 @@ constexpr int64_t kXBudgetBytes = 24 << 10;  // half of a 48 KiB L1D
 constexpr int64_t kTileGranuleBytes = 64;    // slices are multiples of the widest step
 constexpr int64_t kCacheLineBytes = 64;
 
-// Packed bytes per slice of a weight row: the most whose x values (group_rows rows of x, both
-// halves) fit in kXBudgetBytes.
+// Packed bytes per slice of a weight row: the most, in whole granules (at least one), whose x
+// values (`rows` rows of x, both halves) fit in x_budget_bytes.
+constexpr int64_t slice_bytes_for(int64_t x_budget_bytes, int64_t rows, int64_t x_element_bytes,
+                                  int64_t granule) {
+  return std::max<int64_t>(granule,
+                           x_budget_bytes / (rows * 2 * x_element_bytes) / granule * granule);
+}
+
+// The tiled driver's slices of a weight row.
 inline int64_t tile_bytes_for(int64_t group_rows, int64_t x_element_bytes) {
-  return std::max<int64_t>(kTileGranuleBytes, kXBudgetBytes / (group_rows * 2 * x_element_bytes) /
-                                                  kTileGranuleBytes * kTileGranuleBytes);
+  return slice_bytes_for(kXBudgetBytes, group_rows, x_element_bytes, kTileGranuleBytes);
 }
 
 // How far ahead (into L2) a kernel reading whole rows in order asks for the packed bytes. The
@@ -877,9 +883,6 @@ constexpr int kStreamingPanel = kLanes;  // one row sum per lane of avx512_row_s
 // driver's 24 KiB, 32 KiB made fp32 x at in_features 8192 (one slice instead of two) 39% faster
 // and 16384 12% faster (weights from DRAM, two threads); 44 KiB was slower.
 constexpr int64_t kStreamingXBudgetBytes = 32 << 10;
-constexpr int64_t streaming_slice_bytes(int64_t x_element_bytes) {
-  return kStreamingXBudgetBytes / (2 * x_element_bytes);
-}
 
 // A slice [begin, end) of every weight row's packed bytes: rows whose x exceeds the budget run
 // slice by slice, each slice over all of the task's rows, so that x's slice stays in L1 and the
@@ -1001,8 +1004,10 @@ LP_TARGET_AVX512 void avx512_streaming_rows(const GemvProblem& p, int64_t n_begi
   // Rows rows of x in the budget, in whole steps of the row kernel; the slices as even as that
   // allows.
   constexpr int64_t kGranule = Row::kSliceGranuleBytes;
-  constexpr int64_t kMaxSliceBytes = Row::kMaxSliceBytes / Rows / kGranule * kGranule;
-  static_assert(kMaxSliceBytes >= kGranule, "the x budget holds a step of every row of x");
+  static_assert(kStreamingXBudgetBytes / (Rows * 2 * Row::kXElementBytes) >= kGranule,
+                "the x budget holds a step of every row of x");
+  constexpr int64_t kMaxSliceBytes =
+      slice_bytes_for(kStreamingXBudgetBytes, Rows, Row::kXElementBytes, kGranule);
   const int64_t slice_count = (p.half_len + kMaxSliceBytes - 1) / kMaxSliceBytes;
   const int64_t slice_bytes = (p.half_len + slice_count - 1) / slice_count;
   const int64_t slice_step = (slice_bytes + kGranule - 1) / kGranule * kGranule;
@@ -1080,7 +1085,7 @@ void avx512_streaming_rows_for(const GemvProblem& p, int64_t n_begin, int64_t n_
 // A row of the lane-strided kernel (rows are whole chunks).
 template <int Blocks>
 struct Avx512LanesRow {
-  static constexpr int64_t kMaxSliceBytes = streaming_slice_bytes(sizeof(float));
+  static constexpr int64_t kXElementBytes = sizeof(float);  // x_lanes
   static constexpr int64_t kSliceGranuleBytes = kLaneChunkBytes;
   template <int Rows, typename Scales>
   LP_TARGET_AVX512 LP_ALWAYS_INLINE static void sum(const GemvProblem& p, int64_t first_byte,
@@ -1318,7 +1323,7 @@ inline bool bf16_streaming_used(int64_t in_features, int blocksize_log2) {
 // A row of the bf16 kernel for the streaming driver: rows of whole 32-byte chunks, each within
 // one block. Not inlined into the driver, which is compiled for AVX-512 without BF16.
 struct Avx512Bf16Row {
-  static constexpr int64_t kMaxSliceBytes = streaming_slice_bytes(sizeof(uint16_t));
+  static constexpr int64_t kXElementBytes = sizeof(uint16_t);  // x_split_bf16
   // Whole steps of the widest (kBf16StreamingRowsMax rows), which are also whole cache lines
   // for the prefetch.
   static constexpr int64_t kSliceGranuleBytes = 2 * kBf16ChunkBytes;

@@ -101,16 +101,22 @@ static_assert(kNearFraction == 32, "the near test compares with 32 units of 2^-1
 // of x / absmax. This is a lower bound on the window the near test below uses.
 constexpr int32_t kBoundaryUlps = 8;
 // Both near tests in one unsigned comparison, so that a vector of lanes is tested with two integer
-// minimums instead of mask registers: the "near distance" is min(f, B - M + kNearFraction / 2)
-// (B, M: the bits of the boundary and of |v|), near when below kNearFraction. Its second term is
-// below kNearFraction for M in [B - 15, B + 16]: that is the window, and it holds the
-// +-kBoundaryUlps one. A boundary must also lie at least that far inside its key (checked by
+// minimums instead of mask registers: the "near distance" is min(f, W - M) with W = B +
+// kNearFraction / 2 (B, M: the bits of the boundary and of |v|; the tables hold W, so the
+// segment choice and the boundary test share one subtraction), near when below kNearFraction.
+// Its second term is below kNearFraction for M in [B - 15, B + 16]: that is the window, and it
+// holds the +-kBoundaryUlps one. Deciding the segment by M > W instead of M > B differs only in
+// that window. A boundary must also lie at least that far inside its key (checked by
 // build_magnitude_encoder): a value the reciprocal moves across the key's edge is then tested
 // against the right boundary.
-static_assert(kNearFraction / 2 - 1 >= kBoundaryUlps, "the near distance must cover the window");
+constexpr int32_t kBoundaryWindowAbove = kNearFraction / 2;
+static_assert(kNearFraction - kBoundaryWindowAbove - 1 >= kBoundaryUlps &&
+                  kBoundaryWindowAbove >= kBoundaryUlps,
+              "the near distance must cover the window");
 struct MagnitudeEncoder {
-  // By key: its boundary (+inf if none) and the segment of its values not above the boundary.
-  alignas(64) float boundary[kSegmentKeyCount];
+  // By key: the bits of its boundary (+inf if none) plus kBoundaryWindowAbove, and the segment
+  // of its values not above that.
+  alignas(64) int32_t window_top[kSegmentKeyCount];
   alignas(64) int32_t key_segment[kSegmentKeyCount];
   // By segment: its fixed-point map and clamp.
   alignas(64) float scale[kSegmentMaxCount];
@@ -158,7 +164,7 @@ inline void build_magnitude_encoder(const float* code, const SegmentedEncoder& e
   }
   for (int key = 0; key < kSegmentKeyCount; ++key) {
     const float boundary = enc.key_boundary[key];  // sign 0: the positive half
-    mag->boundary[key] = boundary;
+    mag->window_top[key] = static_cast<int32_t>(float_to_bits(boundary) + kBoundaryWindowAbove);
     mag->key_segment[key] = enc.key_segment[key];
     if (boundary < INFINITY) {  // at least the near window inside the key's binades
       const uint32_t edge = (kSegmentKeyMinExponentField + kSegmentKeyBinades * key) << 23;
@@ -281,6 +287,21 @@ bool all_finite_scalar(const void* g, int64_t begin, int64_t end) {
 // absmax encodes every element as the code of 0, a NaN or infinite one makes NaNs).
 inline bool segmented_encoding_applies(float absmax, const SegmentedEncoder& enc) {
   return enc.usable && absmax > 0.0f && absmax <= FLT_MAX;
+}
+
+// The exact code of v (the count of thresholds below it) from a candidate code: the count over
+// the kNearWindow thresholds around the candidate is the whole count when they bracket v (one of
+// them is below v or none precedes them, and one is not below v); else the full search. Exact
+// for any candidate; the encoders' near lanes are within a code of theirs, so the full search
+// (8 dependent loads, about 100 cycles with the division before it) is almost never run.
+constexpr int kNearWindow = 4;
+inline uint8_t encode_near_candidate(float v, int candidate, const float* thresholds) {
+  const int low = std::clamp(candidate - kNearWindow / 2, 0, kCodebookSize8bit - kNearWindow);
+  int below = 0;
+  for (int w = 0; w < kNearWindow; ++w)
+    below += v > thresholds[low + w] ? 1 : 0;
+  if ((below > 0 || low == 0) && below < kNearWindow) return static_cast<uint8_t>(low + below);
+  return encode_8bit(v, thresholds);
 }
 
 // x / absmax into codes, by the segmented encoder where it applies.
@@ -420,7 +441,8 @@ LP_TARGET_AVX2 void encode_avx2(const float* values, int64_t count, float absmax
       _mm256_store_si256(reinterpret_cast<__m256i*>(lane_codes), code);
       for (; near != 0; near &= near - 1) {
         const int lane = __builtin_ctz(near);
-        lane_codes[lane] = encode_8bit(lane_values[lane], enc.thresholds);
+        lane_codes[lane] =
+            encode_near_candidate(lane_values[lane], lane_codes[lane], enc.thresholds);
       }
       code = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_codes));
     }
@@ -651,7 +673,7 @@ inline void encode_near_lanes(const float* values, float absmax, const uint16_t*
   for (int64_t j = 0; j < vectors; ++j) {
     for (unsigned bits = near_lanes[j]; bits != 0; bits &= bits - 1) {
       const int64_t i = j * kAvx512Lanes + __builtin_ctz(bits);
-      codes[i] = encode_8bit(values[i] / absmax, enc.thresholds);
+      codes[i] = encode_near_candidate(values[i] / absmax, codes[i], enc.thresholds);
     }
   }
 }
@@ -660,7 +682,7 @@ constexpr int kAvx512MaxVectorsPerBlock = kBlocksizeMax8bit / kAvx512Lanes;
 
 // The magnitude encoder's tables in registers, loaded once per call.
 struct Avx512MagnitudeEncoder {
-  __m512 boundary;
+  __m512i window_top;
   __m512i key_segment;
   __m512 scale;
   __m512 offset;
@@ -672,19 +694,38 @@ LP_TARGET_AVX512_VBMI inline Avx512MagnitudeEncoder avx512_magnitude_encoder(
     const MagnitudeEncoder& mag) {
   static_assert(kSegmentKeyCount == kAvx512Lanes && kSegmentMaxCount == kAvx512Lanes,
                 "a table must fill one register");
-  return {_mm512_load_ps(mag.boundary), _mm512_load_si512(mag.key_segment),
-          _mm512_load_ps(mag.scale),    _mm512_load_ps(mag.offset),
-          _mm512_load_si512(mag.last),  _mm512_set1_epi32(mag.mirror)};
+  return {_mm512_load_si512(mag.window_top), _mm512_load_si512(mag.key_segment),
+          _mm512_load_ps(mag.scale),         _mm512_load_ps(mag.offset),
+          _mm512_load_si512(mag.last),       _mm512_set1_epi32(mag.mirror)};
+}
+
+// The two terms of a vector's near distances: the fixed-point positions of |v| (their low 16
+// bits are the fractions; the higher ones do not matter) and W - M. A group of vectors folds
+// into one NearTerms by lane-wise minimums (of 16-bit words for the positions), which keeps the
+// minimum of each term; near_distance takes them to avx512_near_lanes.
+struct NearTerms {
+  __m512i position;
+  __m512i to_window;
+};
+
+LP_TARGET_AVX512_VBMI inline NearTerms avx512_fold_near_terms(NearTerms a, NearTerms b) {
+  return {_mm512_min_epu16(a.position, b.position), _mm512_min_epu32(a.to_window, b.to_window)};
+}
+
+LP_TARGET_AVX512_VBMI inline __m512i avx512_near_distance(NearTerms terms) {
+  return _mm512_min_epu32(
+      _mm512_and_si512(terms.position, _mm512_set1_epi32((1 << kPositionFractionBits) - 1)),
+      terms.to_window);
 }
 
 // The fixed-point position of v in [-1, 1] (not NaN), clamped: its code in bits 16..23.
-// `near_distance` gets each lane's near distance (avx512_near_lanes: the lanes whose code must
-// come from the exact search). kSigned: v may be negative (false: v >= +0, as the second moment
-// is).
+// `near` gets the terms of each lane's near distance (avx512_near_lanes: the lanes whose code
+// must come from the exact search). kSigned: v may be negative (false: v >= +0, as the second
+// moment is).
 template <bool kSigned>
 LP_TARGET_AVX512_VBMI inline __m512i avx512_encode_magnitude(__m512 v,
                                                              const Avx512MagnitudeEncoder& enc,
-                                                             __m512i* near_distance) {
+                                                             NearTerms* near) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i magnitude = kSigned ? _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)) : bits;
   // The exponent field, clamped below at the lowest key's: bits 24..27 of the clamped bits are
@@ -695,20 +736,18 @@ LP_TARGET_AVX512_VBMI inline __m512i avx512_encode_magnitude(__m512 v,
       23 + 1);
   static_assert(kSegmentKeyBinades == 2 && kSegmentKeyMinExponentField % 32 == 0,
                 "the key is bits 24..27 of the clamped bits");
-  const __m512 boundary = _mm512_permutexvar_ps(key, enc.boundary);
-  // B - M for the bits B of the boundary and M of |v|: negative when |v| is above it (the bits
-  // of floats >= +0 order as the floats do; the boundary may be +inf).
-  const __m512i to_boundary = _mm512_sub_epi32(_mm512_castps_si512(boundary), magnitude);
+  // W - M: negative when |v| is above W (the bits of floats >= +0 order as the floats do; W
+  // may lie just above +inf's bits, where it still exceeds every |v| <= 1).
+  const __m512i to_window =
+      _mm512_sub_epi32(_mm512_permutexvar_epi32(key, enc.window_top), magnitude);
   const __m512i segment = _mm512_add_epi32(_mm512_permutexvar_epi32(key, enc.key_segment),
-                                           _mm512_srli_epi32(to_boundary, 31));
+                                           _mm512_srli_epi32(to_window, 31));
   const __m512 position =
       _mm512_fmadd_ps(_mm512_castsi512_ps(magnitude), _mm512_permutexvar_ps(segment, enc.scale),
                       _mm512_permutexvar_ps(segment, enc.offset));
   __m512i fixed =
       _mm512_min_epi32(_mm512_cvttps_epi32(position), _mm512_permutexvar_epi32(segment, enc.last));
-  *near_distance =
-      _mm512_min_epu32(_mm512_and_si512(fixed, _mm512_set1_epi32(0xFFFF)),
-                       _mm512_add_epi32(to_boundary, _mm512_set1_epi32(kNearFraction / 2)));
+  *near = {fixed, to_window};
   if constexpr (kSigned) {
     const __mmask16 negative = _mm512_movepi32_mask(bits);
     fixed = _mm512_max_epi32(_mm512_mask_sub_epi32(fixed, negative, enc.mirror, fixed),
@@ -755,19 +794,18 @@ LP_TARGET_AVX512_VBMI inline void avx512_encode_code_group(const float* values, 
                                                            const SegmentedEncoder& exact,
                                                            uint8_t* codes) {
   __m512i fixed[kVectorsPerCodeGroup];
-  __m512i near_distance[kVectorsPerCodeGroup];
+  NearTerms near[kVectorsPerCodeGroup];
   for (int j = 0; j < kVectorsPerCodeGroup; ++j) {
     fixed[j] = avx512_encode_magnitude<kSigned>(
-        _mm512_mul_ps(_mm512_loadu_ps(values + j * kAvx512Lanes), reciprocal), enc,
-        &near_distance[j]);
+        _mm512_mul_ps(_mm512_loadu_ps(values + j * kAvx512Lanes), reciprocal), enc, &near[j]);
   }
   avx512_store_code_group(codes, fixed);
-  const __m512i nearest = _mm512_min_epu32(_mm512_min_epu32(near_distance[0], near_distance[1]),
-                                           _mm512_min_epu32(near_distance[2], near_distance[3]));
-  if (__builtin_expect(avx512_near_lanes(nearest) != 0, 0)) {
+  const NearTerms group = avx512_fold_near_terms(avx512_fold_near_terms(near[0], near[1]),
+                                                 avx512_fold_near_terms(near[2], near[3]));
+  if (__builtin_expect(avx512_near_lanes(avx512_near_distance(group)) != 0, 0)) {
     uint16_t near_lanes[kVectorsPerCodeGroup];
     for (int j = 0; j < kVectorsPerCodeGroup; ++j)
-      near_lanes[j] = avx512_near_lanes(near_distance[j]);
+      near_lanes[j] = avx512_near_lanes(avx512_near_distance(near[j]));
     encode_near_lanes(values, absmax, near_lanes, kVectorsPerCodeGroup, exact, codes);
   }
 }
@@ -792,12 +830,11 @@ LP_TARGET_AVX512_VBMI inline void avx512_encode_block(const float* values, int64
     avx512_encode_code_group<kSigned>(values + k, absmax, reciprocal, enc, exact, codes + k);
   for (; k < count; k += kAvx512Lanes) {
     const __mmask16 lanes = avx512_lanes(count - k);
-    __m512i near_distance;
+    NearTerms near;
     const __m512i fixed = avx512_encode_magnitude<kSigned>(
-        _mm512_mul_ps(avx512_load<FloatType::kFloat32>(values, k, lanes), reciprocal), enc,
-        &near_distance);
+        _mm512_mul_ps(avx512_load<FloatType::kFloat32>(values, k, lanes), reciprocal), enc, &near);
     avx512_store_fixed_codes(codes + k, lanes, fixed);
-    const uint16_t near_lanes = avx512_near_lanes(near_distance) & lanes;
+    const uint16_t near_lanes = avx512_near_lanes(avx512_near_distance(near)) & lanes;
     if (__builtin_expect(near_lanes != 0, 0))
       encode_near_lanes(values + k, absmax, &near_lanes, 1, exact, codes + k);
   }

@@ -278,10 +278,8 @@ def check_int8_linear(x, weight, weight_scale, bias, threshold):
     _check_threshold(op, threshold)
 
 
-def check_adam8bit_step(
-    p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, skipped,
-    lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, blocksize, *, op="adam8bit_step_",
-):  # fmt: skip
+def _check_adam8bit_tensors(op, p, g, state1, state2, absmax1, absmax2, step, skipped, blocksize):
+    """The checks of one parameter's tensors (not their devices), given a valid blocksize."""
     _check_tensor(op, "p", p, FLOAT_DTYPES)
     _check_nonempty(op, "p", p)
     _check_tensor(op, "g", g, (p.dtype,))
@@ -289,7 +287,6 @@ def check_adam8bit_step(
         _fail(ValueError, op, f"g must have p's shape {tuple(p.shape)}, got {tuple(g.shape)}")
     if not p.is_contiguous():
         _fail(ValueError, op, "p must be contiguous (it is updated in place)")
-    _check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
     nb = num_blocks(p.numel(), blocksize)
     for name, t in (("state1", state1), ("state2", state2)):
         _check_tensor(op, name, t, (torch.uint8,))
@@ -299,12 +296,13 @@ def check_adam8bit_step(
     for name, t in (("absmax1", absmax1), ("absmax2", absmax2)):
         _check_tensor(op, name, t, (torch.float32,))
         _check_numel(op, name, t, nb, f"one per block of {blocksize}")
-    _check_codebook(op, "qmap1", qmap1, CODEBOOK_SIZE_8BIT)
-    _check_codebook(op, "qmap2", qmap2, CODEBOOK_SIZE_8BIT)
     _check_tensor(op, "step", step, (torch.float32,))
     _check_numel(op, "step", step, 1, "the step count as a float32 scalar tensor")
     _check_tensor(op, "skipped", skipped, (torch.float32,))
     _check_numel(op, "skipped", skipped, 1, "the count of skipped steps as a float32 scalar tensor")
+
+
+def _check_adam8bit_scalars(op, lr, beta1, beta2, eps, weight_decay) -> None:
     if not lr >= 0.0:
         _fail(ValueError, op, f"lr must be >= 0, got {lr}")
     for name, b in (("beta1", beta1), ("beta2", beta2)):
@@ -314,14 +312,55 @@ def check_adam8bit_step(
         _fail(ValueError, op, f"eps must be >= 0, got {eps}")
     if not weight_decay >= 0.0:
         _fail(ValueError, op, f"weight_decay must be >= 0, got {weight_decay}")
+
+
+def check_adam8bit_step(
+    p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, skipped,
+    lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, blocksize, *, op="adam8bit_step_",
+):  # fmt: skip
+    _check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
+    _check_adam8bit_tensors(op, p, g, state1, state2, absmax1, absmax2, step, skipped, blocksize)
+    _check_codebook(op, "qmap1", qmap1, CODEBOOK_SIZE_8BIT)
+    _check_codebook(op, "qmap2", qmap2, CODEBOOK_SIZE_8BIT)
+    _check_adam8bit_scalars(op, lr, beta1, beta2, eps, weight_decay)
     _check_same_device(
         op, "p", p, g=g, state1=state1, state2=state2, absmax1=absmax1, absmax2=absmax2,
         qmap1=qmap1, qmap2=qmap2, step=step, skipped=skipped,
     )  # fmt: skip
 
 
+def _adam8bit_tensors_pass(p, g, state1, state2, absmax1, absmax2, step, skipped, blocksize,
+                           device) -> bool:  # fmt: skip
+    """Whether one parameter's tensors pass _check_adam8bit_tensors and all lie on ``device``:
+    the same conditions in one expression, ~4x faster, so that a step over hundreds of
+    tensors checks each with this and runs the checks that name the argument only when it
+    fails (tests/test_ops.py feeds it every bad input of adam8bit_step_)."""
+    T = torch.Tensor
+    if not (isinstance(p, T) and isinstance(g, T) and isinstance(state1, T)
+            and isinstance(state2, T) and isinstance(absmax1, T) and isinstance(absmax2, T)
+            and isinstance(step, T) and isinstance(skipped, T)):  # fmt: skip
+        return False
+    n = p.numel()
+    nb = -(-n // blocksize)
+    u8, f32 = torch.uint8, torch.float32
+    return (
+        p.dtype in FLOAT_DTYPES and n > 0 and g.dtype == p.dtype and g.shape == p.shape
+        and p.is_contiguous()
+        and state1.dtype == u8 and state1.numel() == n and state1.is_contiguous()
+        and state2.dtype == u8 and state2.numel() == n and state2.is_contiguous()
+        and absmax1.dtype == f32 and absmax1.numel() == nb
+        and absmax2.dtype == f32 and absmax2.numel() == nb
+        and step.dtype == f32 and step.numel() == 1
+        and skipped.dtype == f32 and skipped.numel() == 1
+        and p.device == device and g.device == device and state1.device == device
+        and state2.device == device and absmax1.device == device and absmax2.device == device
+        and step.device == device and skipped.device == device
+    )  # fmt: skip
+
+
 def check_adam8bit_multi_step(
-    params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, skipped, *hyper
+    params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, skipped,
+    lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, blocksize,
 ):  # fmt: skip
     op = "adam8bit_multi_step_"
     lists = dict(
@@ -337,12 +376,25 @@ def check_adam8bit_multi_step(
                 op,
                 f"{name} must hold {len(params)} tensors (one per param), got {len(tensors)}",
             )
+    # What every tensor shares, once: the blocksize, the maps, the scalars, the device.
+    _check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
+    _check_tensor(op, "params[0]", params[0])
+    _check_codebook(op, "qmap1", qmap1, CODEBOOK_SIZE_8BIT)
+    _check_codebook(op, "qmap2", qmap2, CODEBOOK_SIZE_8BIT)
+    _check_adam8bit_scalars(op, lr, beta1, beta2, eps, weight_decay)
+    _check_same_device(op, "params[0]", params[0], qmap1=qmap1, qmap2=qmap2)
+    device = params[0].device
     for i, per_tensor in enumerate(zip(*lists.values())):
-        p, g, s1, s2, a1, a2, step, skip = per_tensor
-        check_adam8bit_step(
-            p, g, s1, s2, a1, a2, qmap1, qmap2, step, skip, *hyper, op=f"{op}: tensor {i}"
-        )
-        _check_same_device(op, "params[0]", params[0], **{f"params[{i}]": p})
+        if not _adam8bit_tensors_pass(*per_tensor, blocksize, device):
+            p, g, s1, s2, a1, a2, step, skip = per_tensor
+            where = f"{op}: tensor {i}"
+            _check_adam8bit_tensors(where, p, g, s1, s2, a1, a2, step, skip, blocksize)
+            _check_same_device(
+                where, "p", p, g=g, state1=s1, state2=s2, absmax1=a1, absmax2=a2, step=step,
+                skipped=skip,
+            )  # fmt: skip
+            _check_same_device(op, "params[0]", params[0], **{f"params[{i}]": p})
+            raise AssertionError(f"{where}: _adam8bit_tensors_pass and the checks disagree")
 
 
 # --------------------------------------------------------------------------- definitions
@@ -355,18 +407,23 @@ def _first_tensor(args) -> torch.Tensor:
 _ROUTERS: dict[str, Callable] = {}
 
 
-def _plain_tensor(t: torch.Tensor) -> bool:
-    """A Tensor or Parameter (or a subclass adding neither torch function nor dispatch)."""
-    cls = type(t)
+def _plain_tensor_class(cls: type) -> bool:
+    """Tensor or Parameter (or a Parameter subclass adding neither torch function nor
+    dispatch)."""
     return (
         cls is torch.Tensor
         or cls is torch.nn.Parameter
         or (
-            isinstance(t, torch.nn.Parameter)
+            issubclass(cls, torch.nn.Parameter)
             and cls.__torch_function__ is torch.nn.Parameter.__torch_function__
             and cls.__torch_dispatch__ is torch.Tensor.__torch_dispatch__
         )
     )
+
+
+def _all_plain_tensors(tensors: list[torch.Tensor]) -> bool:
+    # By class: an optimizer step passes hundreds of tensors of two or three classes.
+    return all(_plain_tensor_class(cls) for cls in set(map(type, tensors)))
 
 
 def _state_has_work(tensors: list[torch.Tensor]) -> bool:
@@ -408,7 +465,7 @@ def _dispatcher_has_work(tensors: list[torch.Tensor]) -> bool:
     if (
         torch.compiler.is_compiling()
         or forward_ad._current_level >= 0
-        or not all(_plain_tensor(t) for t in tensors)
+        or not _all_plain_tensors(tensors)
     ):
         return True
     check = _native_state_has_work or _state_has_work

@@ -458,6 +458,24 @@ def test_bad_input(op, variant, changes, exc, name):
             assert torch.equal(now, before), f"{k} modified by a failed call"
 
 
+_ADAM_BAD = [(i, ch, exc, name) for op, _, i, ch, exc, name in BAD if op == "adam8bit_step_"]
+
+
+@pytest.mark.parametrize(("changes", "exc", "name"), [pytest.param(ch, exc, name, id=i) for i, ch, exc, name in _ADAM_BAD])  # fmt: skip
+def test_multi_step_refuses_each_bad_tensor(changes, exc, name):
+    """adam8bit_multi_step_ screens each tensor with one fast expression and runs the checks
+    that name the argument only when it fails: every bad input of adam8bit_step_, as the
+    second of two tensors, is still refused, naming the argument, before anything is written."""
+    good, bad = _adam(70), _apply(_adam(300), changes)
+    args = {k: v for k, v in bad.items() if k not in _PER_TENSOR}
+    for single_name, multi_name in zip(_PER_TENSOR, _MULTI_NAMES):
+        args[multi_name] = [good[single_name], bad[single_name]]
+    before = good["p"].clone()
+    with pytest.raises(exc, match=rf"lowprec\.adam8bit_multi_step_: .*\b{name}\b"):
+        call("adam8bit_multi_step_", args)
+    assert torch.equal(good["p"], before)
+
+
 def test_bad_table_names_every_adam_scalar():
     named = {name for op, *_, name in BAD if op == "adam8bit_step_"}
     assert {"lr", "beta1", "beta2", "eps", "weight_decay", "blocksize"} <= named

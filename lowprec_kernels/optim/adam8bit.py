@@ -34,6 +34,7 @@ from copy import deepcopy
 from typing import Any
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from lowprec_kernels import _ops
 from lowprec_kernels import functional as LF
@@ -104,6 +105,8 @@ def _split_by_device(*lists: list[torch.Tensor]) -> list[list[list[torch.Tensor]
     for t in lists[0]:
         if t.device not in devices:
             devices.append(t.device)
+    if len(devices) <= 1:
+        return [list(lists)] if devices else []
     positions = [[i for i, t in enumerate(lists[0]) if t.device == d] for d in devices]
     return [[[tensors[i] for i in ix] for tensors in lists] for ix in positions]
 
@@ -376,6 +379,22 @@ def _step_8bit(
             p.copy_(d)
 
 
+def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors' elements in one 1-D tensor (of their promoted dtype): one native call in
+    eager mode; under torch.compile, which cannot trace that call, by reshape and cat."""
+    if torch.compiler.is_compiling():
+        return torch.cat([t.reshape(-1) for t in tensors])
+    return _flatten_dense_tensors(tensors)
+
+
+def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``flat`` shaped as ``like``, in order (undoes ``_flatten``)."""
+    if torch.compiler.is_compiling():
+        pieces = flat.split([t.numel() for t in like])
+        return [x.view(t.shape) for x, t in zip(pieces, like)]
+    return list(_unflatten_dense_tensors(flat, like))
+
+
 def _step_fp32_state(
     params, grads, exp_avgs, exp_avg_sqs, steps, skipped, *,
     lr, beta1, beta2, eps, weight_decay, decoupled,
@@ -384,28 +403,30 @@ def _step_fp32_state(
 
     All tensors are concatenated so a group costs a fixed number of kernels rather than a
     few dozen per tensor; per-tensor quantities (the update scalars of each tensor's own
-    step, whether its gradient is finite) are expanded to its elements.
+    step, whether its gradient is finite) are repeated over its elements. The flattening,
+    repeating and splitting back are single native calls: per-tensor Python work made this
+    path cost ~45 us per tensor (a step over 1024 tensors of 1024 elements took 48 ms).
     """
     sizes = [p.numel() for p in params]
-
-    def flat(tensors):
-        return torch.cat([t.reshape(-1) for t in tensors]).float()
-
-    p, g, m, v = flat(params), flat(grads), flat(exp_avgs), flat(exp_avg_sqs)
+    p, g, m, v = (
+        _flatten_dense_tensors(tensors).float()
+        for tensors in (params, grads, exp_avgs, exp_avg_sqs)
+    )
     # |g| summed in float64 is finite exactly when every element is (no float32 or half
     # input can overflow it): one multi-tensor reduction finds the non-finite gradients.
     finite = torch.stack(torch._foreach_norm(grads, 1, dtype=torch.float64)).isfinite()
-    t = (torch.stack([s.reshape(()) for s in steps]) + 1).to(torch.float64)
+    t = (torch.stack(steps) + 1).to(torch.float64)
     step_size, inv_sqrt_bc2 = (s.to(torch.float32) for s in update_scalars(lr, beta1, beta2, t))
     per_tensor = torch.stack([step_size, inv_sqrt_bc2, finite.to(torch.float32)], dim=1)
-    per_element = torch.cat([row.expand(n, 3) for row, n in zip(per_tensor.unbind(0), sizes)])
+    repeats = torch.tensor(sizes, device=per_tensor.device)
+    per_element = torch.repeat_interleave(per_tensor, repeats, dim=0, output_size=sum(sizes))
     step_size, inv_sqrt_bc2, keep = per_element[:, 0], per_element[:, 1], per_element[:, 2] != 0
     new_p, new_m, new_v = adam_update_corrected(
         p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, 1.0, step_size, inv_sqrt_bc2
     )
     for targets, new, old in ((params, new_p, p), (exp_avgs, new_m, m), (exp_avg_sqs, new_v, v)):
         kept = torch.where(keep, new, old)
-        torch._foreach_copy_(targets, [x.view(t.shape) for x, t in zip(kept.split(sizes), targets)])
+        torch._foreach_copy_(targets, _unflatten(kept, targets))
     stepped = finite.to(torch.float32)
     torch._foreach_add_(steps, list(stepped.unbind(0)))
     torch._foreach_add_(skipped, list((1.0 - stepped).unbind(0)))

@@ -5,7 +5,7 @@ Tensors below ``min_8bit_size`` (4096 elements) keep float32 states and take the
 batched float32 path; the others go through one fused 8-bit call per step. Numbers in
 benchmarks/results/cpu-adam.md.
 
-    python benchmarks/adam_many_tensors.py [--rounds R]
+    python benchmarks/adam_many_tensors.py [--rounds R] [--max-params N]
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def _compare(shapes, rounds: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--max-params", type=int, default=None,
+                        help="skip the cases with more parameters in all")  # fmt: skip
     args = parser.parse_args()
     gpt2 = _gpt2_small_shapes()
     cases = [
@@ -67,6 +69,11 @@ def main() -> None:
     ]  # fmt: skip
     print(f"{torch.get_num_threads()} threads, medians of {args.rounds} interleaved rounds")
     for name, shapes in cases:
+        if (
+            args.max_params is not None
+            and sum(torch.Size(s).numel() for s in shapes) > args.max_params
+        ):
+            continue
         fused, ours = _compare(shapes, args.rounds)
         print(f"{name:42s} torch fused {fused * 1e3:8.3f} ms  ours {ours * 1e3:8.3f} ms  "
               f"speedup {fused / ours:.2f}x")  # fmt: skip

@@ -4,6 +4,7 @@ kernel pass is well formed (it runs for real only on a GPU: benchmarks/gpu_check
 import importlib.util
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,19 @@ def test_gpu_quick_pass_cases_run_on_cpu():
         assert cuda_quick.close(out, out)
         names.append(name)
     assert {"quantize_blockwise", "matmul_4bit", "int8_linear", "adam8bit_step_"} <= set(names)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["benchmarks/adam_step_context.py", "--params", "5000", "--rounds", "1", "--gemm-ms", "1"],
+        ["benchmarks/adam_memory_modes.py", "--params", "5000", "--seconds", "0.05"],
+        ["benchmarks/adam_many_tensors.py", "--rounds", "1", "--max-params", "1100000"],
+    ],
+    ids=lambda c: Path(c[0]).stem,
+)
+def test_adam_probe_scripts_run(command):
+    """The probes behind cpu-adam.md's numbers run (tiny sizes: a smoke test, not a timing)."""
+    out = subprocess.run([sys.executable, *command], cwd=ROOT, check=True, capture_output=True,
+                         text=True, timeout=300).stdout  # fmt: skip
+    assert "ours" in out

@@ -101,23 +101,23 @@ static_assert(kNearFraction == 32, "the near test compares with 32 units of 2^-1
 // of x / absmax. This is a lower bound on the window the near test below uses.
 constexpr int32_t kBoundaryUlps = 8;
 // Both near tests in one unsigned comparison, so that a vector of lanes is tested with two integer
-// minimums instead of mask registers: the "near distance" is min(f, W - M) with W = B +
-// kNearFraction / 2 (B, M: the bits of the boundary and of |v|; the tables hold W, so the
-// segment choice and the boundary test share one subtraction), near when below kNearFraction.
-// Its second term is below kNearFraction for M in [B - 15, B + 16]: that is the window, and it
-// holds the +-kBoundaryUlps one. Deciding the segment by M > W instead of M > B differs only in
-// that window. A boundary must also lie at least that far inside its key (checked by
+// minimums instead of mask registers: the "near distance" is min(f, W - M), near when below
+// kNearFraction. M is the bits of |v|; W, a key's "window top", is the bits of its boundary B
+// plus kBoundaryUlps to kBoundaryUlps + 15, the amount that makes W's low 4 bits the segment of
+// the key's values not above W. So one lookup gives both, and one subtraction gives the segment
+// (one more when M > W) and the boundary term: W - M is below kNearFraction for M in
+// [W - 31, W], which holds [B - kBoundaryUlps, B + kBoundaryUlps]; deciding by M > W instead of
+// M > B differs only inside it. A boundary must also lie far enough inside its key (checked by
 // build_magnitude_encoder): a value the reciprocal moves across the key's edge is then tested
 // against the right boundary.
-constexpr int32_t kBoundaryWindowAbove = kNearFraction / 2;
-static_assert(kNearFraction - kBoundaryWindowAbove - 1 >= kBoundaryUlps &&
-                  kBoundaryWindowAbove >= kBoundaryUlps,
-              "the near distance must cover the window");
+constexpr int kSegmentBits = 4;
+constexpr int32_t kSegmentMask = (1 << kSegmentBits) - 1;
+static_assert(kSegmentMaxCount <= kSegmentMask + 1, "a segment fits the window top's low bits");
+static_assert(kNearFraction - 1 - (kBoundaryUlps + kSegmentMask) >= kBoundaryUlps,
+              "the near window must hold every value within kBoundaryUlps of the boundary");
 struct MagnitudeEncoder {
-  // By key: the bits of its boundary (+inf if none) plus kBoundaryWindowAbove, and the segment
-  // of its values not above that.
+  // By key: its window top (from a boundary of +inf if it has none).
   alignas(64) int32_t window_top[kSegmentKeyCount];
-  alignas(64) int32_t key_segment[kSegmentKeyCount];
   // By segment: its fixed-point map and clamp.
   alignas(64) float scale[kSegmentMaxCount];
   alignas(64) float offset[kSegmentMaxCount];
@@ -164,13 +164,15 @@ inline void build_magnitude_encoder(const float* code, const SegmentedEncoder& e
   }
   for (int key = 0; key < kSegmentKeyCount; ++key) {
     const float boundary = enc.key_boundary[key];  // sign 0: the positive half
-    mag->window_top[key] = static_cast<int32_t>(float_to_bits(boundary) + kBoundaryWindowAbove);
-    mag->key_segment[key] = enc.key_segment[key];
-    if (boundary < INFINITY) {  // at least the near window inside the key's binades
+    const uint32_t least_top = float_to_bits(boundary) + kBoundaryUlps;
+    const uint32_t top =
+        least_top + ((static_cast<uint32_t>(enc.key_segment[key]) - least_top) & kSegmentMask);
+    mag->window_top[key] = static_cast<int32_t>(top);
+    if (boundary < INFINITY) {  // the near window, and kBoundaryUlps more, inside the key
       const uint32_t edge = (kSegmentKeyMinExponentField + kSegmentKeyBinades * key) << 23;
-      const uint32_t bits = float_to_bits(boundary);
-      if (key > 0 && bits - edge < static_cast<uint32_t>(kNearFraction)) return;
-      if ((edge + (kSegmentKeyBinades << 23)) - bits < static_cast<uint32_t>(kNearFraction)) return;
+      const uint32_t window_bottom = top - (kNearFraction - 1);
+      if (key > 0 && window_bottom - edge < static_cast<uint32_t>(kBoundaryUlps)) return;
+      if ((edge + (kSegmentKeyBinades << 23)) - top < static_cast<uint32_t>(kBoundaryUlps)) return;
     }
     const uint32_t field = kSegmentKeyMinExponentField + kSegmentKeyBinades * key;
     const float low = key == 0 ? 0.0f : bits_to_float(field << 23);
@@ -683,7 +685,6 @@ constexpr int kAvx512MaxVectorsPerBlock = kBlocksizeMax8bit / kAvx512Lanes;
 // The magnitude encoder's tables in registers, loaded once per call.
 struct Avx512MagnitudeEncoder {
   __m512i window_top;
-  __m512i key_segment;
   __m512 scale;
   __m512 offset;
   __m512i last;
@@ -694,9 +695,8 @@ LP_TARGET_AVX512_VBMI inline Avx512MagnitudeEncoder avx512_magnitude_encoder(
     const MagnitudeEncoder& mag) {
   static_assert(kSegmentKeyCount == kAvx512Lanes && kSegmentMaxCount == kAvx512Lanes,
                 "a table must fill one register");
-  return {_mm512_load_si512(mag.window_top), _mm512_load_si512(mag.key_segment),
-          _mm512_load_ps(mag.scale),         _mm512_load_ps(mag.offset),
-          _mm512_load_si512(mag.last),       _mm512_set1_epi32(mag.mirror)};
+  return {_mm512_load_si512(mag.window_top), _mm512_load_ps(mag.scale), _mm512_load_ps(mag.offset),
+          _mm512_load_si512(mag.last), _mm512_set1_epi32(mag.mirror)};
 }
 
 // The two terms of a vector's near distances: the fixed-point positions of |v| (their low 16
@@ -738,10 +738,11 @@ LP_TARGET_AVX512_VBMI inline __m512i avx512_encode_magnitude(__m512 v,
                 "the key is bits 24..27 of the clamped bits");
   // W - M: negative when |v| is above W (the bits of floats >= +0 order as the floats do; W
   // may lie just above +inf's bits, where it still exceeds every |v| <= 1).
-  const __m512i to_window =
-      _mm512_sub_epi32(_mm512_permutexvar_epi32(key, enc.window_top), magnitude);
-  const __m512i segment = _mm512_add_epi32(_mm512_permutexvar_epi32(key, enc.key_segment),
-                                           _mm512_srli_epi32(to_window, 31));
+  const __m512i window_top = _mm512_permutexvar_epi32(key, enc.window_top);
+  const __m512i to_window = _mm512_sub_epi32(window_top, magnitude);
+  const __m512i segment =
+      _mm512_add_epi32(_mm512_and_si512(window_top, _mm512_set1_epi32(kSegmentMask)),
+                       _mm512_srli_epi32(to_window, 31));
   const __m512 position =
       _mm512_fmadd_ps(_mm512_castsi512_ps(magnitude), _mm512_permutexvar_ps(segment, enc.scale),
                       _mm512_permutexvar_ps(segment, enc.offset));

@@ -379,22 +379,6 @@ def _step_8bit(
             p.copy_(d)
 
 
-def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The tensors' elements in one 1-D tensor (of their promoted dtype): one native call in
-    eager mode; under torch.compile, which cannot trace that call, by reshape and cat."""
-    if torch.compiler.is_compiling():
-        return torch.cat([t.reshape(-1) for t in tensors])
-    return _flatten_dense_tensors(tensors)
-
-
-def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of ``flat`` shaped as ``like``, in order (undoes ``_flatten``)."""
-    if torch.compiler.is_compiling():
-        pieces = flat.split([t.numel() for t in like])
-        return [x.view(t.shape) for x, t in zip(pieces, like)]
-    return list(_unflatten_dense_tensors(flat, like))
-
-
 def _step_fp32_state(
     params, grads, exp_avgs, exp_avg_sqs, steps, skipped, *,
     lr, beta1, beta2, eps, weight_decay, decoupled,
@@ -426,7 +410,7 @@ def _step_fp32_state(
     )
     for targets, new, old in ((params, new_p, p), (exp_avgs, new_m, m), (exp_avg_sqs, new_v, v)):
         kept = torch.where(keep, new, old)
-        torch._foreach_copy_(targets, _unflatten(kept, targets))
+        torch._foreach_copy_(targets, list(_unflatten_dense_tensors(kept, targets)))
     stepped = finite.to(torch.float32)
     torch._foreach_add_(steps, list(stepped.unbind(0)))
     torch._foreach_add_(skipped, list((1.0 - stepped).unbind(0)))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import SUPPORTED_CPU_ISAS, run_on
@@ -461,6 +462,48 @@ def test_encoder_sweep_matches_exact_rule(cpu_isa, signed, absmax):
     )
     assert checked > 2_000_000
     assert mismatches == 0, f"{mismatches} mismatches, first at bits {first_bad:#010x}"
+
+
+def _two_run_map(boundary: float, gap: float) -> torch.Tensor | None:
+    """An unsigned map of two evenly spaced runs of 128, [0, a] and [b, 1] with a ~ boundary -
+    gap / 2, whose threshold between them is ``boundary``; None if no float b gives that."""
+    a = torch.tensor(boundary - gap / 2, dtype=torch.float32)
+    b0 = torch.tensor(2 * boundary - a.item(), dtype=torch.float32)
+    for b in (b0, torch.nextafter(b0, b0 + 1), torch.nextafter(b0, b0 - 1)):
+        # Runs stepped in float32 (numpy's linspace to a float32 end): stepped in float64, a
+        # few entries round the other way, enough to leave most maps to the exact search.
+        ends = np.float32(a.item()), np.float32(b.item())
+        runs = [np.linspace(0, ends[0], 128, dtype=np.float64), np.linspace(ends[1], 1, 128)]
+        code = torch.from_numpy(np.concatenate(runs).astype(np.float32))
+        if encode_thresholds(code)[127].item() == boundary:
+            return code
+    return None
+
+
+@needs_native_cpu
+@pytest.mark.parametrize("edge", [0.5, 0.125])
+def test_encoder_boundary_near_a_key_edge(cpu_isa, edge):
+    """A boundary between two runs within 40 units in the last place of a key's edge (the
+    encoders' keys are pairs of binades): the encoder that takes the map (the AVX-512 one
+    multiplies by 1 / absmax, so values cross the boundary) still matches the exact rule on the
+    boundary's neighbours. One unit below the edge once escaped every key's near window."""
+    edge_bits = torch.tensor(edge, dtype=torch.float32).view(torch.int32).item()
+    tested, usable = [], []
+    for units in [*range(-40, 41, 3), -2, -1, 0, 1]:
+        boundary = torch.tensor(edge_bits + units, dtype=torch.int32).view(torch.float32).item()
+        code = _two_run_map(boundary, 2.0**-11 * edge)
+        if code is None:
+            continue
+        tested.append(units)
+        usable.append(_C.adam8bit_segmented_encoder_usable(code))
+        for absmax in (1.0, 0.3, 3.1e-30):
+            _, mismatches, first_bad = _C.adam8bit_encoder_sweep_cpu(code, 99991, 64, absmax)
+            assert mismatches == 0, (
+                f"{units} units from {edge}, absmax {absmax}: {mismatches} mismatches, "
+                f"first at bits {first_bad:#010x}"
+            )
+    assert {-2, -1, 0, 1} <= set(tested) and len(tested) > 20
+    assert sum(usable) >= 3  # some take the arithmetic encoder (the others are left to the search)
 
 
 # Every float of [-1, 1] (2.1e9 values, a few seconds per map on the AVX-512 path): on the path

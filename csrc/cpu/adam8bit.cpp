@@ -162,6 +162,16 @@ inline void build_magnitude_encoder(const float* code, const SegmentedEncoder& e
     mag->last[segment] = static_cast<int32_t>(
         (static_cast<uint32_t>(enc.segment_last_code[segment]) << kPositionFractionBits) | 0xFFFFu);
   }
+  // Every boundary of the positive half (between two runs, at or above 0) must be recorded by a
+  // key, and so get a near window. One just below a key's edge is in neither key's range (the
+  // segmented encoder's scan): exact with a division, but the reciprocal may carry v across it.
+  int positive_boundaries = 0;
+  for (int s = 0;
+       s + 1 < kSegmentMaxCount && enc.segment_first_code[s + 1] == enc.segment_last_code[s] + 1;
+       ++s) {
+    if (enc.thresholds[enc.segment_last_code[s]] >= 0.0f) ++positive_boundaries;
+  }
+  int recorded_boundaries = 0;
   for (int key = 0; key < kSegmentKeyCount; ++key) {
     const float boundary = enc.key_boundary[key];  // sign 0: the positive half
     const uint32_t least_top = float_to_bits(boundary) + kBoundaryUlps;
@@ -169,10 +179,12 @@ inline void build_magnitude_encoder(const float* code, const SegmentedEncoder& e
         least_top + ((static_cast<uint32_t>(enc.key_segment[key]) - least_top) & kSegmentMask);
     mag->window_top[key] = static_cast<int32_t>(top);
     if (boundary < INFINITY) {  // the near window, and kBoundaryUlps more, inside the key
-      const uint32_t edge = (kSegmentKeyMinExponentField + kSegmentKeyBinades * key) << 23;
-      const uint32_t window_bottom = top - (kNearFraction - 1);
-      if (key > 0 && window_bottom - edge < static_cast<uint32_t>(kBoundaryUlps)) return;
-      if ((edge + (kSegmentKeyBinades << 23)) - top < static_cast<uint32_t>(kBoundaryUlps)) return;
+      ++recorded_boundaries;
+      const int64_t edge = int64_t{kSegmentKeyMinExponentField + kSegmentKeyBinades * key} << 23;
+      const int64_t next_edge = edge + (int64_t{kSegmentKeyBinades} << 23);
+      const int64_t window_bottom = int64_t{top} - (kNearFraction - 1);
+      if (key > 0 && window_bottom - edge < kBoundaryUlps) return;
+      if (next_edge - top < kBoundaryUlps) return;
     }
     const uint32_t field = kSegmentKeyMinExponentField + kSegmentKeyBinades * key;
     const float low = key == 0 ? 0.0f : bits_to_float(field << 23);
@@ -213,6 +225,7 @@ inline void build_magnitude_encoder(const float* code, const SegmentedEncoder& e
         return;
     }
   }
+  if (recorded_boundaries != positive_boundaries) return;
   mag->usable = true;
 }
 

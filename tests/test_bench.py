@@ -64,6 +64,12 @@ def test_roofline_takes_the_binding_limit():
                          reads_only=True)  # fmt: skip
     assert reader.roofline(ceilings)["limit"] == "copy"  # no read rate measured
     ceilings.read_gbps = 20.0
+    updater = harness.Row("s", "w", (1,), "float32", "cpu", timing, bytes_moved=2 * 10**9,
+                          in_place=True)  # fmt: skip
+    assert updater.roofline(ceilings)["limit"] == "copy"  # no update rate measured
+    ceilings.update_gbps = 40.0
+    r = updater.roofline(ceilings)
+    assert r["limit"] == "update" and math.isclose(r["roofline_fraction"], 0.05 / timing.seconds)
     r = reader.roofline(ceilings)
     assert r["limit"] == "read" and math.isclose(r["roofline_fraction"], 0.25)
 
@@ -89,7 +95,7 @@ def test_cli_smoke_writes_json(tmp_path, capsys):
     assert machine["available_backends"]["reference"] is True
     ceilings = data["ceilings"]
     assert ceilings["copy_gbps"] > 0 and ceilings["fp32_gflops"] > 0
-    assert ceilings["read_gbps"] > 0
+    assert ceilings["read_gbps"] > 0 and ceilings["update_gbps"] > 0
     assert ceilings["bf16_gflops"] > 0
 
     assert set(data["suites"]) == set(bench.SUITES)

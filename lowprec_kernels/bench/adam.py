@@ -13,7 +13,9 @@ with one baseline, on the same parameter and gradient:
 Bytes: the traffic a step must move at least, per parameter: parameter read and written,
 gradient read, each state read and written (8-bit: one byte each way, plus a float32 scale per
 256; torch: the states in the parameter's dtype). The roofline is that traffic at the measured
-copy bandwidth; the "vs copy_" column times a copy of the candidate's bytes in the same rounds.
+in-place update bandwidth (``a.add_(b)``: read and written back in place, as a step does; it
+moves more than a copy, whose writes also read each destination line); the "vs copy_" column
+times a copy of the candidate's bytes in the same rounds.
 The 8-bit kernels also read the gradient once more, before any write, to skip a step with a
 non-finite gradient: that pass is not counted in the lower bound. State memory is reported
 from the optimizers' actual tensors.
@@ -231,6 +233,6 @@ def rows(bench: Bench) -> list[Row]:
                                            floor if i == 0 else None)  # fmt: skip
                     out.append(Row(SUITE, f"{what_prefix} vs {name}", (n,), _dtype_name(dtype),
                                    backend, timing, baseline=name, bytes_moved=ours_bytes,
-                                   note=state_note if i == 0 else ""))  # fmt: skip
+                                   in_place=True, note=state_note if i == 0 else ""))  # fmt: skip
             del items
     return out

@@ -373,6 +373,11 @@ class Ceilings:
     # (a GEMV's weight) take it as their bandwidth limit: a copy's writes also cost a read of
     # each destination line, so copy_gbps understates what reading alone reaches.
     read_gbps: float | None = None
+    # Bytes read and written back in place by ``a.add_(b)`` over large tensors (two reads and
+    # one write per element): the pattern of an optimizer step. A line written where it was
+    # just read needs no read for ownership, so this moves more than a copy (on the 2-core
+    # development VM ~126 GB/s against a copy's ~84 in the same minute).
+    update_gbps: float | None = None
 
     def compute(self, kind: str) -> float | None:
         """The GEMM rate (ops/s / 1e9) limiting a row whose ops are of ``kind``."""
@@ -405,6 +410,13 @@ def _read_rate(nbytes: int, repeats: int, device: str) -> float:
     """GB/s of ``src.amax()`` over an fp32 tensor of ``nbytes``: the bytes read."""
     src = torch.randn(nbytes // 4, device=device)
     return nbytes / _best_seconds(lambda: src.amax(), repeats, device) / 1e9
+
+
+def _update_rate(nbytes: int, repeats: int, device: str) -> float:
+    """GB/s of ``a.add_(b)`` over fp32 tensors of ``nbytes`` each: a and b read, a written."""
+    a = torch.randn(nbytes // 4, device=device)
+    b = torch.randn_like(a)
+    return 3 * nbytes / _best_seconds(lambda: a.add_(b), repeats, device) / 1e9
 
 
 def _parallel_op_seconds(repeats: int = 30) -> float:
@@ -450,6 +462,9 @@ def measure_ceilings(settings: Settings) -> Ceilings:
     notes.append(f"copy: {copy_bytes >> 20} MiB tensor copy_, read + write bytes counted")
     read_gbps = _read_rate(copy_bytes, repeats, device)
     notes.append(f"read: {copy_bytes >> 20} MiB fp32 tensor amax(), bytes read counted")
+    update_gbps = _update_rate(copy_bytes, repeats, device)
+    notes.append(f"update: a.add_(b) on {copy_bytes >> 20} MiB fp32 tensors, a and b read and a "
+                 "written counted")  # fmt: skip
 
     n = 128 if smoke else 2048
     if device == "cuda":
@@ -468,7 +483,7 @@ def measure_ceilings(settings: Settings) -> Ceilings:
             f"WARNING: a 1M-element add takes {parallel * 1e3:.1f} ms (normally ~0.05 ms): "
             "another process holds a core, multi-threaded timings are unreliable now"
         )
-    _CEILINGS[key] = Ceilings(copy_gbps, fp32, bf16, int8, parallel, notes, read_gbps)
+    _CEILINGS[key] = Ceilings(copy_gbps, fp32, bf16, int8, parallel, notes, read_gbps, update_gbps)
     return _CEILINGS[key]
 
 
@@ -497,6 +512,7 @@ class Row:
     compute: str | None = None
     note: str = ""
     reads_only: bool = False  # bytes_moved is (almost) all reads: the read rate bounds it
+    in_place: bool = False  # bytes_moved is read and written back in place: the update rate
 
     def roofline(self, ceilings: Ceilings) -> dict[str, Any]:
         """Achieved rates and the fraction of the roofline bound max(bytes/BW, ops/peak)."""
@@ -506,6 +522,8 @@ class Row:
         bounds = {}
         if self.bytes_moved and self.reads_only and ceilings.read_gbps:
             bounds["read"] = self.bytes_moved / (ceilings.read_gbps * 1e9)
+        elif self.bytes_moved and self.in_place and ceilings.update_gbps:
+            bounds["update"] = self.bytes_moved / (ceilings.update_gbps * 1e9)
         elif self.bytes_moved:
             bounds["copy"] = self.bytes_moved / (ceilings.copy_gbps * 1e9)
         peak = ceilings.compute(self.compute) if self.compute else None
@@ -615,6 +633,7 @@ def header(machine: dict[str, Any], ceilings: Ceilings, settings: Settings) -> s
         (
             f"ceilings ({settings.device}, best of runs): copy {ceilings.copy_gbps:.1f} GB/s, "
             + (f"read {ceilings.read_gbps:.1f} GB/s, " if ceilings.read_gbps else "")
+            + (f"update {ceilings.update_gbps:.1f} GB/s, " if ceilings.update_gbps else "")
             + f"fp32 GEMM {ceilings.fp32_gflops:.0f} GFLOP/s, "
             f"bf16 GEMM {ceilings.bf16_gflops:.0f} GFLOP/s, int8 GEMM {int8}"
         ),

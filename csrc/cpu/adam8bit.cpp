@@ -68,9 +68,9 @@ constexpr int64_t kCheckBatchBytes = 8 << 20;
 //   * every table has 16 entries, one register, looked up by a single-source permute (the
 //     two-source ones overwrite a table or the index, and the copies cost as many instructions
 //     as the lookups). The key index is a shift of the bits (the permute reads the low four bits
-//     of field / 2); the key gives its boundary and the segment of the values not above it, one
-//     more for those above (an integer comparison of the bits); the segment gives the map and
-//     the clamp: five lookups per value;
+//     of field / 2); the key gives its window top, which carries the segment of the values not
+//     above it, one more for those above (an integer comparison of the bits); the segment gives
+//     the map and the clamp: four lookups per value;
 //   * the position is evaluated in fixed point: F = trunc(v * S + O) with S = scale * 2^16 and
 //     O = offset * 2^16 + 2 * margin * 2^16, so F >> 16 is trunc(P + window) (the code) and the
 //     low 16 bits f are the fraction, the value being near a threshold when f < kNearFraction;
@@ -720,6 +720,8 @@ struct NearTerms {
   __m512i position;
   __m512i to_window;
 };
+
+static_assert(kPositionFractionBits == 16, "the fold takes the fractions as 16-bit words");
 
 LP_TARGET_AVX512_VBMI inline NearTerms avx512_fold_near_terms(NearTerms a, NearTerms b) {
   return {_mm512_min_epu16(a.position, b.position), _mm512_min_epu32(a.to_window, b.to_window)};

@@ -893,7 +893,7 @@ LP_TARGET_AVX512_VBMI void encode_avx512(const float* values, int64_t count, flo
 // of the default size). With 16.7M fp32 parameters on two threads, 512, 1024 and 2048 measured
 // alike and about 5% faster than no prefetch, within this VM's noise.
 constexpr int64_t kPrefetchDistance = 512;
-constexpr int64_t kCacheLineBytes = 64;
+using simd::kCacheLineBytes;
 
 // Prefetches every line of elements [first, first + count) of the tensors a step reads.
 template <FloatType T>

@@ -488,7 +488,7 @@ LP_TARGET_AVX512 inline void avx512_transpose16(__m512i* rows) {
 // bytes of the next tile of rows (the caller's next call) are prefetched along the way.
 constexpr int kVnniRows = 16;
 constexpr int64_t kVnniBytes = 16;
-constexpr int64_t kCacheLineBytes = 64;
+using simd::kCacheLineBytes;
 
 LP_TARGET_AVX512_BF16 void decode_tile_vnni_avx512(const Packed4bit& weight, int64_t in_features,
                                                    int64_t row_begin, int64_t row_end,

@@ -177,7 +177,7 @@ struct RowTile {
 constexpr int64_t kPanelRows = 16;
 constexpr int64_t kXBudgetBytes = 24 << 10;  // half of a 48 KiB L1D
 constexpr int64_t kTileGranuleBytes = 64;    // slices are multiples of the widest step
-constexpr int64_t kCacheLineBytes = 64;
+using simd::kCacheLineBytes;
 
 // Packed bytes per slice of a weight row: the most, in whole granules (at least one), whose x
 // values (`rows` rows of x, both halves) fit in x_budget_bytes.

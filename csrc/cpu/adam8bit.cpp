@@ -47,10 +47,12 @@ namespace {
 
 // Elements per worker thread at least (small tensors stay on one thread).
 constexpr int64_t kMinElementsPerWorker = 16384;
-// Elements per task of the update phase. Each task starts with kPrefetchDistance elements that
-// were not prefetched, so tasks are long: 16.7M fp32 parameters took 7-10% less time with tasks
-// of 262144 elements than with 16384 (one and two threads), and 64 tasks still balance two
-// cores when one of them is taken for a while.
+// Elements per task of the update phase. Tasks are long: 16.7M fp32 parameters took 7-10% less
+// time with tasks of 262144 elements than with 16384 (one and two threads), and 64 tasks still
+// balance two cores when one of them is taken for a while.
+// No software prefetch: the hardware prefetchers follow the step's streams. GCC 12 had deleted
+// the loop's _mm_prefetch calls (the built step issued none); issued for real (asm, 512 elements
+// ahead) they made the 16.7M fp32 step 3-5% slower (two threads, C++ driver).
 constexpr int64_t kElementsPerUpdateTask = 262144;
 // The finiteness pass: elements per parallel task, and the gradient bytes checked before
 // their tensors are updated (a batch stays in the last-level cache between the two passes).
@@ -889,31 +891,6 @@ LP_TARGET_AVX512_VBMI void encode_avx512(const float* values, int64_t count, flo
   }
 }
 
-// Elements ahead of the code group being updated whose tensor lines are prefetched (two blocks
-// of the default size). With 16.7M fp32 parameters on two threads, 512, 1024 and 2048 measured
-// alike and about 5% faster than no prefetch, within this VM's noise.
-constexpr int64_t kPrefetchDistance = 512;
-using simd::kCacheLineBytes;
-
-// Prefetches every line of elements [first, first + count) of the tensors a step reads.
-template <FloatType T>
-LP_TARGET_AVX512_VBMI inline void prefetch_block(const Adam8bitTensor& t, int64_t first,
-                                                 int64_t count) {
-  if (first >= t.n) return;
-  count = std::min(count, t.n - first);
-  constexpr int64_t kElementBytes = T == FloatType::kFloat32 ? 4 : 2;
-  const char* p = static_cast<const char*>(t.p) + first * kElementBytes;
-  const char* g = static_cast<const char*>(t.g) + first * kElementBytes;
-  for (int64_t b = 0; b < count * kElementBytes; b += kCacheLineBytes) {
-    _mm_prefetch(p + b, _MM_HINT_T0);
-    _mm_prefetch(g + b, _MM_HINT_T0);
-  }
-  for (int64_t b = 0; b < count; b += kCacheLineBytes) {
-    _mm_prefetch(reinterpret_cast<const char*>(t.state1 + first + b), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(t.state2 + first + b), _MM_HINT_T0);
-  }
-}
-
 // The step's scalars, broadcast once per call.
 struct Avx512StepConstants {
   __m512 gnorm_scale;
@@ -1107,7 +1084,6 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512_pipelined(const Adam8bitTensor& 
     const bool interleave = pending.count != 0 && pending.interleaved;
     int64_t k = 0;
     for (; k < count; k += kAvx512CodeGroup) {
-      prefetch_block<T>(t, begin + k + kPrefetchDistance, kAvx512CodeGroup);
       avx512_update_code_group<T, kAddWeightDecay, kScaleGradient>(t, constants, tables, begin, k,
                                                                    count, old_scale1, old_scale2,
                                                                    block_m, block_v, &max1, &max2);

@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <string>
@@ -81,6 +82,41 @@ inline void check_blockwise_8bit(const char* op, c10::DeviceType device_type,
 
 // ------------------------------------------------------------------------------ 8-bit Adam
 
+// One tensor an Adam step reads or writes beside parameter i, and what it must be.
+struct AdamExpected {
+  const at::Tensor* t;
+  const char* name;
+  at::ScalarType dtype;
+  int64_t numel;
+};
+
+// Parameter i of an Adam multi-step and the tensors beside it: contiguous on `device_type`,
+// all on params[0]'s device.
+inline void check_adam_parameter(const char* op, c10::DeviceType device_type,
+                                 const std::vector<at::Tensor>& params, size_t i,
+                                 std::initializer_list<AdamExpected> expected) {
+  const at::Tensor& p = params[i];
+  check_tensor(p, op, "param", device_type);
+  float_type_of(p, op, "param");
+  TORCH_CHECK(p.device() == params[0].device(), op, ": all tensors must be on ",
+              params[0].device());
+  for (const AdamExpected& e : expected) {
+    check_tensor(*e.t, op, e.name, device_type);
+    check_dtype(*e.t, e.dtype, op, e.name);
+    TORCH_CHECK(e.t->numel() == e.numel, op, ": ", e.name, " of tensor ", i, " must have ", e.numel,
+                " elements, got ", e.t->numel());
+    TORCH_CHECK(e.t->device() == p.device(), op, ": all tensors must be on ", p.device());
+  }
+}
+
+inline void check_adam_list_sizes(const char* op, size_t count,
+                                  std::initializer_list<const std::vector<at::Tensor>*> lists) {
+  for (const auto* list : lists) {
+    TORCH_CHECK(list->size() == count, op, ": every list must hold ", count,
+                " tensors (one per param), got ", list->size());
+  }
+}
+
 // The tensors of one adam8bit_multi_step_ call: every list one entry per parameter, each
 // entry contiguous on `device_type`, all on params[0]'s device.
 inline void check_adam8bit_multi_step(
@@ -92,10 +128,8 @@ inline void check_adam8bit_multi_step(
     int64_t blocksize) {
   check_blocksize_8bit(blocksize, op);
   const size_t count = params.size();
-  for (const auto* list : {&grads, &state1, &state2, &absmax1, &absmax2, &steps, &skipped}) {
-    TORCH_CHECK(list->size() == count, op, ": every list must hold ", count,
-                " tensors (one per param), got ", list->size());
-  }
+  check_adam_list_sizes(op, count,
+                        {&grads, &state1, &state2, &absmax1, &absmax2, &steps, &skipped});
   for (const at::Tensor* code : {&qmap1, &qmap2}) {
     check_tensor(*code, op, "qmap", device_type);
     check_dtype(*code, at::kFloat, op, "qmap");
@@ -104,32 +138,39 @@ inline void check_adam8bit_multi_step(
   }
   for (size_t i = 0; i < count; ++i) {
     const at::Tensor& p = params[i];
-    check_tensor(p, op, "param", device_type);
-    float_type_of(p, op, "param");
-    TORCH_CHECK(p.device() == params[0].device() && qmap1.device() == p.device() &&
-                    qmap2.device() == p.device(),
-                op, ": all tensors must be on ", params[0].device());
+    TORCH_CHECK(qmap1.device() == p.device() && qmap2.device() == p.device(), op,
+                ": all tensors must be on ", params[0].device());
     const int64_t n = p.numel();
     const int64_t num_blocks = (n + blocksize - 1) / blocksize;
-    struct Expected {
-      const at::Tensor* t;
-      const char* name;
-      at::ScalarType dtype;
-      int64_t numel;
-    };
-    for (const Expected& e : {Expected{&grads[i], "grad", p.scalar_type(), n},
-                              Expected{&state1[i], "state1", at::kByte, n},
-                              Expected{&state2[i], "state2", at::kByte, n},
-                              Expected{&absmax1[i], "absmax1", at::kFloat, num_blocks},
-                              Expected{&absmax2[i], "absmax2", at::kFloat, num_blocks},
-                              Expected{&steps[i], "step", at::kFloat, 1},
-                              Expected{&skipped[i], "skipped", at::kFloat, 1}}) {
-      check_tensor(*e.t, op, e.name, device_type);
-      check_dtype(*e.t, e.dtype, op, e.name);
-      TORCH_CHECK(e.t->numel() == e.numel, op, ": ", e.name, " of tensor ", i, " must have ",
-                  e.numel, " elements, got ", e.t->numel());
-      TORCH_CHECK(e.t->device() == p.device(), op, ": all tensors must be on ", p.device());
-    }
+    check_adam_parameter(op, device_type, params, i,
+                         {{&grads[i], "grad", p.scalar_type(), n},
+                          {&state1[i], "state1", at::kByte, n},
+                          {&state2[i], "state2", at::kByte, n},
+                          {&absmax1[i], "absmax1", at::kFloat, num_blocks},
+                          {&absmax2[i], "absmax2", at::kFloat, num_blocks},
+                          {&steps[i], "step", at::kFloat, 1},
+                          {&skipped[i], "skipped", at::kFloat, 1}});
+  }
+}
+
+// The tensors of one adam_multi_step_ call (float32 states), as check_adam8bit_multi_step.
+inline void check_adam_multi_step(const char* op, c10::DeviceType device_type,
+                                  const std::vector<at::Tensor>& params,
+                                  const std::vector<at::Tensor>& grads,
+                                  const std::vector<at::Tensor>& exp_avgs,
+                                  const std::vector<at::Tensor>& exp_avg_sqs,
+                                  const std::vector<at::Tensor>& steps,
+                                  const std::vector<at::Tensor>& skipped) {
+  check_adam_list_sizes(op, params.size(), {&grads, &exp_avgs, &exp_avg_sqs, &steps, &skipped});
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const int64_t n = p.numel();
+    check_adam_parameter(op, device_type, params, i,
+                         {{&grads[i], "grad", p.scalar_type(), n},
+                          {&exp_avgs[i], "exp_avg", at::kFloat, n},
+                          {&exp_avg_sqs[i], "exp_avg_sq", at::kFloat, n},
+                          {&steps[i], "step", at::kFloat, 1},
+                          {&skipped[i], "skipped", at::kFloat, 1}});
   }
 }
 

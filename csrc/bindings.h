@@ -28,6 +28,15 @@ void adam8bit_multi_step_cpu(
     const at::Tensor& qmap1, const at::Tensor& qmap2, const std::vector<at::Tensor>& steps,
     const std::vector<at::Tensor>& skipped, double lr, double beta1, double beta2, double eps,
     double weight_decay, bool decoupled, double gnorm_scale, int64_t blocksize);
+// The same step for float32 states (lowprec::adam_multi_step_).
+void adam_multi_step_cpu(const std::vector<at::Tensor>& params,
+                         const std::vector<at::Tensor>& grads,
+                         const std::vector<at::Tensor>& exp_avgs,
+                         const std::vector<at::Tensor>& exp_avg_sqs,
+                         const std::vector<at::Tensor>& steps,
+                         const std::vector<at::Tensor>& skipped, double lr, double beta1,
+                         double beta2, double eps, double weight_decay, bool decoupled,
+                         double gnorm_scale);
 // The kernel's encoder on the active CPU path, for the tests: out = codes of values (float32).
 void adam8bit_encode_cpu(const at::Tensor& values, const at::Tensor& code, const at::Tensor& out);
 bool adam8bit_segmented_encoder_usable(const at::Tensor& code);

@@ -280,13 +280,7 @@ def check_int8_linear(x, weight, weight_scale, bias, threshold):
 
 def _check_adam8bit_tensors(op, p, g, state1, state2, absmax1, absmax2, step, skipped, blocksize):
     """The checks of one parameter's tensors (not their devices), given a valid blocksize."""
-    _check_tensor(op, "p", p, FLOAT_DTYPES)
-    _check_nonempty(op, "p", p)
-    _check_tensor(op, "g", g, (p.dtype,))
-    if g.shape != p.shape:
-        _fail(ValueError, op, f"g must have p's shape {tuple(p.shape)}, got {tuple(g.shape)}")
-    if not p.is_contiguous():
-        _fail(ValueError, op, "p must be contiguous (it is updated in place)")
+    _check_adam_parameter(op, p, g)
     nb = num_blocks(p.numel(), blocksize)
     for name, t in (("state1", state1), ("state2", state2)):
         _check_tensor(op, name, t, (torch.uint8,))
@@ -296,10 +290,47 @@ def _check_adam8bit_tensors(op, p, g, state1, state2, absmax1, absmax2, step, sk
     for name, t in (("absmax1", absmax1), ("absmax2", absmax2)):
         _check_tensor(op, name, t, (torch.float32,))
         _check_numel(op, name, t, nb, f"one per block of {blocksize}")
+    _check_adam_counters(op, step, skipped)
+
+
+def _check_adam_parameter(op, p, g) -> None:
+    _check_tensor(op, "p", p, FLOAT_DTYPES)
+    _check_nonempty(op, "p", p)
+    _check_tensor(op, "g", g, (p.dtype,))
+    if g.shape != p.shape:
+        _fail(ValueError, op, f"g must have p's shape {tuple(p.shape)}, got {tuple(g.shape)}")
+    if not p.is_contiguous():
+        _fail(ValueError, op, "p must be contiguous (it is updated in place)")
+
+
+def _check_adam_counters(op, step, skipped) -> None:
     _check_tensor(op, "step", step, (torch.float32,))
     _check_numel(op, "step", step, 1, "the step count as a float32 scalar tensor")
     _check_tensor(op, "skipped", skipped, (torch.float32,))
     _check_numel(op, "skipped", skipped, 1, "the count of skipped steps as a float32 scalar tensor")
+
+
+def _check_adam_float_state_tensors(op, p, g, exp_avg, exp_avg_sq, step, skipped):
+    """The checks of one parameter's tensors with float32 states (not their devices)."""
+    _check_adam_parameter(op, p, g)
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _check_tensor(op, name, t, (torch.float32,))
+        _check_numel(op, name, t, p.numel(), "one float32 per parameter")
+        if not t.is_contiguous():
+            _fail(ValueError, op, f"{name} must be contiguous (it is updated in place)")
+    _check_adam_counters(op, step, skipped)
+
+
+def _check_adam_lists(op, params, lists: dict) -> None:
+    if len(params) == 0:
+        _fail(ValueError, op, "params must hold at least one tensor")
+    for name, tensors in lists.items():
+        if len(tensors) != len(params):
+            _fail(
+                ValueError,
+                op,
+                f"{name} must hold {len(params)} tensors (one per param), got {len(tensors)}",
+            )
 
 
 def _check_adam8bit_scalars(op, lr, beta1, beta2, eps, weight_decay) -> None:
@@ -367,15 +398,7 @@ def check_adam8bit_multi_step(
         params=params, grads=grads, state1=state1, state2=state2, absmax1=absmax1,
         absmax2=absmax2, steps=steps, skipped=skipped,
     )  # fmt: skip
-    if len(params) == 0:
-        _fail(ValueError, op, "params must hold at least one tensor")
-    for name, tensors in lists.items():
-        if len(tensors) != len(params):
-            _fail(
-                ValueError,
-                op,
-                f"{name} must hold {len(params)} tensors (one per param), got {len(tensors)}",
-            )
+    _check_adam_lists(op, params, lists)
     # What every tensor shares, once: the blocksize, the maps, the scalars, the device.
     _check_choice(op, "blocksize", blocksize, BLOCKSIZES_8BIT)
     _check_tensor(op, "params[0]", params[0])
@@ -397,11 +420,64 @@ def check_adam8bit_multi_step(
             raise AssertionError(f"{where}: _adam8bit_tensors_pass and the checks disagree")
 
 
+def _adam_float_state_tensors_pass(p, g, exp_avg, exp_avg_sq, step, skipped, device) -> bool:
+    """_adam8bit_tensors_pass for float32 states: whether one parameter's tensors pass
+    _check_adam_float_state_tensors and all lie on ``device``."""
+    T = torch.Tensor
+    if not (isinstance(p, T) and isinstance(g, T) and isinstance(exp_avg, T)
+            and isinstance(exp_avg_sq, T) and isinstance(step, T)
+            and isinstance(skipped, T)):  # fmt: skip
+        return False
+    n = p.numel()
+    f32 = torch.float32
+    return (
+        p.dtype in FLOAT_DTYPES and n > 0 and g.dtype == p.dtype and g.shape == p.shape
+        and p.is_contiguous()
+        and exp_avg.dtype == f32 and exp_avg.numel() == n and exp_avg.is_contiguous()
+        and exp_avg_sq.dtype == f32 and exp_avg_sq.numel() == n and exp_avg_sq.is_contiguous()
+        and step.dtype == f32 and step.numel() == 1
+        and skipped.dtype == f32 and skipped.numel() == 1
+        and p.device == device and g.device == device and exp_avg.device == device
+        and exp_avg_sq.device == device and step.device == device and skipped.device == device
+    )  # fmt: skip
+
+
+def check_adam_multi_step(
+    params, grads, exp_avgs, exp_avg_sqs, steps, skipped,
+    lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale,
+):  # fmt: skip
+    op = "adam_multi_step_"
+    lists = dict(
+        params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps,
+        skipped=skipped,
+    )  # fmt: skip
+    _check_adam_lists(op, params, lists)
+    _check_tensor(op, "params[0]", params[0])
+    _check_adam8bit_scalars(op, lr, beta1, beta2, eps, weight_decay)
+    device = params[0].device
+    for i, per_tensor in enumerate(zip(*lists.values())):
+        if not _adam_float_state_tensors_pass(*per_tensor, device):
+            p, g, m, v, step, skip = per_tensor
+            where = f"{op}: tensor {i}"
+            _check_adam_float_state_tensors(where, p, g, m, v, step, skip)
+            _check_same_device(
+                where, "p", p, g=g, exp_avg=m, exp_avg_sq=v, step=step, skipped=skip
+            )  # fmt: skip
+            _check_same_device(op, "params[0]", params[0], **{f"params[{i}]": p})
+            raise AssertionError(f"{where}: _adam_float_state_tensors_pass and the checks disagree")
+
+
 # --------------------------------------------------------------------------- definitions
 
 
 def _first_tensor(args) -> torch.Tensor:
-    return next(a for a in args if isinstance(a, torch.Tensor))
+    """The first tensor argument, or the first tensor of the first tensor-list argument."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0]
+    raise ValueError("the op got no tensor")
 
 
 _ROUTERS: dict[str, Callable] = {}
@@ -643,6 +719,17 @@ _define(
     "float beta2, float eps, float weight_decay, bool decoupled, float gnorm_scale, "
     "int blocksize) -> ()",
     check_adam8bit_multi_step,
+    lambda *args: None,
+)
+
+
+# The same step with float32 states (the optimizers' tensors below min_8bit_size).
+_define(
+    "adam_multi_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+    "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor(e!)[] skipped, float lr, "
+    "float beta1, float beta2, float eps, float weight_decay, bool decoupled, "
+    "float gnorm_scale) -> ()",
+    check_adam_multi_step,
     lambda *args: None,
 )
 

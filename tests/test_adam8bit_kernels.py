@@ -438,6 +438,90 @@ def test_cpu_gradient_batches():
     assert [k.skipped.item() for k in kernels] == [0.0, 1.0, 0.0]
 
 
+# ---------------------------------------------------- CPU: float32 states (adam_multi_step_)
+
+
+def float_state(n, dtype):
+    """One parameter's tensors for adam_multi_step_: p, m, v, step, skipped."""
+    return [
+        randn_nonzero(n, dtype, "cpu"), torch.randn(n) * 0.1, torch.rand(n) * 0.01,
+        torch.tensor(4.0), torch.tensor(0.0),
+    ]  # fmt: skip
+
+
+def float_state_args(states, grads, variant):
+    decoupled, weight_decay, gnorm_scale = variant
+    p, m, v, step, skipped = (list(t) for t in zip(*states))
+    return (p, grads, m, v, step, skipped, LR, BETA1, BETA2, EPS, weight_decay, decoupled,
+            gnorm_scale)  # fmt: skip
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+FLOAT_STATE_NAMES = ("p", "exp_avg", "exp_avg_sq", "step", "skipped")
+
+
+@needs_native_cpu
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+def test_float_states_match_reference(cpu_isa, dtype, variant):
+    """The float32-state step, bit for bit: odd sizes (vector tails), a tensor spanning several
+    finiteness chunks, update units and both threads; in the second step a NaN and an infinity
+    skip exactly their tensors, which stay as they were."""
+    sizes = [1, 15, 17, 1000, 4097, 300_001]
+    refs = [float_state(n, dtype) for n in sizes]
+    for t in range(2):
+        grads = [randn_nonzero(n, dtype, "cpu") for n in sizes]
+        if t == 1:
+            grads[1][3] = float("nan")
+            grads[5][-1] = float("inf")  # in the last chunk, the vector tail
+        kernels = [[x.clone() for x in st] for st in refs]
+        before = [[x.clone() for x in st] for st in refs]
+        run_on("cpu", ops.adam_multi_step_, *float_state_args(kernels, grads, variant))
+        run_on("reference", ops.adam_multi_step_, *float_state_args(refs, grads, variant))
+        for n, kernel, ref, old in zip(sizes, kernels, refs, before):
+            for name, got, want in zip(FLOAT_STATE_NAMES, kernel, ref):
+                assert torch.equal(bits(got), bits(want)), f"{cpu_isa} n={n} step {t}: {name}"
+            if t == 1 and n in (15, 300_001):
+                assert all(torch.equal(a, b) for a, b in zip(kernel[:4], old[:4])), f"n={n}"
+    assert [st[4].item() for st in refs] == [0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    assert [st[3].item() for st in refs] == [6.0, 5.0, 6.0, 6.0, 6.0, 5.0]
+
+
+@needs_native_cpu
+def test_optimizer_float_states_take_the_kernel(monkeypatch):
+    """The optimizers step their float32-state tensors by adam_multi_step_ on the CPU (one call
+    per group), and the result equals that of their tensor-op path (forced reference backend),
+    bit for bit, over several steps of a bf16 and an fp32 parameter, one of them strided."""
+    torch.manual_seed(0)
+    weight = torch.randn(40, 30)
+    params = [torch.nn.Parameter(weight.t()), torch.nn.Parameter(torch.randn(77).bfloat16())]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    calls = []
+    kernel = lpk._dispatch.kernel_for("adam_multi_step_", "cpu")[1]
+    monkeypatch.setitem(
+        lpk._dispatch._KERNELS[("adam_multi_step_", "cpu")], "cpu",
+        lambda *args: (calls.append(len(args[0])), kernel(*args)),
+    )  # fmt: skip
+    fused = lpk.optim.AdamW8bit(params, lr=1e-2, weight_decay=0.1)
+    plain = lpk.optim.AdamW8bit(twins, lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(p.shape).to(p.dtype)
+            q.grad = p.grad.clone()
+        fused.step()
+        with lpk.use_backend("reference"):
+            plain.step()
+    assert calls == [2, 2, 2]
+    for p, q in zip(params, twins):
+        assert torch.equal(bits(p.detach().contiguous()), bits(q.detach().contiguous()))
+    for p, q in zip(params, twins):
+        for name in ("state1", "state2", "step"):
+            assert torch.equal(fused.state[p][name], plain.state[q][name]), name
+
+
 # ---------------------------------------------------------------- CPU: the state encoder
 
 

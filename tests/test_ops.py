@@ -25,6 +25,7 @@ ALL_OPS = [
     "int8_linear",
     "adam8bit_step_",
     "adam8bit_multi_step_",
+    "adam_multi_step_",
 ]
 
 
@@ -134,6 +135,8 @@ def valid_args(op: str, variant: str = "") -> dict:
         return _adam()
     if op == "adam8bit_multi_step_":
         return _adam_multi()
+    if op == "adam_multi_step_":
+        return _adam_float_states()
     raise AssertionError(op)
 
 
@@ -148,6 +151,25 @@ def _adam_multi(sizes=(300, 70)):
     for single_name, name in zip(_PER_TENSOR, _MULTI_NAMES):
         args[name] = [s[single_name] for s in singles]
     return args
+
+
+def _adam_float_states(sizes=(300, 70)):
+    """Two tensors with float32 states, in adam_multi_step_'s list arguments."""
+    singles = [_adam(n) for n in sizes]
+    args = {k: singles[0][k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay")}
+    args |= dict(
+        params=[s["p"] for s in singles], grads=[s["g"] for s in singles],
+        exp_avgs=[torch.randn(n) * 0.1 for n in sizes],
+        exp_avg_sqs=[torch.rand(n) * 0.01 for n in sizes],
+        steps=[s["step"] for s in singles], skipped=[s["skipped"] for s in singles],
+        decoupled=True, gnorm_scale=1.0,
+    )  # fmt: skip
+    return args
+
+
+def _second(name: str, bad):
+    """A change of adam_multi_step_'s list ``name``: its second tensor becomes ``bad``."""
+    return {name: lambda a: [a[name][0], bad(a[name][1]) if callable(bad) else bad]}
 
 
 def call(op: str, args: dict):
@@ -169,6 +191,7 @@ SAMPLES = [
     ("int8_linear", ""),
     ("adam8bit_step_", ""),
     ("adam8bit_multi_step_", ""),
+    ("adam_multi_step_", ""),
 ]
 SAMPLE_IDS = [f"{op}-{v}" if v else op for op, v in SAMPLES]
 
@@ -230,6 +253,7 @@ EXPECTED_SHAPES = {
     "int8_linear": [((3, 5), torch.float32)],
     "adam8bit_step_": [],
     "adam8bit_multi_step_": [],
+    "adam_multi_step_": [],
 }
 
 
@@ -424,6 +448,20 @@ BAD = [
     ("adam8bit_multi_step_", "", "steps-long", {"steps": lambda a: a["steps"] * 2}, ValueError, "steps"),
     ("adam8bit_multi_step_", "", "state1-size", {"state1": lambda a: [a["state1"][0], a["state1"][0]]}, ValueError, "state1"),
     ("adam8bit_multi_step_", "", "lr-neg", {"lr": -1.0}, ValueError, "lr"),
+    ("adam_multi_step_", "", "params-empty", {"params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [], "steps": [], "skipped": []}, ValueError, "params"),
+    ("adam_multi_step_", "", "exp_avgs-short", {"exp_avgs": lambda a: a["exp_avgs"][:1]}, ValueError, "exp_avgs"),
+    ("adam_multi_step_", "", "p-noncontiguous", _second("params", _noncontig(70)), ValueError, "p"),
+    ("adam_multi_step_", "", "p-int", _second("params", torch.ones(70, dtype=torch.int32)), TypeError, "p"),
+    ("adam_multi_step_", "", "g-shape", _second("grads", torch.ones(69)), ValueError, "g"),
+    ("adam_multi_step_", "", "g-dtype", _second("grads", torch.ones(70, dtype=torch.bfloat16)), TypeError, "g"),
+    ("adam_multi_step_", "", "exp_avg-dtype", _second("exp_avgs", torch.zeros(70, dtype=torch.float16)), TypeError, "exp_avg"),
+    ("adam_multi_step_", "", "exp_avg-size", _second("exp_avgs", torch.zeros(71)), ValueError, "exp_avg"),
+    ("adam_multi_step_", "", "exp_avg_sq-noncontiguous", _second("exp_avg_sqs", torch.zeros(70, 2)[:, 0]), ValueError, "exp_avg_sq"),
+    ("adam_multi_step_", "", "exp_avg_sq-device", _second("exp_avg_sqs", _meta), ValueError, "exp_avg_sq"),
+    ("adam_multi_step_", "", "params-device", {n: (lambda a, n=n: [a[n][0], _meta(a[n][1])]) for n in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "skipped")}, ValueError, "params"),
+    ("adam_multi_step_", "", "step-dtype", _second("steps", torch.tensor(3, dtype=torch.int64)), TypeError, "step"),
+    ("adam_multi_step_", "", "skipped-size", _second("skipped", torch.zeros(2)), ValueError, "skipped"),
+    ("adam_multi_step_", "", "beta2-one", {"beta2": 1.0}, ValueError, "beta2"),
 ]  # fmt: skip
 
 

@@ -54,6 +54,9 @@ constexpr int64_t kMinElementsPerWorker = 16384;
 // the loop's _mm_prefetch calls (the built step issued none); issued for real (asm, 512 elements
 // ahead) they made the 16.7M fp32 step 3-5% slower (two threads, C++ driver).
 constexpr int64_t kElementsPerUpdateTask = 262144;
+// The update's unit for float32 states (which have no quantization blocks): tasks hold
+// kElementsPerUpdateTask / kFloatStateUnit of them, and a unit is never split.
+constexpr int64_t kFloatStateUnit = 1024;
 // The finiteness pass: elements per parallel task, and the gradient bytes checked before
 // their tensors are updated (a batch stays in the last-level cache between the two passes).
 constexpr int64_t kCheckChunkElements = 65536;
@@ -373,6 +376,18 @@ void update_blocks_scalar(const Adam8bitTensor& t, const AdamCoefficients& c, in
   (void)kAddWeightDecay;  // the scalar path reads c.add_weight_decay itself
 }
 
+// Elements [begin, end) of a tensor with float32 states.
+template <FloatType T, bool kAddWeightDecay>
+void update_float_states_scalar(const AdamTensor& t, const AdamCoefficients& c, int64_t begin,
+                                int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    float p = load_float<T>(t.p, i);
+    adam_update(&p, load_float<T>(t.g, i), t.m + i, t.v + i, c);
+    store_float<T>(t.p, i, p);
+  }
+  (void)kAddWeightDecay;  // the scalar path reads c.add_weight_decay itself
+}
+
 #if LOWPREC_X86_SIMD
 
 // -------------------------------------------------------------------------------- AVX2 path
@@ -535,6 +550,38 @@ LP_TARGET_AVX2 void update_blocks_avx2(const Adam8bitTensor& t, const AdamCoeffi
     encode_avx2(new_m, count, absmax1, tables.encoder1, t.state1 + begin);
     encode_avx2(new_v, count, absmax2, tables.encoder2, t.state2 + begin);
   }
+}
+
+template <FloatType T, bool kAddWeightDecay>
+LP_TARGET_AVX2 void update_float_states_avx2(const AdamTensor& t, const AdamCoefficients& c,
+                                             int64_t begin, int64_t end) {
+  const __m256 gnorm_scale = _mm256_set1_ps(c.gnorm_scale);
+  const __m256 weight_decay = _mm256_set1_ps(c.weight_decay);
+  const __m256 beta1 = _mm256_set1_ps(c.beta1);
+  const __m256 one_minus_beta1 = _mm256_set1_ps(c.one_minus_beta1);
+  const __m256 beta2 = _mm256_set1_ps(c.beta2);
+  const __m256 one_minus_beta2 = _mm256_set1_ps(c.one_minus_beta2);
+  const __m256 decay = _mm256_set1_ps(c.decay);
+  const __m256 step_size = _mm256_set1_ps(c.step_size);
+  const __m256 inv_sqrt_bc2 = _mm256_set1_ps(c.inv_sqrt_bc2);
+  const __m256 eps = _mm256_set1_ps(c.eps);
+  const int64_t vector_end = begin + (end - begin) / kAvx2Lanes * kAvx2Lanes;
+  for (int64_t i = begin; i < vector_end; i += kAvx2Lanes) {
+    __m256 p = avx2_load<T>(t.p, i);
+    __m256 g = _mm256_mul_ps(avx2_load<T>(t.g, i), gnorm_scale);
+    if constexpr (kAddWeightDecay) g = _mm256_add_ps(g, _mm256_mul_ps(weight_decay, p));
+    const __m256 m = _mm256_add_ps(_mm256_mul_ps(beta1, _mm256_loadu_ps(t.m + i)),
+                                   _mm256_mul_ps(one_minus_beta1, g));
+    const __m256 v = _mm256_add_ps(_mm256_mul_ps(beta2, _mm256_loadu_ps(t.v + i)),
+                                   _mm256_mul_ps(one_minus_beta2, _mm256_mul_ps(g, g)));
+    p = _mm256_mul_ps(p, decay);
+    const __m256 denominator = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), inv_sqrt_bc2), eps);
+    p = _mm256_sub_ps(p, _mm256_mul_ps(step_size, _mm256_div_ps(m, denominator)));
+    avx2_store<T>(t.p, i, p);
+    _mm256_storeu_ps(t.m + i, m);
+    _mm256_storeu_ps(t.v + i, v);
+  }
+  update_float_states_scalar<T, kAddWeightDecay>(t, c, vector_end, end);
 }
 
 template <FloatType T>
@@ -1129,6 +1176,30 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512(const Adam8bitTensor& t, const A
   }
 }
 
+template <FloatType T, bool kAddWeightDecay>
+LP_TARGET_AVX512_VBMI void update_float_states_avx512(const AdamTensor& t,
+                                                      const AdamCoefficients& c, int64_t begin,
+                                                      int64_t end) {
+  const Avx512StepConstants k = avx512_step_constants(c);
+  for (int64_t i = begin; i < end; i += kAvx512Lanes) {
+    const __mmask16 lanes = avx512_lanes(end - i);
+    const __m512 p_old = avx512_load<T>(t.p, i, lanes);
+    __m512 g = _mm512_mul_ps(avx512_load<T>(t.g, i, lanes), k.gnorm_scale);
+    if constexpr (kAddWeightDecay) g = _mm512_add_ps(g, _mm512_mul_ps(k.weight_decay, p_old));
+    const __m512 m = _mm512_add_ps(_mm512_mul_ps(k.beta1, _mm512_maskz_loadu_ps(lanes, t.m + i)),
+                                   _mm512_mul_ps(k.one_minus_beta1, g));
+    const __m512 v = _mm512_add_ps(_mm512_mul_ps(k.beta2, _mm512_maskz_loadu_ps(lanes, t.v + i)),
+                                   _mm512_mul_ps(k.one_minus_beta2, _mm512_mul_ps(g, g)));
+    const __m512 denominator =
+        _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(v), k.inv_sqrt_bc2), k.eps);
+    const __m512 p = _mm512_sub_ps(_mm512_mul_ps(p_old, k.decay),
+                                   _mm512_mul_ps(k.step_size, _mm512_div_ps(m, denominator)));
+    avx512_store<T>(t.p, i, lanes, p);
+    _mm512_mask_storeu_ps(t.m + i, lanes, m);
+    _mm512_mask_storeu_ps(t.v + i, lanes, v);
+  }
+}
+
 // Independent running maxima in the finiteness pass: one would chain every load to the last
 // and hold the scan well below the memory bandwidth.
 constexpr int kFiniteAccumulators = 4;
@@ -1222,6 +1293,24 @@ UpdateBlocksFn update_blocks_for(Adam8bitPath path, FloatType type, bool add_wei
       type, [&]<FloatType T>() { return update_blocks_for<T>(path, add_weight_decay); });
 }
 
+using UpdateFloatStatesFn = void (*)(const AdamTensor& t, const AdamCoefficients& c, int64_t begin,
+                                     int64_t end);
+
+template <FloatType T, bool kAddWeightDecay>
+UpdateFloatStatesFn update_float_states_for(Adam8bitPath path) {
+  return LP_PER_ISA(path, (&update_float_states_avx512<T, kAddWeightDecay>),
+                    (&update_float_states_avx2<T, kAddWeightDecay>),
+                    (&update_float_states_scalar<T, kAddWeightDecay>));
+}
+
+UpdateFloatStatesFn update_float_states_for(Adam8bitPath path, FloatType type,
+                                            bool add_weight_decay) {
+  return simd::with_float_type(type, [&]<FloatType T>() {
+    return add_weight_decay ? update_float_states_for<T, true>(path)
+                            : update_float_states_for<T, false>(path);
+  });
+}
+
 template <FloatType T>
 AllFiniteFn all_finite_for(Adam8bitPath path) {
   return LP_PER_ISA(path, &all_finite_avx512<T>, &all_finite_avx2<T>, &all_finite_scalar<T>);
@@ -1248,16 +1337,33 @@ int64_t range_of(const std::vector<int64_t>& starts, int64_t item) {
   return std::upper_bound(starts.begin(), starts.end(), item) - starts.begin() - 1;
 }
 
+// The end of the batch of tensors from `first` on: at least one tensor, and as many more as keep
+// the batch's gradients within kCheckBatchBytes.
+template <typename Tensor>
+int64_t check_batch_end(const Tensor* tensors, int64_t first, int64_t count) {
+  int64_t end = first;
+  int64_t bytes = 0;
+  do {
+    bytes += tensors[end].n * element_bytes(tensors[end].type);
+    ++end;
+  } while (end < count &&
+           bytes + tensors[end].n * element_bytes(tensors[end].type) <= kCheckBatchBytes);
+  return end;
+}
+
 // Steps tensors [first, end) of the call: the finiteness of all their gradients, then the
-// update of the finite ones, then the step / skip counters.
+// update of the finite ones, then the step / skip counters. The update goes by units of
+// `unit` elements (the quantization blocks of 8-bit states): update(t, c, first, end) steps
+// units [first, end) of t.
 //
 // Both phases run in one parallel region (on a shared machine each region can wait a scheduler
 // time slice for a core another process holds). Workers claim check chunks, wait until every
 // chunk is checked (only for chunks that other running workers hold: a worker that starts late
 // finds nothing left, so this cannot deadlock even when the pool runs workers one at a time),
 // then claim update tasks, skipping the blocks of flagged tensors.
-void step_batch(const Adam8bitTensor* tensors, int64_t first, int64_t end,
-                const Adam8bitTables& tables, const Adam8bitHyper& hyper, Adam8bitPath path) {
+template <typename Tensor, typename Update>
+void step_batch(const Tensor* tensors, int64_t first, int64_t end, const AdamHyper& hyper,
+                int64_t unit, Adam8bitPath path, const Update& update) {
   const int64_t count = end - first;
   std::vector<int64_t> chunk_starts(count);
   std::vector<int64_t> block_starts(count + 1);
@@ -1267,10 +1373,10 @@ void step_batch(const Adam8bitTensor* tensors, int64_t first, int64_t end,
   int64_t elements = 0;
   block_starts[0] = 0;
   for (int64_t k = 0; k < count; ++k) {
-    const Adam8bitTensor& t = tensors[first + k];
+    const Tensor& t = tensors[first + k];
     chunk_starts[k] = chunks;
     chunks += num_blocks(t.n, kCheckChunkElements);
-    block_starts[k + 1] = block_starts[k] + num_blocks(t.n, hyper.blocksize);
+    block_starts[k + 1] = block_starts[k] + num_blocks(t.n, unit);
     elements += t.n;
     // t = int(step) + 1, as the reference reads it.
     new_steps[k] = trunc(static_cast<double>(*t.step)) + 1.0;
@@ -1279,7 +1385,7 @@ void step_batch(const Adam8bitTensor* tensors, int64_t first, int64_t end,
                           hyper.decoupled, hyper.gnorm_scale, new_steps[k]);
   }
   const int64_t blocks = block_starts[count];
-  const int64_t blocks_per_task = std::max<int64_t>(1, kElementsPerUpdateTask / hyper.blocksize);
+  const int64_t blocks_per_task = std::max<int64_t>(1, kElementsPerUpdateTask / unit);
   const int64_t tasks = num_blocks(blocks, blocks_per_task);
 
   std::unique_ptr<std::atomic<bool>[]> non_finite(new std::atomic<bool>[count]);
@@ -1291,7 +1397,7 @@ void step_batch(const Adam8bitTensor* tensors, int64_t first, int64_t end,
   auto work = [&]() {
     for (int64_t chunk; (chunk = next_chunk.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       const int64_t k = range_of(chunk_starts, chunk);
-      const Adam8bitTensor& t = tensors[first + k];
+      const Tensor& t = tensors[first + k];
       const int64_t begin = (chunk - chunk_starts[k]) * kCheckChunkElements;
       const int64_t stop = std::min(t.n, begin + kCheckChunkElements);
       if (!non_finite[k].load(std::memory_order_relaxed) &&
@@ -1308,10 +1414,8 @@ void step_batch(const Adam8bitTensor* tensors, int64_t first, int64_t end,
         const int64_t k = range_of(block_starts, block);
         const int64_t stop = std::min(task_end, block_starts[k + 1]);
         if (!non_finite[k].load(std::memory_order_relaxed)) {
-          const Adam8bitTensor& t = tensors[first + k];
-          const AdamCoefficients& c = coefficients[k];
-          update_blocks_for(path, t.type, c.add_weight_decay)(
-              t, c, block - block_starts[k], stop - block_starts[k], hyper.blocksize, tables);
+          update(tensors[first + k], coefficients[k], block - block_starts[k],
+                 stop - block_starts[k]);
         }
         block = stop;
       }
@@ -1325,7 +1429,7 @@ void step_batch(const Adam8bitTensor* tensors, int64_t first, int64_t end,
   });
 
   for (int64_t k = 0; k < count; ++k) {
-    const Adam8bitTensor& t = tensors[first + k];
+    const Tensor& t = tensors[first + k];
     if (non_finite[k].load(std::memory_order_relaxed)) {
       *t.skipped = *t.skipped + 1.0f;
     } else {
@@ -1358,14 +1462,27 @@ void adam8bit_multi_step(const Adam8bitTensor* tensors, int64_t count, const flo
   const Adam8bitTables& tables = tables_for(qmap1, qmap2);
   const Adam8bitPath path = active_path();
   for (int64_t first = 0; first < count;) {
-    int64_t end = first;
-    int64_t bytes = 0;
-    do {
-      bytes += tensors[end].n * element_bytes(tensors[end].type);
-      ++end;
-    } while (end < count &&
-             bytes + tensors[end].n * element_bytes(tensors[end].type) <= kCheckBatchBytes);
-    step_batch(tensors, first, end, tables, hyper, path);
+    const int64_t end = check_batch_end(tensors, first, count);
+    step_batch(tensors, first, end, hyper, hyper.blocksize, path,
+               [&](const Adam8bitTensor& t, const AdamCoefficients& c, int64_t first_block,
+                   int64_t end_block) {
+                 update_blocks_for(path, t.type, c.add_weight_decay)(t, c, first_block, end_block,
+                                                                     hyper.blocksize, tables);
+               });
+    first = end;
+  }
+}
+
+void adam_multi_step(const AdamTensor* tensors, int64_t count, const AdamHyper& hyper) {
+  const Adam8bitPath path = active_path();
+  for (int64_t first = 0; first < count;) {
+    const int64_t end = check_batch_end(tensors, first, count);
+    step_batch(
+        tensors, first, end, hyper, kFloatStateUnit, path,
+        [&](const AdamTensor& t, const AdamCoefficients& c, int64_t first_unit, int64_t end_unit) {
+          update_float_states_for(path, t.type, c.add_weight_decay)(
+              t, c, first_unit * kFloatStateUnit, std::min(t.n, end_unit * kFloatStateUnit));
+        });
     first = end;
   }
 }

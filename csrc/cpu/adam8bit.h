@@ -23,7 +23,19 @@ struct Adam8bitTensor {
   float* skipped;   // the count of skipped steps (float32 scalar)
 };
 
-struct Adam8bitHyper {
+// One parameter tensor with float32 states (the optimizers' tensors below min_8bit_size).
+struct AdamTensor {
+  void* p;        // n elements of `type`
+  const void* g;  // n elements of `type`
+  FloatType type;
+  int64_t n;
+  float* m;        // n float32
+  float* v;        // n float32
+  float* step;     // the step count (float32 scalar)
+  float* skipped;  // the count of skipped steps (float32 scalar)
+};
+
+struct AdamHyper {
   double lr;
   double beta1;
   double beta2;
@@ -31,6 +43,9 @@ struct Adam8bitHyper {
   double weight_decay;
   bool decoupled;
   double gnorm_scale;
+};
+
+struct Adam8bitHyper : AdamHyper {
   int64_t blocksize;
 };
 
@@ -39,6 +54,10 @@ struct Adam8bitHyper {
 // set to step + 1. qmap1 / qmap2: the signed / unsigned maps (256 sorted floats each).
 void adam8bit_multi_step(const Adam8bitTensor* tensors, int64_t count, const float* qmap1,
                          const float* qmap2, const Adam8bitHyper& hyper);
+
+// The same step with float32 m and v: the reference's update without the quantization, and the
+// same skip rule.
+void adam_multi_step(const AdamTensor* tensors, int64_t count, const AdamHyper& hyper);
 
 // ------------------------------------------------------------- the encoder, for the tests
 

@@ -67,10 +67,34 @@ void adam8bit_multi_step_cpu(
                        steps[i].data_ptr<float>(), skipped[i].data_ptr<float>()});
   }
   if (tensors.empty()) return;
-  const cpu::Adam8bitHyper hyper{lr,           beta1,     beta2,       eps,
-                                 weight_decay, decoupled, gnorm_scale, blocksize};
+  const cpu::Adam8bitHyper hyper{{lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale},
+                                 blocksize};
   cpu::adam8bit_multi_step(tensors.data(), static_cast<int64_t>(tensors.size()),
                            qmap1.data_ptr<float>(), qmap2.data_ptr<float>(), hyper);
+}
+
+void adam_multi_step_cpu(const std::vector<at::Tensor>& params,
+                         const std::vector<at::Tensor>& grads,
+                         const std::vector<at::Tensor>& exp_avgs,
+                         const std::vector<at::Tensor>& exp_avg_sqs,
+                         const std::vector<at::Tensor>& steps,
+                         const std::vector<at::Tensor>& skipped, double lr, double beta1,
+                         double beta2, double eps, double weight_decay, bool decoupled,
+                         double gnorm_scale) {
+  constexpr const char* kOp = "adam_multi_step_cpu";
+  check_adam_multi_step(kOp, c10::DeviceType::CPU, params, grads, exp_avgs, exp_avg_sqs, steps,
+                        skipped);
+  std::vector<cpu::AdamTensor> tensors;
+  tensors.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    tensors.push_back({params[i].data_ptr(), grads[i].data_ptr(),
+                       float_type_of(params[i], kOp, "param"), params[i].numel(),
+                       exp_avgs[i].data_ptr<float>(), exp_avg_sqs[i].data_ptr<float>(),
+                       steps[i].data_ptr<float>(), skipped[i].data_ptr<float>()});
+  }
+  if (tensors.empty()) return;
+  const cpu::AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale};
+  cpu::adam_multi_step(tensors.data(), static_cast<int64_t>(tensors.size()), hyper);
 }
 
 namespace {

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from lowprec_kernels import _ops
+from lowprec_kernels import _dispatch, _ops
 from lowprec_kernels import functional as LF
 from lowprec_kernels._ops import BLOCKSIZES_8BIT, CODEBOOK_SIZE_8BIT, FLOAT_DTYPES, num_blocks
 from lowprec_kernels.reference.adam8bit import adam_update_corrected, update_scalars
@@ -383,7 +383,39 @@ def _step_fp32_state(
     params, grads, exp_avgs, exp_avg_sqs, steps, skipped, *,
     lr, beta1, beta2, eps, weight_decay, decoupled,
 ):  # fmt: skip
-    """The same update with float32 m, v (tensors below ``min_8bit_size``) on one device.
+    """The same update with float32 m, v (tensors below ``min_8bit_size``) on one device: by
+    ``lowprec::adam_multi_step_`` where a backend has a fused kernel for it (the CPU), else
+    by the concatenated tensor ops of ``_step_fp32_state_concatenated``."""
+    device_type = params[0].device.type
+    states = [*exp_avgs, *exp_avg_sqs]
+    if (
+        _ops.plain_eager([*params, *grads, *states, *steps, *skipped])
+        and _dispatch.kernel_for("adam_multi_step_", device_type)[0] != "reference"
+        and all(t.is_contiguous() for t in states)
+    ):
+        # The kernel updates p in place: a strided parameter goes through a contiguous copy.
+        dense = [p if p.is_contiguous() else p.contiguous() for p in params]
+        floats = (_eager_float(x) for x in (lr, beta1, beta2, eps, weight_decay))
+        _ops.route_mutating(
+            "adam_multi_step_", [*dense, *states, *steps, *skipped], dense, grads, exp_avgs,
+            exp_avg_sqs, steps, skipped, *floats, decoupled, 1.0,
+        )  # fmt: skip
+        for p, d in zip(params, dense):
+            if d is not p:
+                p.copy_(d)
+        return
+    _step_fp32_state_concatenated(
+        params, grads, exp_avgs, exp_avg_sqs, steps, skipped, lr=lr, beta1=beta1, beta2=beta2,
+        eps=eps, weight_decay=weight_decay, decoupled=decoupled,
+    )  # fmt: skip
+
+
+def _step_fp32_state_concatenated(
+    params, grads, exp_avgs, exp_avg_sqs, steps, skipped, *,
+    lr, beta1, beta2, eps, weight_decay, decoupled,
+):  # fmt: skip
+    """``lowprec::adam_multi_step_``'s update in tensor ops: under torch.compile, and on devices
+    without a fused kernel for it.
 
     All tensors are concatenated so a group costs a fixed number of kernels rather than a
     few dozen per tensor; per-tensor quantities (the update scalars of each tensor's own

@@ -124,3 +124,25 @@ def adam8bit_multi_step_(
         params, grads, state1, state2, absmax1, absmax2, steps, skipped
     ):
         adam8bit_step_(p, g, s1, s2, a1, a2, qmap1, qmap2, step, skip, *hyper)
+
+
+@register_kernel("adam_multi_step_", "reference")
+def adam_multi_step_(
+    params, grads, exp_avgs, exp_avg_sqs, steps, skipped,
+    lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale,
+):  # fmt: skip
+    """The same step with float32 states ``exp_avgs`` (m) and ``exp_avg_sqs`` (v), updated in
+    place: the update of ``adam8bit_step_`` without the quantization, and its skip rule."""
+    for p, g, m, v, step, skip in zip(params, grads, exp_avgs, exp_avg_sqs, steps, skipped):
+        if not bool(torch.isfinite(g).all()):
+            skip.add_(1)
+            continue
+        t = int(step.item()) + 1
+        p32, new_m, new_v = adam_update(
+            p.float(), g.float(), m, v, lr, beta1, beta2, eps, weight_decay, decoupled,
+            gnorm_scale, t,
+        )  # fmt: skip
+        p.copy_(p32)
+        m.copy_(new_m)
+        v.copy_(new_v)
+        step.fill_(t)

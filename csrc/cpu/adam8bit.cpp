@@ -483,22 +483,50 @@ LP_TARGET_AVX2 void encode_avx2(const float* values, int64_t count, float absmax
   encode_segmented_scalar(values + vector_end, count - vector_end, absmax, enc, codes + vector_end);
 }
 
+// The step's scalars, broadcast once per call.
+struct Avx2StepConstants {
+  __m256 gnorm_scale;
+  __m256 weight_decay;
+  __m256 beta1;
+  __m256 one_minus_beta1;
+  __m256 beta2;
+  __m256 one_minus_beta2;
+  __m256 decay;
+  __m256 step_size;
+  __m256 inv_sqrt_bc2;
+  __m256 eps;
+};
+
+LP_TARGET_AVX2 inline Avx2StepConstants avx2_step_constants(const AdamCoefficients& c) {
+  return {_mm256_set1_ps(c.gnorm_scale),  _mm256_set1_ps(c.weight_decay),
+          _mm256_set1_ps(c.beta1),        _mm256_set1_ps(c.one_minus_beta1),
+          _mm256_set1_ps(c.beta2),        _mm256_set1_ps(c.one_minus_beta2),
+          _mm256_set1_ps(c.decay),        _mm256_set1_ps(c.step_size),
+          _mm256_set1_ps(c.inv_sqrt_bc2), _mm256_set1_ps(c.eps)};
+}
+
+// lowprec::adam_update on 8 lanes: m and v (decoded) in, updated in place; returns the new p.
+template <bool kAddWeightDecay>
+LP_TARGET_AVX2 inline __m256 avx2_adam_update(__m256 p, __m256 g, __m256* m, __m256* v,
+                                              const Avx2StepConstants& c) {
+  g = _mm256_mul_ps(g, c.gnorm_scale);
+  if constexpr (kAddWeightDecay) g = _mm256_add_ps(g, _mm256_mul_ps(c.weight_decay, p));
+  *m = _mm256_add_ps(_mm256_mul_ps(c.beta1, *m), _mm256_mul_ps(c.one_minus_beta1, g));
+  *v = _mm256_add_ps(_mm256_mul_ps(c.beta2, *v),
+                     _mm256_mul_ps(c.one_minus_beta2, _mm256_mul_ps(g, g)));
+  p = _mm256_mul_ps(p, c.decay);
+  const __m256 denominator =
+      _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(*v), c.inv_sqrt_bc2), c.eps);
+  return _mm256_sub_ps(p, _mm256_mul_ps(c.step_size, _mm256_div_ps(*m, denominator)));
+}
+
 template <FloatType T, bool kAddWeightDecay>
 LP_TARGET_AVX2 void update_blocks_avx2(const Adam8bitTensor& t, const AdamCoefficients& c,
                                        int64_t first_block, int64_t end_block, int64_t blocksize,
                                        const Adam8bitTables& tables) {
   alignas(32) float new_m[kBlocksizeMax8bit];
   alignas(32) float new_v[kBlocksizeMax8bit];
-  const __m256 gnorm_scale = _mm256_set1_ps(c.gnorm_scale);
-  const __m256 weight_decay = _mm256_set1_ps(c.weight_decay);
-  const __m256 beta1 = _mm256_set1_ps(c.beta1);
-  const __m256 one_minus_beta1 = _mm256_set1_ps(c.one_minus_beta1);
-  const __m256 beta2 = _mm256_set1_ps(c.beta2);
-  const __m256 one_minus_beta2 = _mm256_set1_ps(c.one_minus_beta2);
-  const __m256 decay = _mm256_set1_ps(c.decay);
-  const __m256 step_size = _mm256_set1_ps(c.step_size);
-  const __m256 inv_sqrt_bc2 = _mm256_set1_ps(c.inv_sqrt_bc2);
-  const __m256 eps = _mm256_set1_ps(c.eps);
+  const Avx2StepConstants constants = avx2_step_constants(c);
   const __m256i magnitude_mask = _mm256_set1_epi32(0x7FFFFFFF);
   for (int64_t block = first_block; block < end_block; ++block) {
     const int64_t begin = block * blocksize;
@@ -512,18 +540,11 @@ LP_TARGET_AVX2 void update_blocks_avx2(const Adam8bitTensor& t, const AdamCoeffi
     __m256i max2 = _mm256_setzero_si256();
     for (int64_t k = 0; k < vector_end; k += kAvx2Lanes) {
       const int64_t i = begin + k;
-      __m256 p = avx2_load<T>(t.p, i);
-      __m256 g = _mm256_mul_ps(avx2_load<T>(t.g, i), gnorm_scale);
-      if constexpr (kAddWeightDecay) g = _mm256_add_ps(g, _mm256_mul_ps(weight_decay, p));
       __m256 m = _mm256_mul_ps(avx2_decode(tables.qmap1, t.state1 + i), scale1);
       __m256 v = _mm256_mul_ps(avx2_decode(tables.qmap2, t.state2 + i), scale2);
-      m = _mm256_add_ps(_mm256_mul_ps(beta1, m), _mm256_mul_ps(one_minus_beta1, g));
-      v = _mm256_add_ps(_mm256_mul_ps(beta2, v),
-                        _mm256_mul_ps(one_minus_beta2, _mm256_mul_ps(g, g)));
-      p = _mm256_mul_ps(p, decay);
-      const __m256 denominator = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), inv_sqrt_bc2), eps);
-      p = _mm256_sub_ps(p, _mm256_mul_ps(step_size, _mm256_div_ps(m, denominator)));
-      avx2_store<T>(t.p, i, p);
+      avx2_store<T>(t.p, i,
+                    avx2_adam_update<kAddWeightDecay>(avx2_load<T>(t.p, i), avx2_load<T>(t.g, i),
+                                                      &m, &v, constants));
       _mm256_store_ps(new_m + k, m);
       _mm256_store_ps(new_v + k, v);
       max1 = _mm256_max_epu32(max1, _mm256_and_si256(_mm256_castps_si256(m), magnitude_mask));
@@ -555,29 +576,14 @@ LP_TARGET_AVX2 void update_blocks_avx2(const Adam8bitTensor& t, const AdamCoeffi
 template <FloatType T, bool kAddWeightDecay>
 LP_TARGET_AVX2 void update_float_states_avx2(const AdamTensor& t, const AdamCoefficients& c,
                                              int64_t begin, int64_t end) {
-  const __m256 gnorm_scale = _mm256_set1_ps(c.gnorm_scale);
-  const __m256 weight_decay = _mm256_set1_ps(c.weight_decay);
-  const __m256 beta1 = _mm256_set1_ps(c.beta1);
-  const __m256 one_minus_beta1 = _mm256_set1_ps(c.one_minus_beta1);
-  const __m256 beta2 = _mm256_set1_ps(c.beta2);
-  const __m256 one_minus_beta2 = _mm256_set1_ps(c.one_minus_beta2);
-  const __m256 decay = _mm256_set1_ps(c.decay);
-  const __m256 step_size = _mm256_set1_ps(c.step_size);
-  const __m256 inv_sqrt_bc2 = _mm256_set1_ps(c.inv_sqrt_bc2);
-  const __m256 eps = _mm256_set1_ps(c.eps);
+  const Avx2StepConstants constants = avx2_step_constants(c);
   const int64_t vector_end = begin + (end - begin) / kAvx2Lanes * kAvx2Lanes;
   for (int64_t i = begin; i < vector_end; i += kAvx2Lanes) {
-    __m256 p = avx2_load<T>(t.p, i);
-    __m256 g = _mm256_mul_ps(avx2_load<T>(t.g, i), gnorm_scale);
-    if constexpr (kAddWeightDecay) g = _mm256_add_ps(g, _mm256_mul_ps(weight_decay, p));
-    const __m256 m = _mm256_add_ps(_mm256_mul_ps(beta1, _mm256_loadu_ps(t.m + i)),
-                                   _mm256_mul_ps(one_minus_beta1, g));
-    const __m256 v = _mm256_add_ps(_mm256_mul_ps(beta2, _mm256_loadu_ps(t.v + i)),
-                                   _mm256_mul_ps(one_minus_beta2, _mm256_mul_ps(g, g)));
-    p = _mm256_mul_ps(p, decay);
-    const __m256 denominator = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), inv_sqrt_bc2), eps);
-    p = _mm256_sub_ps(p, _mm256_mul_ps(step_size, _mm256_div_ps(m, denominator)));
-    avx2_store<T>(t.p, i, p);
+    __m256 m = _mm256_loadu_ps(t.m + i);
+    __m256 v = _mm256_loadu_ps(t.v + i);
+    avx2_store<T>(t.p, i,
+                  avx2_adam_update<kAddWeightDecay>(avx2_load<T>(t.p, i), avx2_load<T>(t.g, i), &m,
+                                                    &v, constants));
     _mm256_storeu_ps(t.m + i, m);
     _mm256_storeu_ps(t.v + i, v);
   }
@@ -960,6 +966,22 @@ LP_TARGET_AVX512_VBMI inline Avx512StepConstants avx512_step_constants(const Ada
           _mm512_set1_ps(c.inv_sqrt_bc2), _mm512_set1_ps(c.eps)};
 }
 
+// lowprec::adam_update on 16 lanes: m and v (decoded) in, updated in place; returns the new p.
+// Multiplying by a gnorm_scale of 1 is exact, so callers may pass kScaleGradient = false then.
+template <bool kAddWeightDecay, bool kScaleGradient>
+LP_TARGET_AVX512_VBMI inline __m512 avx512_adam_update(__m512 p, __m512 g, __m512* m, __m512* v,
+                                                       const Avx512StepConstants& c) {
+  if constexpr (kScaleGradient) g = _mm512_mul_ps(g, c.gnorm_scale);
+  if constexpr (kAddWeightDecay) g = _mm512_add_ps(g, _mm512_mul_ps(c.weight_decay, p));
+  *m = _mm512_add_ps(_mm512_mul_ps(c.beta1, *m), _mm512_mul_ps(c.one_minus_beta1, g));
+  *v = _mm512_add_ps(_mm512_mul_ps(c.beta2, *v),
+                     _mm512_mul_ps(c.one_minus_beta2, _mm512_mul_ps(g, g)));
+  const __m512 denominator =
+      _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(*v), c.inv_sqrt_bc2), c.eps);
+  return _mm512_sub_ps(_mm512_mul_ps(p, c.decay),
+                       _mm512_mul_ps(c.step_size, _mm512_div_ps(*m, denominator)));
+}
+
 // Pass 1 on one vector of a block (element i of the tensor, k of the block): m and v decoded
 // (qmap entries) in, p updated and stored, the new m and v stored at new_m + k / new_v + k and
 // folded into the running absmax bits. kFull: all 16 lanes (no masks).
@@ -971,19 +993,11 @@ LP_TARGET_AVX512_VBMI inline void avx512_update_vector(const Adam8bitTensor& t,
                                                        __m512 old_scale2, float* new_m,
                                                        float* new_v, __m512i* max1, __m512i* max2) {
   if constexpr (kFull) lanes = 0xFFFF;
-  const __m512 p_old = avx512_load<T>(t.p, i, lanes);
-  __m512 g = avx512_load<T>(t.g, i, lanes);
-  // Multiplying by a gnorm_scale of 1 is exact: kScaleGradient is false then.
-  if constexpr (kScaleGradient) g = _mm512_mul_ps(g, c.gnorm_scale);
-  if constexpr (kAddWeightDecay) g = _mm512_add_ps(g, _mm512_mul_ps(c.weight_decay, p_old));
-  const __m512 m = _mm512_add_ps(_mm512_mul_ps(c.beta1, _mm512_mul_ps(m_entry, old_scale1)),
-                                 _mm512_mul_ps(c.one_minus_beta1, g));
-  const __m512 v = _mm512_add_ps(_mm512_mul_ps(c.beta2, _mm512_mul_ps(v_entry, old_scale2)),
-                                 _mm512_mul_ps(c.one_minus_beta2, _mm512_mul_ps(g, g)));
-  const __m512 denominator = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(v), c.inv_sqrt_bc2), c.eps);
-  const __m512 p = _mm512_sub_ps(_mm512_mul_ps(p_old, c.decay),
-                                 _mm512_mul_ps(c.step_size, _mm512_div_ps(m, denominator)));
-  avx512_store<T>(t.p, i, lanes, p);
+  __m512 m = _mm512_mul_ps(m_entry, old_scale1);
+  __m512 v = _mm512_mul_ps(v_entry, old_scale2);
+  avx512_store<T>(t.p, i, lanes,
+                  avx512_adam_update<kAddWeightDecay, kScaleGradient>(
+                      avx512_load<T>(t.p, i, lanes), avx512_load<T>(t.g, i, lanes), &m, &v, c));
   _mm512_store_ps(new_m, m);
   _mm512_store_ps(new_v, v);
   const __m512i m_bits = _mm512_and_si512(_mm512_castps_si512(m), _mm512_set1_epi32(0x7FFFFFFF));
@@ -1180,21 +1194,15 @@ template <FloatType T, bool kAddWeightDecay>
 LP_TARGET_AVX512_VBMI void update_float_states_avx512(const AdamTensor& t,
                                                       const AdamCoefficients& c, int64_t begin,
                                                       int64_t end) {
-  const Avx512StepConstants k = avx512_step_constants(c);
+  const Avx512StepConstants constants = avx512_step_constants(c);
   for (int64_t i = begin; i < end; i += kAvx512Lanes) {
     const __mmask16 lanes = avx512_lanes(end - i);
-    const __m512 p_old = avx512_load<T>(t.p, i, lanes);
-    __m512 g = _mm512_mul_ps(avx512_load<T>(t.g, i, lanes), k.gnorm_scale);
-    if constexpr (kAddWeightDecay) g = _mm512_add_ps(g, _mm512_mul_ps(k.weight_decay, p_old));
-    const __m512 m = _mm512_add_ps(_mm512_mul_ps(k.beta1, _mm512_maskz_loadu_ps(lanes, t.m + i)),
-                                   _mm512_mul_ps(k.one_minus_beta1, g));
-    const __m512 v = _mm512_add_ps(_mm512_mul_ps(k.beta2, _mm512_maskz_loadu_ps(lanes, t.v + i)),
-                                   _mm512_mul_ps(k.one_minus_beta2, _mm512_mul_ps(g, g)));
-    const __m512 denominator =
-        _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(v), k.inv_sqrt_bc2), k.eps);
-    const __m512 p = _mm512_sub_ps(_mm512_mul_ps(p_old, k.decay),
-                                   _mm512_mul_ps(k.step_size, _mm512_div_ps(m, denominator)));
-    avx512_store<T>(t.p, i, lanes, p);
+    __m512 m = _mm512_maskz_loadu_ps(lanes, t.m + i);
+    __m512 v = _mm512_maskz_loadu_ps(lanes, t.v + i);
+    avx512_store<T>(
+        t.p, i, lanes,
+        avx512_adam_update<kAddWeightDecay, true>(
+            avx512_load<T>(t.p, i, lanes), avx512_load<T>(t.g, i, lanes), &m, &v, constants));
     _mm512_mask_storeu_ps(t.m + i, lanes, m);
     _mm512_mask_storeu_ps(t.v + i, lanes, v);
   }

@@ -325,6 +325,88 @@ inline bool power_of_two_in(int64_t v, int64_t lowest, int64_t highest) {
   return is_power_of_two(v) && v >= lowest && v <= highest;
 }
 
+// The Adam checks of lowprec_kernels/_ops.py as a yes or no, plus what the kernels need beyond
+// them (every tensor contiguous, on `device`), for the eager entries of the multi-steps: they
+// decline what these do not accept, and the checked path reports it. tests/test_ops.py keeps
+// them in step: the entries decline every bad input of the checker's table.
+inline bool adam_scalars_accepted(double lr, double beta1, double beta2, double eps,
+                                  double weight_decay) {
+  // Written so that a NaN fails every test, as in the Python checks.
+  return lr >= 0.0 && beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0 && eps >= 0.0 &&
+         weight_decay >= 0.0;
+}
+
+inline bool adam_tensor_accepted(const at::Tensor& t, c10::Device device, at::ScalarType dtype,
+                                 int64_t numel) {
+  return t.defined() && t.device() == device && t.scalar_type() == dtype && t.numel() == numel &&
+         t.is_contiguous();
+}
+
+// Parameter i's p and g, and its step and skipped counters.
+inline bool adam_parameter_accepted(const at::Tensor& p, const at::Tensor& g,
+                                    const at::Tensor& step, const at::Tensor& skipped,
+                                    c10::Device device) {
+  if (!p.defined() || p.device() != device || !is_float_type(p.scalar_type()) || p.numel() == 0 ||
+      !p.is_contiguous())
+    return false;
+  return adam_tensor_accepted(g, device, p.scalar_type(), p.numel()) && g.sizes() == p.sizes() &&
+         adam_tensor_accepted(step, device, at::kFloat, 1) &&
+         adam_tensor_accepted(skipped, device, at::kFloat, 1);
+}
+
+inline bool adam_lists_accepted(size_t count,
+                                std::initializer_list<const std::vector<at::Tensor>*> lists) {
+  if (count == 0) return false;
+  for (const auto* list : lists)
+    if (list->size() != count) return false;
+  return true;
+}
+
+inline bool adam8bit_multi_step_eager_accepts(
+    c10::Device device, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+    const std::vector<at::Tensor>& state1, const std::vector<at::Tensor>& state2,
+    const std::vector<at::Tensor>& absmax1, const std::vector<at::Tensor>& absmax2,
+    const at::Tensor& qmap1, const at::Tensor& qmap2, const std::vector<at::Tensor>& steps,
+    const std::vector<at::Tensor>& skipped, double lr, double beta1, double beta2, double eps,
+    double weight_decay, int64_t blocksize) {
+  if (!adam_lists_accepted(params.size(),
+                           {&grads, &state1, &state2, &absmax1, &absmax2, &steps, &skipped}) ||
+      !power_of_two_in(blocksize, kBlocksizeMin8bit, kBlocksizeMax8bit) ||
+      !adam_tensor_accepted(qmap1, device, at::kFloat, kCodebookSize8bit) ||
+      !adam_tensor_accepted(qmap2, device, at::kFloat, kCodebookSize8bit) ||
+      !adam_scalars_accepted(lr, beta1, beta2, eps, weight_decay))
+    return false;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].defined() ? params[i].numel() : 0;
+    const int64_t num_blocks = (n + blocksize - 1) / blocksize;
+    if (!adam_parameter_accepted(params[i], grads[i], steps[i], skipped[i], device) ||
+        !adam_tensor_accepted(state1[i], device, at::kByte, n) ||
+        !adam_tensor_accepted(state2[i], device, at::kByte, n) ||
+        !adam_tensor_accepted(absmax1[i], device, at::kFloat, num_blocks) ||
+        !adam_tensor_accepted(absmax2[i], device, at::kFloat, num_blocks))
+      return false;
+  }
+  return true;
+}
+
+inline bool adam_multi_step_eager_accepts(
+    c10::Device device, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+    const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+    const std::vector<at::Tensor>& steps, const std::vector<at::Tensor>& skipped, double lr,
+    double beta1, double beta2, double eps, double weight_decay) {
+  if (!adam_lists_accepted(params.size(), {&grads, &exp_avgs, &exp_avg_sqs, &steps, &skipped}) ||
+      !adam_scalars_accepted(lr, beta1, beta2, eps, weight_decay))
+    return false;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t n = params[i].defined() ? params[i].numel() : 0;
+    if (!adam_parameter_accepted(params[i], grads[i], steps[i], skipped[i], device) ||
+        !adam_tensor_accepted(exp_avgs[i], device, at::kFloat, n) ||
+        !adam_tensor_accepted(exp_avg_sqs[i], device, at::kFloat, n))
+      return false;
+  }
+  return true;
+}
+
 // check_matmul_4bit (lowprec_kernels/_ops.py) as a yes or no, plus what the kernels need beyond
 // it (weight tensors contiguous, everything on packed's device): the eager entries decline what
 // this does not accept, and the checked path reports it. tests/test_ops.py keeps the two in

@@ -37,6 +37,23 @@ void adam_multi_step_cpu(const std::vector<at::Tensor>& params,
                          const std::vector<at::Tensor>& skipped, double lr, double beta1,
                          double beta2, double eps, double weight_decay, bool decoupled,
                          double gnorm_scale);
+// The eager entries of both (lowprec_kernels/_dispatch.py, register_eager): check, then step, in
+// one native call; false, having written nothing, for arguments the checks would refuse.
+bool adam8bit_multi_step_eager_cpu(
+    const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+    const std::vector<at::Tensor>& state1, const std::vector<at::Tensor>& state2,
+    const std::vector<at::Tensor>& absmax1, const std::vector<at::Tensor>& absmax2,
+    const at::Tensor& qmap1, const at::Tensor& qmap2, const std::vector<at::Tensor>& steps,
+    const std::vector<at::Tensor>& skipped, double lr, double beta1, double beta2, double eps,
+    double weight_decay, bool decoupled, double gnorm_scale, int64_t blocksize);
+bool adam_multi_step_eager_cpu(const std::vector<at::Tensor>& params,
+                               const std::vector<at::Tensor>& grads,
+                               const std::vector<at::Tensor>& exp_avgs,
+                               const std::vector<at::Tensor>& exp_avg_sqs,
+                               const std::vector<at::Tensor>& steps,
+                               const std::vector<at::Tensor>& skipped, double lr, double beta1,
+                               double beta2, double eps, double weight_decay, bool decoupled,
+                               double gnorm_scale);
 // The kernel's encoder on the active CPU path, for the tests: out = codes of values (float32).
 void adam8bit_encode_cpu(const at::Tensor& values, const at::Tensor& code, const at::Tensor& out);
 bool adam8bit_segmented_encoder_usable(const at::Tensor& code);

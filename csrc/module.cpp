@@ -185,6 +185,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("steps"), py::arg("skipped"),
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("decoupled"), py::arg("gnorm_scale"), no_gil);
+  m.def("adam8bit_multi_step_eager_cpu", &adam8bit_multi_step_eager_cpu, py::arg("params"),
+        py::arg("grads"), py::arg("state1"), py::arg("state2"), py::arg("absmax1"),
+        py::arg("absmax2"), py::arg("qmap1"), py::arg("qmap2"), py::arg("steps"),
+        py::arg("skipped"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("decoupled"), py::arg("gnorm_scale"), py::arg("blocksize"),
+        no_gil);
+  m.def("adam_multi_step_eager_cpu", &adam_multi_step_eager_cpu, py::arg("params"),
+        py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("steps"),
+        py::arg("skipped"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("decoupled"), py::arg("gnorm_scale"), no_gil);
   m.def("adam8bit_encode_cpu", &adam8bit_encode_cpu, py::arg("values"), py::arg("code"),
         py::arg("out"), no_gil,
         "The 8-bit Adam kernel's state encoder on the active CPU path (for tests).");

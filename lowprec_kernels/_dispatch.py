@@ -56,7 +56,8 @@ def register_kernel(op: str, backend: str, device: str = "any") -> Callable[[Cal
 def register_eager(op: str, backend: str, device: str = "any") -> Callable[[Callable], Callable]:
     """Decorator: ``fn`` runs a whole plain eager call of ``op`` (validation, output, kernel) in
     one native call, for ``backend`` on ``device``. It takes the op's arguments unchecked and
-    returns the op's result, or None for arguments it does not accept: the caller then goes
+    returns the op's result (True for an op that only writes into its arguments), or None
+    (False) for arguments it does not accept, having written nothing: the caller then goes
     through the op's checker and ``register_kernel``'s kernel, which report them."""
     return _register(_EAGER, op, backend, device)
 

@@ -576,11 +576,14 @@ def call(name: str, *args):
 
 
 def route_mutating(name: str, mutated: list[torch.Tensor], *args) -> None:
-    """Runs the router of ``name``, an op that writes into ``mutated`` (its ``Tensor(a!)``
-    arguments), for a call the caller found ``plain_eager``, then bumps the version counters
+    """Runs ``name``, an op that writes into ``mutated`` (its ``Tensor(a!)`` arguments), for a
+    call the caller found ``plain_eager``: by the backend's eager entry where it has one and
+    takes the arguments (it returns True), else by the router; then bumps the version counters
     of ``mutated`` as the dispatcher's ADInplaceOrView layer would: autograd still refuses a
     backward through their old values."""
-    _ROUTERS[name](*args)
+    eager = eager_for(name, _first_tensor(args).device.type)
+    if eager is None or not eager(*args):
+        _ROUTERS[name](*args)
     try:
         torch.autograd.graph.increment_version(mutated)
     except TypeError:  # torch < 2.5 takes one tensor at a time

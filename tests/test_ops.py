@@ -844,3 +844,73 @@ def test_eager_entry_declines_what_the_checker_rejects(device, variant, changes,
     if ordered[0].device.type == device:
         with pytest.raises(exc, match=rf"lowprec\.matmul_4bit: .*\b{name}\b"):
             _ops.call("matmul_4bit", *ordered)
+
+
+# The optimizers' eager entries (adam8bit_multi_step_, adam_multi_step_), taken through
+# _ops.route_mutating: the same contract, on the CPU.
+
+
+def _adam_eager(op: str):
+    from lowprec_kernels import _dispatch
+
+    if not lpk.available_backends()["cpu"]:
+        pytest.skip("needs the native cpu backend")
+    eager = _dispatch.eager_for(op, "cpu")
+    assert eager is not None
+    return eager
+
+
+def _adam_multi_with_bad_second(changes: dict) -> dict:
+    """adam8bit_multi_step_'s arguments whose second tensor carries a bad input of
+    adam8bit_step_ (as test_multi_step_refuses_each_bad_tensor builds them)."""
+    good, bad = _adam(70), _apply(_adam(300), changes)
+    args = {k: v for k, v in bad.items() if k not in _PER_TENSOR}
+    for single_name, multi_name in zip(_PER_TENSOR, _MULTI_NAMES):
+        args[multi_name] = [good[single_name], bad[single_name]]
+    return args
+
+
+def _adam_bad_rows():
+    for op, _, ident, changes, *_ in BAD:
+        if op in ("adam8bit_step_", "adam8bit_multi_step_", "adam_multi_step_"):
+            yield pytest.param(op, changes, id=f"{op}-{ident}")
+
+
+@pytest.mark.parametrize(("op", "changes"), list(_adam_bad_rows()))
+def test_adam_eager_entries_decline_what_the_checker_rejects(op, changes):
+    """Every bad input of the checker's table (a bad adam8bit_step_ input as the second tensor
+    of a multi-step) is declined, with nothing written, so that the checker reports it."""
+    if op == "adam8bit_step_":
+        op, args = "adam8bit_multi_step_", _adam_multi_with_bad_second(changes)
+    else:
+        args = _apply(valid_args(op), changes)
+    ordered = [args[n] for n in arg_names(op)]
+    tensors = [t for a in ordered for t in (a if isinstance(a, list) else [a])]
+    before = [t.clone() for t in tensors if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+    assert not _adam_eager(op)(*ordered)
+    after = [t for t in tensors if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+@pytest.mark.parametrize("op", ["adam8bit_multi_step_", "adam_multi_step_"])
+def test_adam_eager_entries_match_the_router(op):
+    """On valid arguments the entry steps, and gives the router's tensors bit for bit."""
+    from lowprec_kernels import _ops
+
+    args = valid_args(op)
+    ordered = [args[n] for n in arg_names(op)]
+
+    def copy(a):
+        if isinstance(a, list):
+            return [t.clone() for t in a]
+        return a.clone() if isinstance(a, torch.Tensor) else a
+
+    def tensors(args):
+        return [t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]  # fmt: skip
+
+    via_eager, via_router = [copy(a) for a in ordered], [copy(a) for a in ordered]
+    assert _adam_eager(op)(*via_eager) is True
+    _ops._ROUTERS[op](*via_router)
+    for got, want in zip(tensors(via_eager), tensors(via_router)):
+        assert torch.equal(got, want)
+    assert not torch.equal(via_eager[0][0], ordered[0][0])  # it did step

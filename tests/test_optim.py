@@ -17,7 +17,6 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import lowprec_kernels as lpk
-from lowprec_kernels import _ops
 from lowprec_kernels import functional as LF
 from lowprec_kernels.optim import Adam8bit, AdamW8bit
 from lowprec_kernels.reference.adam8bit import adam_update
@@ -224,27 +223,23 @@ def test_adamw_decays_before_the_update_adam_adds_l2():
 
 
 def test_one_fused_call_per_param_group(monkeypatch):
-    routed = []
-    kernel_for = _ops.kernel_for
-
-    def counting(name, device_type):
-        routed.append(name)
-        return kernel_for(name, device_type)
-
-    monkeypatch.setattr(_ops, "kernel_for", counting)
+    """One call of each multi-step per param group that has tensors of its kind: the 8-bit
+    one and the float32-state one (below min_8bit_size)."""
+    calls_8bit = spy_on_router(monkeypatch, "adam8bit_multi_step_")
+    calls_float = spy_on_router(monkeypatch, "adam_multi_step_")
     groups = [
         {"params": [nn.Parameter(torch.randn(5000)) for _ in range(3)]},
         {"params": [nn.Parameter(torch.randn(70, 70).bfloat16()), nn.Parameter(torch.randn(4))],
          "lr": 1e-2},
-        {"params": [nn.Parameter(torch.randn(8))]},  # no 8-bit tensor: no call
+        {"params": [nn.Parameter(torch.randn(8))]},  # no 8-bit tensor: no 8-bit call
     ]  # fmt: skip
     opt = AdamW8bit(groups)
     for group in groups:
         for p in group["params"]:
             p.grad = torch.randn_like(p)
     opt.step()
-    assert routed.count("adam8bit_multi_step_") == 2
-    assert "adam8bit_step_" not in routed
+    assert [len(args[0]) for args in calls_8bit] == [3, 1]
+    assert [len(args[0]) for args in calls_float] == [1, 1]
 
 
 def test_eager_step_skips_the_dispatcher_and_bumps_versions(monkeypatch):

@@ -47,6 +47,60 @@ void dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax,
 
 // ------------------------------------------------------------------------------ 8-bit Adam
 
+namespace {
+
+// Both multi-steps on validated tensors (a checker ran, or an eager entry accepted them).
+void run_adam8bit_multi_step(
+    const char* op, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+    const std::vector<at::Tensor>& state1, const std::vector<at::Tensor>& state2,
+    const std::vector<at::Tensor>& absmax1, const std::vector<at::Tensor>& absmax2,
+    const at::Tensor& qmap1, const at::Tensor& qmap2, const std::vector<at::Tensor>& steps,
+    const std::vector<at::Tensor>& skipped, double lr, double beta1, double beta2, double eps,
+    double weight_decay, bool decoupled, double gnorm_scale, int64_t blocksize) {
+  std::vector<cpu::Adam8bitTensor> tensors;
+  tensors.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    tensors.push_back({params[i].data_ptr(), grads[i].data_ptr(),
+                       float_type_of(params[i], op, "param"), params[i].numel(),
+                       state1[i].data_ptr<uint8_t>(), state2[i].data_ptr<uint8_t>(),
+                       absmax1[i].data_ptr<float>(), absmax2[i].data_ptr<float>(),
+                       steps[i].data_ptr<float>(), skipped[i].data_ptr<float>()});
+  }
+  if (tensors.empty()) return;
+  const cpu::Adam8bitHyper hyper{{lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale},
+                                 blocksize};
+  cpu::adam8bit_multi_step(tensors.data(), static_cast<int64_t>(tensors.size()),
+                           qmap1.data_ptr<float>(), qmap2.data_ptr<float>(), hyper);
+}
+
+void run_adam_multi_step(const char* op, const std::vector<at::Tensor>& params,
+                         const std::vector<at::Tensor>& grads,
+                         const std::vector<at::Tensor>& exp_avgs,
+                         const std::vector<at::Tensor>& exp_avg_sqs,
+                         const std::vector<at::Tensor>& steps,
+                         const std::vector<at::Tensor>& skipped, double lr, double beta1,
+                         double beta2, double eps, double weight_decay, bool decoupled,
+                         double gnorm_scale) {
+  std::vector<cpu::AdamTensor> tensors;
+  tensors.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    tensors.push_back({params[i].data_ptr(), grads[i].data_ptr(),
+                       float_type_of(params[i], op, "param"), params[i].numel(),
+                       exp_avgs[i].data_ptr<float>(), exp_avg_sqs[i].data_ptr<float>(),
+                       steps[i].data_ptr<float>(), skipped[i].data_ptr<float>()});
+  }
+  if (tensors.empty()) return;
+  const cpu::AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale};
+  cpu::adam_multi_step(tensors.data(), static_cast<int64_t>(tensors.size()), hyper);
+}
+
+// The device of an eager call's tensors, if it is the CPU.
+bool first_on_cpu(const std::vector<at::Tensor>& params) {
+  return !params.empty() && params[0].defined() && params[0].device().is_cpu();
+}
+
+}  // namespace
+
 void adam8bit_multi_step_cpu(
     const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
     const std::vector<at::Tensor>& state1, const std::vector<at::Tensor>& state2,
@@ -57,20 +111,9 @@ void adam8bit_multi_step_cpu(
   constexpr const char* kOp = "adam8bit_multi_step_cpu";
   check_adam8bit_multi_step(kOp, c10::DeviceType::CPU, params, grads, state1, state2, absmax1,
                             absmax2, qmap1, qmap2, steps, skipped, blocksize);
-  std::vector<cpu::Adam8bitTensor> tensors;
-  tensors.reserve(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    tensors.push_back({params[i].data_ptr(), grads[i].data_ptr(),
-                       float_type_of(params[i], kOp, "param"), params[i].numel(),
-                       state1[i].data_ptr<uint8_t>(), state2[i].data_ptr<uint8_t>(),
-                       absmax1[i].data_ptr<float>(), absmax2[i].data_ptr<float>(),
-                       steps[i].data_ptr<float>(), skipped[i].data_ptr<float>()});
-  }
-  if (tensors.empty()) return;
-  const cpu::Adam8bitHyper hyper{{lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale},
-                                 blocksize};
-  cpu::adam8bit_multi_step(tensors.data(), static_cast<int64_t>(tensors.size()),
-                           qmap1.data_ptr<float>(), qmap2.data_ptr<float>(), hyper);
+  run_adam8bit_multi_step(kOp, params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps,
+                          skipped, lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale,
+                          blocksize);
 }
 
 void adam_multi_step_cpu(const std::vector<at::Tensor>& params,
@@ -84,17 +127,43 @@ void adam_multi_step_cpu(const std::vector<at::Tensor>& params,
   constexpr const char* kOp = "adam_multi_step_cpu";
   check_adam_multi_step(kOp, c10::DeviceType::CPU, params, grads, exp_avgs, exp_avg_sqs, steps,
                         skipped);
-  std::vector<cpu::AdamTensor> tensors;
-  tensors.reserve(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    tensors.push_back({params[i].data_ptr(), grads[i].data_ptr(),
-                       float_type_of(params[i], kOp, "param"), params[i].numel(),
-                       exp_avgs[i].data_ptr<float>(), exp_avg_sqs[i].data_ptr<float>(),
-                       steps[i].data_ptr<float>(), skipped[i].data_ptr<float>()});
-  }
-  if (tensors.empty()) return;
-  const cpu::AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale};
-  cpu::adam_multi_step(tensors.data(), static_cast<int64_t>(tensors.size()), hyper);
+  run_adam_multi_step(kOp, params, grads, exp_avgs, exp_avg_sqs, steps, skipped, lr, beta1, beta2,
+                      eps, weight_decay, decoupled, gnorm_scale);
+}
+
+bool adam8bit_multi_step_eager_cpu(
+    const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+    const std::vector<at::Tensor>& state1, const std::vector<at::Tensor>& state2,
+    const std::vector<at::Tensor>& absmax1, const std::vector<at::Tensor>& absmax2,
+    const at::Tensor& qmap1, const at::Tensor& qmap2, const std::vector<at::Tensor>& steps,
+    const std::vector<at::Tensor>& skipped, double lr, double beta1, double beta2, double eps,
+    double weight_decay, bool decoupled, double gnorm_scale, int64_t blocksize) {
+  if (!first_on_cpu(params) ||
+      !adam8bit_multi_step_eager_accepts(params[0].device(), params, grads, state1, state2, absmax1,
+                                         absmax2, qmap1, qmap2, steps, skipped, lr, beta1, beta2,
+                                         eps, weight_decay, blocksize))
+    return false;
+  run_adam8bit_multi_step("adam8bit_multi_step_eager_cpu", params, grads, state1, state2, absmax1,
+                          absmax2, qmap1, qmap2, steps, skipped, lr, beta1, beta2, eps,
+                          weight_decay, decoupled, gnorm_scale, blocksize);
+  return true;
+}
+
+bool adam_multi_step_eager_cpu(const std::vector<at::Tensor>& params,
+                               const std::vector<at::Tensor>& grads,
+                               const std::vector<at::Tensor>& exp_avgs,
+                               const std::vector<at::Tensor>& exp_avg_sqs,
+                               const std::vector<at::Tensor>& steps,
+                               const std::vector<at::Tensor>& skipped, double lr, double beta1,
+                               double beta2, double eps, double weight_decay, bool decoupled,
+                               double gnorm_scale) {
+  if (!first_on_cpu(params) ||
+      !adam_multi_step_eager_accepts(params[0].device(), params, grads, exp_avgs, exp_avg_sqs,
+                                     steps, skipped, lr, beta1, beta2, eps, weight_decay))
+    return false;
+  run_adam_multi_step("adam_multi_step_eager_cpu", params, grads, exp_avgs, exp_avg_sqs, steps,
+                      skipped, lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale);
+  return true;
 }
 
 namespace {

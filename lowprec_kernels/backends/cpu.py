@@ -243,6 +243,18 @@ def _eager_or_none(entry, *args):
         return None
 
 
+# The optimizers' steps (through _ops.route_mutating): the Python checks of each tensor cost
+# ~2 us, as much as the binding's C++ checks and the kernel of a 4096-element tensor together.
+@register_eager("adam8bit_multi_step_", backend="cpu", device="cpu")
+def adam8bit_multi_step_eager(*args):
+    return _eager_or_none(_C.adam8bit_multi_step_eager_cpu, *args)
+
+
+@register_eager("adam_multi_step_", backend="cpu", device="cpu")
+def adam_multi_step_eager(*args):
+    return _eager_or_none(_C.adam_multi_step_eager_cpu, *args)
+
+
 @register_eager("matmul_4bit", backend="cpu", device="cpu")
 def matmul_4bit_eager(
     x, A, absmax, code, blocksize, shape, nested_absmax, nested_code, offset, nested_blocksize, bias

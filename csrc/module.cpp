@@ -137,6 +137,13 @@ bool dispatcher_has_work(const std::vector<at::Tensor>& tensors) {
   const c10::DeviceType device = tensors[0].device().type();
   if (device != c10::DeviceType::CPU && device != c10::DeviceType::CUDA) return true;
   if (at::autocast::is_autocast_enabled(device)) return true;
+  // Lazily negated or conjugated views and zero tensors: their data is not what they hold
+  // until the dispatcher's fallbacks materialize it.
+  const c10::DispatchKeySet lazy_views{c10::DispatchKey::Negative, c10::DispatchKey::Conjugate,
+                                       c10::DispatchKey::ZeroTensor};
+  for (const at::Tensor& t : tensors) {
+    if (t.key_set().has_any(lazy_views)) return true;
+  }
   if (c10::GradMode::is_enabled()) {
     for (const at::Tensor& t : tensors) {
       if (t.requires_grad()) return true;

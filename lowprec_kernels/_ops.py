@@ -517,6 +517,7 @@ def _state_has_work(tensors: list[torch.Tensor]) -> bool:
         or torch.autograd._profiler_enabled()
         or tensors[0].device.type not in ("cpu", "cuda")  # meta tensors take the fake kernel
         or torch.is_autocast_enabled(tensors[0].device.type)
+        or any(t.is_neg() or t.is_conj() or t._is_zerotensor() for t in tensors)
         or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
     )
 
@@ -536,7 +537,8 @@ def _dispatcher_has_work(tensors: list[torch.Tensor]) -> bool:
     """Whether torch's dispatcher would do more for this call than run the router: autograd
     (a tensor needs grad, or a forward-mode AD level is open), autocast, tracing (torch.jit
     too) or compiling, function or dispatch modes (fake and functional tensors), functorch
-    transforms, the profiler, tensor subclasses, devices other than CPU and CUDA (meta).
+    transforms, the profiler, tensor subclasses, devices other than CPU and CUDA (meta),
+    lazily negated or conjugated views and zero tensors (their data is not their value).
     torch.compile is asked first: it folds the answer, and would stop at the native call."""
     if (
         torch.compiler.is_compiling()

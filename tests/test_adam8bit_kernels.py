@@ -491,6 +491,27 @@ def test_float_states_match_reference(cpu_isa, dtype, variant):
 
 
 @needs_native_cpu
+def test_states_shaped_unlike_p():
+    """The ops need only p's number of elements in each state (memory order), as both kernels
+    and the reference read them: a [3, 4] p with flat states."""
+    p, g = randn_nonzero((3, 4), torch.float32, "cpu"), randn_nonzero((3, 4), torch.float32, "cpu")
+    flat = float_state(12, torch.float32)
+    got, want = [[t.clone() for t in (p, *flat[1:])] for _ in range(2)]
+    run_on("cpu", ops.adam_multi_step_, *float_state_args([got], [g], VARIANTS[1]))
+    run_on("reference", ops.adam_multi_step_, *float_state_args([want], [g], VARIANTS[1]))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    qmap1, qmap2 = dynamic_map(True), dynamic_map(False)
+    ref = State(p.clone(), 64)
+    ref.state1, ref.state2 = ref.state1.reshape(-1), ref.state2.reshape(-1)
+    kernel = ref.clone()
+    run_both(
+        "adam8bit_step_", "cpu", step_args(kernel, g, qmap1, qmap2, VARIANTS[0], 64),
+        step_args(ref, g, qmap1, qmap2, VARIANTS[0], 64),
+    )  # fmt: skip
+    assert_state_matches(kernel, ref, "cpu")
+
+
+@needs_native_cpu
 def test_optimizer_float_states_take_the_kernel(monkeypatch):
     """The optimizers step their float32-state tensors by adam_multi_step_ on the CPU (one call
     per group), and the result equals that of their tensor-op path (forced reference backend),
@@ -515,6 +536,25 @@ def test_optimizer_float_states_take_the_kernel(monkeypatch):
     for p, q in zip(params, twins):
         for name in ("state1", "state2", "step"):
             assert torch.equal(fused.state[p][name], plain.state[q][name]), name
+
+
+@needs_native_cpu
+def test_float_state_paths_read_a_fractional_step_alike():
+    """A step count of 2.5 (a state dict may hold one) is read as int(step) + 1 = 3 by the
+    kernel and by the optimizers' tensor-op path alike, and both store 3."""
+    p = torch.nn.Parameter(torch.randn(100))
+    q = torch.nn.Parameter(p.detach().clone())
+    fused, plain = lpk.optim.AdamW8bit([p]), lpk.optim.AdamW8bit([q])
+    g = torch.randn(100)
+    for opt, x in ((fused, p), (plain, q)):
+        x.grad = g.clone()
+        opt.step()
+        opt.state[x]["step"].fill_(2.5)
+    fused.step()
+    with lpk.use_backend("reference"):
+        plain.step()
+    assert fused.state[p]["step"].item() == plain.state[q]["step"].item() == 3.0
+    assert torch.equal(p, q)
 
 
 # ---------------------------------------------------------------- CPU: the state encoder

@@ -731,6 +731,8 @@ def test_native_state_check_agrees_with_python():
         both([x])
     torch.func.vmap(lambda row: both([row]))(x)
     torch.jit.trace(lambda t: both([t]), (x,), check_trace=False)
+    both([x, torch._neg_view(x)])  # its data is -x's: the dispatcher negates it first
+    both([torch.randn(3, dtype=torch.complex64).conj()])
     python, native = zip(*seen)
     assert native == python
     assert python[:3] == (False, True, False) and all(python[3:])

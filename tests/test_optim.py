@@ -784,3 +784,11 @@ def test_compiled_step_with_tensor_lr_never_recompiles():
         lambda opt: torch.compile(opt.step, fullgraph=True, backend=counter),
     )  # fmt: skip
     assert counter.frame_count == 1
+
+
+def test_a_parameter_twice_in_a_group_is_refused():
+    p = nn.Parameter(torch.randn(5000))
+    with pytest.raises(ValueError, match="more than once"):
+        AdamW8bit([p, p])
+    opt = AdamW8bit(q for q in [nn.Parameter(torch.randn(3))])  # a generator still works
+    assert len(opt.param_groups[0]["params"]) == 1

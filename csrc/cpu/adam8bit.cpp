@@ -382,8 +382,12 @@ void update_float_states_scalar(const AdamTensor& t, const AdamCoefficients& c, 
                                 int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     float p = load_float<T>(t.p, i);
-    adam_update(&p, load_float<T>(t.g, i), t.m + i, t.v + i, c);
+    float m = t.m[i];
+    float v = t.v[i];
+    adam_update(&p, load_float<T>(t.g, i), &m, &v, c);
     store_float<T>(t.p, i, p);
+    t.m[i] = m;
+    t.v[i] = v;
   }
   (void)kAddWeightDecay;  // the scalar path reads c.add_weight_decay itself
 }
@@ -1197,14 +1201,14 @@ LP_TARGET_AVX512_VBMI void update_float_states_avx512(const AdamTensor& t,
   const Avx512StepConstants constants = avx512_step_constants(c);
   for (int64_t i = begin; i < end; i += kAvx512Lanes) {
     const __mmask16 lanes = avx512_lanes(end - i);
-    __m512 m = _mm512_maskz_loadu_ps(lanes, t.m + i);
-    __m512 v = _mm512_maskz_loadu_ps(lanes, t.v + i);
+    __m512 m = avx512_load<FloatType::kFloat32>(t.m, i, lanes);
+    __m512 v = avx512_load<FloatType::kFloat32>(t.v, i, lanes);
     avx512_store<T>(
         t.p, i, lanes,
         avx512_adam_update<kAddWeightDecay, true>(
             avx512_load<T>(t.p, i, lanes), avx512_load<T>(t.g, i, lanes), &m, &v, constants));
-    _mm512_mask_storeu_ps(t.m + i, lanes, m);
-    _mm512_mask_storeu_ps(t.v + i, lanes, v);
+    avx512_store<FloatType::kFloat32>(t.m, i, lanes, m);
+    avx512_store<FloatType::kFloat32>(t.v, i, lanes, v);
   }
 }
 

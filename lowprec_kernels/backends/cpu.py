@@ -88,8 +88,8 @@ def adam8bit_step_(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, s
 
 @register_kernel("adam_multi_step_", backend="cpu", device="cpu")
 def adam_multi_step_(params, grads, exp_avgs, exp_avg_sqs, steps, skipped, *hyper):
-    # p and the states are contiguous (the op's checker requires it); steps and counters are
-    # 0-dim.
+    # p and the states are contiguous (the op's checker requires it); steps and counters hold
+    # one element.
     _C.adam_multi_step_cpu(
         list(params), [g.contiguous() for g in grads], list(exp_avgs), list(exp_avg_sqs),
         list(steps), list(skipped), *hyper,

@@ -154,6 +154,16 @@ class Adam8bit(torch.optim.Optimizer):
         first (the constructor's groups come through here too)."""
         given = {k: v for k, v in param_group.items() if k != "params"}
         _check_hyperparameters({**self.defaults, **given})
+        params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):  # torch refuses sets itself
+            params = list(params)  # it may be a generator
+            if len(set(map(id, params))) != len(params):
+                # torch only warns; the fused step would update such a tensor twice, from two
+                # threads at once.
+                raise ValueError(
+                    f"{type(self).__name__}: a parameter appears more than once in a param group"
+                )
+            param_group = {**param_group, "params": params}
         super().add_param_group(param_group)
 
     # ----------------------------------------------------------------------- state
@@ -414,8 +424,9 @@ def _step_fp32_state_concatenated(
     params, grads, exp_avgs, exp_avg_sqs, steps, skipped, *,
     lr, beta1, beta2, eps, weight_decay, decoupled,
 ):  # fmt: skip
-    """``lowprec::adam_multi_step_``'s update in tensor ops: under torch.compile, and on devices
-    without a fused kernel for it.
+    """``lowprec::adam_multi_step_``'s update in tensor ops: under torch.compile, on devices
+    without a fused kernel for it (and under a forced ``reference`` backend), and for states
+    that are not contiguous.
 
     All tensors are concatenated so a group costs a fixed number of kernels rather than a
     few dozen per tensor; per-tensor quantities (the update scalars of each tensor's own
@@ -431,7 +442,8 @@ def _step_fp32_state_concatenated(
     # |g| summed in float64 is finite exactly when every element is (no float32 or half
     # input can overflow it): one multi-tensor reduction finds the non-finite gradients.
     finite = torch.stack(torch._foreach_norm(grads, 1, dtype=torch.float64)).isfinite()
-    t = (torch.stack(steps) + 1).to(torch.float64)
+    old_steps = torch.stack(steps)
+    t = old_steps.to(torch.float64).trunc() + 1  # int(step) + 1, as the op reads it
     step_size, inv_sqrt_bc2 = (s.to(torch.float32) for s in update_scalars(lr, beta1, beta2, t))
     per_tensor = torch.stack([step_size, inv_sqrt_bc2, finite.to(torch.float32)], dim=1)
     repeats = torch.tensor(sizes, device=per_tensor.device)
@@ -443,9 +455,9 @@ def _step_fp32_state_concatenated(
     for targets, new, old in ((params, new_p, p), (exp_avgs, new_m, m), (exp_avg_sqs, new_v, v)):
         kept = torch.where(keep, new, old)
         torch._foreach_copy_(targets, list(_unflatten_dense_tensors(kept, targets)))
-    stepped = finite.to(torch.float32)
-    torch._foreach_add_(steps, list(stepped.unbind(0)))
-    torch._foreach_add_(skipped, list((1.0 - stepped).unbind(0)))
+    new_steps = torch.where(finite, t.to(torch.float32), old_steps)
+    torch._foreach_copy_(steps, list(new_steps.unbind(0)))
+    torch._foreach_add_(skipped, list((~finite).to(torch.float32).unbind(0)))
 
 
 # --------------------------------------------------------------------------- loading

@@ -100,17 +100,18 @@ def adam8bit_step_(
         skipped.add_(1)
         return
     t = int(step.item()) + 1
-    m = dequantize_blockwise(state1, absmax1, qmap1, blocksize, torch.float32)
-    v = dequantize_blockwise(state2, absmax2, qmap2, blocksize, torch.float32)
+    # Element by element in memory order: the states need only p's number of elements.
+    m = dequantize_blockwise(state1.reshape(-1), absmax1, qmap1, blocksize, torch.float32)
+    v = dequantize_blockwise(state2.reshape(-1), absmax2, qmap2, blocksize, torch.float32)
     p32, m, v = adam_update(
-        p.float(), g.float(), m, v, lr, beta1, beta2, eps, weight_decay, decoupled,
-        gnorm_scale, t,
+        p.float().reshape(-1), g.float().reshape(-1), m, v, lr, beta1, beta2, eps,
+        weight_decay, decoupled, gnorm_scale, t,
     )  # fmt: skip
     codes1, new_absmax1 = quantize_blockwise(m, qmap1, blocksize)
     codes2, new_absmax2 = quantize_blockwise(v, qmap2, blocksize)
-    p.copy_(p32)
-    state1.copy_(codes1)
-    state2.copy_(codes2)
+    p.copy_(p32.view(p.shape))
+    state1.copy_(codes1.view(state1.shape))
+    state2.copy_(codes2.view(state2.shape))
     absmax1.copy_(new_absmax1)
     absmax2.copy_(new_absmax2)
     step.fill_(t)
@@ -138,11 +139,12 @@ def adam_multi_step_(
             skip.add_(1)
             continue
         t = int(step.item()) + 1
+        # Element by element in memory order: the states need only p's number of elements.
         p32, new_m, new_v = adam_update(
-            p.float(), g.float(), m, v, lr, beta1, beta2, eps, weight_decay, decoupled,
-            gnorm_scale, t,
+            p.float().reshape(-1), g.float().reshape(-1), m.reshape(-1), v.reshape(-1), lr,
+            beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, t,
         )  # fmt: skip
-        p.copy_(p32)
-        m.copy_(new_m)
-        v.copy_(new_v)
+        p.copy_(p32.view(p.shape))
+        m.copy_(new_m.view(m.shape))
+        v.copy_(new_v.view(v.shape))
         step.fill_(t)

@@ -1,6 +1,8 @@
 // Argument checks shared by the CPU and CUDA bindings. They guard the raw-pointer kernels
-// against memory errors only: user-facing validation (with messages naming the argument) is
-// done once, in Python (lowprec_kernels/_ops.py), before a backend kernel is called.
+// against memory errors: user-facing validation (with messages naming the argument) is done in
+// Python (lowprec_kernels/_ops.py), before a backend kernel is called. The exception are the
+// eager entries' predicates (*_eager_accepts): the Python checks as a yes or no, so that a plain
+// eager call can skip them; what they decline goes through the Python checks.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -342,15 +344,16 @@ inline bool adam_tensor_accepted(const at::Tensor& t, c10::Device device, at::Sc
          t.is_contiguous();
 }
 
-// Parameter i's p and g, and its step and skipped counters.
+// Parameter i's p and g, and its step and skipped counters. g may be strided (the entries
+// step a contiguous copy: autograd gives a transposed parameter a transposed gradient).
 inline bool adam_parameter_accepted(const at::Tensor& p, const at::Tensor& g,
                                     const at::Tensor& step, const at::Tensor& skipped,
                                     c10::Device device) {
   if (!p.defined() || p.device() != device || !is_float_type(p.scalar_type()) || p.numel() == 0 ||
       !p.is_contiguous())
     return false;
-  return adam_tensor_accepted(g, device, p.scalar_type(), p.numel()) && g.sizes() == p.sizes() &&
-         adam_tensor_accepted(step, device, at::kFloat, 1) &&
+  return g.defined() && g.device() == device && g.scalar_type() == p.scalar_type() &&
+         g.sizes() == p.sizes() && adam_tensor_accepted(step, device, at::kFloat, 1) &&
          adam_tensor_accepted(skipped, device, at::kFloat, 1);
 }
 

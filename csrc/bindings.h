@@ -38,7 +38,8 @@ void adam_multi_step_cpu(const std::vector<at::Tensor>& params,
                          double beta2, double eps, double weight_decay, bool decoupled,
                          double gnorm_scale);
 // The eager entries of both (lowprec_kernels/_dispatch.py, register_eager): check, then step, in
-// one native call; false, having written nothing, for arguments the checks would refuse.
+// one native call; false, having written nothing, for arguments they do not take (all that the
+// Python checks refuse, and a few they accept: strided states or maps).
 bool adam8bit_multi_step_eager_cpu(
     const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
     const std::vector<at::Tensor>& state1, const std::vector<at::Tensor>& state2,

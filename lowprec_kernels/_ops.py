@@ -470,14 +470,15 @@ def check_adam_multi_step(
 # --------------------------------------------------------------------------- definitions
 
 
-def _first_tensor(args) -> torch.Tensor:
-    """The first tensor argument, or the first tensor of the first tensor-list argument."""
+def _first_tensor(args) -> torch.Tensor | None:
+    """The first tensor argument, or the first tensor of the first tensor-list argument (a
+    call that passed its checks has one)."""
     for a in args:
         if isinstance(a, torch.Tensor):
             return a
         if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
             return a[0]
-    raise ValueError("the op got no tensor")
+    return None
 
 
 _ROUTERS: dict[str, Callable] = {}
@@ -583,7 +584,8 @@ def route_mutating(name: str, mutated: list[torch.Tensor], *args) -> None:
     takes the arguments (it returns True), else by the router; then bumps the version counters
     of ``mutated`` as the dispatcher's ADInplaceOrView layer would: autograd still refuses a
     backward through their old values."""
-    eager = eager_for(name, _first_tensor(args).device.type)
+    first = _first_tensor(args)
+    eager = eager_for(name, first.device.type) if first is not None else None
     if eager is None or not eager(*args):
         _ROUTERS[name](*args)
     try:

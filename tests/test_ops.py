@@ -916,3 +916,37 @@ def test_adam_eager_entries_match_the_router(op):
     for got, want in zip(tensors(via_eager), tensors(via_router)):
         assert torch.equal(got, want)
     assert not torch.equal(via_eager[0][0], ordered[0][0])  # it did step
+
+
+@pytest.mark.parametrize("op", ["adam8bit_multi_step_", "adam_multi_step_"])
+def test_adam_eager_entries_take_plain_numbers_only(op):
+    """pybind would turn other numbers into floats or ints before the native checks, where the
+    Python checks compare them as they are: the entries decline them."""
+    from decimal import Decimal
+
+    for name, value in [("lr", Decimal("1e-3")), ("beta1", torch.tensor(0.9)), ("eps", 0)]:
+        args = valid_args(op) | {name: value}
+        assert _adam_eager(op)(*[args[n] for n in arg_names(op)]) is None, name
+    if op == "adam8bit_multi_step_":
+        args = valid_args(op) | {"blocksize": 64.0}
+        assert _adam_eager(op)(*[args[n] for n in arg_names(op)]) is None
+
+
+@pytest.mark.parametrize("op", ["adam8bit_multi_step_", "adam_multi_step_"])
+def test_adam_eager_entries_take_strided_gradients(op):
+    """A transposed parameter's gradient (strided) is stepped from a contiguous copy, as the
+    router's kernels do."""
+    from lowprec_kernels import _ops
+
+    args = valid_args(op)
+    args["params"][0] = randn_nonzero(20, 15)
+    args["grads"][0] = randn_nonzero(15, 20).t()
+    states = ("state1", "state2") if op == "adam8bit_multi_step_" else ("exp_avgs", "exp_avg_sqs")
+    for name in states:
+        args[name][0] = args[name][0].reshape(20, 15)
+    ordered = [args[n] for n in arg_names(op)]
+    via_eager = [[t.clone() for t in a] if isinstance(a, list) else a for a in ordered]
+    via_router = [[t.clone() for t in a] if isinstance(a, list) else a for a in ordered]
+    assert _adam_eager(op)(*via_eager) is True
+    _ops._ROUTERS[op](*via_router)
+    assert torch.equal(via_eager[0][0], via_router[0][0])

@@ -790,5 +790,10 @@ def test_a_parameter_twice_in_a_group_is_refused():
     p = nn.Parameter(torch.randn(5000))
     with pytest.raises(ValueError, match="more than once"):
         AdamW8bit([p, p])
+    with pytest.raises(ValueError, match="more than once"):
+        AdamW8bit([("a", p), ("b", p)])  # named parameters
     opt = AdamW8bit(q for q in [nn.Parameter(torch.randn(3))])  # a generator still works
     assert len(opt.param_groups[0]["params"]) == 1
+    group = {"params": [nn.Parameter(torch.randn(3))], "lr": 0.5}
+    opt.add_param_group(group)
+    assert opt.param_groups[1] is group  # the caller's dict, as in torch.optim

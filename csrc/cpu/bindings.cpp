@@ -49,6 +49,15 @@ void dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax,
 
 namespace {
 
+// The tensors themselves where contiguous, else contiguous copies.
+std::vector<at::Tensor> contiguous_each(const std::vector<at::Tensor>& tensors) {
+  std::vector<at::Tensor> dense;
+  dense.reserve(tensors.size());
+  for (const at::Tensor& t : tensors)
+    dense.push_back(t.contiguous());
+  return dense;
+}
+
 // Both multi-steps on validated tensors (a checker ran, or an eager entry accepted them).
 void run_adam8bit_multi_step(
     const char* op, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
@@ -57,10 +66,11 @@ void run_adam8bit_multi_step(
     const at::Tensor& qmap1, const at::Tensor& qmap2, const std::vector<at::Tensor>& steps,
     const std::vector<at::Tensor>& skipped, double lr, double beta1, double beta2, double eps,
     double weight_decay, bool decoupled, double gnorm_scale, int64_t blocksize) {
+  const std::vector<at::Tensor> dense_grads = contiguous_each(grads);
   std::vector<cpu::Adam8bitTensor> tensors;
   tensors.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    tensors.push_back({params[i].data_ptr(), grads[i].data_ptr(),
+    tensors.push_back({params[i].data_ptr(), dense_grads[i].data_ptr(),
                        float_type_of(params[i], op, "param"), params[i].numel(),
                        state1[i].data_ptr<uint8_t>(), state2[i].data_ptr<uint8_t>(),
                        absmax1[i].data_ptr<float>(), absmax2[i].data_ptr<float>(),
@@ -81,10 +91,11 @@ void run_adam_multi_step(const char* op, const std::vector<at::Tensor>& params,
                          const std::vector<at::Tensor>& skipped, double lr, double beta1,
                          double beta2, double eps, double weight_decay, bool decoupled,
                          double gnorm_scale) {
+  const std::vector<at::Tensor> dense_grads = contiguous_each(grads);
   std::vector<cpu::AdamTensor> tensors;
   tensors.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    tensors.push_back({params[i].data_ptr(), grads[i].data_ptr(),
+    tensors.push_back({params[i].data_ptr(), dense_grads[i].data_ptr(),
                        float_type_of(params[i], op, "param"), params[i].numel(),
                        exp_avgs[i].data_ptr<float>(), exp_avg_sqs[i].data_ptr<float>(),
                        steps[i].data_ptr<float>(), skipped[i].data_ptr<float>()});

@@ -245,14 +245,26 @@ def _eager_or_none(entry, *args):
 
 # The optimizers' steps (through _ops.route_mutating): the Python checks of each tensor cost
 # ~2 us, as much as the binding's C++ checks and the kernel of a 4096-element tensor together.
+# Python floats and ints only: pybind would convert other numbers (a Decimal, a 0-dim tensor)
+# before the native checks see them, where the Python checks compare them as they are.
 @register_eager("adam8bit_multi_step_", backend="cpu", device="cpu")
 def adam8bit_multi_step_eager(*args):
+    lr, beta1, beta2, eps, weight_decay, _, gnorm_scale, blocksize = args[10:]
+    if not _floats_and_int((lr, beta1, beta2, eps, weight_decay, gnorm_scale), blocksize):
+        return None
     return _eager_or_none(_C.adam8bit_multi_step_eager_cpu, *args)
 
 
 @register_eager("adam_multi_step_", backend="cpu", device="cpu")
 def adam_multi_step_eager(*args):
+    lr, beta1, beta2, eps, weight_decay, _, gnorm_scale = args[6:]
+    if not _floats_and_int((lr, beta1, beta2, eps, weight_decay, gnorm_scale)):
+        return None
     return _eager_or_none(_C.adam_multi_step_eager_cpu, *args)
+
+
+def _floats_and_int(floats, integer: int = 0) -> bool:
+    return all(type(x) is float for x in floats) and type(integer) is int
 
 
 @register_eager("matmul_4bit", backend="cpu", device="cpu")

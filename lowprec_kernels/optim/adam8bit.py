@@ -75,7 +75,7 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         raise ValueError(
             f"Invalid weight_decay value: weight_decay={group['weight_decay']} (must be >= 0)"
         )
-    if group["blocksize"] not in BLOCKSIZES_8BIT:
+    if type(group["blocksize"]) is not int or group["blocksize"] not in BLOCKSIZES_8BIT:
         raise ValueError(
             f"Invalid blocksize: blocksize={group['blocksize']} (must be one of {BLOCKSIZES_8BIT})"
         )
@@ -156,14 +156,14 @@ class Adam8bit(torch.optim.Optimizer):
         _check_hyperparameters({**self.defaults, **given})
         params = param_group["params"]
         if not isinstance(params, (torch.Tensor, set)):  # torch refuses sets itself
-            params = list(params)  # it may be a generator
-            if len(set(map(id, params))) != len(params):
+            params = param_group["params"] = list(params)  # it may be a generator
+            tensors = [x[1] if isinstance(x, tuple) else x for x in params]  # (name, tensor)
+            if len(set(map(id, tensors))) != len(tensors):
                 # torch only warns; the fused step would update such a tensor twice, from two
                 # threads at once.
                 raise ValueError(
                     f"{type(self).__name__}: a parameter appears more than once in a param group"
                 )
-            param_group = {**param_group, "params": params}
         super().add_param_group(param_group)
 
     # ----------------------------------------------------------------------- state

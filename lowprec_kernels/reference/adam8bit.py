@@ -101,8 +101,9 @@ def adam8bit_step_(
         return
     t = int(step.item()) + 1
     # Element by element in memory order: the states need only p's number of elements.
-    m = dequantize_blockwise(state1.reshape(-1), absmax1, qmap1, blocksize, torch.float32)
-    v = dequantize_blockwise(state2.reshape(-1), absmax2, qmap2, blocksize, torch.float32)
+    f32 = torch.float32
+    m = dequantize_blockwise(state1.reshape(-1), absmax1.reshape(-1), qmap1, blocksize, f32)
+    v = dequantize_blockwise(state2.reshape(-1), absmax2.reshape(-1), qmap2, blocksize, f32)
     p32, m, v = adam_update(
         p.float().reshape(-1), g.float().reshape(-1), m, v, lr, beta1, beta2, eps,
         weight_decay, decoupled, gnorm_scale, t,
@@ -112,8 +113,8 @@ def adam8bit_step_(
     p.copy_(p32.view(p.shape))
     state1.copy_(codes1.view(state1.shape))
     state2.copy_(codes2.view(state2.shape))
-    absmax1.copy_(new_absmax1)
-    absmax2.copy_(new_absmax2)
+    absmax1.copy_(new_absmax1.view(absmax1.shape))
+    absmax2.copy_(new_absmax2.view(absmax2.shape))
     step.fill_(t)
 
 

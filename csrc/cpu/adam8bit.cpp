@@ -16,6 +16,10 @@
 // magnitude encoder below, for maps it fits (both dynamic maps). The AVX-512 decoder looks the
 // maps up by byte permutes, 64 codes at a time. The tables of both are built once per thread
 // and reused while the maps stay the same (tables_for).
+//
+// The step of tensors with float32 states (adam_multi_step, the optimizers' tensors below
+// min_8bit_size) takes the same step_batch, its update the same per-element arithmetic
+// without the quantization.
 #include "adam8bit.h"
 
 #include <math.h>

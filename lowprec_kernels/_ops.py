@@ -333,7 +333,7 @@ def _check_adam_lists(op, params, lists: dict) -> None:
             )
 
 
-def _check_adam8bit_scalars(op, lr, beta1, beta2, eps, weight_decay) -> None:
+def _check_adam_scalars(op, lr, beta1, beta2, eps, weight_decay) -> None:
     if not lr >= 0.0:
         _fail(ValueError, op, f"lr must be >= 0, got {lr}")
     for name, b in (("beta1", beta1), ("beta2", beta2)):
@@ -353,7 +353,7 @@ def check_adam8bit_step(
     _check_adam8bit_tensors(op, p, g, state1, state2, absmax1, absmax2, step, skipped, blocksize)
     _check_codebook(op, "qmap1", qmap1, CODEBOOK_SIZE_8BIT)
     _check_codebook(op, "qmap2", qmap2, CODEBOOK_SIZE_8BIT)
-    _check_adam8bit_scalars(op, lr, beta1, beta2, eps, weight_decay)
+    _check_adam_scalars(op, lr, beta1, beta2, eps, weight_decay)
     _check_same_device(
         op, "p", p, g=g, state1=state1, state2=state2, absmax1=absmax1, absmax2=absmax2,
         qmap1=qmap1, qmap2=qmap2, step=step, skipped=skipped,
@@ -375,17 +375,27 @@ def _adam8bit_tensors_pass(p, g, state1, state2, absmax1, absmax2, step, skipped
     nb = -(-n // blocksize)
     u8, f32 = torch.uint8, torch.float32
     return (
-        p.dtype in FLOAT_DTYPES and n > 0 and g.dtype == p.dtype and g.shape == p.shape
-        and p.is_contiguous()
+        _adam_parameter_pass(p, g, step, skipped, device)
         and state1.dtype == u8 and state1.numel() == n and state1.is_contiguous()
         and state2.dtype == u8 and state2.numel() == n and state2.is_contiguous()
         and absmax1.dtype == f32 and absmax1.numel() == nb
         and absmax2.dtype == f32 and absmax2.numel() == nb
+        and state1.device == device and state2.device == device and absmax1.device == device
+        and absmax2.device == device
+    )  # fmt: skip
+
+
+def _adam_parameter_pass(p, g, step, skipped, device) -> bool:
+    """The conditions on p, g and the counters that both multi-steps' screens share, given
+    tensors: _check_adam_parameter and _check_adam_counters, and all on ``device``."""
+    f32 = torch.float32
+    return (
+        p.dtype in FLOAT_DTYPES and p.numel() > 0 and g.dtype == p.dtype and g.shape == p.shape
+        and p.is_contiguous()
         and step.dtype == f32 and step.numel() == 1
         and skipped.dtype == f32 and skipped.numel() == 1
-        and p.device == device and g.device == device and state1.device == device
-        and state2.device == device and absmax1.device == device and absmax2.device == device
-        and step.device == device and skipped.device == device
+        and p.device == device and g.device == device and step.device == device
+        and skipped.device == device
     )  # fmt: skip
 
 
@@ -404,7 +414,7 @@ def check_adam8bit_multi_step(
     _check_tensor(op, "params[0]", params[0])
     _check_codebook(op, "qmap1", qmap1, CODEBOOK_SIZE_8BIT)
     _check_codebook(op, "qmap2", qmap2, CODEBOOK_SIZE_8BIT)
-    _check_adam8bit_scalars(op, lr, beta1, beta2, eps, weight_decay)
+    _check_adam_scalars(op, lr, beta1, beta2, eps, weight_decay)
     _check_same_device(op, "params[0]", params[0], qmap1=qmap1, qmap2=qmap2)
     device = params[0].device
     for i, per_tensor in enumerate(zip(*lists.values())):
@@ -431,14 +441,10 @@ def _adam_float_state_tensors_pass(p, g, exp_avg, exp_avg_sq, step, skipped, dev
     n = p.numel()
     f32 = torch.float32
     return (
-        p.dtype in FLOAT_DTYPES and n > 0 and g.dtype == p.dtype and g.shape == p.shape
-        and p.is_contiguous()
+        _adam_parameter_pass(p, g, step, skipped, device)
         and exp_avg.dtype == f32 and exp_avg.numel() == n and exp_avg.is_contiguous()
         and exp_avg_sq.dtype == f32 and exp_avg_sq.numel() == n and exp_avg_sq.is_contiguous()
-        and step.dtype == f32 and step.numel() == 1
-        and skipped.dtype == f32 and skipped.numel() == 1
-        and p.device == device and g.device == device and exp_avg.device == device
-        and exp_avg_sq.device == device and step.device == device and skipped.device == device
+        and exp_avg.device == device and exp_avg_sq.device == device
     )  # fmt: skip
 
 
@@ -453,7 +459,7 @@ def check_adam_multi_step(
     )  # fmt: skip
     _check_adam_lists(op, params, lists)
     _check_tensor(op, "params[0]", params[0])
-    _check_adam8bit_scalars(op, lr, beta1, beta2, eps, weight_decay)
+    _check_adam_scalars(op, lr, beta1, beta2, eps, weight_decay)
     device = params[0].device
     for i, per_tensor in enumerate(zip(*lists.values())):
         if not _adam_float_state_tensors_pass(*per_tensor, device):

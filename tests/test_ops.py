@@ -472,6 +472,16 @@ def _apply(args: dict, changes: dict) -> dict:
     return out
 
 
+def _adam_multi_with_bad_second(changes: dict) -> dict:
+    """adam8bit_multi_step_'s arguments whose second tensor carries a bad input of
+    adam8bit_step_ (the good one first)."""
+    good, bad = _adam(70), _apply(_adam(300), changes)
+    args = {k: v for k, v in bad.items() if k not in _PER_TENSOR}
+    for single_name, multi_name in zip(_PER_TENSOR, _MULTI_NAMES):
+        args[multi_name] = [good[single_name], bad[single_name]]
+    return args
+
+
 @pytest.mark.parametrize(
     ("op", "variant", "changes", "exc", "name"),
     [pytest.param(op, v, ch, exc, name, id=f"{op}-{i}") for op, v, i, ch, exc, name in BAD],
@@ -504,14 +514,11 @@ def test_multi_step_refuses_each_bad_tensor(changes, exc, name):
     """adam8bit_multi_step_ screens each tensor with one fast expression and runs the checks
     that name the argument only when it fails: every bad input of adam8bit_step_, as the
     second of two tensors, is still refused, naming the argument, before anything is written."""
-    good, bad = _adam(70), _apply(_adam(300), changes)
-    args = {k: v for k, v in bad.items() if k not in _PER_TENSOR}
-    for single_name, multi_name in zip(_PER_TENSOR, _MULTI_NAMES):
-        args[multi_name] = [good[single_name], bad[single_name]]
-    before = good["p"].clone()
+    args = _adam_multi_with_bad_second(changes)
+    before = args["params"][0].clone()
     with pytest.raises(exc, match=rf"lowprec\.adam8bit_multi_step_: .*\b{name}\b"):
         call("adam8bit_multi_step_", args)
-    assert torch.equal(good["p"], before)
+    assert torch.equal(args["params"][0], before)
 
 
 def test_bad_table_names_every_adam_scalar():
@@ -860,16 +867,6 @@ def _adam_eager(op: str):
     eager = _dispatch.eager_for(op, "cpu")
     assert eager is not None
     return eager
-
-
-def _adam_multi_with_bad_second(changes: dict) -> dict:
-    """adam8bit_multi_step_'s arguments whose second tensor carries a bad input of
-    adam8bit_step_ (as test_multi_step_refuses_each_bad_tensor builds them)."""
-    good, bad = _adam(70), _apply(_adam(300), changes)
-    args = {k: v for k, v in bad.items() if k not in _PER_TENSOR}
-    for single_name, multi_name in zip(_PER_TENSOR, _MULTI_NAMES):
-        args[multi_name] = [good[single_name], bad[single_name]]
-    return args
 
 
 def _adam_bad_rows():

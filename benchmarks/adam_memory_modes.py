@@ -1,9 +1,18 @@
-"""Our 8-bit AdamW step and torch's fused AdamW step, back to back for a while, one line per
-round: how each follows the VM's memory speed.
+"""Our 8-bit AdamW step and torch's fused AdamW step, back to back for a while: how each
+follows the VM's memory speed, and where our step's time goes in each of its speeds.
 
-torch's fused step is bound by the bytes it reads (16 per fp32 parameter), so it swings with
-the VM's memory speed; ours is bound by its instructions and barely moves. The summary splits
-the rounds by torch's time (``--split-ms``). Numbers in benchmarks/results/cpu-adam.md.
+This VM's memory flips between two speeds, sometimes within seconds. Each round times, each
+as the best of 3 steps after 2 untimed:
+
+* torch's fused AdamW step (bound by the 28 bytes per fp32 parameter it moves);
+* our AdamW8bit step;
+* our finiteness check alone: the step of an optimizer whose gradient ends in a NaN, which
+  reads the gradient and then skips the tensor;
+* two ceilings: ``a.add_(b)`` (two reads and a write per element, as an in-place update
+  moves them) and ``b.amax()`` (a pure read of a gradient's size).
+
+The summary splits the rounds by torch's time (``--split-ms``) and gives each column's
+median; our update is the step less the check. Numbers in benchmarks/results/cpu-adam.md.
 
     python benchmarks/adam_memory_modes.py [--params N] [--seconds S] [--split-ms MS]
 """
@@ -18,24 +27,36 @@ import torch
 
 import lowprec_kernels as lpk
 
+COLUMNS = ("torch fused", "ours", "our check", "add_", "amax")
 
-def _optimizer(make, params: int) -> torch.optim.Optimizer:
+
+def _optimizer(make, params: int, nan_last: bool = False) -> torch.optim.Optimizer:
     p = torch.nn.Parameter(torch.randn(params))
     p.grad = torch.randn(params) * 1e-2
+    if nan_last:
+        p.grad[-1] = float("nan")
     opt = make([p])
     opt.step()
     return opt
 
 
-def _best_of_three(opt: torch.optim.Optimizer) -> float:
+def _best_of_three(fn) -> float:
     for _ in range(2):  # settle on itself
-        opt.step()
+        fn()
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        opt.step()
+        fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def _summary(name: str, rounds: list[tuple[float, ...]]) -> str:
+    med = [statistics.median(r[i] for r in rounds) * 1e3 for i in range(len(COLUMNS))]
+    cells = ", ".join(f"{c} {m:.2f} ms" for c, m in zip(COLUMNS, med))
+    speedup = statistics.median(r[0] / r[1] for r in rounds)
+    return (f"{name}: {len(rounds)} rounds, {cells}; our update {med[1] - med[2]:.2f} ms; "
+            f"speedup {speedup:.2f}x")  # fmt: skip
 
 
 def main() -> None:
@@ -44,26 +65,31 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=40.0)
     parser.add_argument("--split-ms", type=float, default=4.8)
     args = parser.parse_args()
+
+    def adamw8bit(ps):
+        return lpk.optim.AdamW8bit(ps, lr=1e-3, weight_decay=0.01)
+
     torch_fused = _optimizer(
         lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True), args.params
     )
-    ours = _optimizer(lambda ps: lpk.optim.AdamW8bit(ps, lr=1e-3, weight_decay=0.01), args.params)
+    ours = _optimizer(adamw8bit, args.params)
+    check_only = _optimizer(adamw8bit, args.params, nan_last=True)
+    a = torch.randn(args.params)
+    b = torch.randn(args.params)
+    timed = (torch_fused.step, ours.step, check_only.step, lambda: a.add_(b), b.amax)
     rounds = []
     end = time.time() + args.seconds
     while time.time() < end:
-        rounds.append((_best_of_three(torch_fused), _best_of_three(ours)))
+        rounds.append(tuple(_best_of_three(fn) for fn in timed))
     print(f"{args.params} fp32 parameters, {torch.get_num_threads()} threads, {len(rounds)} "
-          "rounds (each step's best of 3 after 2 untimed)")  # fmt: skip
+          "rounds (each the best of 3 after 2 untimed)")  # fmt: skip
     split = args.split_ms / 1e3
     for name, part in (
         (f"torch fused < {args.split_ms:g} ms", [r for r in rounds if r[0] < split]),
         (f"torch fused >= {args.split_ms:g} ms", [r for r in rounds if r[0] >= split]),
     ):
         if part:
-            print(f"{name}: {len(part)} rounds, torch fused "
-                  f"{statistics.median(a for a, _ in part) * 1e3:.2f} ms, ours "
-                  f"{statistics.median(b for _, b in part) * 1e3:.2f} ms, speedup "
-                  f"{statistics.median(a / b for a, b in part):.2f}x")  # fmt: skip
+            print(_summary(name, part))
 
 
 if __name__ == "__main__":

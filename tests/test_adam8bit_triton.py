@@ -134,6 +134,16 @@ def test_extreme_values(device):
     assert ours[0].absmax1[0].item() == 0.0
 
 
+def test_fractional_step_count(device):
+    """A loaded step count of 2.5 is read as int(step) + 1 = 3 and stored as 3, as the
+    reference and the CPU and CUDA kernels do."""
+    group = [Tensors(randn_nonzero(s, torch.float32, device), 256) for s in [(300,), (77,)]]
+    for t in group:
+        t.step.fill_(2.5)
+    ours = run_both(group, steps=2, wd=0.01)
+    assert [t.step.item() for t in ours] == [4.0, 4.0]
+
+
 def test_single_tensor_op(device):
     t = Tensors(randn_nonzero((3, 333), torch.bfloat16, device), 128)
     ours = t.clone()

@@ -247,7 +247,9 @@ def _count_steps_kernel(table_ptr, nonfinite_ptr, n_tensors, TILE: tl.constexpr)
     step_ptrs = step_ptrs.to(tl.pointer_type(tl.float32))
     skipped_ptrs = skipped_ptrs.to(tl.pointer_type(tl.float32))
     stepped = exists & ~nonfinite
-    tl.store(step_ptrs, tl.load(step_ptrs, mask=stepped) + 1.0, mask=stepped)
+    step = tl.load(step_ptrs, mask=stepped)
+    whole = tl.where(step < 0.0, tl.ceil(step), tl.floor(step))  # trunc: int(step), as t reads it
+    tl.store(step_ptrs, whole + 1.0, mask=stepped)
     skip = exists & nonfinite
     tl.store(skipped_ptrs, tl.load(skipped_ptrs, mask=skip) + 1.0, mask=skip)
 
@@ -310,9 +312,9 @@ def _update_scalars(
     steps: list[torch.Tensor], lr: float, beta1: float, beta2: float
 ) -> torch.Tensor:
     """float32 [2, n_tensors]: the reference's float64 ``update_scalars`` (step size,
-    ``1 / sqrt(1 - beta2**t)``) for ``t = step + 1``, rounded once; torch ops on the device,
-    so the steps never travel to the host."""
-    t = (torch.stack([s.reshape(()) for s in steps]) + 1).to(torch.float64)
+    ``1 / sqrt(1 - beta2**t)``) for ``t = int(step) + 1``, rounded once; torch ops on the
+    device, so the steps never travel to the host."""
+    t = torch.stack([s.reshape(()) for s in steps]).to(torch.float64).trunc() + 1
     return torch.stack(update_scalars(lr, beta1, beta2, t)).to(torch.float32)
 
 

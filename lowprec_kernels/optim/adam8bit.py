@@ -39,6 +39,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from lowprec_kernels import _dispatch, _ops
 from lowprec_kernels import functional as LF
 from lowprec_kernels._ops import BLOCKSIZES_8BIT, CODEBOOK_SIZE_8BIT, FLOAT_DTYPES, num_blocks
+from lowprec_kernels._tables import TableCache, to_device
 from lowprec_kernels.reference.adam8bit import adam_update_corrected, update_scalars
 
 # bitsandbytes' state_dict() nests a parameter's quantization tensors under this key.
@@ -420,6 +421,18 @@ def _step_fp32_state(
     )  # fmt: skip
 
 
+_tensor_sizes = TableCache()
+
+
+def _sizes_on(sizes: list[int], device: torch.device) -> torch.Tensor:
+    """The tensors' sizes as an int64 tensor on ``device``, for ``repeat_interleave``: cached
+    per group layout in eager mode, so a step does not copy them from pageable memory (which
+    would make the host wait for the kernels already queued, the backward pass among them)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(sizes, device=device)
+    return _tensor_sizes.get((tuple(sizes), device), lambda: to_device(torch.tensor(sizes), device))
+
+
 def _step_fp32_state_concatenated(
     params, grads, exp_avgs, exp_avg_sqs, steps, skipped, *,
     lr, beta1, beta2, eps, weight_decay, decoupled,
@@ -446,7 +459,7 @@ def _step_fp32_state_concatenated(
     t = old_steps.to(torch.float64).trunc() + 1  # int(step) + 1, as the op reads it
     step_size, inv_sqrt_bc2 = (s.to(torch.float32) for s in update_scalars(lr, beta1, beta2, t))
     per_tensor = torch.stack([step_size, inv_sqrt_bc2, finite.to(torch.float32)], dim=1)
-    repeats = torch.tensor(sizes, device=per_tensor.device)
+    repeats = _sizes_on(sizes, per_tensor.device)
     per_element = torch.repeat_interleave(per_tensor, repeats, dim=0, output_size=sum(sizes))
     step_size, inv_sqrt_bc2, keep = per_element[:, 0], per_element[:, 1], per_element[:, 2] != 0
     new_p, new_m, new_v = adam_update_corrected(

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from lowprec_kernels._dispatch import register_kernel
+from lowprec_kernels._tables import TableCache, to_device
 from lowprec_kernels.backends.triton._utils import (
     device_guard,
     fp32_to,
@@ -70,8 +71,6 @@ COUNT_TILE = 1024
 # Bytes every address must be a multiple of for the kernels to assume vector-aligned rows
 # (the caching allocator gives 512; views with odd offsets lose the hint, not correctness).
 ALIGNMENT = 16
-# Cached tables per kind; cleared when full (an optimizer needs one or two per param group).
-TABLE_CACHE_SIZE = 64
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -257,24 +256,8 @@ def _count_steps_kernel(table_ptr, nonfinite_ptr, n_tensors, TILE: tl.constexpr)
 # --------------------------------------------------------------------------- tables
 
 
-_program_tables: dict[tuple, torch.Tensor] = {}
-_address_tables: dict[tuple, torch.Tensor] = {}
-
-
-def _cached(cache: dict, key: tuple, build) -> torch.Tensor:
-    table = cache.get(key)
-    if table is None:
-        if len(cache) >= TABLE_CACHE_SIZE:
-            cache.clear()
-        table = cache[key] = build()
-    return table
-
-
-def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host-built table on ``device``, without making the host wait for the device."""
-    if device.type == "cpu":
-        return table
-    return table.pin_memory().to(device, non_blocking=True)
+_program_tables = TableCache()
+_address_tables = TableCache()
 
 
 def _programs_per_tensor(numels: list[int], blocksize: int, blocks_per_program: int) -> list[int]:
@@ -287,10 +270,10 @@ def _program_table(numels: list[int], blocksize: int, blocks_per_program: int, d
     def build():
         counts = torch.tensor(_programs_per_tensor(numels, blocksize, blocks_per_program))
         table = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
-        return _to_device(table, device)
+        return to_device(table, device)
 
     key = (tuple(numels), blocksize, blocks_per_program, device)
-    return _cached(_program_tables, key, build)
+    return _program_tables.get(key, build)
 
 
 def _address_table(operands: list[list[torch.Tensor]], numels, blocksize, bpp, device):
@@ -302,10 +285,10 @@ def _address_table(operands: list[list[torch.Tensor]], numels, blocksize, bpp, d
         counts = _programs_per_tensor(numels, blocksize, bpp)
         first_program = [0, *itertools.accumulate(counts)][:-1]
         rows = [list(row) for row in addresses] + [list(numels), first_program]
-        return _to_device(torch.tensor(rows, dtype=torch.int64), device)
+        return to_device(torch.tensor(rows, dtype=torch.int64), device)
 
     key = (addresses, tuple(numels), blocksize, bpp, device)
-    return _cached(_address_tables, key, build)
+    return _address_tables.get(key, build)
 
 
 def _update_scalars(

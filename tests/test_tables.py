@@ -1,0 +1,65 @@
+"""lowprec_kernels._tables: host-built tables cached per key and copied without a wait."""
+
+from __future__ import annotations
+
+import torch
+
+import lowprec_kernels as lpk
+from lowprec_kernels import _tables
+from lowprec_kernels.optim import adam8bit as optim_adam8bit
+
+
+def test_a_table_is_built_once_per_key():
+    cache = _tables.TableCache(size=3)
+    builds = []
+
+    def build(value):
+        builds.append(value)
+        return torch.tensor([value])
+
+    first = cache.get(("a", 1), lambda: build(1))
+    assert cache.get(("a", 1), lambda: build(2)) is first
+    assert builds == [1] and len(cache) == 1
+
+
+def test_a_full_cache_starts_over():
+    cache = _tables.TableCache(size=2)
+    for key in range(2):
+        cache.get(key, lambda: torch.zeros(1))
+    kept = cache.get(0, lambda: torch.ones(1))
+    assert len(cache) == 2 and kept.item() == 0.0
+    cache.get(2, lambda: torch.zeros(1))  # the third key clears the first two
+    assert len(cache) == 1
+    assert cache.get(0, lambda: torch.ones(1)).item() == 1.0
+
+
+def test_a_cpu_table_is_not_copied():
+    table = torch.arange(5)
+    assert _tables.to_device(table, torch.device("cpu")) is table
+
+
+def test_the_float_state_tensor_ops_reuse_their_sizes(monkeypatch):
+    """The optimizers' tensor-op step (here under a forced reference backend) builds the
+    tensors' sizes table once for a group, not at every step."""
+    cache = _tables.TableCache()
+    monkeypatch.setattr(optim_adam8bit, "_tensor_sizes", cache)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (10, 33, 7)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours, theirs = lpk.optim.AdamW8bit(params), torch.optim.AdamW(twins)
+    built = []
+    original = cache.get
+
+    def counting_get(key, build):
+        return original(key, lambda: built.append(key) or build())
+
+    monkeypatch.setattr(cache, "get", counting_get)
+    for _ in range(3):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        with lpk.use_backend("reference"):
+            ours.step()
+        theirs.step()
+    assert built == [((10, 33, 7), torch.device("cpu"))]
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q)

@@ -274,7 +274,7 @@ def test_forward_mode_ad(device_backend, dtype):
 def test_forward_mode_transforms(device_backend):
     """The forward rule lives in the op's Autograd kernel, so it holds however the op is
     reached: a direct torch.ops call, vmap inside a dual level, nested forward mode (a
-    forward-over-forward Hessian), torch.compile of a jvp. torch.func's reverse-mode
+    forward-over-forward Hessian), torch.compile of a jvp, torch.func.linearize. torch.func's reverse-mode
     transforms are refused by name, not answered with a wrong gradient."""
     device, backend = device_backend
     layer = Linear4bit(64, 8, device=device)
@@ -304,8 +304,24 @@ def test_forward_mode_transforms(device_backend):
     compiled = torch.compile(lambda v, t: torch.func.jvp(layer, (v,), (t,)))
     _, tangent = run_on(backend, compiled, x, tx)
     torch.testing.assert_close(tangent, tx @ W.T)
+    # linearize traces the jvp with make_fx, which takes the weight as a constant: it refused
+    # the Params4bit subclass until the layer passed the op a plain-Tensor alias of it.
+    y, jvp_of = run_on(backend, torch.func.linearize, layer, x)
+    assert torch.equal(y, run_on(backend, layer, x))
+    torch.testing.assert_close(run_on(backend, jvp_of, tx), tx @ W.T)
     with pytest.raises(NotImplementedError, match="reverse-mode transforms"):
         run_on(backend, torch.func.grad(loss(layer)), x[0])
+
+
+def test_make_fx_traces_the_layer():
+    """make_fx takes the weight as a constant of the graph (a Params4bit used to stop it)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    layer = Linear4bit(64, 8)
+    x = randn_nonzero(3, 64)
+    graph = make_fx(layer)(x)
+    assert "lowprec.matmul_4bit" in graph.code
+    assert torch.equal(graph(x), layer(x))
 
 
 def test_backward_keeps_no_activation():

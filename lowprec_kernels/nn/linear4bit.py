@@ -205,13 +205,17 @@ class Linear4bit(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
+        # The op gets a plain-Tensor alias of the codes: make_fx (and torch.func.linearize,
+        # which traces with it) refuses a Parameter subclass it meets as a constant. Dynamo
+        # traces the Params4bit itself; an as_subclass there sent it into a kernel's Python.
+        codes = weight if torch.compiler.is_compiling() else weight.as_subclass(torch.Tensor)
         # A non-float x is passed on uncast, so the op rejects it with its own clear error.
         cast = self.compute_dtype is not None and x.is_floating_point()
         x_compute = x.to(self.compute_dtype) if cast else x
         bias = self.bias
         if bias is not None and x_compute.is_floating_point():
             bias = bias.to(x_compute.dtype)
-        y = LF.matmul_4bit(x_compute, weight, weight.quant_state, bias)
+        y = LF.matmul_4bit(x_compute, codes, weight.quant_state, bias)
         return y.to(x.dtype) if cast else y
 
     def extra_repr(self) -> str:

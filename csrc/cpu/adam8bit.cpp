@@ -1035,17 +1035,15 @@ inline float avx512_v_absmax(uint32_t max_raw_bits, const float* new_v, int64_t 
 // ~20% slower than its arithmetic (34 against 28 cycles per 16 elements), in both of this VM's
 // memory speeds, so it waits on latency, not bandwidth. Prefetching 2048 elements ahead took
 // 3-5% off the step (C++ driver, one and two threads, variants interleaved in one process);
-// 1024 and 4096 did as well, prefetcht1 no better, and 2 MB pages changed nothing. An earlier
-// try, 512 elements ahead, was 3-5% slower.
+// 1024 and 4096 did as well, prefetcht1 no better, and 2 MB pages changed nothing. (An earlier
+// measurement of 512 elements ahead, 3-5% slower, compared two processes minutes apart, within
+// this VM's drift.)
 constexpr int64_t kUpdatePrefetchElements = 2048;
 
-// Asks for the cache lines of [data, data + bytes). Through asm: GCC 12 deleted the update
-// loop's _mm_prefetch calls (the built step issued none). A prefetch never faults, so the lines
-// may lie past the tensor's end.
+// The cache lines of [data, data + bytes) into L1; the lines may lie past the tensor's end.
 inline void prefetch_lines(const void* data, int64_t bytes) {
-  for (int64_t offset = 0; offset < bytes; offset += 64) {
-    asm volatile("prefetcht0 %0" : : "m"(*(static_cast<const char*>(data) + offset)));
-  }
+  for (int64_t offset = 0; offset < bytes; offset += simd::kCacheLineBytes)
+    simd::prefetch_l1(static_cast<const char*>(data) + offset);
 }
 
 // Pass 1 on the code group at element k of a block of `count` elements starting at `begin`.

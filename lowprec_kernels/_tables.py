@@ -36,8 +36,32 @@ class TableCache:
         return len(self._tables)
 
 
+def device_key(device: torch.device) -> Hashable:
+    """What a table's cache key must hold of where it is used: the device, and on CUDA the
+    current stream, so that a table is only read on the stream that copied it (and freed
+    in that stream's order when a full cache is cleared)."""
+    if device.type == "cuda":
+        return device, torch.cuda.current_stream(device).stream_id
+    return device
+
+
+def caching_allowed() -> bool:
+    """Tables may be cached: plain eager execution. Under torch.compile the table is a
+    constant of the graph; under a dispatch mode (FakeTensorMode, make_fx) it would be a
+    fake or traced tensor, wrong for a later real call."""
+    return (
+        not torch.compiler.is_compiling()
+        and torch.utils._python_dispatch._get_current_dispatch_mode() is None
+    )
+
+
 def to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host-built table on ``device``, without making the host wait for the device."""
-    if device.type == "cpu":
-        return table
+    """A host-built table on ``device``, without making the host wait for the device where
+    that is possible (CUDA, outside graph capture)."""
+    if device.type != "cuda":
+        return table.to(device)
+    if torch.cuda.is_current_stream_capturing():
+        # A captured copy from a temporary pinned buffer would replay whatever the buffer
+        # holds later; a blocking copy fails the capture loudly instead.
+        return table.to(device)
     return table.pin_memory().to(device, non_blocking=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import lowprec_kernels as lpk
 from lowprec_kernels import _tables
@@ -36,6 +37,13 @@ def test_a_full_cache_starts_over():
 def test_a_cpu_table_is_not_copied():
     table = torch.arange(5)
     assert _tables.to_device(table, torch.device("cpu")) is table
+    assert _tables.device_key(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_other_devices_get_a_plain_copy():
+    """Only CUDA tables go through pinned memory (pinning needs a CUDA driver)."""
+    table = _tables.to_device(torch.arange(5), torch.device("meta"))
+    assert table.device.type == "meta" and table.shape == (5,)
 
 
 def test_the_float_state_tensor_ops_reuse_their_sizes(monkeypatch):
@@ -63,3 +71,30 @@ def test_the_float_state_tensor_ops_reuse_their_sizes(monkeypatch):
     assert built == [((10, 33, 7), torch.device("cpu"))]
     for p, q in zip(params, twins):
         torch.testing.assert_close(p, q)
+
+
+def test_a_fake_step_caches_nothing():
+    """A step under FakeTensorMode (memory estimation, fake initialisation) must not leave a
+    fake table for the next real step of the same layout."""
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (5, 6)]
+    opt = lpk.optim.AdamW8bit(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with lpk.use_backend("reference"):
+        with FakeTensorMode():
+            fakes = [torch.nn.Parameter(torch.randn(n)) for n in (5, 6)]
+            fake_opt = lpk.optim.AdamW8bit(fakes)
+            for p in fakes:
+                p.grad = torch.randn_like(p)
+            fake_opt.step()
+        opt.step()
+    assert all(opt.state[p]["step"].item() == 1.0 for p in params)
+
+
+def test_the_float_state_tensor_ops_step_meta_tensors():
+    params = [torch.nn.Parameter(torch.randn(n, device="meta")) for n in (10, 33)]
+    opt = lpk.optim.AdamW8bit(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert all(opt.state[p]["step"].device.type == "meta" for p in params)

@@ -39,7 +39,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from lowprec_kernels import _dispatch, _ops
 from lowprec_kernels import functional as LF
 from lowprec_kernels._ops import BLOCKSIZES_8BIT, CODEBOOK_SIZE_8BIT, FLOAT_DTYPES, num_blocks
-from lowprec_kernels._tables import TableCache, to_device
+from lowprec_kernels._tables import TableCache, caching_allowed, device_key, to_device
 from lowprec_kernels.reference.adam8bit import adam_update_corrected, update_scalars
 
 # bitsandbytes' state_dict() nests a parameter's quantization tensors under this key.
@@ -428,9 +428,11 @@ def _sizes_on(sizes: list[int], device: torch.device) -> torch.Tensor:
     """The tensors' sizes as an int64 tensor on ``device``, for ``repeat_interleave``: cached
     per group layout in eager mode, so a step does not copy them from pageable memory (which
     would make the host wait for the kernels already queued, the backward pass among them)."""
-    if torch.compiler.is_compiling():
+    if not caching_allowed():
         return torch.tensor(sizes, device=device)
-    return _tensor_sizes.get((tuple(sizes), device), lambda: to_device(torch.tensor(sizes), device))
+    return _tensor_sizes.get(
+        (tuple(sizes), device_key(device)), lambda: to_device(torch.tensor(sizes), device)
+    )
 
 
 def _step_fp32_state_concatenated(

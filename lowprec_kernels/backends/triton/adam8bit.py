@@ -18,7 +18,7 @@ program), and a *program table* giving each program its tensor. Every program ow
 2. the update scalars ``lr / (1 - beta1**t)``, ``1 / sqrt(1 - beta2**t)`` of each tensor's own
    step, in float64 (torch ops on the device: Triton's interpreter has no float64 ``pow``);
 3. ``_adam8bit_update_kernel``: the fused update of every unflagged tensor;
-4. ``_count_steps_kernel``: ``step += 1`` for the updated tensors, ``skipped += 1`` for the
+4. ``_count_steps_kernel``: ``step = int(step) + 1`` for the updated tensors, ``skipped += 1`` for the
    flagged ones. It runs last because every program of step 3 reads the old step.
 
 Nothing waits for the device: a flagged tensor is skipped by the kernels themselves. Both
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from lowprec_kernels._dispatch import register_kernel
-from lowprec_kernels._tables import TableCache, to_device
+from lowprec_kernels._tables import TableCache, device_key, to_device
 from lowprec_kernels.backends.triton._utils import (
     device_guard,
     fp32_to,
@@ -272,7 +272,7 @@ def _program_table(numels: list[int], blocksize: int, blocks_per_program: int, d
         table = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
         return to_device(table, device)
 
-    key = (tuple(numels), blocksize, blocks_per_program, device)
+    key = (tuple(numels), blocksize, blocks_per_program, device_key(device))
     return _program_tables.get(key, build)
 
 
@@ -287,7 +287,7 @@ def _address_table(operands: list[list[torch.Tensor]], numels, blocksize, bpp, d
         rows = [list(row) for row in addresses] + [list(numels), first_program]
         return to_device(torch.tensor(rows, dtype=torch.int64), device)
 
-    key = (addresses, tuple(numels), blocksize, bpp, device)
+    key = (addresses, tuple(numels), blocksize, bpp, device_key(device))
     return _address_tables.get(key, build)
 
 

@@ -1034,10 +1034,10 @@ inline float avx512_v_absmax(uint32_t max_raw_bits, const float* new_v, int64_t 
 // (p, g and both codes). The hardware prefetchers alone left the update of a 16.7M fp32 tensor
 // ~20% slower than its arithmetic (34 against 28 cycles per 16 elements), in both of this VM's
 // memory speeds, so it waits on latency, not bandwidth. Prefetching 2048 elements ahead took
-// 3-5% off the step (C++ driver, one and two threads, variants interleaved in one process);
-// 1024 and 4096 did as well, prefetcht1 no better, and 2 MB pages changed nothing. (An earlier
-// measurement of 512 elements ahead, 3-5% slower, compared two processes minutes apart, within
-// this VM's drift.)
+// 0-6.5% off the step, depending on the hour, and was never slower (C++ driver, one and two
+// threads, variants interleaved in one process, six runs); 1024 and 4096 did as well,
+// prefetcht1 no better, and 2 MB pages changed nothing. (An earlier measurement of 512 elements
+// ahead, 3-5% slower, compared two processes minutes apart, within this VM's drift.)
 constexpr int64_t kUpdatePrefetchElements = 2048;
 
 // The cache lines of [data, data + bytes) into L1; the lines may lie past the tensor's end.

@@ -167,6 +167,37 @@ def run_sm90_compile_script(script: str):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def assert_optimizer_float_states_take(monkeypatch, backend: str, device: str) -> None:
+    """The optimizers step their float32-state tensors (below ``min_8bit_size``) by
+    ``adam_multi_step_`` under ``backend``, one call per group, and the result equals that of
+    their tensor-op path (forced reference backend) bit for bit, over several steps of a
+    strided fp32 and a bf16 parameter."""
+    torch.manual_seed(0)
+    weight = torch.randn(40, 30, device=device)
+    params = [
+        torch.nn.Parameter(weight.t()),
+        torch.nn.Parameter(torch.randn(77, device=device).bfloat16()),
+    ]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    calls = spy_on_router(monkeypatch, "adam_multi_step_")
+    fused = lpk.optim.AdamW8bit(params, lr=1e-2, weight_decay=0.1)
+    plain = lpk.optim.AdamW8bit(twins, lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(p.shape, device=device).to(p.dtype)
+            q.grad = p.grad.clone()
+        with lpk.use_backend(backend):
+            fused.step()
+        with lpk.use_backend("reference"):
+            plain.step()
+    assert [len(args[0]) for args in calls] == [2, 2, 2]
+    for p, q in zip(params, twins):
+        int_type = {2: torch.int16, 4: torch.int32}[p.element_size()]
+        assert torch.equal(p.detach().view(int_type), q.detach().view(int_type))  # -0.0, NaNs
+        for name in ("state1", "state2", "step"):
+            assert torch.equal(fused.state[p][name], plain.state[q][name]), name
+
+
 def assert_backward_keeps_no_activation(layer, x: torch.Tensor) -> None:
     """``layer``'s autograd keeps no activation alive: an input computed just before it is
     freed once the forward is done (the linear ops' backward, grad_out @ W, needs only the

@@ -23,7 +23,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import SUPPORTED_CPU_ISAS, run_on, spy_on_router
+from conftest import SUPPORTED_CPU_ISAS, assert_optimizer_float_states_take, run_on
 
 import lowprec_kernels as lpk
 from lowprec_kernels.reference.codebooks import dynamic_map, encode_nearest, encode_thresholds
@@ -513,29 +513,8 @@ def test_states_shaped_unlike_p():
 
 @needs_native_cpu
 def test_optimizer_float_states_take_the_kernel(monkeypatch):
-    """The optimizers step their float32-state tensors by adam_multi_step_ on the CPU (one call
-    per group), and the result equals that of their tensor-op path (forced reference backend),
-    bit for bit, over several steps of a bf16 and an fp32 parameter, one of them strided."""
-    torch.manual_seed(0)
-    weight = torch.randn(40, 30)
-    params = [torch.nn.Parameter(weight.t()), torch.nn.Parameter(torch.randn(77).bfloat16())]
-    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    calls = spy_on_router(monkeypatch, "adam_multi_step_")
-    fused = lpk.optim.AdamW8bit(params, lr=1e-2, weight_decay=0.1)
-    plain = lpk.optim.AdamW8bit(twins, lr=1e-2, weight_decay=0.1)
-    for _ in range(3):
-        for p, q in zip(params, twins):
-            p.grad = torch.randn(p.shape).to(p.dtype)
-            q.grad = p.grad.clone()
-        fused.step()
-        with lpk.use_backend("reference"):
-            plain.step()
-    assert [len(args[0]) for args in calls] == [2, 2, 2]
-    for p, q in zip(params, twins):
-        assert torch.equal(bits(p.detach().contiguous()), bits(q.detach().contiguous()))
-    for p, q in zip(params, twins):
-        for name in ("state1", "state2", "step"):
-            assert torch.equal(fused.state[p][name], plain.state[q][name]), name
+    """The CPU's kernel steps the optimizers' float32-state tensors (the default backend)."""
+    assert_optimizer_float_states_take(monkeypatch, "cpu", "cpu")
 
 
 @needs_native_cpu

@@ -1,4 +1,5 @@
-"""The Triton 8-bit Adam / AdamW kernel against the reference, step by step, bit for bit.
+"""The Triton 8-bit Adam / AdamW kernel (and its float32-state sibling, adam_multi_step_)
+against the reference, step by step, bit for bit.
 
 Without a GPU the kernels run under the Triton interpreter on CPU tensors. Everything the
 kernel writes (p, codes, absmax, step, skipped) must equal the reference exactly: the
@@ -10,7 +11,13 @@ reading the PTX (test_gpu_code_*).
 
 import pytest
 import torch
-from conftest import backend_params, noncontiguous, run_on, run_sm90_compile_script
+from conftest import (
+    assert_optimizer_float_states_take,
+    backend_params,
+    noncontiguous,
+    run_on,
+    run_sm90_compile_script,
+)
 
 from lowprec_kernels import functional as LF
 from lowprec_kernels._ops import num_blocks
@@ -184,6 +191,86 @@ def test_every_gradient_non_finite(device):
         a.assert_equal(b, "all skipped")
 
 
+# ---------------------------------------------------------------- float32 states
+
+
+class FloatTensors(Tensors):
+    """One parameter's arguments of ``adam_multi_step_`` (float32 m and v), from zero states."""
+
+    NAMES = ("p", "m", "v", "step", "skipped")
+
+    def __init__(self, p):
+        self.p = p
+        self.m = torch.zeros(p.shape, device=p.device)
+        self.v = torch.zeros(p.shape, device=p.device)
+        self.step = torch.zeros((), device=p.device)
+        self.skipped = torch.zeros((), device=p.device)
+
+    def clone(self):
+        twin = object.__new__(FloatTensors)
+        for name in self.NAMES:
+            setattr(twin, name, getattr(self, name).clone())
+        return twin
+
+
+def float_state_step(backend, group, grads, lr=1e-2, wd=0.0, decoupled=True, gnorm=1.0):
+    run_on(
+        backend, torch.ops.lowprec.adam_multi_step_,
+        [t.p for t in group], grads, [t.m for t in group], [t.v for t in group],
+        [t.step for t in group], [t.skipped for t in group],
+        lr, B1, B2, EPS, wd, decoupled, gnorm,
+    )  # fmt: skip
+
+
+def run_both_float_states(group, steps, bad_step=None, grad_of=None, **hyper):
+    ours = [t.clone() for t in group]
+    for step in range(steps):
+        grads = [randn_nonzero(t.p.shape, t.p.dtype, t.p.device) for t in group]
+        if step == bad_step:
+            grads[1].view(-1)[grads[1].numel() // 2] = float("inf") if step % 2 else float("nan")
+        float_state_step("reference", group, grads, **hyper)
+        float_state_step("triton", ours, [grad_of(g) for g in grads] if grad_of else grads,
+                         **hyper)  # fmt: skip
+        for i, (a, b) in enumerate(zip(ours, group)):
+            a.assert_equal(b, f"step {step}, tensor {i}")
+    return ours
+
+
+# One program's tile is 2048 elements: tails, a whole tile, several tiles.
+FLOAT_STATE_SHAPES = [(1,), (77,), (3, 17, 5), (2048,), (4099,)]
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_float_states_equal_reference_step_by_step(device, dtype, decoupled):
+    group = [FloatTensors(randn_nonzero(s, dtype, device)) for s in FLOAT_STATE_SHAPES]
+    ours = run_both_float_states(group, steps=4, bad_step=2, wd=0.05, decoupled=decoupled,
+                                 lr=3e-3)  # fmt: skip
+    assert [t.step.item() for t in ours] == [4, 3, 4, 4, 4]
+    assert [t.skipped.item() for t in ours] == [0, 1, 0, 0, 0]
+
+
+def test_float_states_mixed_dtypes_gnorm_and_strided_grads(device):
+    dtypes = [torch.bfloat16, torch.float32, torch.float16]
+    group = [FloatTensors(randn_nonzero((300 + i,), d, device)) for i, d in enumerate(dtypes)]
+    run_both_float_states(group, steps=2, bad_step=1, wd=0.01, gnorm=0.37,
+                          grad_of=noncontiguous)  # fmt: skip
+
+
+def test_float_states_fractional_step_count(device):
+    group = [FloatTensors(randn_nonzero(s, torch.float32, device)) for s in [(300,), (77,)]]
+    for t in group:
+        t.step.fill_(2.5)
+    ours = run_both_float_states(group, steps=2, wd=0.01)
+    assert [t.step.item() for t in ours] == [4.0, 4.0]
+
+
+def test_optimizer_float_states_take_the_triton_kernel(device, monkeypatch):
+    """Under the Triton backend (the default on CUDA) the optimizers' float32-state tensors
+    take this kernel."""
+    assert_optimizer_float_states_take(monkeypatch, "triton", device)
+
+
 # ---------------------------------------------------------------- the GPU code path
 
 # Compiles the kernels for sm_90 as the launcher launches them and reports, per kernel,
@@ -214,6 +301,12 @@ for name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
                       TINY_ABSMAX=k.TINY_ABSMAX, TINY_ABSMAX_SCALE=k.TINY_ABSMAX_SCALE)
     report["update_" + name] = ops(ptx(k._adam8bit_update_kernel, update, constexprs,
                                        enable_fp_fusion=False, num_warps=8))
+float_state = {**table, "update_scalars_ptr": "*fp32", "n_tensors": "i32",
+               **{n: "fp32" for n in scalars}}
+report["float_state"] = ops(ptx(k._adam_float_state_kernel, float_state,
+                                dict(P_DTYPE=tl.bfloat16, APPLY_L2=True, APPLY_DECAY=True,
+                                     TILE=2048, ALIGNED=True),
+                                enable_fp_fusion=False, num_warps=8))
 report["nonfinite"] = ops(ptx(k._find_nonfinite_kernel, {**table, "n_tensors": "i32"},
                               dict(G_DTYPE=tl.float16, TILE=2048, ALIGNED=True)))
 report["count"] = ops(ptx(k._count_steps_kernel, {"table_ptr": "*i64", "nonfinite_ptr": "*i32",
@@ -232,6 +325,15 @@ def test_gpu_code_is_exact_and_vectorized(sm90_code, p_dtype):
     """IEEE division and square root that keep subnormals (div.rn.f32 / sqrt.rn.f32, no
     .ftz, no .approx), no fused multiply-add, and 128-bit accesses on the unmasked path."""
     ops = sm90_code[f"update_{p_dtype}"]
+    float_ops = {op for op in ops if op.rsplit(".", 1)[-1] in ("f16", "bf16", "f32", "f64")}
+    float_ops -= {op for op in ops if op.startswith(("ld.", "st.", "atom."))}
+    assert float_ops == {"div.rn.f32", "sqrt.rn.f32"}, float_ops
+    assert "ld.global.v4.b32" in ops and "st.global.v4.b32" in ops, ops
+
+
+def test_gpu_code_of_the_float_state_kernel(sm90_code):
+    """The same exactness as the 8-bit update, and vector accesses on the unmasked path."""
+    ops = sm90_code["float_state"]
     float_ops = {op for op in ops if op.rsplit(".", 1)[-1] in ("f16", "bf16", "f32", "f64")}
     float_ops -= {op for op in ops if op.startswith(("ld.", "st.", "atom."))}
     assert float_ops == {"div.rn.f32", "sqrt.rn.f32"}, float_ops

@@ -395,8 +395,8 @@ def _step_fp32_state(
     lr, beta1, beta2, eps, weight_decay, decoupled,
 ):  # fmt: skip
     """The same update with float32 m, v (tensors below ``min_8bit_size``) on one device: by
-    ``lowprec::adam_multi_step_`` where a backend has a fused kernel for it (the CPU), else
-    by the concatenated tensor ops of ``_step_fp32_state_concatenated``."""
+    ``lowprec::adam_multi_step_`` where a backend has a fused kernel for it (the CPU's, and
+    Triton's on CUDA), else by the concatenated tensor ops of ``_step_fp32_state_concatenated``."""
     device_type = params[0].device.type
     states = [*exp_avgs, *exp_avg_sqs]
     if (

@@ -21,6 +21,10 @@ program), and a *program table* giving each program its tensor. Every program ow
 4. ``_count_steps_kernel``: ``step = int(step) + 1`` for the updated tensors, ``skipped += 1`` for the
    flagged ones. It runs last because every program of step 3 reads the old step.
 
+``adam_multi_step_`` (float32 m and v, the optimizers' tensors below ``min_8bit_size``) takes
+the same four launches, its update kernel ``_adam_float_state_kernel`` the same arithmetic
+(``_adam_update``) on programs of ``TILE_ELEMENTS`` elements, m and v in the state rows.
+
 Nothing waits for the device: a flagged tensor is skipped by the kernels themselves. Both
 tables are cached by the addresses and sizes they were built from (so an optimizer's steady
 state re-sends nothing), and a freshly built table goes to the GPU by a non-blocking copy.
@@ -87,6 +91,21 @@ def _tensor_ptr(table_ptr, field, n_tensors, tensor, DTYPE: tl.constexpr, ALIGNE
     return ptr
 
 
+@triton.jit
+def _tensor_operands(
+    table_ptr, update_scalars_ptr, n_tensors, tensor, P_DTYPE: tl.constexpr, ALIGNED: tl.constexpr
+):
+    """What every update kernel reads of its program's tensor: its first program, its size,
+    p and g, and its update scalars."""
+    first = tl.load(table_ptr + FIELD_FIRST_PROGRAM * n_tensors + tensor)
+    numel = tl.load(table_ptr + FIELD_NUMEL * n_tensors + tensor)
+    p_ptr = _tensor_ptr(table_ptr, FIELD_P, n_tensors, tensor, P_DTYPE, ALIGNED)
+    g_ptr = _tensor_ptr(table_ptr, FIELD_G, n_tensors, tensor, P_DTYPE, ALIGNED)
+    step_size = tl.load(update_scalars_ptr + tensor)
+    inv_sqrt_bc2 = tl.load(update_scalars_ptr + n_tensors + tensor)
+    return first, numel, p_ptr, g_ptr, step_size, inv_sqrt_bc2
+
+
 # Every program but a tensor's last covers whole blocks inside the tensor: those take the
 # unmasked path (MASKED=False), whose accesses the compiler can vectorize; masking with a
 # size loaded from memory would make every access a scalar one.
@@ -134,6 +153,25 @@ def _find_nonfinite_kernel(
 
 
 @triton.jit
+def _adam_update(
+    p, g, m, v, step_size, inv_sqrt_bc2, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+    weight_decay, decay_factor, gnorm_scale, APPLY_L2: tl.constexpr, APPLY_DECAY: tl.constexpr,
+):  # fmt: skip
+    """The reference's float32 expressions (``adam_update_corrected``), one rounding per
+    operation, in its order: the new ``(p, m, v)``."""
+    g = g * gnorm_scale
+    if APPLY_L2:
+        g = g + weight_decay * p
+    m = beta1 * m + one_minus_beta1 * g
+    v = beta2 * v + one_minus_beta2 * (g * g)
+    if APPLY_DECAY:
+        p = p * decay_factor
+    denominator = tl.math.sqrt_rn(v) * inv_sqrt_bc2 + eps
+    p = p - step_size * tl.math.div_rn(m, denominator)
+    return p, m, v
+
+
+@triton.jit
 def _update_tile(
     p_ptr, g_ptr, state1_ptr, state2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr, qmap2_ptr,
     thresholds1_ptr, thresholds2_ptr, step_size, inv_sqrt_bc2, first_block, numel,
@@ -163,16 +201,10 @@ def _update_tile(
         m = tl.where(in_tensor, m, 0.0)
         v = tl.where(in_tensor, v, 0.0)
 
-    # The reference's float32 expressions, one rounding per operation, in its order.
-    g = g * gnorm_scale
-    if APPLY_L2:
-        g = g + weight_decay * p
-    m = beta1 * m + one_minus_beta1 * g
-    v = beta2 * v + one_minus_beta2 * (g * g)
-    if APPLY_DECAY:
-        p = p * decay_factor
-    denominator = tl.math.sqrt_rn(v) * inv_sqrt_bc2 + eps
-    p = p - step_size * tl.math.div_rn(m, denominator)
+    p, m, v = _adam_update(
+        p, g, m, v, step_size, inv_sqrt_bc2, beta1, one_minus_beta1, beta2, one_minus_beta2,
+        eps, weight_decay, decay_factor, gnorm_scale, APPLY_L2, APPLY_DECAY,
+    )  # fmt: skip
     _store(p_ptr, offsets, fp32_to(p, P_DTYPE), in_tensor, MASKED)
 
     # Requantize with fresh block absmax.
@@ -204,16 +236,13 @@ def _adam8bit_update_kernel(
     tensor = tl.load(program_tensor_ptr + pid)
     # A tensor with a non-finite gradient is left exactly as it was.
     if tl.load(nonfinite_ptr + tensor) == 0:
-        first = tl.load(table_ptr + FIELD_FIRST_PROGRAM * n_tensors + tensor)
-        numel = tl.load(table_ptr + FIELD_NUMEL * n_tensors + tensor)
-        p_ptr = _tensor_ptr(table_ptr, FIELD_P, n_tensors, tensor, P_DTYPE, ALIGNED)
-        g_ptr = _tensor_ptr(table_ptr, FIELD_G, n_tensors, tensor, P_DTYPE, ALIGNED)
+        first, numel, p_ptr, g_ptr, step_size, inv_sqrt_bc2 = _tensor_operands(
+            table_ptr, update_scalars_ptr, n_tensors, tensor, P_DTYPE, ALIGNED
+        )
         state1_ptr = _tensor_ptr(table_ptr, FIELD_STATE1, n_tensors, tensor, tl.uint8, ALIGNED)
         state2_ptr = _tensor_ptr(table_ptr, FIELD_STATE2, n_tensors, tensor, tl.uint8, ALIGNED)
         absmax1_ptr = _tensor_ptr(table_ptr, FIELD_ABSMAX1, n_tensors, tensor, tl.float32, ALIGNED)
         absmax2_ptr = _tensor_ptr(table_ptr, FIELD_ABSMAX2, n_tensors, tensor, tl.float32, ALIGNED)
-        step_size = tl.load(update_scalars_ptr + tensor)
-        inv_sqrt_bc2 = tl.load(update_scalars_ptr + n_tensors + tensor)
         first_block = (pid - first).to(tl.int64) * BLOCKS_PER_PROGRAM
         whole_tile = (first_block + BLOCKS_PER_PROGRAM) * BLOCKSIZE <= numel
         if whole_tile:
@@ -233,6 +262,62 @@ def _adam8bit_update_kernel(
                 one_minus_beta2, eps, weight_decay, decay_factor, gnorm_scale, P_DTYPE,
                 APPLY_L2, APPLY_DECAY, BLOCKSIZE, BLOCKS_PER_PROGRAM, True, CODEBOOK_BITS,
                 TINY_ABSMAX, TINY_ABSMAX_SCALE,
+            )  # fmt: skip
+
+
+@triton.jit
+def _float_state_tile(
+    p_ptr, g_ptr, m_ptr, v_ptr, step_size, inv_sqrt_bc2, start, numel,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
+    gnorm_scale,
+    P_DTYPE: tl.constexpr, APPLY_L2: tl.constexpr, APPLY_DECAY: tl.constexpr,
+    TILE: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    offsets = start + tl.arange(0, TILE)
+    in_tensor = offsets < numel
+    p = to_fp32(_load(p_ptr, offsets, in_tensor, MASKED))
+    g = to_fp32(_load(g_ptr, offsets, in_tensor, MASKED))
+    m = _load(m_ptr, offsets, in_tensor, MASKED)
+    v = _load(v_ptr, offsets, in_tensor, MASKED)
+    p, m, v = _adam_update(
+        p, g, m, v, step_size, inv_sqrt_bc2, beta1, one_minus_beta1, beta2, one_minus_beta2,
+        eps, weight_decay, decay_factor, gnorm_scale, APPLY_L2, APPLY_DECAY,
+    )  # fmt: skip
+    _store(p_ptr, offsets, fp32_to(p, P_DTYPE), in_tensor, MASKED)
+    _store(m_ptr, offsets, m, in_tensor, MASKED)
+    _store(v_ptr, offsets, v, in_tensor, MASKED)
+
+
+@triton.jit
+def _adam_float_state_kernel(
+    table_ptr, program_tensor_ptr, nonfinite_ptr, update_scalars_ptr, n_tensors,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
+    gnorm_scale,
+    P_DTYPE: tl.constexpr, APPLY_L2: tl.constexpr, APPLY_DECAY: tl.constexpr,
+    TILE: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """``adam_multi_step_``: one program's tile of ``TILE`` elements of one tensor, whose float32
+    m and v sit in the address table's state rows."""
+    pid = tl.program_id(0)
+    tensor = tl.load(program_tensor_ptr + pid)
+    if tl.load(nonfinite_ptr + tensor) == 0:
+        first, numel, p_ptr, g_ptr, step_size, inv_sqrt_bc2 = _tensor_operands(
+            table_ptr, update_scalars_ptr, n_tensors, tensor, P_DTYPE, ALIGNED
+        )
+        m_ptr = _tensor_ptr(table_ptr, FIELD_STATE1, n_tensors, tensor, tl.float32, ALIGNED)
+        v_ptr = _tensor_ptr(table_ptr, FIELD_STATE2, n_tensors, tensor, tl.float32, ALIGNED)
+        start = (pid - first).to(tl.int64) * TILE
+        if start + TILE <= numel:
+            _float_state_tile(
+                p_ptr, g_ptr, m_ptr, v_ptr, step_size, inv_sqrt_bc2, start, numel, beta1,
+                one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
+                gnorm_scale, P_DTYPE, APPLY_L2, APPLY_DECAY, TILE, False,
+            )  # fmt: skip
+        else:
+            _float_state_tile(
+                p_ptr, g_ptr, m_ptr, v_ptr, step_size, inv_sqrt_bc2, start, numel, beta1,
+                one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, decay_factor,
+                gnorm_scale, P_DTYPE, APPLY_L2, APPLY_DECAY, TILE, True,
             )  # fmt: skip
 
 
@@ -310,23 +395,37 @@ def _launch_config(blocksize: int) -> tuple[int, int]:
     return blocks_per_program, num_warps_for(blocks_per_program * blocksize)
 
 
-def _multi_step_one_dtype(
-    params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, skipped,
-    lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, blocksize,
-):  # fmt: skip
+def _update_arguments(lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale):
+    """The update kernels' scalar arguments (in their order) and their two constexpr flags.
+    Coefficients in float64 here; Triton passes float arguments as float32 (rounded to
+    nearest), which is the single rounding the definition asks for."""
+    scalars = (
+        beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, 1.0 - lr * weight_decay,
+        gnorm_scale,
+    )  # fmt: skip
+    flags = dict(
+        APPLY_L2=(not decoupled) and weight_decay != 0.0,
+        APPLY_DECAY=decoupled and weight_decay != 0.0,
+    )
+    return scalars, flags
+
+
+def _step_one_dtype(operands, lr, beta1, beta2, blocksize, blocks_per_program, num_warps, update):
+    """The step of one dtype group (module docstring): ``operands`` in the address table's row
+    order, programs of ``blocks_per_program * blocksize`` elements; ``update(table,
+    program_tensor, nonfinite, scalars, n_tensors, p_dtype, aligned)`` launches the update
+    kernel, one program per entry of ``program_tensor``."""
+    params, steps = operands[0], operands[6]
     device = params[0].device
     n_tensors = len(params)
     numels = [p.numel() for p in params]
-    blocks_per_program, num_warps = _launch_config(blocksize)
-    operands = [params, grads, state1, state2, absmax1, absmax2, steps, skipped]
     aligned = all(t.data_ptr() % ALIGNMENT == 0 for row in operands[:6] for t in row)
     table = _address_table(operands, numels, blocksize, blocks_per_program, device)
     program_tensor = _program_table(numels, blocksize, blocks_per_program, device)
-    n_programs = program_tensor.numel()
     p_dtype = _TL_DTYPE[params[0].dtype]
 
     nonfinite = torch.zeros(n_tensors, dtype=torch.int32, device=device)
-    _find_nonfinite_kernel[(n_programs,)](
+    _find_nonfinite_kernel[(program_tensor.numel(),)](
         table,
         program_tensor,
         nonfinite,
@@ -337,41 +436,24 @@ def _multi_step_one_dtype(
         num_warps=num_warps,
     )
     scalars = _update_scalars(steps, lr, beta1, beta2)
-    # Coefficients in float64 here; Triton passes float arguments as float32 (rounded to
-    # nearest), which is the single rounding the definition asks for.
-    _adam8bit_update_kernel[(n_programs,)](
-        table,
-        program_tensor,
-        nonfinite,
-        scalars,
-        qmap1,
-        qmap2,
-        threshold_table(qmap1),
-        threshold_table(qmap2),
-        n_tensors,
-        beta1,
-        1.0 - beta1,
-        beta2,
-        1.0 - beta2,
-        eps,
-        weight_decay,
-        1.0 - lr * weight_decay,
-        gnorm_scale,
-        P_DTYPE=p_dtype,
-        APPLY_L2=(not decoupled) and weight_decay != 0.0,
-        APPLY_DECAY=decoupled and weight_decay != 0.0,
-        BLOCKSIZE=blocksize,
-        BLOCKS_PER_PROGRAM=blocks_per_program,
-        ALIGNED=aligned,
-        CODEBOOK_BITS=CODEBOOK_BITS,
-        TINY_ABSMAX=TINY_ABSMAX,
-        TINY_ABSMAX_SCALE=TINY_ABSMAX_SCALE,
-        num_warps=num_warps,
-        enable_fp_fusion=False,
-    )
+    update(table, program_tensor, nonfinite, scalars, n_tensors, p_dtype, aligned)
     _count_steps_kernel[(triton.cdiv(n_tensors, COUNT_TILE),)](
         table, nonfinite, n_tensors, TILE=COUNT_TILE
     )
+
+
+def _per_dtype(params, step_one_dtype) -> None:
+    """``step_one_dtype(indices)`` for each parameter dtype's tensors (a kernel argument)."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        by_dtype.setdefault(p.dtype, []).append(i)
+    with device_guard(params[0]):
+        for indices in by_dtype.values():
+            step_one_dtype(indices)
+
+
+def _pick(tensors, indices):
+    return [tensors[i] for i in indices]
 
 
 def adam8bit_multi_step_(
@@ -379,28 +461,39 @@ def adam8bit_multi_step_(
     lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, blocksize,
 ):  # fmt: skip
     # Scalar arguments may arrive as ints; the kernels' float arguments must be floats.
-    hyper = (
-        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(decoupled),
-        float(gnorm_scale), int(blocksize),
-    )  # fmt: skip
+    lr, beta1, beta2, eps, weight_decay, gnorm_scale = map(
+        float, (lr, beta1, beta2, eps, weight_decay, gnorm_scale)
+    )
+    blocksize = int(blocksize)
+    scalars, flags = _update_arguments(
+        lr, beta1, beta2, eps, weight_decay, bool(decoupled), gnorm_scale
+    )
     grads = [g.contiguous() for g in grads]
     # absmax is updated in place through raw addresses: a strided one goes through a copy.
     absmax1_dense = [a.contiguous() for a in absmax1]
     absmax2_dense = [a.contiguous() for a in absmax2]
     qmap1, qmap2 = qmap1.contiguous(), qmap2.contiguous()
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        by_dtype.setdefault(p.dtype, []).append(i)
-    with device_guard(params[0]):
-        for indices in by_dtype.values():
+    thresholds1, thresholds2 = threshold_table(qmap1), threshold_table(qmap2)
+    blocks_per_program, num_warps = _launch_config(blocksize)
 
-            def pick(tensors, indices=indices):
-                return [tensors[i] for i in indices]
+    def update(table, program_tensor, nonfinite, update_scalars, n_tensors, p_dtype, aligned):
+        _adam8bit_update_kernel[(program_tensor.numel(),)](
+            table, program_tensor, nonfinite, update_scalars, qmap1, qmap2, thresholds1,
+            thresholds2, n_tensors, *scalars,
+            P_DTYPE=p_dtype, BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=blocks_per_program,
+            ALIGNED=aligned, CODEBOOK_BITS=CODEBOOK_BITS, TINY_ABSMAX=TINY_ABSMAX,
+            TINY_ABSMAX_SCALE=TINY_ABSMAX_SCALE, num_warps=num_warps, enable_fp_fusion=False,
+            **flags,
+        )  # fmt: skip
 
-            _multi_step_one_dtype(
-                pick(params), pick(grads), pick(state1), pick(state2), pick(absmax1_dense),
-                pick(absmax2_dense), qmap1, qmap2, pick(steps), pick(skipped), *hyper,
-            )  # fmt: skip
+    def step_one_dtype(indices):
+        operands = [params, grads, state1, state2, absmax1_dense, absmax2_dense, steps, skipped]
+        _step_one_dtype(
+            [_pick(row, indices) for row in operands], lr, beta1, beta2, blocksize,
+            blocks_per_program, num_warps, update,
+        )  # fmt: skip
+
+    _per_dtype(params, step_one_dtype)
     for dense, original in zip(absmax1_dense + absmax2_dense, absmax1 + absmax2):
         if dense is not original:
             original.copy_(dense)
@@ -415,6 +508,40 @@ def adam8bit_step_(
     )  # fmt: skip
 
 
+def adam_multi_step_(
+    params, grads, exp_avgs, exp_avg_sqs, steps, skipped,
+    lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale,
+):  # fmt: skip
+    """The step with float32 states: programs of ``TILE_ELEMENTS`` elements, the same four
+    launches as the 8-bit step."""
+    lr, beta1, beta2, eps, weight_decay, gnorm_scale = map(
+        float, (lr, beta1, beta2, eps, weight_decay, gnorm_scale)
+    )
+    scalars, flags = _update_arguments(
+        lr, beta1, beta2, eps, weight_decay, bool(decoupled), gnorm_scale
+    )
+    grads = [g.contiguous() for g in grads]
+    num_warps = num_warps_for(TILE_ELEMENTS)
+
+    def update(table, program_tensor, nonfinite, update_scalars, n_tensors, p_dtype, aligned):
+        _adam_float_state_kernel[(program_tensor.numel(),)](
+            table, program_tensor, nonfinite, update_scalars, n_tensors, *scalars,
+            P_DTYPE=p_dtype, TILE=TILE_ELEMENTS, ALIGNED=aligned, num_warps=num_warps,
+            enable_fp_fusion=False, **flags,
+        )  # fmt: skip
+
+    def step_one_dtype(indices):
+        # The table's absmax rows repeat the states: this kernel reads no absmax.
+        operands = [params, grads, exp_avgs, exp_avg_sqs, exp_avgs, exp_avg_sqs, steps, skipped]
+        _step_one_dtype(
+            [_pick(row, indices) for row in operands], lr, beta1, beta2, TILE_ELEMENTS, 1,
+            num_warps, update,
+        )  # fmt: skip
+
+    _per_dtype(params, step_one_dtype)
+
+
 for _device in kernel_devices():
     register_kernel("adam8bit_step_", backend="triton", device=_device)(adam8bit_step_)
     register_kernel("adam8bit_multi_step_", backend="triton", device=_device)(adam8bit_multi_step_)
+    register_kernel("adam_multi_step_", backend="triton", device=_device)(adam_multi_step_)

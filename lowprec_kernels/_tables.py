@@ -13,23 +13,26 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-# Tables per cache; a full cache is cleared (an optimizer needs one or two per param group).
-TABLE_CACHE_SIZE = 64
+# Tables per cache. A step needs up to two per param group and parameter dtype (the 8-bit and
+# the float32-state op); models with layer-wise learning rates have a hundred groups and more.
+# The tables are small (a few int64 per tensor, an int32 per 2048 elements).
+TABLE_CACHE_SIZE = 1024
 
 
 class TableCache:
-    """Tables by key, built on first use."""
+    """Tables by key, built on first use; the least recently used goes when the cache is full."""
 
     def __init__(self, size: int = TABLE_CACHE_SIZE) -> None:
         self._size = size
-        self._tables: dict[Hashable, torch.Tensor] = {}
+        self._tables: dict[Hashable, torch.Tensor] = {}  # in order of use, oldest first
 
     def get(self, key: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
-        table = self._tables.get(key)
+        table = self._tables.pop(key, None)
         if table is None:
             if len(self._tables) >= self._size:
-                self._tables.clear()
-            table = self._tables[key] = build()
+                del self._tables[next(iter(self._tables))]
+            table = build()
+        self._tables[key] = table
         return table
 
     def __len__(self) -> int:

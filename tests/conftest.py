@@ -8,6 +8,7 @@ triton is first imported: this file does it before importing the package.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 
@@ -167,11 +168,11 @@ def run_sm90_compile_script(script: str):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def assert_optimizer_float_states_take(monkeypatch, backend: str, device: str) -> None:
+def assert_optimizer_float_states_take(monkeypatch, device: str, backend: str | None) -> None:
     """The optimizers step their float32-state tensors (below ``min_8bit_size``) by
-    ``adam_multi_step_`` under ``backend``, one call per group, and the result equals that of
-    their tensor-op path (forced reference backend) bit for bit, over several steps of a
-    strided fp32 and a bf16 parameter."""
+    ``adam_multi_step_`` under ``backend`` (None: the device's default), one call per group,
+    and the result equals that of their tensor-op path (forced reference backend) bit for
+    bit, over several steps of a strided fp32 and a bf16 parameter."""
     torch.manual_seed(0)
     weight = torch.randn(40, 30, device=device)
     params = [
@@ -186,7 +187,7 @@ def assert_optimizer_float_states_take(monkeypatch, backend: str, device: str) -
         for p, q in zip(params, twins):
             p.grad = torch.randn(p.shape, device=device).to(p.dtype)
             q.grad = p.grad.clone()
-        with lpk.use_backend(backend):
+        with lpk.use_backend(backend) if backend else contextlib.nullcontext():
             fused.step()
         with lpk.use_backend("reference"):
             plain.step()

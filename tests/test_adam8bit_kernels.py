@@ -26,6 +26,7 @@ import torch
 from conftest import SUPPORTED_CPU_ISAS, assert_optimizer_float_states_take, run_on
 
 import lowprec_kernels as lpk
+from lowprec_kernels import _dispatch
 from lowprec_kernels.reference.codebooks import dynamic_map, encode_nearest, encode_thresholds
 
 ops = torch.ops.lowprec
@@ -513,8 +514,9 @@ def test_states_shaped_unlike_p():
 
 @needs_native_cpu
 def test_optimizer_float_states_take_the_kernel(monkeypatch):
-    """The CPU's kernel steps the optimizers' float32-state tensors (the default backend)."""
-    assert_optimizer_float_states_take(monkeypatch, "cpu", "cpu")
+    """The CPU's kernel steps the optimizers' float32-state tensors, by default."""
+    assert _dispatch.kernel_for("adam_multi_step_", "cpu")[0] == "cpu"
+    assert_optimizer_float_states_take(monkeypatch, "cpu", None)
 
 
 @needs_native_cpu

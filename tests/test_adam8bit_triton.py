@@ -19,6 +19,7 @@ from conftest import (
     run_sm90_compile_script,
 )
 
+from lowprec_kernels import _dispatch
 from lowprec_kernels import functional as LF
 from lowprec_kernels._ops import num_blocks
 
@@ -61,7 +62,9 @@ class Tensors:
         for name in self.NAMES:
             a, b = getattr(self, name), getattr(other, name)
             assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {name}"
-            diff = (a != b) & ~(a.isnan() & b.isnan()) if a.is_floating_point() else a != b
+            if a.is_floating_point():  # bit patterns: -0.0 against +0.0, NaN payloads
+                a, b = (x.view({2: torch.int16, 4: torch.int32}[x.element_size()]) for x in (a, b))
+            diff = a != b
             assert not diff.any(), f"{what}: {name} differs in {int(diff.sum())} elements"
 
 
@@ -77,16 +80,18 @@ def multi_step(backend, group, grads, lr=1e-2, wd=0.0, decoupled=True, gnorm=1.0
     )  # fmt: skip
 
 
-def run_both(group, steps, bad_step=None, **hyper):
-    """Runs ``steps`` steps on the reference and on Triton from the same start, comparing
-    every tensor after every step; at ``bad_step`` tensor 1 gets a NaN/Inf gradient."""
+def run_both(group, steps, bad_step=None, grad_of=None, op=None, **hyper):
+    """Runs ``steps`` steps of ``op`` (default: ``multi_step``) on the reference and on Triton
+    from the same start, comparing every tensor after every step; at ``bad_step`` tensor 1
+    gets a NaN/Inf gradient; Triton gets ``grad_of(g)`` where given."""
+    op = op or multi_step
     ours = [t.clone() for t in group]
     for step in range(steps):
         grads = [randn_nonzero(t.p.shape, t.p.dtype, t.p.device) for t in group]
         if step == bad_step:
             grads[1].view(-1)[grads[1].numel() // 2] = float("inf") if step % 2 else float("nan")
-        multi_step("reference", group, grads, **hyper)
-        multi_step("triton", ours, grads, **hyper)
+        op("reference", group, grads, **hyper)
+        op("triton", ours, [grad_of(g) for g in grads] if grad_of else grads, **hyper)
         for i, (a, b) in enumerate(zip(ours, group)):
             a.assert_equal(b, f"step {step}, tensor {i}")
     return ours
@@ -181,16 +186,6 @@ def test_noncontiguous_grad_and_absmax(device):
     assert torch.equal(wide1[:, 0], group[0].absmax1) and wide1[:, 1].eq(0).all()
 
 
-def test_every_gradient_non_finite(device):
-    group = [Tensors(randn_nonzero((500,), torch.float16, device), 256) for _ in range(2)]
-    before = [t.clone() for t in group]
-    grads = [torch.full((500,), float("nan"), dtype=torch.float16, device=device)] * 2
-    multi_step("triton", group, grads)
-    for a, b in zip(group, before):
-        b.skipped += 1
-        a.assert_equal(b, "all skipped")
-
-
 # ---------------------------------------------------------------- float32 states
 
 
@@ -222,28 +217,14 @@ def float_state_step(backend, group, grads, lr=1e-2, wd=0.0, decoupled=True, gno
     )  # fmt: skip
 
 
-def run_both_float_states(group, steps, bad_step=None, grad_of=None, **hyper):
-    ours = [t.clone() for t in group]
-    for step in range(steps):
-        grads = [randn_nonzero(t.p.shape, t.p.dtype, t.p.device) for t in group]
-        if step == bad_step:
-            grads[1].view(-1)[grads[1].numel() // 2] = float("inf") if step % 2 else float("nan")
-        float_state_step("reference", group, grads, **hyper)
-        float_state_step("triton", ours, [grad_of(g) for g in grads] if grad_of else grads,
-                         **hyper)  # fmt: skip
-        for i, (a, b) in enumerate(zip(ours, group)):
-            a.assert_equal(b, f"step {step}, tensor {i}")
-    return ours
-
-
-# One program's tile is 2048 elements: tails, a whole tile, several tiles.
-FLOAT_STATE_SHAPES = [(1,), (77,), (3, 17, 5), (2048,), (4099,)]
+def run_both_float_states(group, steps, **kwargs):
+    return run_both(group, steps, op=float_state_step, **kwargs)
 
 
 @pytest.mark.parametrize("decoupled", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_float_states_equal_reference_step_by_step(device, dtype, decoupled):
-    group = [FloatTensors(randn_nonzero(s, dtype, device)) for s in FLOAT_STATE_SHAPES]
+    group = [FloatTensors(randn_nonzero(s, dtype, device)) for s in SHAPES]
     ours = run_both_float_states(group, steps=4, bad_step=2, wd=0.05, decoupled=decoupled,
                                  lr=3e-3)  # fmt: skip
     assert [t.step.item() for t in ours] == [4, 3, 4, 4, 4]
@@ -251,10 +232,38 @@ def test_float_states_equal_reference_step_by_step(device, dtype, decoupled):
 
 
 def test_float_states_mixed_dtypes_gnorm_and_strided_grads(device):
-    dtypes = [torch.bfloat16, torch.float32, torch.float16]
-    group = [FloatTensors(randn_nonzero((300 + i,), d, device)) for i, d in enumerate(dtypes)]
+    """Dtypes interleaved (each dtype's tensors are not adjacent in the call), two whole tiles,
+    strided gradients, and the three weight-decay settings with a gradient scale."""
+    dtypes = [torch.bfloat16, torch.float32, torch.bfloat16, torch.float16, torch.float32]
+    sizes = [300, 4096, 77, 2049, 5]
+    group = [FloatTensors(randn_nonzero((n,), d, device)) for n, d in zip(sizes, dtypes)]
     run_both_float_states(group, steps=2, bad_step=1, wd=0.01, gnorm=0.37,
                           grad_of=noncontiguous)  # fmt: skip
+    run_both_float_states(group, steps=1, wd=0.01, decoupled=False, gnorm=3.0)
+    run_both_float_states(group, steps=1, wd=0.0, gnorm=0.5)
+
+
+def test_float_states_shaped_unlike_p(device):
+    """The op takes m and v of p's number of elements in any shape (as the reference does)."""
+    group = [FloatTensors(randn_nonzero((3, 20), torch.float32, device)) for _ in range(2)]
+    group[0].m, group[0].v = group[0].m.reshape(60), group[0].v.reshape(1, 60, 1)
+    group[1].m = group[1].m.reshape(20, 3)
+    run_both_float_states(group, steps=2, wd=0.01)
+
+
+@pytest.mark.parametrize("states", ["8-bit", "float32"])
+def test_every_gradient_non_finite(device, states):
+    eight_bit = states == "8-bit"
+    make, op = (
+        ((lambda p: Tensors(p, 256)), multi_step) if eight_bit else (FloatTensors, float_state_step)
+    )
+    group = [make(randn_nonzero((500,), torch.float16, device)) for _ in range(2)]
+    before = [t.clone() for t in group]
+    grads = [torch.full((500,), float("nan"), dtype=torch.float16, device=device)] * 2
+    op("triton", group, grads)
+    for a, b in zip(group, before):
+        b.skipped += 1
+        a.assert_equal(b, "all skipped")
 
 
 def test_float_states_fractional_step_count(device):
@@ -266,9 +275,11 @@ def test_float_states_fractional_step_count(device):
 
 
 def test_optimizer_float_states_take_the_triton_kernel(device, monkeypatch):
-    """Under the Triton backend (the default on CUDA) the optimizers' float32-state tensors
-    take this kernel."""
-    assert_optimizer_float_states_take(monkeypatch, "triton", device)
+    """The optimizers' float32-state tensors take this kernel: by default on CUDA (which has
+    no C++ kernel for them), when forced on the CPU."""
+    if device == "cuda":
+        assert _dispatch.kernel_for("adam_multi_step_", "cuda")[0] == "triton"
+    assert_optimizer_float_states_take(monkeypatch, device, None if device == "cuda" else "triton")
 
 
 # ---------------------------------------------------------------- the GPU code path
@@ -303,10 +314,12 @@ for name, dtype in (("fp32", tl.float32), ("bf16", tl.bfloat16)):
                                        enable_fp_fusion=False, num_warps=8))
 float_state = {**table, "update_scalars_ptr": "*fp32", "n_tensors": "i32",
                **{n: "fp32" for n in scalars}}
-report["float_state"] = ops(ptx(k._adam_float_state_kernel, float_state,
-                                dict(P_DTYPE=tl.bfloat16, APPLY_L2=True, APPLY_DECAY=True,
-                                     TILE=2048, ALIGNED=True),
-                                enable_fp_fusion=False, num_warps=8))
+# The launches' combinations: decoupled decay (AdamW) and L2 decay (Adam), never both.
+for name, dtype, l2 in (("fp32", tl.float32, False), ("fp16", tl.float16, True)):
+    report["float_state_" + name] = ops(ptx(
+        k._adam_float_state_kernel, float_state,
+        dict(P_DTYPE=dtype, APPLY_L2=l2, APPLY_DECAY=not l2, TILE=2048, ALIGNED=True),
+        enable_fp_fusion=False, num_warps=8))
 report["nonfinite"] = ops(ptx(k._find_nonfinite_kernel, {**table, "n_tensors": "i32"},
                               dict(G_DTYPE=tl.float16, TILE=2048, ALIGNED=True)))
 report["count"] = ops(ptx(k._count_steps_kernel, {"table_ptr": "*i64", "nonfinite_ptr": "*i32",
@@ -331,9 +344,10 @@ def test_gpu_code_is_exact_and_vectorized(sm90_code, p_dtype):
     assert "ld.global.v4.b32" in ops and "st.global.v4.b32" in ops, ops
 
 
-def test_gpu_code_of_the_float_state_kernel(sm90_code):
+@pytest.mark.parametrize("p_dtype", ["fp32", "fp16"])
+def test_gpu_code_of_the_float_state_kernel(sm90_code, p_dtype):
     """The same exactness as the 8-bit update, and vector accesses on the unmasked path."""
-    ops = sm90_code["float_state"]
+    ops = sm90_code["float_state_" + p_dtype]
     float_ops = {op for op in ops if op.rsplit(".", 1)[-1] in ("f16", "bf16", "f32", "f64")}
     float_ops -= {op for op in ops if op.startswith(("ld.", "st.", "atom."))}
     assert float_ops == {"div.rn.f32", "sqrt.rn.f32"}, float_ops

@@ -23,15 +23,15 @@ def test_a_table_is_built_once_per_key():
     assert builds == [1] and len(cache) == 1
 
 
-def test_a_full_cache_starts_over():
+def test_a_full_cache_drops_the_least_recently_used():
     cache = _tables.TableCache(size=2)
-    for key in range(2):
-        cache.get(key, lambda: torch.zeros(1))
-    kept = cache.get(0, lambda: torch.ones(1))
-    assert len(cache) == 2 and kept.item() == 0.0
-    cache.get(2, lambda: torch.zeros(1))  # the third key clears the first two
-    assert len(cache) == 1
-    assert cache.get(0, lambda: torch.ones(1)).item() == 1.0
+    cache.get(0, lambda: torch.zeros(1))
+    cache.get(1, lambda: torch.zeros(1))
+    assert cache.get(0, lambda: torch.ones(1)).item() == 0.0  # a hit: 0 is now the newest
+    cache.get(2, lambda: torch.zeros(1))  # the third key drops 1, the least recently used
+    assert len(cache) == 2
+    assert cache.get(0, lambda: torch.ones(1)).item() == 0.0
+    assert cache.get(1, lambda: torch.ones(1)).item() == 1.0  # rebuilt
 
 
 def test_a_cpu_table_is_not_copied():

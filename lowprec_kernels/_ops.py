@@ -724,7 +724,11 @@ _define(
 )
 
 # The same step over many tensors of one param group: one call (and, on GPU, few launches)
-# for a whole model instead of one per parameter.
+# for a whole model instead of one per parameter. The entries' tensors must not overlap (a
+# step or state shared by two entries is updated once by the kernels, which run the entries
+# in parallel, and twice by the reference). Not checked: the optimizers refuse duplicate
+# parameters, and a check of every pair would cost the eager step more than its kernel on
+# small tensors.
 _define(
     "adam8bit_multi_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
     "Tensor(c!)[] state2, Tensor(d!)[] absmax1, Tensor(e!)[] absmax2, Tensor qmap1, "
@@ -736,7 +740,8 @@ _define(
 )
 
 
-# The same step with float32 states (the optimizers' tensors below min_8bit_size).
+# The same step with float32 states (the optimizers' tensors below min_8bit_size); its
+# entries must not overlap either.
 _define(
     "adam_multi_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
     "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, Tensor(e!)[] skipped, float lr, "

@@ -214,12 +214,25 @@ def check_int8_quantize_weight(W, op="int8_quantize_weight"):
     _check_nonempty(op, "W", W)
 
 
+# The largest positive threshold that float32, in which every kernel compares, rounds to 0.
+_THRESHOLD_ROUNDS_TO_ZERO = 2.0**-150
+
+
 def _check_threshold(op, threshold):
     if not (threshold >= 0.0 and math.isfinite(threshold)):
         _fail(
             ValueError,
             op,
             f"threshold must be a finite number >= 0 (0 = no outliers), got {threshold}",
+        )
+    if 0.0 < threshold <= _THRESHOLD_ROUNDS_TO_ZERO:
+        # In float32 it is 0: "no outliers" to the native kernels, "every column" (|x| >= 0)
+        # to a comparison; neither is what a positive threshold asks for.
+        _fail(
+            ValueError,
+            op,
+            f"threshold must be 0 (no outliers) or above {_THRESHOLD_ROUNDS_TO_ZERO:.3g}, which "
+            f"float32 rounds to 0; got {threshold}",
         )
 
 

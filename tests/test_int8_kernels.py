@@ -106,9 +106,11 @@ def test_quantize_weight_special_rows(device_backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("threshold", [0.0, 6.0, 2.0**-149], ids=["0", "6", "min-float32"])
 @pytest.mark.parametrize("lead", [(1,), (2,), (3,), (17,), (2, 3), (2, 1, 67)])
 def test_vectorwise_quant_codes(device_backend, dtype, threshold, lead):
+    """Planted outliers; the smallest positive float32 threshold makes every nonzero column
+    an outlier on every backend."""
     device, backend = device_backend
     K = 203
     x = randn_nonzero(*lead, K, scale=2.0, dtype=dtype)

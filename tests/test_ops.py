@@ -382,6 +382,8 @@ BAD = [
     ("int8_vectorwise_quant", "", "threshold-neg", {"threshold": -1.0}, ValueError, "threshold"),
     ("int8_vectorwise_quant", "", "threshold-nan", {"threshold": float("nan")}, ValueError, "threshold"),
     ("int8_vectorwise_quant", "", "threshold-inf", {"threshold": float("inf")}, ValueError, "threshold"),
+    ("int8_vectorwise_quant", "", "threshold-float32-zero", {"threshold": 1e-50}, ValueError, "rounds to 0"),
+    ("int8_vectorwise_quant", "", "threshold-float32-tie", {"threshold": 2.0**-150}, ValueError, "rounds to 0"),
     # int8_scaled_mm
     ("int8_scaled_mm", "", "A-float", {"A": lambda a: a["A"].float()}, TypeError, "A"),
     ("int8_scaled_mm", "", "A-lastdim", {"A": torch.ones(2, 3, 12, dtype=torch.int8)}, ValueError, "A"),
@@ -404,6 +406,7 @@ BAD = [
     ("int8_linear", "", "weight_scale-device", {"weight_scale": lambda a: _meta(a["weight_scale"])}, ValueError, "weight_scale"),
     ("int8_linear", "", "threshold-neg", {"threshold": -0.5}, ValueError, "threshold"),
     ("int8_linear", "", "threshold-nan", {"threshold": float("nan")}, ValueError, "threshold"),
+    ("int8_linear", "", "threshold-float32-zero", {"threshold": 1e-50}, ValueError, "rounds to 0"),
     ("int8_linear", "", "x-int", {"x": torch.ones(3, 13, dtype=torch.int32)}, TypeError, "x"),
     ("int8_linear", "", "x-int8", {"x": torch.ones(3, 13, dtype=torch.int8)}, TypeError, "x"),
     ("int8_linear", "", "x-lastdim", {"x": torch.ones(3, 14)}, ValueError, "x"),

@@ -99,6 +99,9 @@ def test_constructor_dtype_device_and_no_bias():
     [
         (dict(quant_type="int4"), ValueError, "quant_type"),
         (dict(blocksize=48), ValueError, "blocksize"),
+        (dict(compute_dtype="float16"), TypeError, "compute_dtype"),
+        (dict(compute_dtype=torch.float64), TypeError, "compute_dtype"),
+        (dict(compute_dtype=torch.int8), TypeError, "compute_dtype"),
     ],
 )
 def test_constructor_bad_settings(kwargs, exc, name):

@@ -99,6 +99,12 @@ def test_bad_hyperparameters_of_a_param_group():
     with pytest.raises(ValueError, match="weight_decay="):
         opt.add_param_group({"params": [bad], "weight_decay": -1.0})
     assert len(opt.param_groups) == 1
+    # torch.optim.Adam's update-changing options, as a copied group may carry them: refused
+    # when set (silently minimizing would be worse), accepted when off.
+    for option in ("maximize", "amsgrad"):
+        with pytest.raises(ValueError, match=f"{option}=True"):
+            opt.add_param_group({"params": [bad], option: True})
+    opt.add_param_group({"params": [bad], "maximize": False, "amsgrad": False, "foreach": None})
 
 
 def test_defaults():
@@ -286,6 +292,108 @@ def test_param_groups_use_their_own_hyperparameters():
         alone_a.step()
         alone_b.step()
     assert torch.equal(a, a2) and torch.equal(b, b2)
+
+
+def _snapshot(opt):
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return [p.detach().clone() for p in params], {
+        id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params
+    }
+
+
+def _assert_untouched(opt, snapshot):
+    params = [p for g in opt.param_groups for p in g["params"]]
+    values, states = snapshot
+    for p, before in zip(params, values):
+        assert torch.equal(p.detach(), before)
+        for k, v in opt.state[p].items():
+            if k not in ("qmap1", "qmap2"):
+                assert torch.equal(v, states[id(p)][k]), k
+
+
+def _bad_sparse(opt, b):
+    b.grad = torch.randn(10).to_sparse()
+
+
+def _bad_dtype(opt, b):
+    b.data = b.data.double()
+    b.grad = torch.randn(10, dtype=torch.float64)
+
+
+def _bad_resize(opt, b):
+    b.data = torch.randn(12)
+    b.grad = torch.randn(12)
+
+
+def _bad_lr(opt, b):
+    opt.param_groups[1]["lr"] = -1.0
+
+
+def _bad_blocksize(opt, b):
+    opt.param_groups[0]["blocksize"] = 512
+
+
+@pytest.mark.parametrize(
+    "spoil, error, match",
+    [
+        (_bad_sparse, RuntimeError, "sparse"),
+        (_bad_dtype, TypeError, "float32, float16 or bfloat16"),
+        (_bad_resize, ValueError, "no longer fits"),
+        (_bad_lr, ValueError, "learning rate"),
+        (_bad_blocksize, ValueError, "blocksize"),
+    ],
+    ids=["sparse-grad", "float64", "resized", "negative-lr", "blocksize"],
+)
+def test_bad_input_in_a_later_group_leaves_every_group_untouched(spoil, error, match):
+    """Every group is screened before any is stepped (ARCHITECTURE.md: never a partially
+    updated optimizer state): the first group, 8-bit, is not stepped when the second is bad."""
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(5000)), nn.Parameter(torch.randn(10))
+    opt = AdamW8bit([{"params": [a]}, {"params": [b]}])
+    a.grad, b.grad = torch.randn(5000), torch.randn(10)
+    opt.step()
+    a.grad, b.grad = torch.randn(5000), torch.randn(10)
+    spoil(opt, b)
+    snapshot = _snapshot(opt)
+    with pytest.raises(error, match=match):
+        opt.step()
+    _assert_untouched(opt, snapshot)
+
+
+def test_parameters_without_elements_count_their_steps():
+    """torch.optim.AdamW steps a zero-element parameter (nn.Linear(0, n)'s weight); so does
+    this optimizer, and its other parameters train."""
+    torch.manual_seed(0)
+    layer = nn.Linear(0, 10)
+    opt = AdamW8bit(layer.parameters(), lr=1e-2)
+    for _ in range(2):
+        layer(torch.randn(3, 0)).sum().backward()
+        bias = layer.bias.detach().clone()
+        opt.step()
+        opt.zero_grad()
+        assert not torch.equal(layer.bias.detach(), bias)
+    assert opt.state[layer.weight]["step"].item() == 2.0
+    assert opt.state[layer.bias]["step"].item() == 2.0
+
+
+def test_float32_states_for_a_group_keep_vanishing_gradients_tame():
+    """The advice of the module docstring: a parameter whose gradient drops to zero takes
+    huge steps with 8-bit states (v encodes as 0 where m does not) and ordinary ones in a
+    group whose min_8bit_size keeps its states float32."""
+    torch.manual_seed(0)
+    g = torch.randn(5000)
+    moves = {}
+    for name, group in (("8-bit", {}), ("float32", {"min_8bit_size": 2**62})):
+        p = nn.Parameter(torch.zeros(5000))
+        opt = AdamW8bit([{"params": [p], **group}], lr=1e-3, weight_decay=0.0)
+        p.grad = g.clone()
+        opt.step()
+        before = p.detach().clone()
+        p.grad.zero_()
+        opt.step()
+        moves[name] = (p.detach() - before).abs().max().item()
+    assert moves["8-bit"] > 1.0  # lr * m / eps
+    assert moves["float32"] < 2e-3  # about lr, as torch.optim.AdamW
 
 
 def test_lr_as_tensor_equals_lr_as_float():

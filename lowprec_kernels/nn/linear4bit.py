@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lowprec_kernels import functional as LF
+from lowprec_kernels._ops import FLOAT_DTYPES
 from lowprec_kernels.quant_state import QuantState
 
 _PACKED_HEADER = "quant_state.bitsandbytes__"
@@ -138,6 +139,11 @@ class Linear4bit(nn.Linear):
         device=None,
         dtype: torch.dtype | None = None,
     ):
+        if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                "Linear4bit: compute_dtype must be None, torch.float32, torch.float16 or "
+                f"torch.bfloat16, got {compute_dtype!r}"
+            )
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.compute_dtype = compute_dtype
         self.weight = Params4bit.from_weight(self.weight, blocksize, quant_type, double_quant)

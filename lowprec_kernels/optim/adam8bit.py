@@ -22,6 +22,16 @@ A gradient holding a NaN or an Inf raises nothing: that parameter's values, stat
 counter goes up by one. Read one counter with ``optimizer.state[p]["skipped"].item()``, or
 the total over all parameters with ``optimizer.skipped_steps()``. Nothing waits for the
 device during a step unless ``lr`` is a tensor on the GPU (it is read on the host).
+
+Parameters whose gradient often falls to exactly zero (rows of a dense embedding that a
+batch does not touch, units that stop firing): an element whose v is below 1.6e-7 of its
+block's largest encodes as exactly 0 (the nearest entry; bitsandbytes' GPU encoder rounds
+the same way, its CPU one does not) while its m, on the signed map's finer scale, does
+not; when its gradient then vanishes, its update is
+``lr * m / eps``, up to tens of thousands of times the learning rate (a dense
+``nn.Embedding`` trained on batches touching some rows moved by 11 with lr 1e-3). Keep such
+parameters in float32 states, in a param group of their own with a ``min_8bit_size``
+above their size (bitsandbytes' StableEmbedding advice is the same).
 """
 
 from __future__ import annotations
@@ -51,6 +61,11 @@ def _dynamic_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The (signed, unsigned) dynamic maps on ``device``, shared by every 8-bit state there:
     one map per device is what lets a whole param group go through one fused call."""
     return LF.dynamic_map(signed=True, device=device), LF.dynamic_map(signed=False, device=device)
+
+
+# torch.optim.Adam options that change the update, which a param-group dict could carry (a
+# group copied from a torch optimizer): refused when set rather than silently ignored.
+_UNSUPPORTED_OPTIONS = ("amsgrad", "maximize")
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
@@ -155,6 +170,12 @@ class Adam8bit(torch.optim.Optimizer):
         first (the constructor's groups come through here too)."""
         given = {k: v for k, v in param_group.items() if k != "params"}
         _check_hyperparameters({**self.defaults, **given})
+        for option in _UNSUPPORTED_OPTIONS:
+            if given.get(option):  # the constructor refuses them as unexpected keywords
+                raise ValueError(
+                    f"{type(self).__name__}: {option}={given[option]!r} is not supported "
+                    "(torch.optim.Adam's option; these optimizers have no such mode)"
+                )
         params = param_group["params"]
         if not isinstance(params, (torch.Tensor, set)):  # torch refuses sets itself
             params = param_group["params"] = list(params)  # it may be a generator
@@ -191,22 +212,29 @@ class Adam8bit(torch.optim.Optimizer):
 
     def _init_group(
         self, group, params8, grads8, state1, state2, absmax1, absmax2, qmap1, qmap2, steps8,
-        skipped8, params32, grads32, exp_avgs, exp_avg_sqs, steps32, skipped32,
+        skipped8, params32, grads32, exp_avgs, exp_avg_sqs, steps32, skipped32, empty_steps,
     ) -> None:  # fmt: skip
         """Sorts the group's parameters that have a gradient into the 8-bit and the float32
-        state lists, creating state on first use. (torch.compile runs a method of this name
-        eagerly instead of tracing it, as for torch's own optimizers.)"""
+        state lists, creating state on first use, and screens them (``_screen``). Parameters
+        with no elements only count their step (``empty_steps``): there is nothing to update.
+        (torch.compile runs a method of this name eagerly instead of tracing it, as for
+        torch's own optimizers.)"""
+        _check_hyperparameters(group)
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             state = self.state[p]
             if len(state) == 0:
+                self._screen(p, grad, None, group)
                 self._init_state(p, state, group)
-            if state["state1"].dtype == torch.uint8:
+            else:
+                self._screen(p, grad, state, group)
+            if p.numel() == 0:
+                empty_steps.append(state["step"])
+            elif state["state1"].dtype == torch.uint8:
                 params8.append(p)
-                grads8.append(p.grad)
+                grads8.append(grad)
                 state1.append(state["state1"])
                 state2.append(state["state2"])
                 absmax1.append(state["absmax1"])
@@ -217,11 +245,64 @@ class Adam8bit(torch.optim.Optimizer):
                 skipped8.append(state["skipped"])
             else:
                 params32.append(p)
-                grads32.append(p.grad)
+                grads32.append(grad)
                 exp_avgs.append(state["state1"])
                 exp_avg_sqs.append(state["state2"])
                 steps32.append(state["step"])
                 skipped32.append(state["skipped"])
+
+    def _screen(self, p: torch.Tensor, grad: torch.Tensor, state: dict | None, group) -> None:
+        """Refuses, naming the parameter, what the fused ops would refuse: before any group is
+        stepped, so that bad input leaves the whole optimizer as it was. The ops' checks stay
+        the authority; this repeats those a user can trip over through the optimizer: a
+        sparse gradient, a parameter of another dtype, or one resized or moved since its
+        state was made. (torch's ``p.grad`` setter already keeps a gradient's dtype, shape
+        and device those of its parameter.) One expression, ~0.4 us per parameter; the
+        messages only on failure."""
+        if (
+            not grad.is_sparse and p.dtype in FLOAT_DTYPES
+            and (
+                state is None
+                or (
+                    (s1 := state["state1"]).numel() == p.numel() and s1.device == p.device
+                    and (
+                        s1.dtype != torch.uint8
+                        or state["absmax1"].numel() == num_blocks(p.numel(), group["blocksize"])
+                    )
+                )
+            )
+        ):  # fmt: skip
+            return
+        self._refuse(p, grad, state, group)
+
+    def _refuse(self, p: torch.Tensor, grad: torch.Tensor, state: dict | None, group) -> None:
+        name = type(self).__name__
+        where = f"{name}: parameter of shape {tuple(p.shape)}"
+        if grad.is_sparse:
+            raise RuntimeError(f"{name} does not support sparse gradients")
+        if p.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{where}: parameters must be float32, float16 or bfloat16, got {p.dtype}"
+            )
+        if grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
+            raise ValueError(
+                f"{where}: its gradient must match it in dtype, shape and device, got "
+                f"{grad.dtype}, {tuple(grad.shape)}, {grad.device} for {p.dtype}, "
+                f"{tuple(p.shape)}, {p.device}"
+            )
+        s1 = state["state1"]
+        if s1.numel() != p.numel() or s1.device != p.device:
+            raise ValueError(
+                f"{where}: its state (of {s1.numel()} elements, on {s1.device}) no "
+                f"longer fits it ({p.numel()} elements, on {p.device}); load a state dict for "
+                "this model or create the optimizer after moving or resizing it"
+            )
+        blocks = num_blocks(p.numel(), group["blocksize"])
+        raise ValueError(
+            f"{where}: its 8-bit state has {state['absmax1'].numel()} blocks, but "
+            f"blocksize={group['blocksize']} makes {blocks}; the blocksize of a group cannot "
+            "change once it has state"
+        )
 
     def skipped_steps(self) -> int:
         """Updates skipped for a non-finite gradient, summed over all parameters (one step
@@ -237,14 +318,17 @@ class Adam8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Every group is gathered and screened before any is stepped: bad input raises with
+        # the optimizer as it was (ARCHITECTURE.md: never a partially updated state).
+        gathered = []
         for group in self.param_groups:
-            params8, grads8, state1, state2, absmax1, absmax2, qmap1, qmap2 = ([] for _ in range(8))
-            steps8, skipped8, params32, grads32, exp_avgs, exp_avg_sqs = ([] for _ in range(6))
-            steps32, skipped32 = [], []
-            self._init_group(
-                group, params8, grads8, state1, state2, absmax1, absmax2, qmap1, qmap2, steps8,
-                skipped8, params32, grads32, exp_avgs, exp_avg_sqs, steps32, skipped32,
-            )  # fmt: skip
+            lists = tuple([] for _ in range(17))
+            self._init_group(group, *lists)
+            gathered.append((group, lists))
+        for group, lists in gathered:
+            params8, grads8, state1, state2, absmax1, absmax2, qmap1, qmap2, steps8 = lists[:9]
+            skipped8, params32, grads32, exp_avgs, exp_avg_sqs, steps32, skipped32 = lists[9:16]
+            empty_steps = lists[16]
             beta1, beta2 = group["betas"]
             hyper = dict(
                 lr=_hyperparameter(group["lr"]), beta1=_hyperparameter(beta1),
@@ -263,6 +347,8 @@ class Adam8bit(torch.optim.Optimizer):
                 params32, grads32, exp_avgs, exp_avg_sqs, steps32, skipped32
             ):
                 _step_fp32_state(p, g, m, v, st, sk, **hyper)
+            for step in empty_steps:  # t = int(step) + 1, as the ops count
+                step.copy_(step.trunc() + 1)
         return loss
 
     # ----------------------------------------------------------------------- checkpoints

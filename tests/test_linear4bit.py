@@ -347,6 +347,24 @@ def test_state_dict_layout(quant_type, double_quant):
     assert kept["weight"] is layer.weight and kept["bias"] is layer.bias
 
 
+@pytest.mark.parametrize("checkpoint", ["quantized", "float"])
+def test_load_with_assign_fills_a_meta_layer(checkpoint):
+    """load_state_dict(assign=True) takes the state dict's tensors, on their device, as
+    nn.Module does: a layer built on the meta device is filled without a copy."""
+    source = Linear4bit(128, 16)
+    dense = nn.Linear(128, 16)
+    sd = source.state_dict() if checkpoint == "quantized" else dense.state_dict()
+    layer = Linear4bit(128, 16, device="meta")
+    layer.load_state_dict(sd, assign=True)
+    assert layer.weight.device.type == layer.quant_state.absmax.device.type == "cpu"
+    x = randn_nonzero(3, 128)
+    if checkpoint == "quantized":
+        assert layer.weight.data_ptr() == sd["weight"].data_ptr()  # assigned, not copied
+        assert torch.equal(layer(x), source(x))
+    else:
+        assert torch.equal(layer(x), Linear4bit.from_linear(dense)(x))
+
+
 def _reload_check(sd, source: Linear4bit, fresh: Linear4bit):
     fresh.load_state_dict(sd, strict=True)
     assert isinstance(fresh.weight, Params4bit) and not fresh.weight.requires_grad

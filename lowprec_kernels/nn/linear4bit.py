@@ -258,7 +258,10 @@ class Linear4bit(nn.Linear):
         weight_key = prefix + "weight"
         weight = state_dict.get(weight_key)
         if weight is not None:
-            self.weight = self._weight_from_state_dict(weight, state_dict, weight_key)
+            # load_state_dict(assign=True): the state dict's tensors become the layer's, on
+            # their device (a layer built on the meta device is filled this way).
+            assign = local_metadata.get("assign_to_params_buffers", False)
+            self.weight = self._weight_from_state_dict(weight, state_dict, weight_key, assign)
 
         # nn.Module loads the bias; the weight and its "weight.*" entries (consumed above)
         # are hidden from it. Without a weight, those entries are left to be reported.
@@ -272,10 +275,10 @@ class Linear4bit(nn.Linear):
         if weight is not None and weight_key in missing_keys:
             missing_keys.remove(weight_key)
 
-    def _weight_from_state_dict(self, weight, state_dict, weight_key) -> Params4bit:
+    def _weight_from_state_dict(self, weight, state_dict, weight_key, assign) -> Params4bit:
         name = type(self).__name__
         shape = (self.out_features, self.in_features)
-        device = self.weight.device
+        device = weight.device if assign else self.weight.device
         state_prefix = weight_key + "."
         entries = {
             k[len(state_prefix) :]: v for k, v in state_dict.items() if k.startswith(state_prefix)
@@ -301,8 +304,10 @@ class Linear4bit(nn.Linear):
                 f"{name}: the state dict lacks {missing}, needed to load the quantized "
                 f"'{weight_key}' (a truncated checkpoint?)"
             )
-        # Copies, as nn.Module's own loading copies: the layer never aliases the state dict.
-        entries = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in entries.items()}
+        if not assign:  # copies, as nn.Module's own loading copies
+            entries = {
+                k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in entries.items()
+            }
         st = QuantState.from_dict(entries, device=device)
         if tuple(st.shape) != shape:
             raise ValueError(
@@ -315,4 +320,5 @@ class Linear4bit(nn.Linear):
                 f"{name}: '{weight_key}' must hold {(st.numel + 1) // 2} uint8 bytes (two 4-bit "
                 f"codes each), got {weight.numel()} of {weight.dtype}"
             )
-        return Params4bit(weight.to(device).reshape(-1, 1).clone(), False, st)
+        codes = weight.reshape(-1, 1) if assign else weight.to(device).reshape(-1, 1).clone()
+        return Params4bit(codes, False, st)

@@ -140,3 +140,31 @@ def test_bad_method(model):
 
 def test_reachable_from_the_package():
     assert lpk.nn.quantize_model is quantize_model and lpk.nn.Linear4bit is Linear4bit
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_sharing_is_kept(method):
+    """A Linear used twice becomes one quantized layer used twice; two Linears sharing a
+    weight share its quantized form (one copy of the codes, as before one float weight)."""
+    torch.manual_seed(0)
+    reused = nn.Linear(64, 64)
+    model = nn.Sequential(reused, nn.ReLU(), reused)
+    x = torch.randn(3, 64)
+    quantize_model(model, method=method)
+    assert type(model[0]) is not nn.Linear and model[0] is model[2]
+    first, second = nn.Linear(64, 64), nn.Linear(64, 64)
+    second.weight = first.weight
+    tied = quantize_model(nn.Sequential(first, nn.ReLU(), second), method=method)
+    assert tied[0].weight is tied[2].weight and tied[0].bias is not tied[2].bias
+    if method == "int8":
+        assert tied[0].SCB is tied[2].SCB
+    assert torch.isfinite(tied(x)).all() and torch.isfinite(model(x)).all()
+
+
+def test_a_reused_linear_stays_float_if_any_of_its_names_is_skipped():
+    shared = nn.Linear(32, 32)
+    model = nn.Module()
+    model.body = nn.Sequential(shared)
+    model.lm_head = shared
+    quantize_model(model)
+    assert model.body[0] is shared and model.lm_head is shared

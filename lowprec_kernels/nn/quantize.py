@@ -25,22 +25,36 @@ def quantize_model(
     ``method``: ``"nf4"`` / ``"fp4"`` (:class:`Linear4bit`) or ``"int8"``
     (:class:`Linear8bitLt`); ``layer_kwargs`` go to the layer's ``from_linear``. Layers whose
     ``in_features`` is not a multiple of the blocksize are quantized too (blocks then cross
-    rows). Returns ``model``.
+    rows). Sharing is kept: a Linear used at several places becomes one quantized layer used
+    at all of them (kept float everywhere if any of its names matches ``skip``), and Linears
+    that share one weight share its quantized form. Returns ``model``.
     """
     if method not in METHODS:
         raise ValueError(f"quantize_model: method must be one of {METHODS}, got {method!r}")
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and not any(_matches(name, s) for s in skip)
-    ]
-    for name, linear in targets:
+    # Every place of every Linear (named_modules drops the repeated ones by default).
+    places: dict[int, list[str]] = {}
+    linears: dict[int, nn.Linear] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if type(module) is nn.Linear:
+            places.setdefault(id(module), []).append(name)
+            linears[id(module)] = module
+    quantized_weights: dict[int, nn.Module] = {}  # id(float weight) -> its first quantized layer
+    for key, linear in linears.items():
+        names = places[key]
+        if any(_matches(name, s) for name in names for s in skip):
+            continue
         if method == "int8":
             new = Linear8bitLt.from_linear(linear, **layer_kwargs)
         else:
             new = Linear4bit.from_linear(linear, quant_type=method, **layer_kwargs)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        tied = quantized_weights.setdefault(id(linear.weight), new)
+        if tied is not new:  # a weight shared with an earlier Linear: share its quantized form
+            new.weight = tied.weight
+            if method == "int8":
+                new.SCB = tied.SCB
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
     return model

@@ -133,6 +133,11 @@ def test_quantized_model_state_dict_round_trip(model):
     assert torch.equal(fresh(x), model(x))
 
 
+def test_a_lone_linear_is_refused():
+    with pytest.raises(ValueError, match="from_linear"):
+        quantize_model(nn.Linear(8, 8))
+
+
 def test_bad_method(model):
     with pytest.raises(ValueError, match="method"):
         quantize_model(model, method="int4")

@@ -31,6 +31,12 @@ def quantize_model(
     """
     if method not in METHODS:
         raise ValueError(f"quantize_model: method must be one of {METHODS}, got {method!r}")
+    if type(model) is nn.Linear:
+        raise ValueError(
+            "quantize_model replaces the nn.Linear layers inside model, in place; a lone "
+            "nn.Linear cannot be replaced in place: use Linear4bit.from_linear or "
+            "Linear8bitLt.from_linear"
+        )
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     # Every place of every Linear (named_modules drops the repeated ones by default).
     places: dict[int, list[str]] = {}

@@ -340,7 +340,7 @@ def _bad_blocksize(opt, b):
         (_bad_dtype, TypeError, "float32, float16 or bfloat16"),
         (_bad_resize, ValueError, "no longer fits"),
         (_bad_lr, ValueError, "learning rate"),
-        (_bad_blocksize, ValueError, "blocksize"),
+        (_bad_blocksize, ValueError, "blocksize|block of 512"),  # the optimizer's or the op's
     ],
     ids=["sparse-grad", "float64", "resized", "negative-lr", "blocksize"],
 )

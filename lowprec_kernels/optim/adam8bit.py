@@ -215,10 +215,9 @@ class Adam8bit(torch.optim.Optimizer):
         skipped8, params32, grads32, exp_avgs, exp_avg_sqs, steps32, skipped32, empty_steps,
     ) -> None:  # fmt: skip
         """Sorts the group's parameters that have a gradient into the 8-bit and the float32
-        state lists, creating state on first use, and screens them (``_screen``). Parameters
-        with no elements only count their step (``empty_steps``): there is nothing to update.
-        (torch.compile runs a method of this name eagerly instead of tracing it, as for
-        torch's own optimizers.)"""
+        state lists, creating state on first use. Parameters with no elements only count
+        their step (``empty_steps``): there is nothing to update. (torch.compile runs a
+        method of this name eagerly instead of tracing it, as for torch's own optimizers.)"""
         _check_hyperparameters(group)
         for p in group["params"]:
             grad = p.grad
@@ -226,10 +225,9 @@ class Adam8bit(torch.optim.Optimizer):
                 continue
             state = self.state[p]
             if len(state) == 0:
-                self._screen(p, grad, None, group)
+                if grad.is_sparse:
+                    self._refuse(p, grad, None, group)
                 self._init_state(p, state, group)
-            else:
-                self._screen(p, grad, state, group)
             if p.numel() == 0:
                 empty_steps.append(state["step"])
             elif state["state1"].dtype == torch.uint8:
@@ -251,29 +249,25 @@ class Adam8bit(torch.optim.Optimizer):
                 steps32.append(state["step"])
                 skipped32.append(state["skipped"])
 
-    def _screen(self, p: torch.Tensor, grad: torch.Tensor, state: dict | None, group) -> None:
-        """Refuses, naming the parameter, what the fused ops would refuse: before any group is
-        stepped, so that bad input leaves the whole optimizer as it was. The ops' checks stay
-        the authority; this repeats those a user can trip over through the optimizer: a
-        sparse gradient, a parameter of another dtype, or one resized or moved since its
-        state was made. (torch's ``p.grad`` setter already keeps a gradient's dtype, shape
-        and device those of its parameter.) One expression, ~0.4 us per parameter; the
-        messages only on failure."""
-        if (
-            not grad.is_sparse and p.dtype in FLOAT_DTYPES
-            and (
-                state is None
-                or (
-                    (s1 := state["state1"]).numel() == p.numel() and s1.device == p.device
-                    and (
-                        s1.dtype != torch.uint8
-                        or state["absmax1"].numel() == num_blocks(p.numel(), group["blocksize"])
-                    )
+    def _screen(self, group, params, grads, states, absmax1=None) -> None:
+        """Refuses, naming the parameter, what a fused op would refuse of one call's tensors
+        (``states``: the m tensors; ``absmax1`` for 8-bit states). ``step`` runs it on every
+        call but the one it makes first, before making any, so that bad input leaves the
+        whole optimizer as it was. The ops' checks stay the authority; this repeats those a
+        user can trip over through the optimizer: a sparse gradient, a parameter of another
+        dtype, or one resized or moved since its state was made (torch's ``p.grad`` setter
+        keeps a gradient's dtype, shape and device those of its parameter). ~0.4 us per
+        parameter; the messages only on failure."""
+        for i, (p, g, s1) in enumerate(zip(params, grads, states)):
+            if not (
+                not g.is_sparse and p.dtype in FLOAT_DTYPES and s1.numel() == p.numel()
+                and s1.device == p.device
+                and (
+                    absmax1 is None
+                    or absmax1[i].numel() == num_blocks(p.numel(), group["blocksize"])
                 )
-            )
-        ):  # fmt: skip
-            return
-        self._refuse(p, grad, state, group)
+            ):  # fmt: skip
+                self._refuse(p, g, self.state[p], group)
 
     def _refuse(self, p: torch.Tensor, grad: torch.Tensor, state: dict | None, group) -> None:
         name = type(self).__name__
@@ -318,17 +312,28 @@ class Adam8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Every group is gathered and screened before any is stepped: bad input raises with
-        # the optimizer as it was (ARCHITECTURE.md: never a partially updated state).
-        gathered = []
+        # Every group is gathered, and every fused call screened but the first one made (whose
+        # op checks everything before it writes), before any call is made: bad input raises
+        # with the optimizer as it was (ARCHITECTURE.md: never a partially updated state).
+        # The call with the most tensors goes first, so the fewest are screened.
+        calls = []
+        empty_steps = []
         for group in self.param_groups:
-            lists = tuple([] for _ in range(17))
-            self._init_group(group, *lists)
-            gathered.append((group, lists))
-        for group, lists in gathered:
-            params8, grads8, state1, state2, absmax1, absmax2, qmap1, qmap2, steps8 = lists[:9]
-            skipped8, params32, grads32, exp_avgs, exp_avg_sqs, steps32, skipped32 = lists[9:16]
-            empty_steps = lists[16]
+            lists = tuple([] for _ in range(16))
+            self._init_group(group, *lists, empty_steps)
+            for split in _split_by_device(*lists[:10]):
+                calls.append((group, True, split))
+            for split in _split_by_device(*lists[10:]):
+                calls.append((group, False, split))
+        if calls:
+            first = max(range(len(calls)), key=lambda i: len(calls[i][2][0]))
+            for i, (group, eight_bit, split) in enumerate(calls):
+                if i != first:
+                    self._screen(
+                        group, split[0], split[1], split[2], split[4] if eight_bit else None
+                    )
+            calls.insert(0, calls.pop(first))
+        for group, eight_bit, split in calls:
             beta1, beta2 = group["betas"]
             hyper = dict(
                 lr=_hyperparameter(group["lr"]), beta1=_hyperparameter(beta1),
@@ -336,19 +341,16 @@ class Adam8bit(torch.optim.Optimizer):
                 weight_decay=_hyperparameter(group["weight_decay"]),
                 decoupled=self.decoupled_weight_decay,
             )  # fmt: skip
-            for p, g, s1, s2, a1, a2, q1, q2, st, sk in _split_by_device(
-                params8, grads8, state1, state2, absmax1, absmax2, qmap1, qmap2, steps8, skipped8
-            ):
+            if eight_bit:
+                p, g, s1, s2, a1, a2, q1, q2, st, sk = split
                 _step_8bit(
                     p, g, s1, s2, a1, a2, q1[0], q2[0], st, sk, blocksize=group["blocksize"],
                     **hyper,
                 )  # fmt: skip
-            for p, g, m, v, st, sk in _split_by_device(
-                params32, grads32, exp_avgs, exp_avg_sqs, steps32, skipped32
-            ):
-                _step_fp32_state(p, g, m, v, st, sk, **hyper)
-            for step in empty_steps:  # t = int(step) + 1, as the ops count
-                step.copy_(step.trunc() + 1)
+            else:
+                _step_fp32_state(*split, **hyper)
+        for step in empty_steps:  # t = int(step) + 1, as the ops count
+            step.copy_(step.trunc() + 1)
         return loss
 
     # ----------------------------------------------------------------------- checkpoints

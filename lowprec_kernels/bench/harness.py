@@ -208,8 +208,11 @@ class Rotation(Cycle):
     optimizer state. Copies are clones of ``sample``: same values, distinct memory.
     """
 
-    def __init__(self, sample, target_bytes: int):
-        per_copy = max(1, nbytes(sample))
+    def __init__(self, sample, target_bytes: int, read_per_call: int | None = None):
+        # read_per_call: the bytes of a copy that one of the compared functions reads, where
+        # a copy holds both functions' operands (a quantized and a dense weight): each
+        # function's own share of the copies must exceed the target.
+        per_copy = max(1, nbytes(sample) if read_per_call is None else read_per_call)
         count = max(2, math.ceil(target_bytes / per_copy))
         super().__init__([sample] + [_clone(sample) for _ in range(count - 1)])
 
@@ -565,9 +568,13 @@ class Bench:
         """The value for the current effort (sizes, blocksizes, ...)."""
         return {"full": full, "quick": quick, "smoke": smoke}[self.effort.name]
 
-    def rotation(self, sample) -> Rotation:
+    def rotation(self, sample, read_by_one=None) -> Rotation:
+        """Copies of ``sample`` holding twice the last-level cache, counted over
+        ``read_by_one`` (the part of a copy the function reading least of it reads) when the
+        copy holds operands of several functions."""
         target = 2 * self.llc_bytes if self.effort.rotate else 0
-        return Rotation(sample, target)
+        read = None if read_by_one is None else nbytes(read_by_one)
+        return Rotation(sample, target, read)
 
     def compare(
         self, candidate: Callable, baseline: Callable, inputs: Cycle, floor: Timed | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import warnings
 
-from lowprec_kernels import _ops, reference  # noqa: F401 - define the ops, register references
+from lowprec_kernels import _dispatch, _ops, reference  # noqa: F401 - define the ops, register references
 from lowprec_kernels._dispatch import available_backends, use_backend
 from lowprec_kernels.quant_state import QuantState
 
@@ -20,6 +20,14 @@ try:
 except ImportError as _err:  # the package still works on the reference backend
     _C = None
     _C_IMPORT_ERROR: str | None = str(_err)
+    # Said once, at import: every op then runs on the pure-PyTorch reference, 15-70x slower
+    # on the CPU, which would otherwise show only in build_info().
+    warnings.warn(
+        f"lowprec_kernels: the native extension did not load ({_err}); every op runs on the "
+        "slow reference backend (and Triton where present). Build it with "
+        "`bash scripts/setup.sh` or `pip install --no-build-isolation -e .`.",
+        stacklevel=2,
+    )
 else:
     _C_IMPORT_ERROR = None
 
@@ -51,6 +59,7 @@ def build_info() -> dict:
         dict(_C.build_info()) if _C is not None else {"compiled": False, "error": _C_IMPORT_ERROR}
     )
     info["available_backends"] = available_backends()
+    info["eager_entries"] = _dispatch._EAGER_ENABLED  # LOWPREC_EAGER
     return info
 
 

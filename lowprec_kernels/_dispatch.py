@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import warnings
 from collections.abc import Callable, Iterator
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -64,7 +65,22 @@ def register_eager(op: str, backend: str, device: str = "any") -> Callable[[Call
 
 # LOWPREC_EAGER=0 turns the eager entries off (every plain eager call takes the checked path):
 # for A/B timing and for ruling them out when something looks wrong.
-_EAGER_ENABLED = os.environ.get("LOWPREC_EAGER", "1") != "0"
+_EAGER_OFF = ("0", "false", "off", "no")
+_EAGER_ON = ("", "1", "true", "on", "yes")
+
+
+def _eager_setting() -> bool:
+    value = os.environ.get("LOWPREC_EAGER", "1").strip().lower()
+    if value not in _EAGER_OFF + _EAGER_ON:
+        warnings.warn(
+            f"lowprec_kernels: LOWPREC_EAGER={value!r} is not one of {_EAGER_OFF + _EAGER_ON[1:]}; "
+            "the eager entries stay on",
+            stacklevel=2,
+        )
+    return value not in _EAGER_OFF
+
+
+_EAGER_ENABLED = _eager_setting()
 
 
 def eager_for(op: str, device_type: str) -> Callable | None:

@@ -34,6 +34,16 @@ def test_rotation_holds_distinct_copies_past_target():
     assert harness.Rotation(sample, 0).copies.__len__() == 2  # at least two, alternating
 
 
+def test_rotation_counted_over_what_one_function_reads():
+    """A copy holding two functions' operands (an int8 and a dense weight): enough copies
+    that the smaller share alone exceeds the target."""
+    small, big = torch.zeros(100, dtype=torch.uint8), torch.zeros(1000)
+    target = 10 * harness.nbytes(small)
+    rot = harness.Rotation((small, big), target, read_per_call=harness.nbytes(small))
+    assert len(rot) * harness.nbytes(small) >= target
+    assert len(harness.Rotation((small, big), target)) == 2  # counted over the whole copy
+
+
 def test_compare_interleaves_and_reports_ratio():
     calls = []
     rot = harness.Rotation(torch.ones(64), 0)
@@ -118,3 +128,17 @@ def test_cli_smoke_writes_json(tmp_path, capsys):
 def test_cli_rejects_unknown_suite():
     with pytest.raises(SystemExit):
         main(["nope"])
+
+
+def test_cli_rejects_unknown_backends_and_unwritable_paths_before_measuring(capsys):
+    with pytest.raises(SystemExit):
+        main(["blockwise", "--smoke", "--backend", "bogus"])
+    # Refused at once (exit 2), before the ceilings and suites are measured.
+    assert main(["blockwise", "--smoke", "--json", "/nonexistent-dir/x.json"]) == 2
+    assert "directory does not exist" in capsys.readouterr().err
+
+
+def test_cli_names_each_backend_once():
+    from lowprec_kernels.bench.__main__ import parse_args
+
+    assert parse_args(["blockwise", "--backend", "cpu", "cpu"]).backend == ["cpu"]

@@ -124,6 +124,44 @@ def test_env_var_lowers_the_isa(requested):
         assert "ignoring LOWPREC_CPU_ISA=bogus" in done.stderr
 
 
+def _python(script: str, **env_vars) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_vars}
+    return subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_a_missing_extension_is_said_at_import():
+    """Without _C every op falls back to the slow reference: a warning says so once."""
+    done = _python(
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'lowprec_kernels._C': raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import lowprec_kernels as lpk\n"
+        "print(lpk.build_info()['compiled'])\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+    assert "native extension did not load (blocked for the test)" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "value, enabled, warns",
+    [("0", False, False), ("off", False, False), ("False", False, False),
+     ("1", True, False), ("yes", True, False), ("maybe", True, True)],
+)  # fmt: skip
+def test_lowprec_eager_values(value, enabled, warns):
+    done = _python(
+        "import lowprec_kernels as lpk; print(lpk.build_info()['eager_entries'])",
+        LOWPREC_EAGER=value,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(enabled)
+    assert ("LOWPREC_EAGER='maybe' is not one of" in done.stderr) == warns
+
+
 # ---------------------------------------------------------------------- shared header math
 
 

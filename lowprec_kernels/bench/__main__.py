@@ -11,6 +11,7 @@ Exit status: 0 when every requested suite ran (or is not implemented yet), 1 if 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from lowprec_kernels.bench import SUITES, load_suite
 from lowprec_kernels.bench.harness import (
     EFFORTS,
+    NATIVE_BACKENDS,
     Bench,
     Settings,
     header,
@@ -31,6 +33,9 @@ from lowprec_kernels.bench.harness import (
     table,
     write_json,
 )
+
+# Every backend a candidate may name (reference is the baseline, always timed).
+NATIVE_BACKEND_NAMES = tuple(dict.fromkeys(b for names in NATIVE_BACKENDS.values() for b in names))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -52,10 +57,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "numbers meaningless")  # fmt: skip
     p.add_argument("--json", metavar="PATH", help="write every number and the machine info")
     p.add_argument("--plot", metavar="PATH", help="speedup bar chart (PNG, needs matplotlib)")
-    p.add_argument("--backend", nargs="+", metavar="NAME",
+    p.add_argument("--backend", nargs="+", metavar="NAME", choices=NATIVE_BACKEND_NAMES,
                    help="candidate backends to time against reference "
                    "(default: the device's native ones: cpu | cuda triton)")  # fmt: skip
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.backend:
+        args.backend = list(dict.fromkeys(args.backend))  # each once
+    return args
 
 
 def run_suite(name: str, settings: Settings, ceilings) -> dict[str, Any]:
@@ -84,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: torch sees no CUDA device", file=sys.stderr)
         return 2
+    for path in (args.json, args.plot):
+        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            # Found now, not after the whole run has been measured and lost.
+            print(f"{path}: its directory does not exist", file=sys.stderr)
+            return 2
     effort = EFFORTS["smoke" if args.smoke else "quick" if args.quick else "full"]
     settings = Settings(args.device, effort, tuple(args.backend) if args.backend else None)
 

@@ -17,6 +17,7 @@ import time
 import torch
 
 import lowprec_kernels as lpk
+from lowprec_kernels.bench.harness import positive, script_description
 
 
 def _gpt2_small_shapes(layers=12, d=768, vocab=50257, context=1024) -> list[tuple[int, ...]]:
@@ -53,9 +54,9 @@ def _compare(shapes, rounds: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--max-params", type=int, default=None,
+    parser = argparse.ArgumentParser(description=script_description(__doc__))
+    parser.add_argument("--rounds", type=positive(int), default=10)
+    parser.add_argument("--max-params", type=positive(int), default=None,
                         help="skip the cases with more parameters in all")  # fmt: skip
     args = parser.parse_args()
     gpt2 = _gpt2_small_shapes()

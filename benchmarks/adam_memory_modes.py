@@ -26,6 +26,7 @@ import time
 import torch
 
 import lowprec_kernels as lpk
+from lowprec_kernels.bench.harness import positive, script_description
 
 COLUMNS = ("torch fused", "ours", "our check", "add_", "amax")
 
@@ -60,10 +61,10 @@ def _summary(name: str, rounds: list[tuple[float, ...]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=int, default=16_777_216)
-    parser.add_argument("--seconds", type=float, default=40.0)
-    parser.add_argument("--split-ms", type=float, default=4.8)
+    parser = argparse.ArgumentParser(description=script_description(__doc__))
+    parser.add_argument("--params", type=positive(int), default=16_777_216)
+    parser.add_argument("--seconds", type=positive(float), default=40.0)
+    parser.add_argument("--split-ms", type=positive(float), default=4.8)
     args = parser.parse_args()
 
     def adamw8bit(ps):

@@ -17,6 +17,7 @@ import time
 import torch
 
 import lowprec_kernels as lpk
+from lowprec_kernels.bench.harness import positive, script_description
 
 
 def _optimizers(make, params: int) -> list[torch.optim.Optimizer]:
@@ -44,10 +45,10 @@ def _timed_step(opt: torch.optim.Optimizer) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=int, default=16_777_216)
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--gemm-ms", type=float, default=20.0)
+    parser = argparse.ArgumentParser(description=script_description(__doc__))
+    parser.add_argument("--params", type=positive(int), default=16_777_216)
+    parser.add_argument("--rounds", type=positive(int), default=12)
+    parser.add_argument("--gemm-ms", type=positive(float), default=20.0)
     args = parser.parse_args()
     makers = {
         "torch fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True),

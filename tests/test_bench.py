@@ -142,3 +142,12 @@ def test_cli_names_each_backend_once():
     from lowprec_kernels.bench.__main__ import parse_args
 
     assert parse_args(["blockwise", "--backend", "cpu", "cpu"]).backend == ["cpu"]
+
+
+def test_script_arguments_must_be_positive():
+    import argparse
+
+    assert harness.positive(int)("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match="above 0"):
+        harness.positive(float)("0")
+    assert harness.script_description("One line\ncontinued.\n\nMore.") == "One line continued."

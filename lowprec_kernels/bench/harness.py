@@ -19,6 +19,7 @@ A suite (``blockwise.py``, ...) is a module with ``rows(bench: Bench) -> list[Ro
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -545,6 +546,28 @@ class Row:
         d["shape"] = list(self.shape)
         d.update(self.roofline(ceilings))
         return d
+
+
+# --------------------------------------------------------------------------- script arguments
+
+
+def positive(kind: type):
+    """An argparse ``type`` taking numbers of ``kind`` above 0 (the benchmark scripts' sizes,
+    rounds and durations), refusing others with the script's usage."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def script_description(doc: str) -> str:
+    """A benchmark script's ``--help`` description: its docstring's first paragraph."""
+    return " ".join(doc.split("\n\n")[0].split())
 
 
 # --------------------------------------------------------------------------- the context

@@ -30,6 +30,7 @@ Exit status 1 if any correctness case fails.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 import lowprec_kernels as lpk
 from lowprec_kernels import _C
 from lowprec_kernels import functional as LF
+from lowprec_kernels.bench.harness import script_description
 from lowprec_kernels.reference import fourbit as reference_fourbit
 
 RUNS = 50
@@ -240,6 +242,7 @@ def timing() -> None:
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=script_description(__doc__)).parse_args()
     if not torch.cuda.is_available():
         print("cuda_gemv_check: no CUDA device")
         return 2

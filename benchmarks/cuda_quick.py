@@ -7,12 +7,14 @@ Exits non-zero when a backend disagrees with the reference.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
 
 import lowprec_kernels as lpk
 from lowprec_kernels import functional as LF
+from lowprec_kernels.bench.harness import script_description
 
 
 def cases(device):
@@ -69,8 +71,13 @@ def close(a, b) -> bool:
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=script_description(__doc__)).parse_args()
+    if not torch.cuda.is_available():
+        print("cuda_quick: no CUDA device")
+        return 2
     device = "cuda"
     failures = 0
+    checked = 0
     for name, fn in cases(device):
         with lpk.use_backend("reference"):
             ref = fn()
@@ -86,7 +93,11 @@ def main() -> int:
             except Exception as exc:  # noqa: BLE001
                 verdict = f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             failures += verdict != "ok"
+            checked += 1
             print(f"{name:24s} {backend:7s} {verdict}")
+    if not checked:
+        print("cuda_quick: neither the cuda nor the triton backend is available: nothing checked")
+        return 2
     return 1 if failures else 0
 
 

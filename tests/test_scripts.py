@@ -1,6 +1,7 @@
 """The shell entry points parse, CI runs the README's test command, and the GPU check's
 kernel pass is well formed (it runs for real only on a GPU: benchmarks/gpu_check.sh)."""
 
+import ast
 import importlib.util
 import re
 import subprocess
@@ -8,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from lowprec_kernels.bench.harness import script_description
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["scripts/setup.sh", "scripts/test.sh", ".ci/run", "benchmarks/gpu_check.sh"]
@@ -52,3 +56,25 @@ def test_adam_probe_scripts_run(command):
     out = subprocess.run([sys.executable, *command], cwd=ROOT, check=True, capture_output=True,
                          text=True, timeout=300).stdout  # fmt: skip
     assert "ours" in out
+
+
+@pytest.mark.parametrize(
+    "script",
+    ["cuda_quick.py", "cuda_gemv_check.py", "adam_step_context.py", "adam_memory_modes.py",
+     "adam_many_tensors.py"],
+)  # fmt: skip
+def test_scripts_answer_help_anywhere(script):
+    """--help works without a GPU, with the docstring's whole first paragraph."""
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    doc = ast.get_docstring(ast.parse((ROOT / "benchmarks" / script).read_text()))
+    assert script_description(doc) in " ".join(done.stdout.split())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without a GPU")
+@pytest.mark.parametrize("script", ["cuda_quick.py", "cuda_gemv_check.py"])
+def test_cuda_scripts_say_there_is_no_gpu(script):
+    done = subprocess.run([sys.executable, f"benchmarks/{script}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "no CUDA device" in done.stdout

@@ -360,6 +360,19 @@ def test_bad_input_in_a_later_group_leaves_every_group_untouched(spoil, error, m
     _assert_untouched(opt, snapshot)
 
 
+def test_a_sparse_gradient_is_refused_by_name_in_the_first_call_too():
+    """The call made first is not screened (its op checks it): the sparse gradient is
+    refused while gathering, for every parameter, with the optimizer's own message."""
+    for n in (10, 5000):
+        p = nn.Parameter(torch.randn(n))
+        opt = AdamW8bit([p])
+        p.grad = torch.randn(n)
+        opt.step()
+        p.grad = torch.randn(n).to_sparse()
+        with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+            opt.step()
+
+
 def test_parameters_without_elements_count_their_steps():
     """torch.optim.AdamW steps a zero-element parameter (nn.Linear(0, n)'s weight); so does
     this optimizer, and its other parameters train."""

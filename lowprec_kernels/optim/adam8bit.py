@@ -223,10 +223,10 @@ class Adam8bit(torch.optim.Optimizer):
             grad = p.grad
             if grad is None:
                 continue
+            if grad.is_sparse:  # every parameter: the first call is not screened
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             state = self.state[p]
             if len(state) == 0:
-                if grad.is_sparse:
-                    self._refuse(p, grad, None, group)
                 self._init_state(p, state, group)
             if p.numel() == 0:
                 empty_steps.append(state["step"])
@@ -249,40 +249,31 @@ class Adam8bit(torch.optim.Optimizer):
                 steps32.append(state["step"])
                 skipped32.append(state["skipped"])
 
-    def _screen(self, group, params, grads, states, absmax1=None) -> None:
+    def _screen(self, group, params, states, absmax1=None) -> None:
         """Refuses, naming the parameter, what a fused op would refuse of one call's tensors
         (``states``: the m tensors; ``absmax1`` for 8-bit states). ``step`` runs it on every
         call but the one it makes first, before making any, so that bad input leaves the
         whole optimizer as it was. The ops' checks stay the authority; this repeats those a
-        user can trip over through the optimizer: a sparse gradient, a parameter of another
-        dtype, or one resized or moved since its state was made (torch's ``p.grad`` setter
-        keeps a gradient's dtype, shape and device those of its parameter). ~0.4 us per
-        parameter; the messages only on failure."""
-        for i, (p, g, s1) in enumerate(zip(params, grads, states)):
+        user can trip over through the optimizer: a parameter of another dtype, or one
+        resized or moved since its state was made (``_init_group`` refuses sparse gradients,
+        and torch's ``p.grad`` setter keeps a gradient's dtype, shape and device those of its
+        parameter). ~0.4 us per parameter; the messages only on failure."""
+        for i, (p, s1) in enumerate(zip(params, states)):
             if not (
-                not g.is_sparse and p.dtype in FLOAT_DTYPES and s1.numel() == p.numel()
-                and s1.device == p.device
+                p.dtype in FLOAT_DTYPES and s1.numel() == p.numel() and s1.device == p.device
                 and (
                     absmax1 is None
                     or absmax1[i].numel() == num_blocks(p.numel(), group["blocksize"])
                 )
             ):  # fmt: skip
-                self._refuse(p, g, self.state[p], group)
+                self._refuse(p, self.state[p], group)
 
-    def _refuse(self, p: torch.Tensor, grad: torch.Tensor, state: dict | None, group) -> None:
-        name = type(self).__name__
-        where = f"{name}: parameter of shape {tuple(p.shape)}"
-        if grad.is_sparse:
-            raise RuntimeError(f"{name} does not support sparse gradients")
+    def _refuse(self, p: torch.Tensor, state: dict, group) -> None:
+        """The error for a parameter ``_screen`` turned down."""
+        where = f"{type(self).__name__}: parameter of shape {tuple(p.shape)}"
         if p.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"{where}: parameters must be float32, float16 or bfloat16, got {p.dtype}"
-            )
-        if grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device:
-            raise ValueError(
-                f"{where}: its gradient must match it in dtype, shape and device, got "
-                f"{grad.dtype}, {tuple(grad.shape)}, {grad.device} for {p.dtype}, "
-                f"{tuple(p.shape)}, {p.device}"
             )
         s1 = state["state1"]
         if s1.numel() != p.numel() or s1.device != p.device:
@@ -321,19 +312,6 @@ class Adam8bit(torch.optim.Optimizer):
         for group in self.param_groups:
             lists = tuple([] for _ in range(16))
             self._init_group(group, *lists, empty_steps)
-            for split in _split_by_device(*lists[:10]):
-                calls.append((group, True, split))
-            for split in _split_by_device(*lists[10:]):
-                calls.append((group, False, split))
-        if calls:
-            first = max(range(len(calls)), key=lambda i: len(calls[i][2][0]))
-            for i, (group, eight_bit, split) in enumerate(calls):
-                if i != first:
-                    self._screen(
-                        group, split[0], split[1], split[2], split[4] if eight_bit else None
-                    )
-            calls.insert(0, calls.pop(first))
-        for group, eight_bit, split in calls:
             beta1, beta2 = group["betas"]
             hyper = dict(
                 lr=_hyperparameter(group["lr"]), beta1=_hyperparameter(beta1),
@@ -341,6 +319,17 @@ class Adam8bit(torch.optim.Optimizer):
                 weight_decay=_hyperparameter(group["weight_decay"]),
                 decoupled=self.decoupled_weight_decay,
             )  # fmt: skip
+            for split in _split_by_device(*lists[:10]):
+                calls.append((group, hyper, True, split))
+            for split in _split_by_device(*lists[10:]):
+                calls.append((group, hyper, False, split))
+        if calls:
+            first = max(range(len(calls)), key=lambda i: len(calls[i][3][0]))
+            for i, (group, _, eight_bit, split) in enumerate(calls):
+                if i != first:
+                    self._screen(group, split[0], split[2], split[4] if eight_bit else None)
+            calls.insert(0, calls.pop(first))
+        for group, hyper, eight_bit, split in calls:
             if eight_bit:
                 p, g, s1, s2, a1, a2, q1, q2, st, sk = split
                 _step_8bit(

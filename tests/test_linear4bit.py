@@ -327,6 +327,35 @@ def test_make_fx_traces_the_layer():
     assert torch.equal(graph(x), layer(x))
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_torch_export(tmp_path, double_quant):
+    """torch.export traces the layer (it swaps plain tensors in for the parameters, so the
+    layer keeps its Params4bit's quant_state beside them), with a dynamic batch, and the
+    saved program loads and computes the same output."""
+    model = nn.Sequential(
+        Linear4bit(64, 40, double_quant=double_quant), nn.ReLU(), Linear4bit(40, 9, bias=False)
+    )
+    x = randn_nonzero(3, 64)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    assert "lowprec.matmul_4bit" in program.graph_module.code
+    path = tmp_path / "model.pt2"
+    torch.export.save(program, path)
+    loaded = torch.export.load(path).module()
+    for rows in (3, 5):
+        x = randn_nonzero(rows, 64)
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_weight_must_stay_packed():
+    """A weight that is no Params4bit and not a stand-in of the packed codes' shape and dtype
+    is refused by name, not run with a stale quant_state."""
+    layer = Linear4bit(64, 8)
+    layer.weight = nn.Parameter(torch.randn(8, 64), requires_grad=False)
+    with pytest.raises(TypeError, match="weight must be a Params4bit"):
+        layer(randn_nonzero(2, 64))
+
+
 def test_backward_keeps_no_activation():
     """The op's autograd keeps the weight's arguments only (see the helper)."""
     assert_backward_keeps_no_activation(Linear4bit(128, 16), randn_nonzero(4, 128))

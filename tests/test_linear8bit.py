@@ -427,6 +427,25 @@ def test_compile_fullgraph_with_and_without_outliers(backend):
             assert torch.equal(compiled(with_outliers), model(with_outliers))
 
 
+def test_torch_export(tmp_path):
+    """torch.export traces the layer with a dynamic batch (outlier columns are found at run
+    time); the saved program loads and computes the same output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Linear8bitLt(64, 40), nn.ReLU(), Linear8bitLt(40, 9, bias=False))
+    x = torch.randn(3, 64)
+    x[:, 5] = 20.0  # an outlier column
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    assert "lowprec.int8_linear" in program.graph_module.code
+    path = tmp_path / "model.pt2"
+    torch.export.save(program, path)
+    loaded = torch.export.load(path).module()
+    for rows in (3, 5):
+        x = torch.randn(rows, 64)
+        x[:, 7] = -30.0
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_compile_vectorwise_quant_unbacked_outlier_count():
     # The decomposed path, traced: the number of outlier columns is an unbacked size in the
     # graph (the op's fake), and one graph serves inputs with and without outliers.

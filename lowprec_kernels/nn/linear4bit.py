@@ -209,8 +209,35 @@ class Linear4bit(nn.Linear):
         super().reset_parameters()
         self.weight = Params4bit.from_weight(self.weight, st.blocksize, st.quant_type, st.nested)
 
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "weight" and isinstance(value, Params4bit):
+            # Kept beside the parameter: torch.export (and other stateless calls) swap in
+            # plain tensors for the parameters, which have no quant_state.
+            self.__dict__["_packed_weight"] = value
+
+    def _packed_source(self, weight: torch.Tensor) -> Params4bit:
+        """The Params4bit whose quant_state describes ``weight``: itself, or, for a plain
+        tensor of its shape swapped in by a stateless call (torch.export), the last
+        Params4bit assigned to the layer."""
+        if isinstance(weight, Params4bit):
+            return weight
+        packed = self.__dict__.get("_packed_weight")
+        if (
+            isinstance(weight, torch.Tensor)
+            and packed is not None
+            and weight.shape == packed.shape
+            and weight.dtype == packed.dtype
+        ):
+            return packed
+        raise TypeError(
+            f"{type(self).__name__}: weight must be a Params4bit (packed codes with their "
+            f"quant_state), got {type(weight).__name__}; assign Params4bit.from_weight(w)"
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
+        state = self._packed_source(weight).quant_state
         # The op gets a plain-Tensor alias of the codes: make_fx (and torch.func.linearize,
         # which traces with it) refuses a Parameter subclass it meets as a constant. Dynamo
         # traces the Params4bit itself; an as_subclass there sent it into a kernel's Python.
@@ -221,7 +248,7 @@ class Linear4bit(nn.Linear):
         bias = self.bias
         if bias is not None and x_compute.is_floating_point():
             bias = bias.to(x_compute.dtype)
-        y = LF.matmul_4bit(x_compute, codes, weight.quant_state, bias)
+        y = LF.matmul_4bit(x_compute, codes, state, bias)
         return y.to(x.dtype) if cast else y
 
     def extra_repr(self) -> str:
@@ -240,6 +267,8 @@ class Linear4bit(nn.Linear):
         state = getattr(weight, "quant_state", None)
         if state is not None and state.absmax.device != weight.device:
             weight.quant_state = state.to(weight.device)
+        if isinstance(weight, Params4bit):  # _apply may have put a new one in _parameters
+            self.__dict__["_packed_weight"] = weight
         return self
 
     # --- state dict (bitsandbytes' layout) ------------------------------------------------------

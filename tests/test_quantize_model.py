@@ -173,3 +173,48 @@ def test_a_reused_linear_stays_float_if_any_of_its_names_is_skipped():
     model.lm_head = shared
     quantize_model(model)
     assert model.body[0] is shared and model.lm_head is shared
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_hooks_and_training_flag_are_kept(method):
+    """The quantized layer runs the Linear's forward, pre-forward and backward hooks, their
+    handles still remove them, and it keeps the Linear's training flag."""
+    model = Model().eval()
+    linear = model.model.odd
+    seen = []
+    handles = [
+        linear.register_forward_pre_hook(lambda m, args: seen.append(("pre", type(m)))),
+        linear.register_forward_hook(lambda m, args, out: seen.append(("post", out.shape))),
+        linear.register_full_backward_hook(lambda m, gin, gout: seen.append(("backward", None))),
+    ]
+    quantize_model(model, method)
+    layer = model.model.odd
+    assert type(layer) is not nn.Linear and not layer.training
+    assert all(not m.training for m in model.modules())
+    x = torch.randn(4, 64, requires_grad=True)
+    model(x).sum().backward()
+    assert seen == [("pre", type(layer)), ("post", (4, 50)), ("backward", None)]
+    for handle in handles:
+        handle.remove()
+    seen.clear()
+    model(x).sum().backward()
+    assert seen == []
+
+
+def test_pruned_linear_is_quantized_with_its_pruned_weight():
+    """A pruned Linear's current (masked) weight is quantized; the pruning hook, which would
+    overwrite the quantized weight, stays behind on the original Linear."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    linear = model[0]
+    torch.nn.utils.prune.l1_unstructured(linear, "weight", amount=0.5)
+    pruned = linear.weight.detach().clone()
+    hooks_before = dict(linear._forward_pre_hooks)
+    quantize_model(model, "nf4", skip=())
+    assert dict(linear._forward_pre_hooks) == hooks_before, "the original Linear is untouched"
+    assert not model[0]._forward_pre_hooks
+    x = torch.randn(3, 64)
+    expected = Linear4bit.from_linear(nn.Linear(64, 32).requires_grad_(False))
+    expected.weight = lpk.nn.Params4bit.from_weight(pruned)
+    expected.bias = model[0].bias
+    assert torch.equal(model(x), expected(x))

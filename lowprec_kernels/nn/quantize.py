@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from torch import nn
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from lowprec_kernels.nn.linear4bit import Linear4bit
 from lowprec_kernels.nn.linear8bit import Linear8bitLt
@@ -17,6 +20,36 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+# Forward pre-hooks that recompute a Linear's weight from its reparametrization before each
+# call (pruning, weight_norm, spectral_norm): the weight they last computed is what gets
+# quantized, and they would overwrite the quantized weight, so they stay behind.
+_WEIGHT_RECOMPUTING_HOOKS = (BasePruningMethod, WeightNorm, SpectralNorm)
+
+
+def _adopt_hooks(new: nn.Module, old: nn.Linear) -> None:
+    """``new`` takes ``old``'s training flag and its forward and backward hooks. It takes the
+    hook dicts themselves, so the handles returned at registration still remove them (the
+    forward pre-hooks are copied instead when weight-recomputing ones must stay behind)."""
+    new.train(old.training)
+    for name in (
+        "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+        "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+        "_backward_hooks", "_is_full_backward_hook",
+    ):  # fmt: skip
+        if name in old.__dict__:
+            new.__dict__[name] = old.__dict__[name]
+    pre_hooks = old._forward_pre_hooks
+    recomputing = {
+        k for k, hook in pre_hooks.items() if isinstance(hook, _WEIGHT_RECOMPUTING_HOOKS)
+    }
+    if recomputing:
+        for name in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
+            kept = type(old.__dict__[name])(
+                (k, v) for k, v in old.__dict__[name].items() if k not in recomputing
+            )
+            new.__dict__[name] = kept
+
+
 def quantize_model(
     model: nn.Module, method: str = "nf4", skip: Iterable[str] = ("lm_head",), **layer_kwargs
 ) -> nn.Module:
@@ -27,7 +60,10 @@ def quantize_model(
     ``in_features`` is not a multiple of the blocksize are quantized too (blocks then cross
     rows). Sharing is kept: a Linear used at several places becomes one quantized layer used
     at all of them (kept float everywhere if any of its names matches ``skip``), and Linears
-    that share one weight share its quantized form. Returns ``model``.
+    that share one weight share its quantized form. A quantized layer keeps its Linear's
+    training flag and forward and backward hooks (their handles still remove them); the
+    weight it quantizes is the Linear's current ``weight`` (a pruned or weight-normed one's
+    recomputed weight, whose recomputing hooks are dropped). Returns ``model``.
     """
     if method not in METHODS:
         raise ValueError(f"quantize_model: method must be one of {METHODS}, got {method!r}")
@@ -54,6 +90,7 @@ def quantize_model(
             new = Linear8bitLt.from_linear(linear, **layer_kwargs)
         else:
             new = Linear4bit.from_linear(linear, quant_type=method, **layer_kwargs)
+        _adopt_hooks(new, linear)
         tied = quantized_weights.setdefault(id(linear.weight), new)
         if tied is not new:  # a weight shared with an earlier Linear: share its quantized form
             new.weight = tied.weight

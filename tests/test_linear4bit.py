@@ -139,6 +139,9 @@ def test_from_linear(dtype):
     assert Linear4bit.from_linear(nn.Linear(64, 8, bias=False)).bias is None
     with pytest.raises(TypeError, match="linear"):
         Linear4bit.from_linear(nn.Conv1d(4, 4, 1))
+    # A Linear8bitLt is an nn.Linear whose weight holds int8 codes
+    with pytest.raises(TypeError, match=r"linear.weight must be a floating-point tensor"):
+        Linear4bit.from_linear(lpk.nn.Linear8bitLt(64, 8))
 
 
 # ---------------------------------------------------------------- forward / backward

@@ -80,6 +80,25 @@ def test_constructor_holds_int8_codes_and_fp32_scales():
     assert Linear8bitLt(3, 2, bias=False, threshold=0.0).bias is None
 
 
+def test_is_an_nn_linear_and_reset_parameters_requantizes():
+    """An nn.Linear, as bitsandbytes' Linear8bitLt and our Linear4bit are (code that finds a
+    model's linear layers by isinstance finds it); reset_parameters re-initializes as
+    nn.Linear does and quantizes again, keeping codes and scales consistent."""
+    torch.manual_seed(0)
+    layer = Linear8bitLt(40, 24)
+    assert isinstance(layer, nn.Linear)
+    before = layer.weight.clone()
+    layer.reset_parameters()
+    assert layer.weight.dtype == torch.int8 and not torch.equal(layer.weight, before)
+    assert isinstance(layer.weight, nn.Parameter) and not layer.weight.requires_grad
+    assert w_deq64(layer).abs().max().item() <= 40**-0.5 * (1 + 1e-6)
+    assert layer.weight.abs().max(dim=1).values.eq(127).all(), "codes fill each row's range"
+    x = randn(3, 40)
+    expected = LF.int8_linear(x, layer.weight, layer.SCB, layer.bias, layer.threshold)
+    assert torch.equal(layer(x), expected)
+    assert layer.SCB is dict(layer.named_buffers())["SCB"]
+
+
 def test_constructor_on_meta_then_assign_load():
     src = Linear8bitLt.from_linear(linear(16, 8))
     with torch.device("meta"):

@@ -166,6 +166,11 @@ class Linear4bit(nn.Linear):
             raise TypeError(
                 f"Linear4bit.from_linear: linear must be an nn.Linear, got {type(linear).__name__}"
             )
+        if not linear.weight.is_floating_point():  # e.g. a Linear8bitLt's int8 codes
+            raise TypeError(
+                "Linear4bit.from_linear: linear.weight must be a floating-point tensor, got "
+                f"{linear.weight.dtype} (of a {type(linear).__name__})"
+            )
         # Built on the meta device (no init work, no memory), then given the real tensors.
         layer = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None,

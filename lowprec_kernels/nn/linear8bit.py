@@ -19,10 +19,11 @@ WEIGHT_FORMAT_ROW = 0
 _WEIGHT_FORMAT_NAMES = {WEIGHT_FORMAT_ROW: "row"}
 
 
-class Linear8bitLt(nn.Module):
+class Linear8bitLt(nn.Linear):
     """LLM.int8 ``y = x @ W.T + b``: W stored as int8 per-row codes, outlier input columns
     (any ``|x| >= threshold``) computed in x's dtype; the output has x's dtype.
 
+    An ``nn.Linear`` (as bitsandbytes' layer is) whose ``weight`` holds the codes.
     ``Linear8bitLt(in_features, out_features)`` initializes W as ``nn.Linear`` does and
     quantizes it; :meth:`from_linear` quantizes an existing layer's weight as given (no
     fp16 rounding first). ``threshold=0`` turns the outlier decomposition off.
@@ -42,17 +43,27 @@ class Linear8bitLt(nn.Module):
         device=None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
         _check_threshold("Linear8bitLt", threshold)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.threshold = float(threshold)
         # nn.Linear's initialization, quantized: a fresh layer behaves like a fresh nn.Linear.
-        init = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        weight, scb = LF.int8_quantize_weight(init.weight.detach())
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.threshold = float(threshold)
+        weight, scb = LF.int8_quantize_weight(self.weight.detach())
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("SCB", scb)
-        self.bias = init.bias
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialization; on a quantized layer, re-initialized and requantized
+        (in the float dtype of the bias, float32 without one)."""
+        if self.weight.is_floating_point():  # nn.Linear.__init__, before quantization
+            super().reset_parameters()
+            return
+        dtype = torch.float32 if self.bias is None else self.bias.dtype
+        shape = (self.out_features, self.in_features)
+        self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=self.weight.device))
+        super().reset_parameters()
+        weight, scb = LF.int8_quantize_weight(self.weight.detach())
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.SCB = scb
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float = 6.0) -> Linear8bitLt:

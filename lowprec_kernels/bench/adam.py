@@ -139,9 +139,9 @@ def _forced(backend: str, name: str) -> Callable:
 
 def _copies(bench: Bench, n: int, dtype: torch.dtype, makers: dict, bytes_per_copy: int):
     """Rotation items: independent (parameter, optimizers) sets, enough of them that one
-    candidate's traffic over the set exceeds twice the last-level cache (one set when it alone
+    candidate's traffic over the set exceeds ``bench.rotation_bytes`` (one set when it alone
     does: the baselines then hold the same parameter, which no cache keeps between calls)."""
-    count = -(-2 * bench.llc_bytes // bytes_per_copy) if bench.effort.rotate else 1
+    count = max(1, -(-bench.rotation_bytes // bytes_per_copy))
     items = []
     for _ in range(count):
         param = torch.nn.Parameter(

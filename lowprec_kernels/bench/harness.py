@@ -203,10 +203,11 @@ class Cycle:
 class Rotation(Cycle):
     """Distinct copies of one input, handed out in turn by :meth:`next`.
 
-    The copies together hold at least ``target_bytes`` (``Bench`` asks for twice the
-    last-level cache), so by the time a copy comes round again the cache has been flushed of
-    it: every call reads from memory, as a real workload does when it walks over weights or
-    optimizer state. Copies are clones of ``sample``: same values, distinct memory.
+    The copies together hold at least ``target_bytes`` (``Bench`` asks for
+    ``ROTATION_LLC_MULTIPLE`` last-level caches), so by the time a copy comes round again
+    the cache has been flushed of it: every call reads from memory, as a real workload does
+    when it walks over weights or optimizer state. Copies are clones of ``sample``: same
+    values, distinct memory.
     """
 
     def __init__(self, sample, target_bytes: int, read_per_call: int | None = None):
@@ -480,7 +481,8 @@ def measure_ceilings(settings: Settings) -> Ceilings:
     except (RuntimeError, NotImplementedError) as e:
         int8 = None
         notes.append(f"int8 GEMM: torch._int_mm not supported on {device}: {e}".splitlines()[0])
-    notes.append(f"GEMMs: square n={n}, 2n^3 ops")
+    notes.append(f"GEMMs: torch.mm / torch._int_mm on square n={n}, 2n^3 ops: torch's rate, "
+                 "not the cores' peak, so a kernel can pass 100% of it")  # fmt: skip
     parallel = _parallel_op_seconds() if device == "cpu" else None
     if parallel is not None and parallel > 1e-3:
         notes.append(
@@ -573,6 +575,14 @@ def script_description(doc: str) -> str:
 # --------------------------------------------------------------------------- the context
 
 
+# How much a rotation holds, in last-level caches. Twice the cache was not enough: this AMD
+# L3 does not evict in LRU order, so a 64 MiB cycle of 16 MiB int8 tensors still had part of
+# each in the 32 MiB L3 when it came round (amax() read 58-67 GB/s, against 42-46 GB/s with
+# cycles of 192 MiB and more; the same with 4 MiB tensors). Eight caches read at memory speed
+# with margin (benchmarks/cache_rotation.py, results in benchmarks/results/cpu-bench.md).
+ROTATION_LLC_MULTIPLE = 8
+
+
 class Bench:
     """What a suite gets: the settings, the ceilings and the measuring helpers."""
 
@@ -581,6 +591,8 @@ class Bench:
         self.device = settings.device
         self.effort = settings.effort
         self.llc_bytes = last_level_cache_bytes(settings.device)
+        # The bytes a rotation's copies hold together (no rotation at smoke effort).
+        self.rotation_bytes = ROTATION_LLC_MULTIPLE * self.llc_bytes if self.effort.rotate else 0
         self.notes: list[str] = []  # suite-level remarks (skipped backends, ...)
 
     def note(self, message: str) -> None:
@@ -592,12 +604,11 @@ class Bench:
         return {"full": full, "quick": quick, "smoke": smoke}[self.effort.name]
 
     def rotation(self, sample, read_by_one=None) -> Rotation:
-        """Copies of ``sample`` holding twice the last-level cache, counted over
-        ``read_by_one`` (the part of a copy the function reading least of it reads) when the
-        copy holds operands of several functions."""
-        target = 2 * self.llc_bytes if self.effort.rotate else 0
+        """Copies of ``sample`` holding ``rotation_bytes``, counted over ``read_by_one`` (the
+        part of a copy the function reading least of it reads) when the copy holds operands
+        of several functions."""
         read = None if read_by_one is None else nbytes(read_by_one)
-        return Rotation(sample, target, read)
+        return Rotation(sample, self.rotation_bytes, read)
 
     def compare(
         self, candidate: Callable, baseline: Callable, inputs: Cycle, floor: Timed | None = None

@@ -199,6 +199,21 @@ def assert_optimizer_float_states_take(monkeypatch, device: str, backend: str | 
             assert torch.equal(fused.state[p][name], plain.state[q][name]), name
 
 
+def assert_export_round_trip(model, make_input, op: str, tmp_path) -> None:
+    """torch.export traces ``model`` with a dynamic batch (``make_input(rows)`` gives its
+    input), the graph calls ``lowprec.<op>``, and the program saved and loaded again computes
+    what the model does at other batch sizes too."""
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (make_input(3),), dynamic_shapes=({0: batch},))
+    assert f"lowprec.{op}" in program.graph_module.code
+    path = tmp_path / "model.pt2"
+    torch.export.save(program, path)
+    loaded = torch.export.load(path).module()
+    for rows in (3, 5):
+        x = make_input(rows)
+        assert torch.equal(loaded(x), model(x))
+
+
 def assert_backward_keeps_no_activation(layer, x: torch.Tensor) -> None:
     """``layer``'s autograd keeps no activation alive: an input computed just before it is
     freed once the forward is done (the linear ops' backward, grad_out @ W, needs only the

@@ -13,7 +13,12 @@ import re
 
 import pytest
 import torch
-from conftest import assert_backward_keeps_no_activation, backend_params, run_on
+from conftest import (
+    assert_backward_keeps_no_activation,
+    assert_export_round_trip,
+    backend_params,
+    run_on,
+)
 from torch import nn
 from torch.autograd import forward_ad
 
@@ -338,16 +343,7 @@ def test_torch_export(tmp_path, double_quant):
     model = nn.Sequential(
         Linear4bit(64, 40, double_quant=double_quant), nn.ReLU(), Linear4bit(40, 9, bias=False)
     )
-    x = randn_nonzero(3, 64)
-    batch = torch.export.Dim("batch")
-    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
-    assert "lowprec.matmul_4bit" in program.graph_module.code
-    path = tmp_path / "model.pt2"
-    torch.export.save(program, path)
-    loaded = torch.export.load(path).module()
-    for rows in (3, 5):
-        x = randn_nonzero(rows, 64)
-        assert torch.equal(loaded(x), model(x))
+    assert_export_round_trip(model, lambda rows: randn_nonzero(rows, 64), "matmul_4bit", tmp_path)
 
 
 def test_weight_must_stay_packed():

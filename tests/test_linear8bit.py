@@ -10,7 +10,12 @@ import types
 
 import pytest
 import torch
-from conftest import assert_backward_keeps_no_activation, backend_params, run_on
+from conftest import (
+    assert_backward_keeps_no_activation,
+    assert_export_round_trip,
+    backend_params,
+    run_on,
+)
 from torch import nn
 from torch.autograd import forward_ad
 
@@ -451,18 +456,13 @@ def test_torch_export(tmp_path):
     time); the saved program loads and computes the same output."""
     torch.manual_seed(0)
     model = nn.Sequential(Linear8bitLt(64, 40), nn.ReLU(), Linear8bitLt(40, 9, bias=False))
-    x = torch.randn(3, 64)
-    x[:, 5] = 20.0  # an outlier column
-    batch = torch.export.Dim("batch")
-    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
-    assert "lowprec.int8_linear" in program.graph_module.code
-    path = tmp_path / "model.pt2"
-    torch.export.save(program, path)
-    loaded = torch.export.load(path).module()
-    for rows in (3, 5):
+
+    def with_outlier_column(rows):
         x = torch.randn(rows, 64)
-        x[:, 7] = -30.0
-        assert torch.equal(loaded(x), model(x))
+        x[:, 5 + rows] = -30.0
+        return x
+
+    assert_export_round_trip(model, with_outlier_column, "int8_linear", tmp_path)
 
 
 def test_compile_vectorwise_quant_unbacked_outlier_count():

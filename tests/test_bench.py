@@ -151,3 +151,23 @@ def test_script_arguments_must_be_positive():
     with pytest.raises(argparse.ArgumentTypeError, match="above 0"):
         harness.positive(float)("0")
     assert harness.script_description("One line\ncontinued.\n\nMore.") == "One line continued."
+
+
+def test_last_level_cache_counts_each_instance_once(tmp_path, monkeypatch):
+    """CPUs 0-1 share one 32 MiB L3, CPUs 2-3 another: 64 MiB between the process's threads;
+    a CPU outside the affinity mask is not counted."""
+
+    def cache(cpu, index, level, size, shared):
+        d = tmp_path / f"cpu{cpu}" / "cache" / f"index{index}"
+        d.mkdir(parents=True)
+        (d / "level").write_text(f"{level}\n")
+        (d / "size").write_text(f"{size}\n")
+        (d / "shared_cpu_list").write_text(f"{shared}\n")
+
+    for cpu in range(6):
+        cache(cpu, 0, 1, "48K", str(cpu))
+        cache(cpu, 2, 2, "1024K", str(cpu))
+        cache(cpu, 3, 3, "32768K", "0-1" if cpu < 2 else "2-3" if cpu < 4 else "4-5")
+    monkeypatch.setattr(harness, "SYSFS_CPU", tmp_path)
+    monkeypatch.setattr(harness.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert harness.last_level_cache_bytes("cpu") == 64 << 20

@@ -10,6 +10,7 @@ import copy
 import io
 import pickle
 import re
+import weakref
 
 import pytest
 import torch
@@ -346,13 +347,50 @@ def test_torch_export(tmp_path, double_quant):
     assert_export_round_trip(model, lambda rows: randn_nonzero(rows, 64), "matmul_4bit", tmp_path)
 
 
+def test_export_follows_a_weight_replaced_in_place(tmp_path):
+    """The exported program computes with the codes the layer holds at export time, however
+    they were put there (accelerate writes _parameters directly), and after a pickle round
+    trip."""
+    layer = Linear4bit(64, 32)
+    replacement = Params4bit.from_weight(torch.randn(32, 64) * 10)
+    layer._parameters["weight"] = replacement
+    assert_export_round_trip(layer, lambda rows: randn_nonzero(rows, 64), "matmul_4bit", tmp_path)
+    layer.register_parameter("weight", Params4bit.from_weight(torch.randn(32, 64)))
+    assert_export_round_trip(layer, lambda rows: randn_nonzero(rows, 64), "matmul_4bit", tmp_path)
+    restored = pickle.loads(pickle.dumps(layer))
+    assert_export_round_trip(
+        restored, lambda rows: randn_nonzero(rows, 64), "matmul_4bit", tmp_path
+    )
+
+
+def test_replaced_codes_are_not_kept_alive():
+    layer = Linear4bit(64, 32)
+    codes = weakref.ref(layer.weight)
+    del layer.weight
+    assert codes() is None
+
+
 def test_weight_must_stay_packed():
-    """A weight that is no Params4bit and not a stand-in of the packed codes' shape and dtype
-    is refused by name, not run with a stale quant_state."""
+    """Outside torch.export a weight that is no Params4bit is refused by name, never run
+    with the quant_state of the codes it replaced: a plain Parameter, and the plain codes of
+    other layers that torch.func.functional_call (here under vmap over stacked layers) swaps
+    in."""
     layer = Linear4bit(64, 8)
     layer.weight = nn.Parameter(torch.randn(8, 64), requires_grad=False)
     with pytest.raises(TypeError, match="weight must be a Params4bit"):
         layer(randn_nonzero(2, 64))
+    layers = [Linear4bit(64, 8) for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(layers)
+    x = randn_nonzero(2, 64)
+
+    def call(p, b):
+        return torch.func.functional_call(layers[0], (p, b), (x,))
+
+    with pytest.raises(TypeError, match="weight must be a Params4bit"):
+        torch.vmap(call)(params, buffers)
+    other_codes = {"weight": layers[1].weight.as_subclass(torch.Tensor)}
+    with pytest.raises(TypeError, match="weight must be a Params4bit"):
+        torch.func.functional_call(layers[0], other_codes, (x,))
 
 
 def test_backward_keeps_no_activation():

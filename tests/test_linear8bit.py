@@ -104,6 +104,19 @@ def test_is_an_nn_linear_and_reset_parameters_requantizes():
     assert layer.SCB is dict(layer.named_buffers())["SCB"]
 
 
+def test_meta_layer_assign_loads_a_float_checkpoint():
+    """load_state_dict(assign=True) of an nn.Linear checkpoint into a meta-device layer
+    quantizes on the checkpoint's device (the codes had stayed on meta)."""
+    source = linear(64, 32)
+    with torch.device("meta"):
+        layer = Linear8bitLt(64, 32)
+    layer.load_state_dict(source.state_dict(), assign=True)
+    assert layer.weight.device.type == "cpu" and layer.SCB.device.type == "cpu"
+    expected = Linear8bitLt.from_linear(source)
+    x = randn(3, 64)
+    assert torch.equal(layer(x), expected(x))
+
+
 def test_constructor_on_meta_then_assign_load():
     src = Linear8bitLt.from_linear(linear(16, 8))
     with torch.device("meta"):

@@ -213,6 +213,16 @@ def test_pruned_linear_is_quantized_with_its_pruned_weight():
     quantize_model(model, "nf4", skip=())
     assert dict(linear._forward_pre_hooks) == hooks_before, "the original Linear is untouched"
     assert not model[0]._forward_pre_hooks
+    # The user's own pre-hooks come along (copied: their handles act on `linear` only)
+    seen = []
+    pre = linear.register_forward_pre_hook(lambda m, args: seen.append("pre"))
+    model2 = nn.Sequential(linear)
+    quantize_model(model2, "nf4", skip=())
+    model2(torch.randn(2, 64))
+    assert seen == ["pre"]
+    pre.remove()
+    model2(torch.randn(2, 64))
+    assert seen == ["pre", "pre"], "the copied hook stays on the quantized layer"
     x = torch.randn(3, 64)
     expected = Linear4bit.from_linear(nn.Linear(64, 32).requires_grad_(False))
     expected.weight = lpk.nn.Params4bit.from_weight(pruned)

@@ -95,21 +95,38 @@ def _parse_size(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def last_level_cache_bytes(device: str = "cpu") -> int:
-    """Size of the largest cache in front of memory: CPU L3 (or L2), CUDA L2."""
-    if device == "cuda":
-        size = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
-        return int(size) or DEFAULT_LLC_BYTES
-    best_level, best_size = -1, 0
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+SYSFS_CPU = Path("/sys/devices/system/cpu")
+
+
+def _cpu_top_cache(cpu: int) -> tuple[int, int, str] | None:
+    """(level, bytes, the CPUs sharing it) of the highest-level cache of ``cpu``, from sysfs."""
+    best = None
+    for index in (SYSFS_CPU / f"cpu{cpu}" / "cache").glob("index*"):
         try:
             level = int((index / "level").read_text())
             size = _parse_size((index / "size").read_text())
+            shared = (index / "shared_cpu_list").read_text().strip()
         except (OSError, ValueError):
             continue
-        if level > best_level or (level == best_level and size > best_size):
-            best_level, best_size = level, size
-    return best_size or DEFAULT_LLC_BYTES
+        if best is None or (level, size) > best[:2]:
+            best = (level, size, shared)
+    return best
+
+
+def last_level_cache_bytes(device: str = "cpu") -> int:
+    """Bytes of the caches in front of memory: on the CPU the last-level caches of all the
+    CPUs this process may run on, each instance counted once (a host with several L3s, one
+    per core complex, caches that much between the threads); CUDA: the L2."""
+    if device == "cuda":
+        size = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
+        return int(size) or DEFAULT_LLC_BYTES
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else {0}
+    instances: dict[str, int] = {}
+    for cpu in sorted(cpus):
+        top = _cpu_top_cache(cpu)
+        if top is not None:
+            instances[top[2]] = top[1]
+    return sum(instances.values()) or DEFAULT_LLC_BYTES
 
 
 def cpu_model() -> str:

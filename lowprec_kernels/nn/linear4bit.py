@@ -18,6 +18,7 @@ import copy
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from lowprec_kernels import functional as LF
 from lowprec_kernels._ops import FLOAT_DTYPES
@@ -106,6 +107,43 @@ class Params4bit(nn.Parameter):
         return _rebuild_params4bit, (self.data, self.requires_grad, self.quant_state)
 
 
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
+
+
+class _ParameterSlots(dict):
+    """A Linear4bit's ``_parameters``: a dict that also keeps the last Params4bit stored under
+    ``weight`` (``packed_weight``), whichever way it got there (``setattr``,
+    ``register_parameter``, ``_parameters[...] =`` as accelerate does, ``_apply``). torch.export
+    swaps fake tensors in for the parameters, which have no ``quant_state``: the layer takes it
+    from here then. A deleted weight, or a real tensor stored in its place, drops it (no stale
+    codes kept alive)."""
+
+    packed_weight: Params4bit | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        weight = self.get("weight")
+        self.packed_weight = weight if isinstance(weight, Params4bit) else None
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if key == "weight":
+            if value is None or isinstance(value, Params4bit):
+                self.packed_weight = value
+            elif not isinstance(value, FakeTensor):  # real codes without their state
+                self.packed_weight = None
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        if key == "weight":
+            self.packed_weight = None
+
+    def __reduce__(self):  # pickles as a plain dict of the same items, rebuilt as this class
+        return (type(self), (dict(self),))
+
+
 class Linear4bit(nn.Linear):
     """``y = x @ W.T + bias`` with W stored as 4-bit NF4 / FP4 codes, blockwise scales.
 
@@ -145,6 +183,7 @@ class Linear4bit(nn.Linear):
                 f"torch.bfloat16, got {compute_dtype!r}"
             )
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._parameters = _ParameterSlots(self._parameters)
         self.compute_dtype = compute_dtype
         self.weight = Params4bit.from_weight(self.weight, blocksize, quant_type, double_quant)
 
@@ -214,22 +253,20 @@ class Linear4bit(nn.Linear):
         super().reset_parameters()
         self.weight = Params4bit.from_weight(self.weight, st.blocksize, st.quant_type, st.nested)
 
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if name == "weight" and isinstance(value, Params4bit):
-            # Kept beside the parameter: torch.export (and other stateless calls) swap in
-            # plain tensors for the parameters, which have no quant_state.
-            self.__dict__["_packed_weight"] = value
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if not isinstance(self._parameters, _ParameterSlots):  # pickled before they existed
+            self._parameters = _ParameterSlots(self._parameters)
 
     def _packed_source(self, weight: torch.Tensor) -> Params4bit:
-        """The Params4bit whose quant_state describes ``weight``: itself, or, for a plain
-        tensor of its shape swapped in by a stateless call (torch.export), the last
-        Params4bit assigned to the layer."""
+        """The Params4bit whose quant_state describes ``weight``: the weight itself; under
+        torch.export, which swaps fake tensors in for the parameters, the Params4bit that
+        the layer's ``weight`` slot held last (of the fake's shape and dtype)."""
         if isinstance(weight, Params4bit):
             return weight
-        packed = self.__dict__.get("_packed_weight")
+        packed = getattr(self._parameters, "packed_weight", None)
         if (
-            isinstance(weight, torch.Tensor)
+            _is_exporting()
             and packed is not None
             and weight.shape == packed.shape
             and weight.dtype == packed.dtype
@@ -272,8 +309,6 @@ class Linear4bit(nn.Linear):
         state = getattr(weight, "quant_state", None)
         if state is not None and state.absmax.device != weight.device:
             weight.quant_state = state.to(weight.device)
-        if isinstance(weight, Params4bit):  # _apply may have put a new one in _parameters
-            self.__dict__["_packed_weight"] = weight
         return self
 
     # --- state dict (bitsandbytes' layout) ------------------------------------------------------

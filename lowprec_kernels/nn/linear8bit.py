@@ -156,7 +156,12 @@ class Linear8bitLt(nn.Linear):
             return
         weight = state_dict.get(keys["weight"])
         if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-            weight_q, scb = LF.int8_quantize_weight(weight.to(self.SCB.device))
+            # load_state_dict(assign=True) takes the state dict's device (a layer built on the
+            # meta device is filled this way); a copying load, the layer's.
+            assign = local_metadata.get("assign_to_params_buffers", False)
+            weight_q, scb = LF.int8_quantize_weight(
+                weight if assign else weight.to(self.SCB.device)
+            )
             state_dict = {**state_dict, keys["weight"]: weight_q, keys["SCB"]: scb}
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

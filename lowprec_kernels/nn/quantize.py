@@ -28,8 +28,10 @@ _WEIGHT_RECOMPUTING_HOOKS = (BasePruningMethod, WeightNorm, SpectralNorm)
 
 def _adopt_hooks(new: nn.Module, old: nn.Linear) -> None:
     """``new`` takes ``old``'s training flag and its forward and backward hooks. It takes the
-    hook dicts themselves, so the handles returned at registration still remove them (the
-    forward pre-hooks are copied instead when weight-recomputing ones must stay behind)."""
+    hook dicts themselves, so the handles returned at registration still remove them. When
+    weight-recomputing pre-hooks must stay behind, the forward pre-hook dicts are copied
+    without them instead (``old`` keeps its own, untouched), and those handles no longer
+    reach ``new``."""
     new.train(old.training)
     for name in (
         "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
@@ -62,8 +64,10 @@ def quantize_model(
     at all of them (kept float everywhere if any of its names matches ``skip``), and Linears
     that share one weight share its quantized form. A quantized layer keeps its Linear's
     training flag and forward and backward hooks (their handles still remove them); the
-    weight it quantizes is the Linear's current ``weight`` (a pruned or weight-normed one's
-    recomputed weight, whose recomputing hooks are dropped). Returns ``model``.
+    weight it quantizes is the Linear's current ``weight``. A pruned, weight_norm or
+    spectral_norm Linear's recomputing pre-hooks stay behind (they would overwrite the
+    quantized weight); its other forward pre-hooks are copied, so their handles then act on
+    the replaced Linear only. Returns ``model``.
     """
     if method not in METHODS:
         raise ValueError(f"quantize_model: method must be one of {METHODS}, got {method!r}")

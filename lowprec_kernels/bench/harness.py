@@ -592,11 +592,12 @@ def script_description(doc: str) -> str:
 # --------------------------------------------------------------------------- the context
 
 
-# How much a rotation holds, in last-level caches. Twice the cache was not enough: this AMD
-# L3 does not evict in LRU order, so a 64 MiB cycle of 16 MiB int8 tensors still had part of
-# each in the 32 MiB L3 when it came round (amax() read 58-67 GB/s, against 42-46 GB/s with
-# cycles of 192 MiB and more; the same with 4 MiB tensors). Eight caches read at memory speed
-# with margin (benchmarks/cache_rotation.py, results in benchmarks/results/cpu-bench.md).
+# How much a rotation holds, in last-level caches. Twice the cache was not enough here: a
+# 64 MiB cycle of 16 MiB int8 tensors still had part of each in the 32 MiB L3 when it came
+# round (amax() read 58-67 GB/s, against 42-50 GB/s with cycles of 192 MiB and more; the same
+# with 4 MiB tensors), as an L3 that is not strictly LRU would (the cause was not isolated).
+# Eight caches read at memory speed with margin (benchmarks/cache_rotation.py, results in
+# benchmarks/results/cpu-bench.md).
 ROTATION_LLC_MULTIPLE = 8
 
 

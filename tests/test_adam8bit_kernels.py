@@ -418,15 +418,29 @@ def test_cpu_isa_paths_skip_non_finite(cpu_isa, dtype):
     assert [k.skipped.item() for k in kernels] == [1.0, 0.0, 1.0]
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def torch_threads(request):
+    """The CPU kernels on one thread and on two (their parallel region's two schedules)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @needs_native_cpu
-def test_cpu_gradient_batches():
-    """Gradients larger than one finiteness batch (8 MiB): each batch is checked, then updated;
-    a non-finite value in the second skips only its tensor."""
+@pytest.mark.parametrize(
+    "sizes, bad",
+    [([2_200_000, 2_200_000, 1000], 1), ([1000, 2_100_000, 700_000, 2_300_000, 5, 1_900_000], 3)],
+    ids=["three", "mixed"],
+)
+def test_cpu_gradient_batches(torch_threads, sizes, bad):
+    """Gradients larger than one finiteness batch (8 MiB), in one call: each batch is checked,
+    then updated, on one thread and on two; a non-finite value in a later batch skips only its
+    tensor."""
     qmap1, qmap2 = dynamic_map(True), dynamic_map(False)
-    sizes = [2_200_000, 2_200_000, 1000]
     refs = [State(randn_nonzero(n, torch.float32, "cpu"), 256) for n in sizes]
     grads = [randn_nonzero(n, torch.float32, "cpu") for n in sizes]
-    grads[1][-3] = float("-inf")
+    grads[bad][-3] = float("-inf")
     kernels = [st.clone() for st in refs]
     run_both(
         "adam8bit_multi_step_",
@@ -436,7 +450,7 @@ def test_cpu_gradient_batches():
     )
     for kernel, ref in zip(kernels, refs):
         assert_state_matches(kernel, ref, "cpu")
-    assert [k.skipped.item() for k in kernels] == [0.0, 1.0, 0.0]
+    assert [k.skipped.item() for k in kernels] == [float(i == bad) for i in range(len(sizes))]
 
 
 # ---------------------------------------------------- CPU: float32 states (adam_multi_step_)

@@ -3,10 +3,10 @@
 // portable scalar code. All apply lowprec/adam8bit.h and produce identical results: the
 // reference's parameters bit for bit and its codes and scales exactly.
 //
-// One step of a batch of tensors, in one parallel region (step_batch):
-//   1. finiteness: one pass over every gradient before any write, so that a skipped tensor is
-//      left untouched. A batch holds at most kCheckBatchBytes of gradients, so that they are
-//      still in the cache when the update reads them again.
+// One step of a call's tensors, in one parallel region (step_tensors), batch by batch:
+//   1. finiteness: one pass over every gradient of the batch before any write, so that a
+//      skipped tensor is left untouched. A batch holds at most kCheckBatchBytes of gradients,
+//      so that they are still in the cache when the update reads them again.
 //   2. update, per quantization block, in two passes: decode m and v, update them and p, write
 //      p, take the new absmax of m and v; then encode m and v into their codes. The AVX-512
 //      path runs the second pass of each block beside the first pass of the next.
@@ -18,7 +18,7 @@
 // and reused while the maps stay the same (tables_for).
 //
 // The step of tensors with float32 states (adam_multi_step, the optimizers' tensors below
-// min_8bit_size) takes the same step_batch, its update the same per-element arithmetic
+// min_8bit_size) takes the same step_tensors, its update the same per-element arithmetic
 // without the quantization.
 #include "adam8bit.h"
 
@@ -1390,31 +1390,30 @@ int64_t check_batch_end(const Tensor* tensors, int64_t first, int64_t count) {
   return end;
 }
 
-// Steps tensors [first, end) of the call: the finiteness of all their gradients, then the
-// update of the finite ones, then the step / skip counters. The update goes by units of
-// `unit` elements (the quantization blocks of 8-bit states): update(t, c, first, end) steps
-// units [first, end) of t.
+// Steps the call's tensors, in batches (check_batch_end): for each batch the finiteness of all
+// its gradients, then the update of the finite ones; then the step / skip counters. The update
+// goes by units of `unit` elements (the quantization blocks of 8-bit states):
+// update(t, c, first, end) steps units [first, end) of t.
 //
-// Both phases run in one parallel region (on a shared machine each region can wait a scheduler
-// time slice for a core another process holds). Workers claim check chunks, wait until every
-// chunk is checked (only for chunks that other running workers hold: a worker that starts late
-// finds nothing left, so this cannot deadlock even when the pool runs workers one at a time),
-// then claim update tasks, skipping the blocks of flagged tensors.
+// All batches run in one parallel region (on a shared machine each region can wait a scheduler
+// time slice for a core another process holds, and each costs a wake-up of the pool). Workers
+// take the batches in order: they claim check chunks, wait until every chunk of the batch is
+// checked (only for chunks that other running workers hold: a worker that starts late finds
+// nothing left, so this cannot deadlock even when the pool runs workers one at a time), then
+// claim update tasks, skipping the blocks of flagged tensors. A worker that runs out of update
+// tasks goes on to check the next batch while the others finish theirs.
 template <typename Tensor, typename Update>
-void step_batch(const Tensor* tensors, int64_t first, int64_t end, const AdamHyper& hyper,
-                int64_t unit, Adam8bitPath path, const Update& update) {
-  const int64_t count = end - first;
-  std::vector<int64_t> chunk_starts(count);
+void step_tensors(const Tensor* tensors, int64_t count, const AdamHyper& hyper, int64_t unit,
+                  Adam8bitPath path, const Update& update) {
+  // Per tensor: its first check chunk and first unit in the call, its coefficients.
+  std::vector<int64_t> chunk_starts(count + 1);
   std::vector<int64_t> block_starts(count + 1);
   std::vector<AdamCoefficients> coefficients(count);
   std::vector<double> new_steps(count);
-  int64_t chunks = 0;
   int64_t elements = 0;
-  block_starts[0] = 0;
   for (int64_t k = 0; k < count; ++k) {
-    const Tensor& t = tensors[first + k];
-    chunk_starts[k] = chunks;
-    chunks += num_blocks(t.n, kCheckChunkElements);
+    const Tensor& t = tensors[k];
+    chunk_starts[k + 1] = chunk_starts[k] + num_blocks(t.n, kCheckChunkElements);
     block_starts[k + 1] = block_starts[k] + num_blocks(t.n, unit);
     elements += t.n;
     // t = int(step) + 1, as the reference reads it.
@@ -1423,40 +1422,56 @@ void step_batch(const Tensor* tensors, int64_t first, int64_t end, const AdamHyp
         adam_coefficients(hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
                           hyper.decoupled, hyper.gnorm_scale, new_steps[k]);
   }
-  const int64_t blocks = block_starts[count];
+  // Per batch: its first tensor (batch_starts[b] .. batch_starts[b + 1]) and claim counters.
+  std::vector<int64_t> batch_starts{0};
+  while (batch_starts.back() < count)
+    batch_starts.push_back(check_batch_end(tensors, batch_starts.back(), count));
+  const int64_t batches = static_cast<int64_t>(batch_starts.size()) - 1;
   const int64_t blocks_per_task = std::max<int64_t>(1, kElementsPerUpdateTask / unit);
-  const int64_t tasks = num_blocks(blocks, blocks_per_task);
-
+  std::unique_ptr<std::atomic<int64_t>[]> next_chunk(new std::atomic<int64_t>[batches]);
+  std::unique_ptr<std::atomic<int64_t>[]> chunks_done(new std::atomic<int64_t>[batches]);
+  std::unique_ptr<std::atomic<int64_t>[]> next_task(new std::atomic<int64_t>[batches]);
+  for (int64_t b = 0; b < batches; ++b) {
+    next_chunk[b].store(0, std::memory_order_relaxed);
+    chunks_done[b].store(0, std::memory_order_relaxed);
+    next_task[b].store(0, std::memory_order_relaxed);
+  }
   std::unique_ptr<std::atomic<bool>[]> non_finite(new std::atomic<bool>[count]);
   for (int64_t k = 0; k < count; ++k)
     non_finite[k].store(false, std::memory_order_relaxed);
-  std::atomic<int64_t> next_chunk{0};
-  std::atomic<int64_t> chunks_done{0};
-  std::atomic<int64_t> next_task{0};
+
   auto work = [&]() {
-    for (int64_t chunk; (chunk = next_chunk.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      const int64_t k = range_of(chunk_starts, chunk);
-      const Tensor& t = tensors[first + k];
-      const int64_t begin = (chunk - chunk_starts[k]) * kCheckChunkElements;
-      const int64_t stop = std::min(t.n, begin + kCheckChunkElements);
-      if (!non_finite[k].load(std::memory_order_relaxed) &&
-          !all_finite_for(path, t.type)(t.g, begin, stop)) {
-        non_finite[k].store(true, std::memory_order_relaxed);
-      }
-      chunks_done.fetch_add(1, std::memory_order_release);
-    }
-    while (chunks_done.load(std::memory_order_acquire) < chunks)
-      std::this_thread::yield();
-    for (int64_t task; (task = next_task.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-      const int64_t task_end = std::min(blocks, (task + 1) * blocks_per_task);
-      for (int64_t block = task * blocks_per_task; block < task_end;) {
-        const int64_t k = range_of(block_starts, block);
-        const int64_t stop = std::min(task_end, block_starts[k + 1]);
-        if (!non_finite[k].load(std::memory_order_relaxed)) {
-          update(tensors[first + k], coefficients[k], block - block_starts[k],
-                 stop - block_starts[k]);
+    for (int64_t b = 0; b < batches; ++b) {
+      const int64_t first_chunk = chunk_starts[batch_starts[b]];
+      const int64_t chunks = chunk_starts[batch_starts[b + 1]] - first_chunk;
+      for (int64_t claimed;
+           (claimed = next_chunk[b].fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+        const int64_t chunk = first_chunk + claimed;
+        const int64_t k = range_of(chunk_starts, chunk);
+        const Tensor& t = tensors[k];
+        const int64_t begin = (chunk - chunk_starts[k]) * kCheckChunkElements;
+        const int64_t stop = std::min(t.n, begin + kCheckChunkElements);
+        if (!non_finite[k].load(std::memory_order_relaxed) &&
+            !all_finite_for(path, t.type)(t.g, begin, stop)) {
+          non_finite[k].store(true, std::memory_order_relaxed);
         }
-        block = stop;
+        chunks_done[b].fetch_add(1, std::memory_order_release);
+      }
+      while (chunks_done[b].load(std::memory_order_acquire) < chunks)
+        std::this_thread::yield();
+      const int64_t first_block = block_starts[batch_starts[b]];
+      const int64_t end_block = block_starts[batch_starts[b + 1]];
+      const int64_t tasks = num_blocks(end_block - first_block, blocks_per_task);
+      for (int64_t task; (task = next_task[b].fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+        const int64_t task_end = std::min(end_block, first_block + (task + 1) * blocks_per_task);
+        for (int64_t block = first_block + task * blocks_per_task; block < task_end;) {
+          const int64_t k = range_of(block_starts, block);
+          const int64_t stop = std::min(task_end, block_starts[k + 1]);
+          if (!non_finite[k].load(std::memory_order_relaxed)) {
+            update(tensors[k], coefficients[k], block - block_starts[k], stop - block_starts[k]);
+          }
+          block = stop;
+        }
       }
     }
   };
@@ -1468,7 +1483,7 @@ void step_batch(const Tensor* tensors, int64_t first, int64_t end, const AdamHyp
   });
 
   for (int64_t k = 0; k < count; ++k) {
-    const Tensor& t = tensors[first + k];
+    const Tensor& t = tensors[k];
     if (non_finite[k].load(std::memory_order_relaxed)) {
       *t.skipped = *t.skipped + 1.0f;
     } else {
@@ -1500,30 +1515,22 @@ void adam8bit_multi_step(const Adam8bitTensor* tensors, int64_t count, const flo
                          const float* qmap2, const Adam8bitHyper& hyper) {
   const Adam8bitTables& tables = tables_for(qmap1, qmap2);
   const Adam8bitPath path = active_path();
-  for (int64_t first = 0; first < count;) {
-    const int64_t end = check_batch_end(tensors, first, count);
-    step_batch(tensors, first, end, hyper, hyper.blocksize, path,
+  step_tensors(tensors, count, hyper, hyper.blocksize, path,
                [&](const Adam8bitTensor& t, const AdamCoefficients& c, int64_t first_block,
                    int64_t end_block) {
                  update_blocks_for(path, t.type, c.add_weight_decay)(t, c, first_block, end_block,
                                                                      hyper.blocksize, tables);
                });
-    first = end;
-  }
 }
 
 void adam_multi_step(const AdamTensor* tensors, int64_t count, const AdamHyper& hyper) {
   const Adam8bitPath path = active_path();
-  for (int64_t first = 0; first < count;) {
-    const int64_t end = check_batch_end(tensors, first, count);
-    step_batch(
-        tensors, first, end, hyper, kFloatStateUnit, path,
-        [&](const AdamTensor& t, const AdamCoefficients& c, int64_t first_unit, int64_t end_unit) {
-          update_float_states_for(path, t.type, c.add_weight_decay)(
-              t, c, first_unit * kFloatStateUnit, std::min(t.n, end_unit * kFloatStateUnit));
-        });
-    first = end;
-  }
+  step_tensors(
+      tensors, count, hyper, kFloatStateUnit, path,
+      [&](const AdamTensor& t, const AdamCoefficients& c, int64_t first_unit, int64_t end_unit) {
+        update_float_states_for(path, t.type, c.add_weight_decay)(
+            t, c, first_unit * kFloatStateUnit, std::min(t.n, end_unit * kFloatStateUnit));
+      });
 }
 
 namespace {

@@ -226,3 +226,12 @@ def assert_backward_keeps_no_activation(layer, x: torch.Tensor) -> None:
     assert alive() is None
     y.sum().backward()
     assert x.grad is not None
+
+
+def free_port() -> int:
+    """A free localhost TCP port, for tests that start their own torch.distributed ranks."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

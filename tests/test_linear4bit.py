@@ -363,34 +363,63 @@ def test_export_follows_a_weight_replaced_in_place(tmp_path):
     )
 
 
-def test_replaced_codes_are_not_kept_alive():
+def test_pickles_hold_plain_dicts_and_older_ones_load():
+    """The parameter dict pickles as a plain dict (no private class in the file), and a layer
+    pickled before the dict existed (or with the note of its first version) loads into one."""
+    from lowprec_kernels.nn.linear4bit import _ParameterSlots
+
+    layer = Linear4bit(64, 8)
+    x = randn_nonzero(2, 64)
+    assert b"_ParameterSlots" not in pickle.dumps(layer)
+    older = copy.copy(layer)
+    older.__dict__["_parameters"] = dict(layer._parameters)
+    older.__dict__["_packed_weight"] = layer.weight
+    restored = pickle.loads(pickle.dumps(older))
+    assert isinstance(restored._parameters, _ParameterSlots)
+    assert "_packed_weight" not in restored.__dict__
+    restored._parameters["weight"] = nn.Parameter(
+        restored.weight.as_subclass(torch.Tensor), requires_grad=False
+    )
+    assert torch.equal(restored(x), layer(x))
+
+
+def test_codes_are_not_kept_alive():
+    """The layer notes only its codes' quant_state beside them, never the codes: codes that
+    are replaced (FSDP2 shards them) or deleted are freed."""
     layer = Linear4bit(64, 32)
+    codes = weakref.ref(layer.weight)
+    layer._parameters["weight"] = nn.Parameter(
+        layer.weight.as_subclass(torch.Tensor).clone(), requires_grad=False
+    )
+    assert codes() is None
     codes = weakref.ref(layer.weight)
     del layer.weight
     assert codes() is None
 
 
-def test_weight_must_stay_packed():
-    """Outside torch.export a weight that is no Params4bit is refused by name, never run
-    with the quant_state of the codes it replaced: a plain Parameter, and the plain codes of
-    other layers that torch.func.functional_call (here under vmap over stacked layers) swaps
-    in."""
+def test_plain_codes_stand_in_for_the_weight():
+    """A plain tensor of the packed codes' shape and dtype in the weight's place (as FSDP2's
+    all-gathered weight is) is decoded with the layer's quant_state; a plain Parameter of
+    another shape is refused by name, and so are the batched codes of stacked layers under
+    vmap (their quant_states are not stacked)."""
     layer = Linear4bit(64, 8)
+    x = randn_nonzero(2, 64)
+    expected = layer(x)
+    layer._parameters["weight"] = nn.Parameter(
+        layer.weight.as_subclass(torch.Tensor).clone(), requires_grad=False
+    )
+    assert torch.equal(layer(x), expected)
     layer.weight = nn.Parameter(torch.randn(8, 64), requires_grad=False)
     with pytest.raises(TypeError, match="weight must be a Params4bit"):
-        layer(randn_nonzero(2, 64))
+        layer(x)
     layers = [Linear4bit(64, 8) for _ in range(3)]
     params, buffers = torch.func.stack_module_state(layers)
-    x = randn_nonzero(2, 64)
 
     def call(p, b):
         return torch.func.functional_call(layers[0], (p, b), (x,))
 
-    with pytest.raises(TypeError, match="weight must be a Params4bit"):
+    with pytest.raises(TypeError, match="vmap over stacked layers"):
         torch.vmap(call)(params, buffers)
-    other_codes = {"weight": layers[1].weight.as_subclass(torch.Tensor)}
-    with pytest.raises(TypeError, match="weight must be a Params4bit"):
-        torch.func.functional_call(layers[0], other_codes, (x,))
 
 
 def test_backward_keeps_no_activation():

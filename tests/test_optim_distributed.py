@@ -8,22 +8,16 @@ averaged gradient, which DDP's all-reduce must reproduce).
 """
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from torch import nn
 
 WORLD_SIZE = 2
 STEPS = 4
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model() -> nn.Module:
@@ -89,7 +83,7 @@ def _single_process_on_averaged_gradients():
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 def test_ddp_ranks_stay_bit_identical(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
     for i, (a, b) in enumerate(zip(ranks[0]["params"], ranks[1]["params"])):
         assert torch.equal(a, b), f"parameter {i} differs between ranks"

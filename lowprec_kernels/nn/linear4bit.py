@@ -18,7 +18,6 @@ import copy
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
 
 from lowprec_kernels import functional as LF
 from lowprec_kernels._ops import FLOAT_DTYPES
@@ -107,41 +106,45 @@ class Params4bit(nn.Parameter):
         return _rebuild_params4bit, (self.data, self.requires_grad, self.quant_state)
 
 
-def _is_exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting and is_exporting())
-
-
 class _ParameterSlots(dict):
-    """A Linear4bit's ``_parameters``: a dict that also keeps the last Params4bit stored under
-    ``weight`` (``packed_weight``), whichever way it got there (``setattr``,
-    ``register_parameter``, ``_parameters[...] =`` as accelerate does, ``_apply``). torch.export
-    swaps fake tensors in for the parameters, which have no ``quant_state``: the layer takes it
-    from here then. A deleted weight, or a real tensor stored in its place, drops it (no stale
-    codes kept alive)."""
+    """A Linear4bit's ``_parameters``: a dict that also notes the shape, dtype and quant_state
+    of the last Params4bit stored under ``weight`` (``packed``), whichever way it got there
+    (``setattr``, ``register_parameter``, ``_parameters[...] =`` as accelerate and FSDP2 do,
+    ``_apply``). Some callers put plain tensors holding the same codes in its place: FSDP2
+    all-gathers a sharded weight into a plain Parameter, torch.export swaps in fake tensors.
+    The layer decodes those with the noted quant_state. Only the quant_state is kept, not the
+    codes (an FSDP2-sharded layer does not hold its whole codes); deleting the weight drops
+    it. Pickled as a plain dict: the layer wraps it again on load."""
 
-    packed_weight: Params4bit | None = None
+    packed: tuple[torch.Size, torch.dtype, QuantState] | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        weight = self.get("weight")
-        self.packed_weight = weight if isinstance(weight, Params4bit) else None
+        self.note(self.get("weight"))
+
+    def note(self, weight) -> None:
+        if isinstance(weight, Params4bit) and weight.quant_state is not None:
+            self.packed = (weight.shape, weight.dtype, weight.quant_state)
+        elif weight is None:
+            self.packed = None
 
     def __setitem__(self, key, value):
         super().__setitem__(key, value)
         if key == "weight":
-            if value is None or isinstance(value, Params4bit):
-                self.packed_weight = value
-            elif not isinstance(value, FakeTensor):  # real codes without their state
-                self.packed_weight = None
+            self.note(value)
 
     def __delitem__(self, key):
         super().__delitem__(key)
         if key == "weight":
-            self.packed_weight = None
+            self.packed = None
 
-    def __reduce__(self):  # pickles as a plain dict of the same items, rebuilt as this class
-        return (type(self), (dict(self),))
+    def __reduce__(self):
+        return (dict, (dict(self),))
+
+
+def _is_functorch_wrapped(t: torch.Tensor) -> bool:
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(is_wrapped and is_wrapped(t))
 
 
 class Linear4bit(nn.Linear):
@@ -255,31 +258,37 @@ class Linear4bit(nn.Linear):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        if not isinstance(self._parameters, _ParameterSlots):  # pickled before they existed
+        self.__dict__.pop("_packed_weight", None)  # a pickle of 2026-11-29's first version
+        if not isinstance(self._parameters, _ParameterSlots):
             self._parameters = _ParameterSlots(self._parameters)
 
-    def _packed_source(self, weight: torch.Tensor) -> Params4bit:
-        """The Params4bit whose quant_state describes ``weight``: the weight itself; under
-        torch.export, which swaps fake tensors in for the parameters, the Params4bit that
-        the layer's ``weight`` slot held last (of the fake's shape and dtype)."""
+    def _quant_state_for(self, weight: torch.Tensor) -> QuantState:
+        """The quant_state that decodes ``weight``: its own for a Params4bit; for a plain
+        tensor of the packed codes' shape and dtype standing in for them (FSDP2's gathered
+        weight, torch.export's fake one), that of the last Params4bit the layer held."""
+        slots = self._parameters
         if isinstance(weight, Params4bit):
-            return weight
-        packed = getattr(self._parameters, "packed_weight", None)
+            if isinstance(slots, _ParameterSlots):  # its quant_state may have been replaced
+                slots.note(weight)
+            return weight.quant_state
+        packed = getattr(slots, "packed", None)
         if (
-            _is_exporting()
-            and packed is not None
-            and weight.shape == packed.shape
-            and weight.dtype == packed.dtype
+            packed is not None
+            and isinstance(weight, torch.Tensor)
+            and (weight.shape, weight.dtype) == packed[:2]
+            and not _is_functorch_wrapped(weight)
         ):
-            return packed
+            return packed[2]
         raise TypeError(
             f"{type(self).__name__}: weight must be a Params4bit (packed codes with their "
-            f"quant_state), got {type(weight).__name__}; assign Params4bit.from_weight(w)"
+            f"quant_state) or a plain tensor of its codes, got {type(weight).__name__} "
+            f"{tuple(getattr(weight, 'shape', ()))}; under torch.func transforms (vmap over "
+            "stacked layers) the layers' quant_states are not stacked: call each layer"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        state = self._packed_source(weight).quant_state
+        state = self._quant_state_for(weight)
         # The op gets a plain-Tensor alias of the codes: make_fx (and torch.func.linearize,
         # which traces with it) refuses a Parameter subclass it meets as a constant. Dynamo
         # traces the Params4bit itself; an as_subclass there sent it into a kernel's Python.
@@ -309,6 +318,8 @@ class Linear4bit(nn.Linear):
         state = getattr(weight, "quant_state", None)
         if state is not None and state.absmax.device != weight.device:
             weight.quant_state = state.to(weight.device)
+        if isinstance(self._parameters, _ParameterSlots):
+            self._parameters.note(weight)
         return self
 
     # --- state dict (bitsandbytes' layout) ------------------------------------------------------

@@ -1,9 +1,11 @@
-"""``Linear4bit`` under FSDP2 (``fully_shard``): two CPU ranks (gloo) started by the test.
+"""``Linear4bit`` and ``Linear8bitLt`` under FSDP2 (``fully_shard``): two CPU ranks (gloo)
+started by the test.
 
-FSDP2 shards the packed codes and, for each forward, puts the all-gathered codes back as a
-plain Parameter; the layer decodes them with the quant_state it noted beside its weight. Each
-rank checks its sharded model against the unsharded one (output, and gradients to the input
-and the biases, as QLoRA trains them) and writes the result to a file.
+FSDP2 shards the codes and, for each forward, puts the all-gathered codes back as a plain
+Parameter: the 4-bit layer decodes them with the quant_state it noted beside its weight, the
+int8 layer with its scales (a buffer, which FSDP2 leaves whole). Each rank checks its sharded
+model against the unsharded one (output, and gradients to the input and the biases, as QLoRA
+trains them) and writes the result to a file.
 """
 
 import os
@@ -19,10 +21,10 @@ WORLD_SIZE = 2
 
 
 def _model() -> nn.Module:
-    from lowprec_kernels.nn import Linear4bit
+    from lowprec_kernels.nn import Linear4bit, Linear8bitLt
 
     torch.manual_seed(0)
-    return nn.Sequential(Linear4bit(64, 40), nn.ReLU(), Linear4bit(40, 16))
+    return nn.Sequential(Linear4bit(64, 40), nn.ReLU(), Linear8bitLt(40, 16))
 
 
 def _outputs(model, x):

@@ -815,9 +815,12 @@ LP_TARGET_AVX512_VBMI inline __m512i avx512_encode_magnitude(__m512 v,
   // may lie just above +inf's bits, where it still exceeds every |v| <= 1).
   const __m512i window_top = _mm512_permutexvar_epi32(key, enc.window_top);
   const __m512i to_window = _mm512_sub_epi32(window_top, magnitude);
-  const __m512i segment =
-      _mm512_add_epi32(_mm512_and_si512(window_top, _mm512_set1_epi32(kSegmentMask)),
-                       _mm512_srli_epi32(to_window, 31));
+  // W's low four bits are its key's segment, one more when |v| is above W. The permutes below
+  // read only the low four bits of their index, so W's other bits need no mask, and the carry
+  // never leaves them: a key has a boundary (values above W) only when its segment has a
+  // successor, at most kSegmentMaxCount - 1.
+  static_assert(kSegmentMaxCount <= kAvx512Lanes, "segment indices fit a permute's index bits");
+  const __m512i segment = _mm512_add_epi32(window_top, _mm512_srli_epi32(to_window, 31));
   const __m512 position =
       _mm512_fmadd_ps(_mm512_castsi512_ps(magnitude), _mm512_permutexvar_ps(segment, enc.scale),
                       _mm512_permutexvar_ps(segment, enc.offset));
@@ -825,9 +828,13 @@ LP_TARGET_AVX512_VBMI inline __m512i avx512_encode_magnitude(__m512 v,
       _mm512_min_epi32(_mm512_cvttps_epi32(position), _mm512_permutexvar_epi32(segment, enc.last));
   *near = {fixed, to_window};
   if constexpr (kSigned) {
-    const __mmask16 negative = _mm512_movepi32_mask(bits);
-    fixed = _mm512_max_epi32(_mm512_mask_sub_epi32(fixed, negative, enc.mirror, fixed),
-                             _mm512_setzero_si512());
+    // Negative v: max(K - code, 0) in the high half of each lane, by an unsigned saturating
+    // subtraction of 16-bit words: the high word of mirror - F is K - code (the code is below
+    // 2^8 and no borrow comes from the low words, since mirror's low word is 0xFFFF). The
+    // word mask takes the float's sign for each high word; a low word (the fraction, read
+    // only by the near test, which has it already) may be changed by its own bit 15.
+    const __mmask32 negative = _mm512_movepi16_mask(bits);
+    fixed = _mm512_mask_subs_epu16(fixed, negative, enc.mirror, fixed);
   }
   return fixed;
 }

@@ -47,6 +47,10 @@ class Linear8bitLt(nn.Linear):
         # nn.Linear's initialization, quantized: a fresh layer behaves like a fresh nn.Linear.
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.threshold = float(threshold)
+        self._quantize_float_weight()
+
+    def _quantize_float_weight(self) -> None:
+        """Replaces the float ``weight`` by its int8 codes, frozen, and sets ``SCB``."""
         weight, scb = LF.int8_quantize_weight(self.weight.detach())
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("SCB", scb)
@@ -61,9 +65,7 @@ class Linear8bitLt(nn.Linear):
         shape = (self.out_features, self.in_features)
         self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=self.weight.device))
         super().reset_parameters()
-        weight, scb = LF.int8_quantize_weight(self.weight.detach())
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.SCB = scb
+        self._quantize_float_weight()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float = 6.0) -> Linear8bitLt:

@@ -23,6 +23,24 @@ def test_dynamic_map_signed_golden():
     assert bool((m[1:] > m[:-1]).all()), "sorted ascending, no duplicates"
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_dynamic_map_first_built_in_a_device_context(signed):
+    """The CPU table is cached: built first inside torch.device("meta") (a model built on the
+    meta device), it must still be built on the CPU, and the device asked for honoured."""
+    codebooks._dynamic_map_cpu.cache_clear()
+    LF._cached_dynamic_map.cache_clear()
+    try:
+        with torch.device("meta"):
+            on_meta = LF.dynamic_map(signed)
+        assert on_meta.is_meta
+        table = LF.dynamic_map(signed)
+        assert table.device.type == "cpu" and torch.equal(table, LF.dynamic_map(signed, "cpu"))
+    finally:  # leave no table built here behind
+        codebooks._dynamic_map_cpu.cache_clear()
+        LF._cached_dynamic_map.cache_clear()
+    assert torch.equal(table, LF.dynamic_map(signed))
+
+
 def test_dynamic_map_unsigned_golden():
     m = LF.dynamic_map(signed=False)
     assert sha256(m) == "305f002cc11278fb769d13b25b9fd0c7c83c8402c40a878fe086f4039fde6398"

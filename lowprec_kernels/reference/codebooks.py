@@ -52,7 +52,7 @@ def _dynamic_map_values(signed: bool, max_exponent_bits: int = 7, total_bits: in
     for i in range(max_exponent_bits):
         shift = 0 if signed else 1
         fraction_items = 2 ** (i + non_sign_bits - max_exponent_bits + shift) + 1
-        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32, device="cpu")
         means = (boundaries[:-1] + boundaries[1:]) / 2.0
         scale = 10 ** (-(max_exponent_bits - 1) + i)
         data += (scale * means).tolist()
@@ -65,13 +65,16 @@ def _dynamic_map_values(signed: bool, max_exponent_bits: int = 7, total_bits: in
 
 @functools.cache
 def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
-    table = torch.tensor(_dynamic_map_values(signed), dtype=torch.float32)
+    table = torch.tensor(_dynamic_map_values(signed), dtype=torch.float32, device="cpu")
     assert table.numel() == 256
     return table
 
 
 def dynamic_map(signed: bool = True, device: torch.device | str | None = None) -> torch.Tensor:
-    """The 8-bit dynamic map, float32[256] sorted ascending (a fresh tensor each call)."""
+    """The 8-bit dynamic map, float32[256] sorted ascending (a fresh tensor each call), on
+    ``device`` (default: torch's default device, as a factory function's)."""
+    if device is None:
+        device = torch.get_default_device()
     return _dynamic_map_cpu(bool(signed)).to(device=device, copy=True)
 
 

@@ -100,9 +100,16 @@ class QuantState:
 
     def to(self, device) -> QuantState:
         """A copy with every tensor on ``device``."""
+        return self._map_tensors(lambda t: t.to(device))
 
+    def to_empty(self, device) -> QuantState:
+        """A state of the same layout with uninitialized tensors on ``device``, as
+        ``nn.Module.to_empty`` gives parameters (from the meta device, say)."""
+        return self._map_tensors(lambda t: torch.empty_like(t, device=device))
+
+    def _map_tensors(self, fn) -> QuantState:
         def move(t):
-            return None if t is None else t.to(device)
+            return None if t is None else fn(t)
 
         return QuantState(
             quant_type=self.quant_type,

@@ -100,6 +100,28 @@ def test_constructor_dtype_device_and_no_bias():
     assert meta.weight.device.type == "meta" and meta.quant_state.absmax.device.type == "meta"
 
 
+def test_built_in_a_meta_device_context_then_to_empty_and_loaded():
+    """torch.device("meta") as a context (how FSDP2 users build large models): construction
+    works, the CPU codebooks cached on the way stay on the CPU, to_empty keeps a Params4bit and
+    gives its QuantState memory on the target device, and a checkpoint then loads."""
+    source = Linear4bit(64, 32)
+    with torch.device("meta"):
+        layer = Linear4bit(64, 32)
+    assert layer.weight.is_meta and layer.quant_state.nested_absmax.is_meta
+    assert lpk.reference.codebooks.dynamic_map().device.type == "cpu"
+    layer.to_empty(device="cpu")
+    st = layer.quant_state
+    assert isinstance(layer.weight, Params4bit) and layer.weight.device.type == "cpu"
+    tensors = (st.absmax, st.code, st.nested_absmax, st.nested_code, st.offset)
+    assert all(t.device.type == "cpu" for t in tensors)
+    assert (st.absmax.shape, st.nested_absmax.shape) == (
+        source.quant_state.absmax.shape, source.quant_state.nested_absmax.shape)  # fmt: skip
+    assert layer(randn_nonzero(2, 64)).shape == (2, 32)  # uninitialized values, as nn.Linear's
+    layer.load_state_dict(source.state_dict())
+    x = randn_nonzero(3, 64)
+    assert torch.equal(layer(x), source(x))
+
+
 @pytest.mark.parametrize(
     "kwargs, exc, name",
     [

@@ -228,3 +228,19 @@ def test_pruned_linear_is_quantized_with_its_pruned_weight():
     expected.weight = lpk.nn.Params4bit.from_weight(pruned)
     expected.bias = model[0].bias
     assert torch.equal(model(x), expected(x))
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+@pytest.mark.parametrize("checkpoint", ["quantized", "float"])
+def test_quantized_in_a_meta_device_context_then_loaded(method, checkpoint):
+    """Model, quantization and to_empty without a float copy in memory: a quantized or a
+    float checkpoint then loads, and the model computes as one quantized from the start."""
+    torch.manual_seed(0)
+    source = Model()
+    expected = quantize_model(copy.deepcopy(source), method=method)
+    with torch.device("meta"):
+        model = quantize_model(Model(), method=method)
+    model.to_empty(device="cpu")
+    model.load_state_dict((expected if checkpoint == "quantized" else source).state_dict())
+    x = torch.randn(5, 64)
+    assert torch.equal(model(x), expected(x))

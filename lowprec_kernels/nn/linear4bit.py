@@ -312,12 +312,24 @@ class Linear4bit(nn.Linear):
 
     def _apply(self, fn, recurse=True):
         # nn.Module._apply swaps only the weight's data (param.data = fn(param)), which leaves
-        # the QuantState behind: move it to wherever the codes went.
+        # the QuantState behind: move it to wherever the codes went. Where the swap is not
+        # possible (to_empty from the meta device) it stores fn's result as a plain
+        # Parameter: the codes become a Params4bit again, with the noted QuantState.
         super()._apply(fn, recurse)
         weight = self.weight
+        packed = getattr(self._parameters, "packed", None)
+        if (
+            type(weight) is nn.Parameter  # not a DTensor (FSDP2's sharded codes)
+            and packed is not None
+            and (weight.shape, weight.dtype) == packed[:2]
+        ):
+            weight = Params4bit(weight.data, weight.requires_grad, packed[2])
+            self.weight = weight
         state = getattr(weight, "quant_state", None)
         if state is not None and state.absmax.device != weight.device:
-            weight.quant_state = state.to(weight.device)
+            # Codes that left the meta device came through to_empty (.to raises there).
+            move = state.to_empty if state.absmax.is_meta else state.to
+            weight.quant_state = move(weight.device)
         if isinstance(self._parameters, _ParameterSlots):
             self._parameters.note(weight)
         return self

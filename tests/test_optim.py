@@ -629,6 +629,26 @@ def test_checkpoint_resume_is_bit_identical(cls, dtype):
     assert_same_params(params_of(resumed), params_of(straight))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_step_inside_a_device_context(backend):
+    """A step run inside ``with torch.device(...)`` (training loops written for "cuda" do so)
+    builds its host-side tables on the host: here the meta device, which has no data, so a
+    table built there would fail to copy."""
+    x, y = regression_data()
+    inside, outside = mlp(), mlp()
+    opt_inside = AdamW8bit(inside.parameters(), lr=1e-2)
+    opt_outside = AdamW8bit(outside.parameters(), lr=1e-2)
+    with lpk.use_backend(backend):
+        for _ in range(3):
+            for model, opt in ((inside, opt_inside), (outside, opt_outside)):
+                opt.zero_grad()
+                loss_fn(model, x, y).backward()
+            with torch.device("meta"):
+                opt_inside.step()
+            opt_outside.step()
+    assert_same_params(params_of(inside), params_of(outside))
+
+
 def test_loaded_state_is_a_copy():
     model = mlp()
     x, y = regression_data(64)

@@ -508,7 +508,8 @@ def _sizes_on(sizes: list[int], device: torch.device) -> torch.Tensor:
     if not caching_allowed():
         return torch.tensor(sizes, device=device)
     return _tensor_sizes.get(
-        (tuple(sizes), device_key(device)), lambda: to_device(torch.tensor(sizes), device)
+        (tuple(sizes), device_key(device)),
+        lambda: to_device(torch.tensor(sizes, device="cpu"), device),
     )
 
 

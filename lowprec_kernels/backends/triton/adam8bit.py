@@ -353,8 +353,12 @@ def _program_table(numels: list[int], blocksize: int, blocks_per_program: int, d
     """int32 [n_programs]: the tensor each program works on."""
 
     def build():
-        counts = torch.tensor(_programs_per_tensor(numels, blocksize, blocks_per_program))
-        table = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
+        counts = torch.tensor(
+            _programs_per_tensor(numels, blocksize, blocks_per_program), device="cpu"
+        )
+        table = torch.repeat_interleave(
+            torch.arange(len(numels), dtype=torch.int32, device="cpu"), counts
+        )
         return to_device(table, device)
 
     key = (tuple(numels), blocksize, blocks_per_program, device_key(device))
@@ -370,7 +374,7 @@ def _address_table(operands: list[list[torch.Tensor]], numels, blocksize, bpp, d
         counts = _programs_per_tensor(numels, blocksize, bpp)
         first_program = [0, *itertools.accumulate(counts)][:-1]
         rows = [list(row) for row in addresses] + [list(numels), first_program]
-        return to_device(torch.tensor(rows, dtype=torch.int64), device)
+        return to_device(torch.tensor(rows, dtype=torch.int64, device="cpu"), device)
 
     key = (addresses, tuple(numels), blocksize, bpp, device_key(device))
     return _address_tables.get(key, build)

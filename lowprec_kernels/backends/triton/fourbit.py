@@ -90,12 +90,14 @@ def _encode_tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor,
     code = code_4bit(quant_type, "cpu")
     if quant_type == "nf4":
         thresholds = encode_thresholds(code)
-        code_of_index = torch.arange(CODEBOOK_SIZE)
+        code_of_index = torch.arange(CODEBOOK_SIZE, device="cpu")
     else:
         magnitudes, order = code[:FP4_SIGN_BIT].sort()
         pad = CODEBOOK_SIZE - FP4_SIGN_BIT
-        thresholds = torch.cat([encode_thresholds(magnitudes), torch.full((pad,), torch.inf)])
-        code_of_index = torch.cat([order, torch.zeros(pad, dtype=order.dtype)])
+        thresholds = torch.cat(
+            [encode_thresholds(magnitudes), torch.full((pad,), torch.inf, device="cpu")]
+        )
+        code_of_index = torch.cat([order, torch.zeros(pad, dtype=order.dtype, device="cpu")])
     return (
         thresholds.to(device=device, dtype=torch.float32).contiguous(),
         code_of_index.to(device=device, dtype=torch.int32).contiguous(),

@@ -194,7 +194,7 @@ def test_largest_blocksize_and_shapes(device_backend, dtype):
 
 
 def test_extreme_blocks(device_backend):
-    """All-zero blocks (absmax 0), a gradient whose square overflows (v = inf: absmax inf,
+    """All-zero blocks (absmax 0), a gradient whose square term overflows (v = inf: absmax inf,
     the block's codes from NaN and 0 quotients), values around the map's smallest entries, a
     subnormal absmax."""
     device, backend = device_backend
@@ -204,7 +204,8 @@ def test_extreme_blocks(device_backend):
     g = randn_nonzero(n, torch.float32, device)
     g[:64] = 0.0  # block 0: m = v = 0
     g[64:128] *= 1e-30  # block 1: tiny gradients, v underflows to subnormals or zero
-    g[130] = 3e19  # block 2: g * g overflows to inf
+    g[130] = 1e21  # block 2: (1 - beta2) * g * g overflows to inf
+    g[140] = 3e19  # (g * g alone would overflow here: the order keeps v finite)
     g[192:256] = torch.linspace(-1e-6, 1e-6, 64, device=device)  # block 3: near the map's zero
     g[256:320] = 1e-7 * torch.sign(g[256:320])  # block 4: equal magnitudes
     g[320:384] *= 1e-40  # block 5: m's absmax subnormal (no finite reciprocal), v = 0

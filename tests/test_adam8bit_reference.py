@@ -76,7 +76,7 @@ def adam_fp32(p, g, m, v, t, lr, wd=0.0, decoupled=True, gnorm=1.0):
     if not decoupled and wd:
         g = g + f32(wd) * p
     m = f32(B1) * m + f32(1 - B1) * g
-    v = f32(B2) * v + f32(1 - B2) * (g * g)
+    v = f32(B2) * v + f32(1 - B2) * g * g
     if decoupled and wd:
         p = p * f32(1 - lr * wd)
     denom = torch.sqrt(v.double()).float() * f32(1 / math.sqrt(1 - B2**t)) + f32(EPS)
@@ -121,9 +121,9 @@ def test_first_step_states_exact_and_p_vs_float64(n, blocksize):
     opt = Adam8(p0.clone(), blocksize)
     opt(g, lr=1e-3)
     assert opt.step.item() == 1 and opt.skipped.item() == 0
-    # From zero state: m = (1 - b1) g, v = (1 - b2) g^2 in float32.
+    # From zero state: m = (1 - b1) g, v = ((1 - b2) g) g in float32.
     m = f32(1 - B1) * g
-    v = f32(1 - B2) * (g * g)
+    v = f32(1 - B2) * g * g
     c1, a1 = quantize(m, opt.qmap1, blocksize)
     c2, a2 = quantize(v, opt.qmap2, blocksize)
     assert torch.equal(opt.absmax1, a1) and torch.equal(opt.absmax2, a2)

@@ -649,6 +649,33 @@ def test_step_inside_a_device_context(backend):
     assert_same_params(params_of(inside), params_of(outside))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("min_8bit_size", [4096, 2**62], ids=["8bit", "fp32-state"])
+def test_large_finite_gradient_keeps_v_finite_as_torch(backend, min_8bit_size):
+    """A finite gradient whose square alone overflows float32 (3e19): v takes
+    ((1 - beta2) * g) * g as torch's addcmul_, so it stays finite (an infinite v froze the
+    element, or made its whole 8-bit block NaN on the next step)."""
+    torch.manual_seed(0)
+    ours = nn.Parameter(torch.randn(8192))
+    theirs = nn.Parameter(ours.detach().clone())
+    opt = AdamW8bit([ours], lr=1e-3, min_8bit_size=min_8bit_size)
+    reference = torch.optim.AdamW([theirs], lr=1e-3)
+    with lpk.use_backend(backend):
+        for step in range(3):
+            g = torch.randn(8192)
+            if step == 0:
+                g[5] = 3e19
+            ours.grad, theirs.grad = g.clone(), g.clone()
+            opt.step()
+            reference.step()
+    state = opt.state[ours]
+    v = state["absmax2"] if "absmax2" in state else state["state2"]  # 8-bit: the scales
+    assert torch.isfinite(v).all() and torch.isfinite(ours).all() and opt.skipped_steps() == 0
+    # The element keeps moving as torch's does (v ~ 9e35 on both).
+    torch.testing.assert_close(ours[5], theirs[5], rtol=0, atol=1e-3)
+    assert ours[5] != 0 and (ours - theirs).abs().max() < 0.05
+
+
 def test_loaded_state_is_a_copy():
     model = mlp()
     x, y = regression_data(64)

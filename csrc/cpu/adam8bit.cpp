@@ -525,7 +525,7 @@ LP_TARGET_AVX2 inline __m256 avx2_adam_update(__m256 p, __m256 g, __m256* m, __m
   if constexpr (kAddWeightDecay) g = _mm256_add_ps(g, _mm256_mul_ps(c.weight_decay, p));
   *m = _mm256_add_ps(_mm256_mul_ps(c.beta1, *m), _mm256_mul_ps(c.one_minus_beta1, g));
   *v = _mm256_add_ps(_mm256_mul_ps(c.beta2, *v),
-                     _mm256_mul_ps(c.one_minus_beta2, _mm256_mul_ps(g, g)));
+                     _mm256_mul_ps(_mm256_mul_ps(c.one_minus_beta2, g), g));
   p = _mm256_mul_ps(p, c.decay);
   const __m256 denominator =
       _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(*v), c.inv_sqrt_bc2), c.eps);
@@ -994,7 +994,7 @@ LP_TARGET_AVX512_VBMI inline __m512 avx512_adam_update(__m512 p, __m512 g, __m51
   if constexpr (kAddWeightDecay) g = _mm512_add_ps(g, _mm512_mul_ps(c.weight_decay, p));
   *m = _mm512_add_ps(_mm512_mul_ps(c.beta1, *m), _mm512_mul_ps(c.one_minus_beta1, g));
   *v = _mm512_add_ps(_mm512_mul_ps(c.beta2, *v),
-                     _mm512_mul_ps(c.one_minus_beta2, _mm512_mul_ps(g, g)));
+                     _mm512_mul_ps(_mm512_mul_ps(c.one_minus_beta2, g), g));
   const __m512 denominator =
       _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(*v), c.inv_sqrt_bc2), c.eps);
   return _mm512_sub_ps(_mm512_mul_ps(p, c.decay),

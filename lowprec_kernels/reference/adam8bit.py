@@ -20,7 +20,10 @@ Rounding: every scalar coefficient (``beta1``, ``1 - beta1``, ``1 - lr * weight_
 ``step_size``, ``inv_sqrt_bc2``, ...) is computed in float64 (IEEE ``pow``, division and
 square root) and rounded to float32 once; the per-element arithmetic is float32, one
 rounding per operation, in the order written (``sqrt(v)`` correctly rounded, see
-``ieee_sqrt``; no fused multiply-add). ``m`` and ``v`` are then requantized with fresh block
+``ieee_sqrt``; no fused multiply-add). ``(1 - beta2) * g * g`` is ``((1 - beta2) * g) * g``, as
+torch's ``addcmul_`` computes it: squaring first would overflow float32 for |g| above ~1.8e19
+instead of ~5.8e20 (beta2 = 0.999), and an infinite v makes its whole block's codes NaN
+(0 * inf on the next decode). ``m`` and ``v`` are then requantized with fresh block
 absmax values (``quantize_blockwise``'s exact nearest rule).
 
 A gradient holding any non-finite value skips the step for that tensor: ``p``, the states
@@ -83,7 +86,7 @@ def adam_update_corrected(
     if not decoupled and weight_decay != 0.0:
         g = g + weight_decay * p
     m = beta1 * m + (1.0 - beta1) * g
-    v = beta2 * v + (1.0 - beta2) * (g * g)
+    v = beta2 * v + (1.0 - beta2) * g * g
     if decoupled and weight_decay != 0.0:
         p = p * (1.0 - lr * weight_decay)
     denom = ieee_sqrt(v) * inv_sqrt_bc2 + eps

@@ -68,13 +68,14 @@ LP_HOST_DEVICE inline float ieee_sqrt(float x) {
 
 // One element of the step, in float32, in the reference's order. m and v come in decoded and
 // leave unquantized. `g * gnorm_scale` is kept even for a scale of 1: the gradient is finite
-// (non-finite ones skip the step), so that product is exact.
+// (non-finite ones skip the step), so that product is exact. v takes (1 - beta2) * g before the
+// second g, as torch's addcmul_ does, so that it overflows only where torch's would.
 LP_HOST_DEVICE inline void adam_update(float* p, float g, float* m, float* v,
                                        const AdamCoefficients& c) {
   g = g * c.gnorm_scale;
   if (c.add_weight_decay) g = g + c.weight_decay * *p;
   *m = c.beta1 * *m + c.one_minus_beta1 * g;
-  *v = c.beta2 * *v + c.one_minus_beta2 * (g * g);
+  *v = c.beta2 * *v + c.one_minus_beta2 * g * g;
   const float decayed = *p * c.decay;
   const float denom = ieee_sqrt(*v) * c.inv_sqrt_bc2 + c.eps;
   *p = decayed - c.step_size * (*m / denom);

@@ -163,7 +163,7 @@ def _adam_update(
     if APPLY_L2:
         g = g + weight_decay * p
     m = beta1 * m + one_minus_beta1 * g
-    v = beta2 * v + one_minus_beta2 * (g * g)
+    v = beta2 * v + one_minus_beta2 * g * g
     if APPLY_DECAY:
         p = p * decay_factor
     denominator = tl.math.sqrt_rn(v) * inv_sqrt_bc2 + eps

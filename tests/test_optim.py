@@ -770,6 +770,42 @@ def test_loads_a_bitsandbytes_state_dict():
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bitsandbytes_loads_our_state_dict_and_keeps_counting(dtype):
+    """bitsandbytes casts every non-uint8 tensor of a loaded state to the parameter's dtype:
+    our counts are Python numbers, as its own, so a bf16 model's step keeps counting past
+    256 there. The live state keeps its float32 tensors."""
+    bnb = pytest.importorskip("bitsandbytes")
+    model = mlp(dtype=dtype)
+    opt = AdamW8bit(model.parameters())
+    for _ in range(258):
+        opt.zero_grad()
+        model(torch.ones(2, 32, dtype=dtype)).float().sum().backward()
+        opt.step()
+    saved = opt.state_dict()
+    assert all(
+        type(s["step"]) is int and type(s["skipped"]) is int for s in saved["state"].values()
+    )
+    assert (
+        saved["state"][0]["step"] == 258
+        and opt.state[model[0].weight]["step"].dtype == torch.float32
+    )
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    theirs = bnb.optim.AdamW8bit(model.parameters())
+    theirs.load_state_dict(loaded)
+    for _ in range(3):
+        theirs.zero_grad()
+        model(torch.ones(2, 32, dtype=dtype)).float().sum().backward()
+        theirs.step()
+    assert int(theirs.state[model[0].weight]["step"]) == 261
+    again = AdamW8bit(model.parameters())
+    again.load_state_dict(loaded)
+    assert again.state[model[0].weight]["step"].item() == 258
+
+
 # ---------------------------------------------------------------- training quality
 
 

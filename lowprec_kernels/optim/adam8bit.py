@@ -344,6 +344,25 @@ class Adam8bit(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------- checkpoints
 
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s state dict, with each parameter's ``step`` and ``skipped`` counts
+        as Python numbers (ints while whole), as bitsandbytes' own: its ``load_state_dict``
+        casts every other tensor to the parameter's dtype, where a bf16 step stops counting at
+        256. The optimizer's live state is not changed; the counters of all parameters are
+        read from their device at once."""
+        state_dict = super().state_dict()
+        entries = [
+            (key, name)
+            for key, param_state in state_dict["state"].items()
+            for name in _COUNTERS
+            if isinstance(param_state.get(name), torch.Tensor) and not param_state[name].is_meta
+        ]
+        values = _counts_as_numbers([state_dict["state"][k][name] for k, name in entries])
+        packed = dict(state_dict["state"])  # the per-parameter dicts are the live ones: copy
+        for (key, name), value in zip(entries, values):
+            packed[key] = {**packed[key], name: value}
+        return {**state_dict, "state": packed}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a ``state_dict()`` of this optimizer (or of bitsandbytes' ``Adam8bit`` /
         ``AdamW8bit``, whose ``step`` is an int and which counts no skipped steps).
@@ -554,6 +573,22 @@ def _step_fp32_state_concatenated(
 
 
 # --------------------------------------------------------------------------- loading
+
+
+_COUNTERS = ("step", "skipped")
+
+
+def _counts_as_numbers(counts: list[torch.Tensor]) -> list[int | float]:
+    """One-element count tensors as Python numbers (int when whole), one read per device."""
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, t in enumerate(counts):
+        by_device[t.device].append(i)
+    numbers: list[int | float] = [0] * len(counts)
+    for indices in by_device.values():
+        read = torch.stack([counts[i].detach().reshape(()).float() for i in indices]).tolist()
+        for i, value in zip(indices, read):
+            numbers[i] = int(value) if float(value).is_integer() else value
+    return numbers
 
 
 def _scalar_count(value, where: str, name: str) -> float:

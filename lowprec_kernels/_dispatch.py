@@ -135,6 +135,14 @@ def _lookup(op: str, backend: str, device_type: str) -> Callable | None:
     return table.get(device_type) or table.get("any")
 
 
+def reference_kernel(op: str) -> Callable:
+    """The reference kernel of ``op`` (it runs on any device)."""
+    fn = _lookup(op, "reference", "any")
+    if fn is None:
+        raise NotImplementedError(f"lowprec::{op} has no reference kernel registered")
+    return fn
+
+
 def kernel_for(op: str, device_type: str) -> tuple[str, Callable]:
     """The (backend name, kernel) that runs ``op`` on ``device_type`` right now."""
     forced = _FORCED.get()

@@ -27,9 +27,9 @@ import torch
 from torch.autograd import forward_ad
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from lowprec_kernels._dispatch import eager_for, kernel_for
+from lowprec_kernels._dispatch import eager_for, kernel_for, reference_kernel
 from lowprec_kernels.reference.codebooks import QUANT_TYPES_4BIT
-from lowprec_kernels.reference.int8 import int8_dequantize_weight
+from lowprec_kernels.reference.int8 import INT8_SCALE, int8_dequantize_weight
 
 _LIB = torch.library.Library("lowprec", "DEF")  # noqa: TOR901 - the namespace is ours alone
 
@@ -614,8 +614,17 @@ def route_mutating(name: str, mutated: list[torch.Tensor], *args) -> None:
             torch.autograd.graph.increment_version(t)
 
 
-def _define(schema: str, check: Callable, fake_outputs: Callable) -> None:
-    """Defines ``lowprec::<schema>`` with its checker, fake implementation and router."""
+def _define(
+    schema: str,
+    check: Callable,
+    fake_outputs: Callable,
+    beyond_kernels: Callable[..., bool] | None = None,
+) -> None:
+    """Defines ``lowprec::<schema>`` with its checker, fake implementation and router.
+
+    ``beyond_kernels(*args)``: True for valid arguments that the backends' kernels cannot
+    compute as the reference defines (an accumulator that would overflow); the router then
+    runs the reference kernel, whichever backend is chosen."""
     name = schema.split("(", 1)[0]
     _LIB.define(schema)
 
@@ -625,6 +634,8 @@ def _define(schema: str, check: Callable, fake_outputs: Callable) -> None:
 
     def route(*args):
         check(*args)
+        if beyond_kernels is not None and beyond_kernels(*args):
+            return reference_kernel(name)(*args)
         _, kernel = kernel_for(name, _first_tensor(args).device.type)
         return kernel(*args)
 
@@ -713,11 +724,21 @@ _define(
     _fake_int8_vectorwise_quant,
 )
 
+# The int8 GEMM kernels (cpu, cuda, triton) sum the products of a row in int32: exact while
+# in_features * 127^2 fits, 133,144 columns; wider rows run the reference (float64 sums).
+INT8_INT32_EXACT_MAX_K = (2**31 - 1) // int(INT8_SCALE) ** 2
+
+
+def _int8_sums_overflow_int32(weight: torch.Tensor) -> bool:
+    return weight.shape[1] > INT8_INT32_EXACT_MAX_K
+
+
 _define(
     "int8_scaled_mm(Tensor A, Tensor row_stats, Tensor weight, Tensor weight_scale, "
     "Tensor? bias, ScalarType dtype) -> Tensor",
     check_int8_scaled_mm,
     lambda A, rs, W, ws, bias, dtype: _empty(A, (*A.shape[:-1], W.shape[0]), dtype),
+    beyond_kernels=lambda A, rs, W, *rest: _int8_sums_overflow_int32(W),
 )
 
 _define(
@@ -725,6 +746,7 @@ _define(
     " -> Tensor",
     check_int8_linear,
     lambda x, W, ws, bias, thr: _empty(x, (*x.shape[:-1], W.shape[0]), x.dtype),
+    beyond_kernels=lambda x, W, *rest: _int8_sums_overflow_int32(W),
 )
 
 _define(

@@ -16,6 +16,7 @@ from conftest import SUPPORTED_CPU_ISAS, noncontiguous, run_on
 
 import lowprec_kernels as lpk
 from lowprec_kernels import functional as LF
+from lowprec_kernels._ops import INT8_INT32_EXACT_MAX_K
 from lowprec_kernels.reference.int8 import INT8_SCALE, int8_dequantize_weight
 from lowprec_kernels.reference.rounding import UNIT_ROUNDOFF
 
@@ -301,6 +302,24 @@ def test_int8_linear_leading_dims_noncontiguous_empty(device_backend, dtype):
     _assert_within(y.reshape(6, N), y64, _gemm_bound(y64, main, dtype, outlier_abs, n_out, b))
     y0 = run_on(backend, LF.int8_linear, x[:0], wq, ws, b, 6.0)
     assert y0.shape == (0, N) and y0.dtype == dtype
+
+
+@pytest.mark.parametrize("extra", [0, 1], ids=["int32-limit", "beyond"])
+def test_rows_whose_int32_sums_would_overflow(device_backend, extra):
+    """Rows of full codes: K * 127^2 products fit int32 up to INT8_INT32_EXACT_MAX_K
+    columns (the kernels' sums); one more runs the reference's float64 sums, never a wrapped
+    int32 (which gave -126288.5 for 140,000 columns)."""
+    device, backend = device_backend
+    K = INT8_INT32_EXACT_MAX_K + extra
+    x = torch.ones(2, K, device=device)
+    x[1] = -1.0  # every code +-127, no outliers
+    wq, ws = ref(LF.int8_quantize_weight, torch.ones(3, K, device=device))
+    want = torch.tensor([[K] * 3, [-K] * 3], dtype=torch.float32)
+    y = run_on(backend, LF.int8_linear, x, wq, ws, None, 6.0)
+    torch.testing.assert_close(y.cpu(), want, rtol=0, atol=0)
+    xq, row_stats, _ = ref(LF.int8_vectorwise_quant, x)
+    y = run_on(backend, LF.int8_scaled_mm, xq, row_stats, wq, ws, None, torch.float32)
+    torch.testing.assert_close(y.cpu(), want, rtol=0, atol=0)
 
 
 def test_int8_linear_nan_inf_zero_rows(device_backend):

@@ -3,7 +3,9 @@
 Codes are ``rint(x * (127 / absmax))`` in float32 with the row's absmax (half to even, the
 reciprocal rounded once, as bitsandbytes does), clamped to ±127; an element whose code is
 not a number (a zero, NaN or infinite absmax) gets code 0. Products are then summed exactly
-(int32 on the kernels, float64 here) and scaled by ``row_stat * col_stat / 127**2``.
+(int32 on the kernels, float64 here; rows of more than ``_ops.INT8_INT32_EXACT_MAX_K``
+columns, whose int32 sums could overflow, always run here) and scaled by
+``row_stat * col_stat / 127**2``.
 
 Non-finite activations: NaN is never an outlier (``|NaN| >= threshold`` is false), so a row
 holding a NaN gets a NaN absmax and its output row is NaN; an infinite value is an outlier

@@ -16,8 +16,13 @@ import torch
 
 from lowprec_kernels.reference.codebooks import QUANT_TYPES_4BIT
 
-_PACKED_KEY_PREFIX = "quant_state.bitsandbytes__"
-_TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+PACKED_KEY_PREFIX = "quant_state.bitsandbytes__"
+TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+def is_dict_key(name: str) -> bool:
+    """Whether ``name`` is a key of ``QuantState.as_dict()`` (a tensor or the packed header)."""
+    return name in TENSOR_KEYS or name.startswith(PACKED_KEY_PREFIX)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -124,8 +129,18 @@ class QuantState:
             offset=move(self.offset),
         )
 
+    def dict_keys(self) -> list[str]:
+        """The keys of ``as_dict()``, without reading any tensor."""
+        keys = list(TENSOR_KEYS if self.nested else TENSOR_KEYS[:2])
+        return keys + [PACKED_KEY_PREFIX + self.quant_type]
+
     def as_dict(self) -> dict[str, torch.Tensor]:
-        """bitsandbytes' packed dict: tensors only, scalars in a JSON uint8 tensor."""
+        """bitsandbytes' packed dict: tensors only, scalars in a JSON uint8 tensor.
+
+        The header tensor is built once per header text and then reused, so that layers
+        sharing this state (tied weights) share their state dict entries, as safetensors'
+        ``save_model`` needs to store them once. On the meta device the header is a meta
+        tensor too (the offset has no value there)."""
         tensors = {"absmax": self.absmax, "quant_map": self.code}
         header = {
             "quant_type": self.quant_type,
@@ -133,16 +148,26 @@ class QuantState:
             "dtype": _dtype_name(self.dtype),
             "shape": list(self.shape),
         }
+        on_meta = self.absmax.is_meta
         if self.nested:
             tensors["nested_absmax"] = self.nested_absmax
             tensors["nested_quant_map"] = self.nested_code
             header.update(
                 nested_blocksize=self.nested_blocksize,
                 nested_dtype=_dtype_name(torch.float32),
-                nested_offset=float(self.offset.item()),
+                nested_offset=0.0 if self.offset.is_meta else float(self.offset.item()),
             )
-        blob = torch.tensor(list(json.dumps(header).encode("utf-8")), dtype=torch.uint8)
-        tensors[_PACKED_KEY_PREFIX + self.quant_type] = blob
+            on_meta = on_meta or self.offset.is_meta
+        text = json.dumps(header)
+        cached = getattr(self, "_packed_header", None)
+        if cached is None or cached[0] != (text, on_meta):
+            data = list(text.encode("utf-8"))
+            if on_meta:
+                blob = torch.empty(len(data), dtype=torch.uint8, device="meta")
+            else:
+                blob = torch.tensor(data, dtype=torch.uint8, device="cpu")
+            self._packed_header = cached = ((text, on_meta), blob)
+        tensors[PACKED_KEY_PREFIX + self.quant_type] = cached[1]
         return tensors
 
     @classmethod

@@ -561,7 +561,77 @@ def test_state_dict_mismatches_raise(layer):
     with pytest.raises(RuntimeError, match="weight.absmax"):
         Linear4bit(100, 37).load_state_dict(orphan, strict=True)
     result = Linear4bit(100, 37).load_state_dict({"bias": sd["bias"]}, strict=False)
-    assert result.missing_keys == ["weight"]
+    assert result.missing_keys == [
+        "weight",
+        *KEYS_NESTED[2:],
+        "weight.quant_state.bitsandbytes__nf4",
+    ]
+
+
+def test_unknown_weight_entries_are_reported(layer):
+    """Only the QuantState's own entries are taken with the weight; any other "weight.*" key
+    is unexpected, as nn.Module reports it."""
+    sd = dict(layer.state_dict(), **{"weight.typo_absmax": torch.zeros(3)})
+    with pytest.raises(
+        RuntimeError, match=r'Unexpected key\(s\) in state_dict: "weight.typo_absmax"'
+    ):
+        Linear4bit(100, 37).load_state_dict(sd)
+    fresh = Linear4bit(100, 37)
+    assert fresh.load_state_dict(sd, strict=False).unexpected_keys == ["weight.typo_absmax"]
+    assert_same_quantized(fresh, layer)
+
+
+def test_meta_layer_state_dict_has_a_real_ones_keys_and_shapes(layer):
+    """For empty-weight loaders, which read a meta model's state dict keys and shapes; the
+    packed header is a meta tensor there (its offset has no value on the meta device)."""
+    for meta in (Linear4bit(100, 37, device="meta"), copy.deepcopy(layer).to("meta")):
+        got, want = meta.state_dict(), layer.state_dict()
+        assert list(got) == list(want)
+        assert all(got[k].is_meta for k in got)
+        assert {k: got[k].shape for k in KEYS_NESTED} == {k: want[k].shape for k in KEYS_NESTED}
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 48), nn.Linear(64, 48)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.a(x) + 2 * self.b(x)
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_tied_weights_stay_tied_through_loading(method):
+    """A state dict loads into a weight that layers share in place, as nn.Module loads: the
+    tie and its single copy survive; a checkpoint that stores the shared entries once
+    (b's dropped, as safetensors and Hugging Face checkpoints do) loads as well."""
+    torch.manual_seed(0)
+    source = lpk.nn.quantize_model(_Tied(), method=method, skip=())
+    x = torch.randn(3, 64)
+    full = source.state_dict()
+    deduplicated = {k: v for k, v in full.items() if not k.startswith("b.weight")}
+    deduplicated.pop("b.SCB", None)
+    for sd, strict in ((full, True), (deduplicated, False)):
+        target = lpk.nn.quantize_model(_Tied(), method=method, skip=())
+        shared = target.a.weight
+        target.load_state_dict(sd, strict=strict)
+        assert target.a.weight is shared and target.b.weight is shared
+        assert torch.equal(target(x), source(x))
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_safetensors_save_model_of_tied_layers(method, tmp_path):
+    """safetensors' save_model / load_model (its way to store shared tensors once)."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    source = lpk.nn.quantize_model(_Tied(), method=method, skip=())
+    path = str(tmp_path / "tied.safetensors")
+    safetensors_torch.save_model(source, path)
+    target = lpk.nn.quantize_model(_Tied(), method=method, skip=())
+    assert safetensors_torch.load_model(target, path) == (set(), [])
+    x = torch.randn(3, 64)
+    assert target.a.weight is target.b.weight and torch.equal(target(x), source(x))
 
 
 def test_loading_copies_instead_of_aliasing(layer):

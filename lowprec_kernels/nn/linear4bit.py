@@ -21,9 +21,7 @@ from torch import nn
 
 from lowprec_kernels import functional as LF
 from lowprec_kernels._ops import FLOAT_DTYPES
-from lowprec_kernels.quant_state import QuantState
-
-_PACKED_HEADER = "quant_state.bitsandbytes__"
+from lowprec_kernels.quant_state import PACKED_KEY_PREFIX, QuantState, is_dict_key
 
 
 def _rebuild_params4bit(data, requires_grad, quant_state):
@@ -140,6 +138,10 @@ class _ParameterSlots(dict):
 
     def __reduce__(self):
         return (dict, (dict(self),))
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
 
 def _is_functorch_wrapped(t: torch.Tensor) -> bool:
@@ -353,12 +355,26 @@ class Linear4bit(nn.Linear):
             # load_state_dict(assign=True): the state dict's tensors become the layer's, on
             # their device (a layer built on the meta device is filled this way).
             assign = local_metadata.get("assign_to_params_buffers", False)
-            self.weight = self._weight_from_state_dict(weight, state_dict, weight_key, assign)
+            loaded = self._weight_from_state_dict(weight, state_dict, weight_key, assign)
+            current = self.weight
+            if not assign and isinstance(current, Params4bit) and _same_layout(current, loaded):
+                # Into the Params4bit itself, as nn.Module copies into its parameters: a weight
+                # that several layers share (tied) stays shared, and is loaded once.
+                with torch.no_grad():
+                    current.copy_(loaded)
+                current.quant_state = loaded.quant_state
+                self._quant_state_for(current)  # notes the new quant_state
+            else:
+                self.weight = loaded
 
-        # nn.Module loads the bias; the weight and its "weight.*" entries (consumed above)
-        # are hidden from it. Without a weight, those entries are left to be reported.
+        # nn.Module loads the bias; the weight and the "weight.*" entries of its QuantState
+        # (consumed above) are hidden from it. Any other key, and every "weight.*" entry
+        # when the weight itself is absent, is left to be reported.
         def consumed(key):
-            return key == weight_key or (weight is not None and key.startswith(weight_key + "."))
+            if key == weight_key:
+                return True
+            entry = key[len(weight_key) + 1 :]
+            return weight is not None and key.startswith(weight_key + ".") and is_dict_key(entry)
 
         rest = {k: v for k, v in state_dict.items() if not consumed(k)}
         super()._load_from_state_dict(
@@ -366,6 +382,13 @@ class Linear4bit(nn.Linear):
         )
         if weight is not None and weight_key in missing_keys:
             missing_keys.remove(weight_key)
+        state = getattr(self.weight, "quant_state", None)
+        if weight is None and state is not None:  # the weight's entries are missing with it
+            missing_keys.extend(
+                key
+                for key in (f"{weight_key}.{name}" for name in state.dict_keys())
+                if key not in state_dict
+            )
 
     def _weight_from_state_dict(self, weight, state_dict, weight_key, assign) -> Params4bit:
         name = type(self).__name__
@@ -389,8 +412,8 @@ class Linear4bit(nn.Linear):
         if isinstance(absmax, torch.Tensor) and absmax.dtype == torch.uint8:  # double quant
             required += ["nested_absmax", "nested_quant_map"]
         missing = [state_prefix + k for k in required if k not in entries]
-        if not any(k.startswith(_PACKED_HEADER) for k in entries):
-            missing.append(state_prefix + _PACKED_HEADER + "nf4 (or fp4)")
+        if not any(k.startswith(PACKED_KEY_PREFIX) for k in entries):
+            missing.append(state_prefix + PACKED_KEY_PREFIX + "nf4 (or fp4)")
         if missing:
             raise ValueError(
                 f"{name}: the state dict lacks {missing}, needed to load the quantized "

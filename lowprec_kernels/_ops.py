@@ -123,8 +123,8 @@ def check_4bit_weight(
 ) -> int:
     """Checks a packed 4-bit weight and its (possibly double-quantized) scales; returns n."""
     _check_tensor(op, "A", A, (torch.uint8,))
-    if len(shape) == 0 or any(s <= 0 for s in shape):
-        _fail(ValueError, op, f"shape must be a non-empty list of positive sizes, got {shape}")
+    if any(s <= 0 for s in shape):  # [] is a 0-dim tensor's shape: one element
+        _fail(ValueError, op, f"shape must be a list of positive sizes, got {shape}")
     n = math.prod(shape)
     _check_numel(op, "A", A, (n + 1) // 2, f"two 4-bit codes per byte for shape {list(shape)}")
     _check_choice(op, "blocksize", blocksize, BLOCKSIZES_4BIT)

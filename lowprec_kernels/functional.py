@@ -78,7 +78,10 @@ def quantize_4bit(
 
     With ``double_quant`` the block absmax values are themselves stored as 8-bit codes
     (blocks of 256, signed dynamic map) around their mean: 4.127 bits per weight at
-    blocksize 64.
+    blocksize 64. A NaN or infinite weight makes its block's absmax NaN or infinite; with
+    ``double_quant`` it also makes that mean, and so every decoded weight of the tensor,
+    non-finite (as in bitsandbytes, whose layout this is): check weights first where that
+    matters.
     """
     packed, absmax = _ops.call("quantize_4bit", w, blocksize, quant_type)
     nested = {}

@@ -147,6 +147,31 @@ def test_quantize_noncontiguous_and_multidim(device_backend):
     assert torch.equal(q, q_ref) and torch.equal(a, a_ref)
 
 
+@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double"])
+def test_zero_dim_round_trip(device_backend, double_quant):
+    """A 0-dim tensor (one element, shape []) quantizes and decodes back to shape [] (the
+    decode refused the empty shape it was given)."""
+    device, backend = device_backend
+    w = torch.tensor(-0.75, device=device)
+    q, st = run_on(backend, LF.quantize_4bit, w, 64, "nf4", double_quant)
+    out = run_on(backend, LF.dequantize_4bit, q, st)
+    assert out.shape == () and out.item() == pytest.approx(-0.75, rel=0.02)
+    assert torch.equal(out, run_on("reference", LF.dequantize_4bit, q, st))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_weight_reaches_as_documented(device_backend, bad):
+    """quantize_4bit's docstring: a non-finite weight spoils its block; with double quant
+    the absmax mean, so the whole tensor (bitsandbytes' layout: no silent finite garbage)."""
+    device, backend = device_backend
+    w = _nonzero_randn(64, 256, device=device)
+    w[3, 5] = bad
+    for double_quant, spoiled in ((False, 64), (True, w.numel())):
+        q, st = run_on(backend, LF.quantize_4bit, w, 64, "nf4", double_quant)
+        out = run_on(backend, LF.dequantize_4bit, q, st)
+        assert (~out.isfinite()).sum().item() == spoiled
+
+
 # ---------------------------------------------------------------------------- dequantize
 
 

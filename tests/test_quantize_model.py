@@ -166,6 +166,18 @@ def test_sharing_is_kept(method):
     assert torch.isfinite(tied(x)).all() and torch.isfinite(model(x)).all()
 
 
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_linears_sharing_a_weight_stay_float_if_any_is_skipped(method):
+    """As for a reused Linear: skipping one of two Linears that share a weight keeps both
+    float, the weight still shared (quantizing the other one untied them)."""
+    first, second, other = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.ReLU(), second, other)
+    quantize_model(model, method=method, skip=["0"])
+    assert model[0] is first and model[2] is second and first.weight is second.weight
+    assert type(model[3]) is not nn.Linear
+
+
 def test_a_reused_linear_stays_float_if_any_of_its_names_is_skipped():
     shared = nn.Linear(32, 32)
     model = nn.Module()

@@ -62,7 +62,8 @@ def quantize_model(
     ``in_features`` is not a multiple of the blocksize are quantized too (blocks then cross
     rows). Sharing is kept: a Linear used at several places becomes one quantized layer used
     at all of them (kept float everywhere if any of its names matches ``skip``), and Linears
-    that share one weight share its quantized form. A quantized layer keeps its Linear's
+    that share one weight share its quantized form (all stay float, still sharing it, if
+    ``skip`` matches any of them). A quantized layer keeps its Linear's
     training flag and forward and backward hooks (their handles still remove them); the
     weight it quantizes is the Linear's current ``weight``. A pruned, weight_norm or
     spectral_norm Linear's recomputing pre-hooks stay behind (they would overwrite the
@@ -85,10 +86,17 @@ def quantize_model(
         if type(module) is nn.Linear:
             places.setdefault(id(module), []).append(name)
             linears[id(module)] = module
+    # A weight is kept float when any Linear holding it is skipped: quantizing the others
+    # would untie it.
+    skipped_weights = {
+        id(linear.weight)
+        for key, linear in linears.items()
+        if any(_matches(name, s) for name in places[key] for s in skip)
+    }
     quantized_weights: dict[int, nn.Module] = {}  # id(float weight) -> its first quantized layer
     for key, linear in linears.items():
         names = places[key]
-        if any(_matches(name, s) for name in names for s in skip):
+        if id(linear.weight) in skipped_weights:
             continue
         if method == "int8":
             new = Linear8bitLt.from_linear(linear, **layer_kwargs)

@@ -256,3 +256,22 @@ def test_quantized_in_a_meta_device_context_then_loaded(method, checkpoint):
     model.load_state_dict((expected if checkpoint == "quantized" else source).state_dict())
     x = torch.randn(5, 64)
     assert torch.equal(model(x), expected(x))
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_transformer_encoder_in_eval_without_grad(method):
+    """nn.TransformerEncoderLayer's fused inference path (eval, no grad) reads linear1/2's
+    weights directly; quantized, the model must still call the quantized layers."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        want = model(x)
+    quantize_model(model, method=method)
+    assert type(model.layers[0].linear1) is not nn.Linear
+    with torch.no_grad():
+        got = model(x)
+    # As with gradients on (where attention's own fused path is off: last bits differ).
+    torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
+    assert (got - want).abs().mean() < 0.1  # quantization error only (outputs are normalized)

@@ -26,6 +26,24 @@ def _matches(name: str, pattern: str) -> bool:
 _WEIGHT_RECOMPUTING_HOOKS = (BasePruningMethod, WeightNorm, SpectralNorm)
 
 
+def _calls_its_linears(module: nn.Module, args) -> None:
+    """A forward pre-hook that does nothing: a hook keeps ``nn.TransformerEncoderLayer`` off
+    its fused inference path (``torch._transformer_encoder_layer_fwd``, taken in eval mode
+    without gradients), which reads ``linear1.weight`` and ``linear2.weight`` as float
+    matrices instead of calling the layers: quantized codes made it fail."""
+    return None
+
+
+def _keep_off_fused_paths(parent: nn.Module, child: str) -> None:
+    """Once per module whose fused fast path reads the replaced Linear's weight directly."""
+    if (
+        isinstance(parent, nn.TransformerEncoderLayer)
+        and child in ("linear1", "linear2")
+        and _calls_its_linears not in parent._forward_pre_hooks.values()
+    ):
+        parent.register_forward_pre_hook(_calls_its_linears)
+
+
 def _adopt_hooks(new: nn.Module, old: nn.Linear) -> None:
     """``new`` takes ``old``'s training flag and its forward and backward hooks. It takes the
     hook dicts themselves, so the handles returned at registration still remove them. When
@@ -68,7 +86,10 @@ def quantize_model(
     weight it quantizes is the Linear's current ``weight``. A pruned, weight_norm or
     spectral_norm Linear's recomputing pre-hooks stay behind (they would overwrite the
     quantized weight); its other forward pre-hooks are copied, so their handles then act on
-    the replaced Linear only. Returns ``model``.
+    the replaced Linear only. An ``nn.TransformerEncoderLayer`` whose ``linear1`` or
+    ``linear2`` is replaced gets a forward pre-hook that does nothing but keep torch's fused
+    inference path (which would read the quantized weight as a float matrix) from running.
+    Returns ``model``.
     """
     if method not in METHODS:
         raise ValueError(f"quantize_model: method must be one of {METHODS}, got {method!r}")
@@ -112,4 +133,5 @@ def quantize_model(
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, new)
+            _keep_off_fused_paths(parent, child)
     return model

@@ -84,9 +84,15 @@ def _find_cuda_home() -> tuple[Path | None, str]:
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
             home = Path(os.environ[var])
-            if (home / "bin" / "nvcc").is_file():
-                return home, f"${var}"
-            return None, f"${var}={home} has no bin/nvcc"
+            if not (home / "bin" / "nvcc").is_file():
+                return None, f"${var}={home} has no bin/nvcc"
+            if not (home / "include" / "cuda_runtime.h").is_file():  # e.g. a wrapper's folder
+                real = _real_nvcc(str(home / "bin" / "nvcc")).parent.parent
+                return None, (
+                    f"${var}={home} has no include/cuda_runtime.h (a toolkit root has; "
+                    f"its bin/nvcc runs {real / 'bin' / 'nvcc'}: try {var}={real})"
+                )
+            return home, f"${var}"
     on_path = shutil.which("nvcc")
     if on_path is None:
         return None, "no nvcc on PATH and CUDA_HOME unset"

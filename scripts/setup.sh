@@ -16,13 +16,16 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 req_stamp=$(stamp_of requirements-dev.txt)
 if [ "$(cat "$VENV/.requirements-stamp" 2>/dev/null)" != "$req_stamp" ]; then
-  echo "setup: installing requirements-dev.txt (torch 2.14.1 comes from this machine's disk)"
+  echo "setup: installing requirements-dev.txt (torch 2.14.1, the CUDA build: several GB unless pip finds it locally)"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-dev.txt
   echo "$req_stamp" >"$VENV/.requirements-stamp"
 fi
 
 # setup.py finds the CUDA toolkit itself (CUDA_HOME, else the nvcc on PATH, through wrappers).
-src_stamp=$(stamp_of setup.py $(find csrc -type f | sort))-${LOWPREC_BUILD_CUDA:-auto}-${TORCH_CUDA_ARCH_LIST:-default}
+# The extension is rebuilt when its sources, the build settings or torch change (an extension
+# built against another torch fails to load, which the package reports only as a warning).
+torch_version=$("$VENV/bin/python" -c "import torch; print(torch.__version__)")
+src_stamp=$(stamp_of setup.py $(find csrc -type f | sort))-${LOWPREC_BUILD_CUDA:-auto}-${TORCH_CUDA_ARCH_LIST:-default}-torch$torch_version
 if [ "$(cat "$VENV/.build-stamp" 2>/dev/null)" != "$src_stamp" ] || ! ls lowprec_kernels/_C*.so >/dev/null 2>&1; then
   echo "setup: building lowprec_kernels._C (LOWPREC_BUILD_CUDA=${LOWPREC_BUILD_CUDA:-auto})"
   start=$(date +%s)

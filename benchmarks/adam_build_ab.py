@@ -25,10 +25,21 @@ from lowprec_kernels.bench.harness import positive, script_description  # noqa: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=script_description(__doc__))
-    parser.add_argument("--rounds", type=positive(int), default=10)
+    parser.add_argument("--rounds", type=positive(int), default=10,
+                        help="timed steps per case, interleaved (default 10)")  # fmt: skip
     parser.add_argument("--scale", type=positive(float), default=1.0,
-                        help="shrink every case by this factor (for a quick try)")  # fmt: skip
+                        help="multiply every case's size by this factor, e.g. 0.1 for a quick "
+                             "try (default 1; at least 4096 elements a tensor)")  # fmt: skip
     args = parser.parse_args()
+    # The build under test is the tree whose lowprec_kernels/_C was loaded: a tree without a
+    # built _C of its own would silently time another one (an editable install's).
+    tree = Path(lpk.__file__).resolve().parent.parent
+    native = Path(lpk._C.__file__).resolve() if lpk.available_backends()["cpu"] else None
+    if native is None or tree not in native.parents:
+        raise SystemExit(
+            f"adam_build_ab: lowprec_kernels comes from {tree} but its _C from {native}: "
+            "build the tree under test in place (setup.py build_ext --inplace) first"
+        )
 
     def shrink(shape):
         return (max(4096, int(torch.Size(shape).numel() * args.scale)),)
@@ -50,8 +61,7 @@ def main() -> None:
             start = time.perf_counter()
             opt.step()
             times[name].append(time.perf_counter() - start)
-    where = Path(lpk.__file__).resolve().parent.parent
-    print(f"{where}: " + "  ".join(
+    print(f"{tree}: " + "  ".join(
         f"{name} {statistics.median(t) * 1e3:.2f} ms" for name, t in times.items()
     ))  # fmt: skip
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -138,10 +139,28 @@ def test_cli_rejects_unknown_backends_and_unwritable_paths_before_measuring(caps
     assert "directory does not exist" in capsys.readouterr().err
 
 
+def test_cli_refuses_unusable_arguments_before_measuring(capsys, tmp_path, monkeypatch):
+    """Each is refused with exit 2 and the option named, before anything is measured."""
+    assert main(["blockwise", "--smoke", "--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path}: a directory" in capsys.readouterr().err
+    assert main(["blockwise", "--smoke", "--backend", "triton"]) == 2  # a cuda backend
+    assert "--backend triton: not a backend of --device cpu" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    assert main(["blockwise", "--smoke", "--plot", str(tmp_path / "p.png")]) == 2
+    assert "needs matplotlib" in capsys.readouterr().err
+
+
+def test_cli_backend_option_does_not_swallow_the_suite():
+    from lowprec_kernels.bench.__main__ import parse_args
+
+    args = parse_args(["--backend", "cpu", "adam"])
+    assert args.backend == ["cpu"] and args.suite == "adam"
+
+
 def test_cli_names_each_backend_once():
     from lowprec_kernels.bench.__main__ import parse_args
 
-    assert parse_args(["blockwise", "--backend", "cpu", "cpu"]).backend == ["cpu"]
+    assert parse_args(["blockwise", "--backend", "cpu", "--backend", "cpu"]).backend == ["cpu"]
 
 
 def test_script_arguments_must_be_positive():

@@ -1,7 +1,7 @@
 """The benchmark CLI (ARCHITECTURE.md §3, §6).
 
     python -m lowprec_kernels.bench [int8|nf4|adam|blockwise|all] [--device cpu|cuda]
-        [--quick | --smoke] [--json PATH] [--plot PATH] [--backend NAME ...]
+        [--quick | --smoke] [--json PATH] [--plot PATH] [--backend NAME]...
 
 Prints a header with the machine and its measured ceilings, then one table per suite.
 Exit status: 0 when every requested suite ran (or is not implemented yet), 1 if one failed,
@@ -57,13 +57,42 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "numbers meaningless")  # fmt: skip
     p.add_argument("--json", metavar="PATH", help="write every number and the machine info")
     p.add_argument("--plot", metavar="PATH", help="speedup bar chart (PNG, needs matplotlib)")
-    p.add_argument("--backend", nargs="+", metavar="NAME", choices=NATIVE_BACKEND_NAMES,
-                   help="candidate backends to time against reference "
-                   "(default: the device's native ones: cpu | cuda triton)")  # fmt: skip
+    p.add_argument("--backend", action="append", metavar="NAME", choices=NATIVE_BACKEND_NAMES,
+                   help="a candidate backend to time against reference; repeat for several "
+                   "(default: the device's native ones: cpu | cuda and triton)")  # fmt: skip
     args = p.parse_args(argv)
     if args.backend:
         args.backend = list(dict.fromkeys(args.backend))  # each once
     return args
+
+
+def argument_problem(args: argparse.Namespace) -> str | None:
+    """What makes the arguments unusable, found before anything is measured."""
+    import lowprec_kernels as lpk
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: torch sees no CUDA device"
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            return f"{option} {path}: a directory, not a file path"
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            return f"{option} {path}: its directory does not exist"
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return f"--plot {args.plot}: needs matplotlib, which is not importable here"
+    if args.backend:
+        native = NATIVE_BACKENDS.get(args.device, ())
+        foreign = [b for b in args.backend if b not in native]
+        if foreign:
+            return f"--backend {foreign[0]}: not a backend of --device {args.device} ({native})"
+        missing = [b for b in args.backend if not lpk.available_backends().get(b)]
+        if missing:
+            return f"--backend {missing[0]}: not available in this build ({lpk.build_info()})"
+    return None
 
 
 def run_suite(name: str, settings: Settings, ceilings) -> dict[str, Any]:
@@ -89,14 +118,10 @@ def run_suite(name: str, settings: Settings, ceilings) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: torch sees no CUDA device", file=sys.stderr)
+    problem = argument_problem(args)  # found now, not after the whole run has been measured
+    if problem is not None:
+        print(f"python -m lowprec_kernels.bench: {problem}", file=sys.stderr)
         return 2
-    for path in (args.json, args.plot):
-        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            # Found now, not after the whole run has been measured and lost.
-            print(f"{path}: its directory does not exist", file=sys.stderr)
-            return 2
     effort = EFFORTS["smoke" if args.smoke else "quick" if args.quick else "full"]
     settings = Settings(args.device, effort, tuple(args.backend) if args.backend else None)
 

@@ -744,12 +744,18 @@ def _cells(row: Row, ceilings: Ceilings) -> list[str]:
 
 
 def table(rows: Sequence[Row], ceilings: Ceilings) -> str:
-    def line(cells):
-        return "  ".join(format(c, f"{a}{w}") for c, (_, a, w) in zip(cells, _COLUMNS))
+    cells = [_cells(row, ceilings) for row in rows]
+    # Each column as wide as its widest cell, at least its usual width: columns stay aligned.
+    widths = [
+        max([w, len(name), *(len(c[i]) for c in cells)]) for i, (name, _, w) in enumerate(_COLUMNS)
+    ]
+
+    def line(values):
+        return "  ".join(format(v, f"{a}{w}") for v, (_, a, _), w in zip(values, _COLUMNS, widths))
 
     out = [line([name for name, _, _ in _COLUMNS])]
-    for row in rows:
-        out.append(line(_cells(row, ceilings)))
+    for row, row_cells in zip(rows, cells):
+        out.append(line(row_cells))
         if row.note:
             out.append(f"    note: {row.note}")
         if _noisy(row.timing):

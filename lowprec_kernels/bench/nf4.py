@@ -161,10 +161,10 @@ def _rows_for(bench, m, shape, st, packed_rotation, dense_rotation, bnb_cycle, b
     for dt in COMPUTE_DTYPES:
         linear = (lambda a, x=xs[dt]: F.linear(x, a[0])), dense_rotation[dt]
         group.append((("F.linear", "torch", dt), linear))
-    floor_bytes = traffic(m, out_f, in_f, torch.bfloat16)
-    group.append((("copy_", "torch", torch.uint8), bench.copy_floor(floor_bytes)))
+    for dt in COMPUTE_DTYPES:  # "vs copy_": a copy of the bytes each dtype's op moves
+        group.append((("copy_", "torch", dt), bench.copy_floor(traffic(m, out_f, in_f, dt))))
     samples = _measure_group(bench, group)
-    floor = samples[("copy_", "torch", torch.uint8)]
+    floors = {dt: samples[("copy_", "torch", dt)] for dt in COMPUTE_DTYPES}
     # Round B, interleaved: our op and bitsandbytes. Apart from round A because a bitsandbytes
     # CPU call leaves the next multi-threaded op of the process slow (its OpenMP regions use
     # another team size), which would tax every function measured after it.
@@ -183,11 +183,11 @@ def _rows_for(bench, m, shape, st, packed_rotation, dense_rotation, bnb_cycle, b
         cand = samples[label]
         nbytes = traffic(m, out_f, in_f, dt)
         what = f"matmul_4bit M={m}"
-        vs_linear = _versus(cand, samples[("F.linear", "torch", dt)], floor)
+        vs_linear = _versus(cand, samples[("F.linear", "torch", dt)], floors[dt])
         rows.append(_row(bench, what, row_shape, dt, backend, vs_linear, f"F.linear {_GEMM_KIND[dt]}",
                          nbytes, ops, _GEMM_KIND[dt]))  # fmt: skip
         if dt != torch.float32:
-            vs_fp32 = _versus(cand, samples[("F.linear", "torch", torch.float32)], floor)
+            vs_fp32 = _versus(cand, samples[("F.linear", "torch", torch.float32)], floors[dt])
             rows.append(_row(bench, what, row_shape, dt, backend, vs_fp32, "F.linear fp32",
                              nbytes, ops, _GEMM_KIND[dt]))  # fmt: skip
         if ("bitsandbytes", "bnb", dt) in bnb_samples:

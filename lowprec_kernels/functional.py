@@ -128,7 +128,14 @@ def dequantize_4bit(qw: torch.Tensor, quant_state: QuantState, dtype=None) -> to
 def matmul_4bit(
     x: torch.Tensor, qw: torch.Tensor, quant_state: QuantState, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``x @ dequantize_4bit(qw).T + bias`` fused, in x's dtype; differentiable in x and bias."""
+    """``x @ dequantize_4bit(qw).T + bias`` fused, in x's dtype; differentiable in x and bias.
+
+    The kernels accumulate in float32. Where a backend hands a large batch to a GEMM of x's
+    dtype (on CUDA: more than 8 rows of x go to the weight decoded into x's dtype, then
+    cuBLAS, as torchao does), the result follows torch's matmul settings as ``F.linear``'s
+    does (TF32 for float32 if allowed, reduced-precision reductions for fp16 / bf16), and a
+    decoded weight beyond fp16's range overflows with fp16 x, as it would in ``F.linear``.
+    """
     _check_state("matmul_4bit", quant_state)
     return _ops.call("matmul_4bit", x, qw, *quant_state.op_args(), bias)
 

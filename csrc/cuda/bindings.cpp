@@ -116,7 +116,10 @@ void int8_vectorwise_quant_cuda(const at::Tensor& A, double threshold, const at:
               " elements, got ", out_outlier_mask.numel());
   TORCH_CHECK(out_outlier_mask.device() == A.device(), kOp, ": out_outlier_mask must be on ",
               A.device());
-  if (A.numel() == 0) return;
+  if (A.numel() == 0) {  // no rows: no outlier columns (the mask is written even then)
+    out_outlier_mask.zero_();
+    return;
+  }
   const int64_t rows = A.numel() / cols;
   const c10::cuda::CUDAGuard device_guard(A.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(A.device().index()).stream();

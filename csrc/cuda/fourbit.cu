@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "fourbit.h"
@@ -316,20 +317,23 @@ bool aligned(const void* p, uintptr_t alignment) {
   return reinterpret_cast<uintptr_t>(p) % alignment == 0;
 }
 
-// Streaming multiprocessors of the current device, asked once per device.
+// Streaming multiprocessors of the current device, asked once per device. Atomic: the
+// bindings run without the GIL, so threads may ask at once (they store the same value).
 int sm_count() {
   constexpr int kMaxDevices = 64;
-  static int counts[kMaxDevices] = {};
+  static std::atomic<int> counts[kMaxDevices] = {};
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return 1;
-  if (counts[device] == 0) {
+  int known = counts[device].load(std::memory_order_relaxed);
+  if (known == 0) {
     int count = 0;
     if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
       count = 1;
     }
-    counts[device] = std::max(count, 1);
+    known = std::max(count, 1);
+    counts[device].store(known, std::memory_order_relaxed);
   }
-  return counts[device];
+  return known;
 }
 
 // Warps per row: 1, doubled while the rows give fewer than kGemvTargetWarpsPerSm warps per SM

@@ -92,6 +92,7 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float):
 # output feature so that short weights still fill the GPU); above that the weight is
 # dequantized into a temporary in x's dtype and multiplied by torch's GEMM (cuBLAS), as
 # torchao does: at that batch the GEMM is compute-bound and the decode costs a fraction of it.
+# That path's accuracy is F.linear's, under torch's matmul settings (functional.matmul_4bit).
 GEMV_MAX_ROWS = _C.build_info()["constants"].get("cuda_gemv_4bit_max_rows", 0) if COMPILED else 0
 
 

@@ -274,6 +274,33 @@ def test_matmul_rows(device_backend, rows, dtype, double_quant, bias):
     _assert_matmul_close(y, *_float64_product(x, qw, st, b), dtype, in_f)
 
 
+@pytest.fixture
+def full_precision_gemm_reductions():
+    """cuBLAS reductions in float32 (torch's defaults allow fp16 / bf16 ones), which is what
+    the error bound assumes; a backend's GEMM path follows these settings as F.linear does."""
+    matmul = torch.backends.cuda.matmul
+    saved = (matmul.allow_fp16_reduced_precision_reduction,
+             matmul.allow_bf16_reduced_precision_reduction)  # fmt: skip
+    matmul.allow_fp16_reduced_precision_reduction = False
+    matmul.allow_bf16_reduced_precision_reduction = False
+    yield
+    (matmul.allow_fp16_reduced_precision_reduction,
+     matmul.allow_bf16_reduced_precision_reduction) = saved  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_matmul_batch_long_rows(device_backend, dtype, full_precision_gemm_reductions):
+    """A batch beyond the GEMV (16 rows) with long rows (K = 4096): the GEMM paths, where
+    split-K reductions would show, stay within the float32-accumulation bound."""
+    device, backend = device_backend
+    out_f, in_f = 48, 4096
+    w = _nonzero_randn(out_f, in_f, device=device)
+    qw, st = _quantize("reference", w, 64, "nf4", True)
+    x = _nonzero_randn(16, in_f, device=device, dtype=dtype)
+    y = run_on(backend, LF.matmul_4bit, x, qw, st, None)
+    _assert_matmul_close(y, *_float64_product(x, qw, st, None), dtype, in_f)
+
+
 @pytest.mark.parametrize("in_f", [1, 31, 33, 95, 129])
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 def test_matmul_odd_in_features(device_backend, in_f, quant_type):

@@ -39,13 +39,6 @@
 #include "parallel.h"
 #include "simd.h"
 
-// GCC warns about the deliberately undefined pass-through operand inside its own AVX-512
-// intrinsics (_mm512_undefined_*): a known false positive.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
-
 namespace lowprec::cpu {
 namespace {
 

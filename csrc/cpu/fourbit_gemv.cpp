@@ -25,11 +25,6 @@
 #include "parallel.h"
 #include "simd.h"
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
-
 #if defined(__GNUC__) || defined(__clang__)
 #define LP_ALWAYS_INLINE inline __attribute__((always_inline))
 #else

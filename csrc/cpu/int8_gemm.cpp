@@ -51,13 +51,6 @@
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 #endif
 
-// GCC warns about the deliberately undefined pass-through operand inside its own AVX-512
-// intrinsics (_mm512_undefined_*): a known false positive.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
-
 // Loops over register tiles are unrolled before GCC decides where arrays of vectors live: left
 // to itself it keeps the accumulator arrays in memory and stores every update.
 #if defined(__GNUC__) && !defined(__clang__)

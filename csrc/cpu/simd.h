@@ -21,6 +21,14 @@
 #include <immintrin.h>
 #endif
 
+// GCC warns about the deliberately undefined pass-through operand inside its own AVX-512
+// intrinsics (_mm512_undefined_*): a known false positive, silenced here for every kernel file
+// (each includes this header).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
 namespace lowprec::cpu::simd {
 
 template <FloatType T>

@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from lowprec_kernels._dispatch import eager_for, kernel_for, reference_kernel
 from lowprec_kernels.reference.codebooks import QUANT_TYPES_4BIT
-from lowprec_kernels.reference.int8 import INT8_SCALE, int8_dequantize_weight
+from lowprec_kernels.reference.int8 import int8_dequantize_weight
 
 _LIB = torch.library.Library("lowprec", "DEF")  # noqa: TOR901 - the namespace is ours alone
 
@@ -725,8 +725,9 @@ _define(
 )
 
 # The int8 GEMM kernels (cpu, cuda, triton) sum the products of a row in int32: exact while
-# in_features * 127^2 fits, 133,144 columns; wider rows run the reference (float64 sums).
-INT8_INT32_EXACT_MAX_K = (2**31 - 1) // int(INT8_SCALE) ** 2
+# in_features * 128^2 fits (int8_scaled_mm takes any int8 codes, -128 included), 131,071
+# columns; wider rows run the reference (float64 sums).
+INT8_INT32_EXACT_MAX_K = (2**31 - 1) // 128**2
 
 
 def _int8_sums_overflow_int32(weight: torch.Tensor) -> bool:

@@ -301,6 +301,24 @@ def test_matmul_batch_long_rows(device_backend, dtype, full_precision_gemm_reduc
     _assert_matmul_close(y, *_float64_product(x, qw, st, None), dtype, in_f)
 
 
+def test_matmul_under_torchs_newer_precision_api(device_backend):
+    """TF32 allowed through torch.backends.cuda.matmul.fp32_precision, the API under which
+    torch.get_float32_matmul_precision raises: the GEMM path still runs (it raised)."""
+    device, backend = device_backend
+    w = _nonzero_randn(48, 256, device=device)
+    qw, st = _quantize("reference", w, 64, "nf4", True)
+    x = _nonzero_randn(16, 256, device=device)
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        y = run_on(backend, LF.matmul_4bit, x, qw, st, None)
+    finally:
+        matmul.fp32_precision = saved
+    y64, _ = _float64_product(x, qw, st, None)
+    torch.testing.assert_close(y.double().cpu(), y64.cpu(), rtol=1e-2, atol=1e-2)  # TF32 or not
+
+
 @pytest.mark.parametrize("in_f", [1, 31, 33, 95, 129])
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 def test_matmul_odd_in_features(device_backend, in_f, quant_type):

@@ -306,9 +306,10 @@ def test_int8_linear_leading_dims_noncontiguous_empty(device_backend, dtype):
 
 @pytest.mark.parametrize("extra", [0, 1], ids=["int32-limit", "beyond"])
 def test_rows_whose_int32_sums_would_overflow(device_backend, extra):
-    """Rows of full codes: K * 127^2 products fit int32 up to INT8_INT32_EXACT_MAX_K
+    """Rows of full codes: K * 128^2 products fit int32 up to INT8_INT32_EXACT_MAX_K
     columns (the kernels' sums); one more runs the reference's float64 sums, never a wrapped
-    int32 (which gave -126288.5 for 140,000 columns)."""
+    int32 (which gave -126288.5 for 140,000 columns). int8_scaled_mm takes any int8 codes:
+    -128 times -128 over every column sums to 2^31 one column past the limit."""
     device, backend = device_backend
     K = INT8_INT32_EXACT_MAX_K + extra
     x = torch.ones(2, K, device=device)
@@ -320,6 +321,10 @@ def test_rows_whose_int32_sums_would_overflow(device_backend, extra):
     xq, row_stats, _ = ref(LF.int8_vectorwise_quant, x)
     y = run_on(backend, LF.int8_scaled_mm, xq, row_stats, wq, ws, None, torch.float32)
     torch.testing.assert_close(y.cpu(), want, rtol=0, atol=0)
+    lowest = torch.full((1, K), -128, dtype=torch.int8, device=device)
+    scale = torch.full((1,), INT8_SCALE, device=device)  # row_stat * col_stat / 127^2 = 1
+    y = run_on(backend, LF.int8_scaled_mm, lowest, scale, lowest, scale, None, torch.float32)
+    assert y.item() == K * 128**2
 
 
 def test_int8_linear_nan_inf_zero_rows(device_backend):

@@ -213,3 +213,14 @@ def test_round_trip_error_bound(dev, dtype):
     x_hat = tb.dequantize_blockwise(codes, absmax, code, 256, dtype)
     bound = absmax.repeat_interleave(256)[: x.numel()] * (1 / 128 + 2 * torch.finfo(dtype).eps)
     assert ((x_hat.float() - x.float()).abs() <= bound).all()
+
+
+def test_column_offsets_past_int32_take_a_contiguous_copy():
+    """The kernels offset columns as int32 index * stride: a transposed view of a huge tensor
+    (column stride in the millions) is handed over as a contiguous copy, others as they are."""
+    from lowprec_kernels.backends.triton._utils import int32_column_offsets
+
+    huge = torch.empty_strided((2, 600), (1, 4_000_000), device="meta")
+    assert int32_column_offsets(huge).stride() == (600, 1)
+    view = torch.empty_strided((2, 600), (1, 3_000_000), device="meta")
+    assert int32_column_offsets(view) is view

@@ -41,6 +41,33 @@ def num_warps_for(tile_elements: int) -> int:
     return max(1, min(MAX_NUM_WARPS, triton.next_power_of_2(max(warps, 1))))
 
 
+# The kernels offset a 2-D operand's rows in int64 but its columns as int32 index * stride.
+# A column offset past int32 (a transposed view of a huge tensor: column stride in the
+# millions) is taken from a contiguous copy instead. (A tile's masked lanes past the last
+# column may wrap: their addresses are never read.)
+_INT32_MAX = 2**31 - 1
+
+
+def int32_column_offsets(t: torch.Tensor) -> torch.Tensor:
+    """2-D ``t`` itself, or a contiguous copy where its column offsets overflow int32."""
+    if t.shape[1] * abs(t.stride(1)) > _INT32_MAX:
+        return t.contiguous()
+    return t
+
+
+def tf32_allowed() -> bool:
+    """Whether torch lets float32 matmuls use TF32 (F.linear's choice), through either of
+    torch's APIs: ``torch.get_float32_matmul_precision`` raises once the newer
+    ``torch.backends.*.fp32_precision`` settings are used."""
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:
+        precision = torch.backends.cuda.matmul.fp32_precision
+        if precision == "none":
+            precision = torch.backends.fp32_precision
+        return precision == "tf32"
+
+
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the *current* CUDA device; make that the tensor's device."""
     if t.device.type == "cuda":

@@ -38,9 +38,11 @@ from lowprec_kernels.backends.triton._utils import (
     device_guard,
     fp32_to,
     grouped_tile,
+    int32_column_offsets,
     interpreter_active,
     kernel_devices,
     num_warps_for,
+    tf32_allowed,
     to_fp32,
 )
 from lowprec_kernels.reference.codebooks import FP4_SIGN_BIT, code_4bit, encode_thresholds
@@ -453,8 +455,8 @@ def _dot_dtype(x_dtype: torch.dtype):
     ``F.linear`` with the weight dequantized to fp16.
     """
     if x_dtype == torch.float32 or (x_dtype == torch.bfloat16 and interpreter_active()):
-        precise = torch.get_float32_matmul_precision() == "highest"
-        return tl.float32, "ieee" if precise or x_dtype != torch.float32 else "tf32"
+        tf32 = x_dtype == torch.float32 and tf32_allowed()
+        return tl.float32, "tf32" if tf32 else "ieee"
     return _TL_DTYPE[x_dtype], "ieee"
 
 
@@ -546,7 +548,7 @@ def matmul_4bit(
     """``x @ W.T + bias``: the GEMV for M <= GEMV_MAX_M rows of x, else the dequant-GEMM."""
     N, K = shape
     out = empty((*x.shape[:-1], N), x.dtype, x.device)
-    x2 = x.reshape(-1, K)
+    x2 = int32_column_offsets(x.reshape(-1, K))
     M = x2.shape[0]
     if M == 0:
         return out

@@ -39,6 +39,7 @@ from lowprec_kernels.backends.triton._utils import (
     device_guard,
     fp32_to,
     grouped_tile,
+    int32_column_offsets,
     interpreter_active,
     kernel_devices,
     num_warps_for,
@@ -112,8 +113,11 @@ def _outlier_flags_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    # One grid axis (a second one holds at most 65535 programs: 8.4M columns of tiles).
+    pid = tl.program_id(0).to(tl.int64)
+    col_tiles = tl.cdiv(n_cols, BLOCK_COLS)
+    rows = (pid // col_tiles) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = (pid % col_tiles) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0)
     # |NaN| >= threshold is false: NaN is never an outlier. threshold > 0 here, so the
@@ -293,7 +297,7 @@ def _outlier_columns(x2d: torch.Tensor, threshold: float):
     if threshold <= 0.0:
         return None, torch.empty(0, dtype=torch.int64, device=x2d.device)
     flags = torch.zeros(n_cols, dtype=torch.int32, device=x2d.device)  # atomics need zeros
-    grid = (triton.cdiv(n_rows, FLAG_TILE_ROWS), triton.cdiv(n_cols, FLAG_TILE_COLS))
+    grid = (triton.cdiv(n_rows, FLAG_TILE_ROWS) * triton.cdiv(n_cols, FLAG_TILE_COLS),)
     with device_guard(x2d):
         _outlier_flags_kernel[grid](
             x2d,
@@ -380,12 +384,13 @@ def _int8_gemm(a2d, row_stats, weight, weight_scale, bias, out2d, x2d=None, outl
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as 2-D [rows, features] (a view when the strides allow it; 0 features too)."""
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+    """``t`` as 2-D [rows, features] (a view when the strides allow it; 0 features too),
+    copied where its column offsets would overflow the kernels' int32."""
+    return int32_column_offsets(t.reshape(math.prod(t.shape[:-1]), t.shape[-1]))
 
 
 def int8_quantize_weight(W: torch.Tensor):
-    return _quantize_rows(W, None)
+    return _quantize_rows(int32_column_offsets(W), None)
 
 
 def int8_vectorwise_quant(A: torch.Tensor, threshold: float):
@@ -401,6 +406,7 @@ def int8_scaled_mm(A, row_stats, weight, weight_scale, bias, dtype):
     N = weight.shape[0]
     out = empty((*A.shape[:-1], N), dtype, A.device)
     if out.numel() > 0:
+        weight = int32_column_offsets(weight)
         _int8_gemm(_as_rows(A), row_stats, weight, weight_scale, bias, out.view(-1, N))
     return out
 
@@ -413,6 +419,7 @@ def int8_linear(x, weight, weight_scale, bias, threshold):
     x2d = _as_rows(x)
     flags, cols = _outlier_columns(x2d, threshold)
     codes, absmax = _quantize_rows(x2d, flags)
+    weight = int32_column_offsets(weight)
     _int8_gemm(codes, absmax, weight, weight_scale, bias, out.view(-1, N), x2d, cols)
     return out
 

@@ -9,6 +9,7 @@ backward pass before it could queue its first kernel).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Hashable
 
 import torch
@@ -20,19 +21,26 @@ TABLE_CACHE_SIZE = 1024
 
 
 class TableCache:
-    """Tables by key, built on first use; the least recently used goes when the cache is full."""
+    """Tables by key, built on first use; the least recently used goes when the cache is full.
+    Safe for threads stepping optimizers at once (a lock around the bookkeeping; a table may
+    be built twice by racing threads, one of the equal copies is kept)."""
 
     def __init__(self, size: int = TABLE_CACHE_SIZE) -> None:
         self._size = size
         self._tables: dict[Hashable, torch.Tensor] = {}  # in order of use, oldest first
+        self._lock = threading.Lock()
 
     def get(self, key: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
-        table = self._tables.pop(key, None)
-        if table is None:
-            if len(self._tables) >= self._size:
+        with self._lock:
+            table = self._tables.pop(key, None)
+            if table is not None:
+                self._tables[key] = table  # now the most recently used
+                return table
+        table = build()  # outside the lock: it may copy to a device
+        with self._lock:
+            while len(self._tables) >= self._size:
                 del self._tables[next(iter(self._tables))]
-            table = build()
-        self._tables[key] = table
+            self._tables[key] = table
         return table
 
     def __len__(self) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -98,3 +101,30 @@ def test_the_float_state_tensor_ops_step_meta_tensors():
         p.grad = torch.randn_like(p)
     opt.step()
     assert all(opt.state[p]["step"].device.type == "meta" for p in params)
+
+
+def test_cache_is_safe_for_threads():
+    """Threads filling and evicting one cache at once (optimizers stepped from several
+    threads): no KeyError from two evictions of the same oldest key, the size bound holds."""
+    cache = _tables.TableCache(size=8)
+    errors = []
+
+    def work(offset):
+        try:
+            for i in range(3000):
+                key = (offset, i % 50)
+                assert cache.get(key, lambda k=key: torch.tensor(k)).tolist() == list(key)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: widens every race
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and len(cache) <= 8

@@ -1066,7 +1066,8 @@ void int8_linear(const void* x, FloatType x_type, int64_t M, int64_t K, const in
     source.outlier_cols = &outlier_cols;
     source.outlier_x = &outlier_x;
     const int64_t chunk = int8_rows_per_task(K);
-    phases.add(ceil_div(M, chunk), [&](int64_t task, int64_t) {
+    // chunk by value: the phases run in run_gemm below, after this block has closed.
+    phases.add(ceil_div(M, chunk), [&, chunk](int64_t task, int64_t) {
       const int64_t begin = task * chunk;
       int8_mark_outliers(x, x_type, begin, std::min(M, begin + chunk), K, threshold, bits.data());
     });

@@ -188,6 +188,9 @@ def _extensions_and_commands():
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
     cxx_flags.append(f'-DLOWPREC_TORCH_VERSION="{torch.__version__}"')
+    # Extra host compiler and linker flags, e.g. sanitizers (scripts/sanitize.sh).
+    cxx_flags += os.environ.get("LOWPREC_EXTRA_CFLAGS", "").split()
+    link_flags += os.environ.get("LOWPREC_EXTRA_LDFLAGS", "").split()
 
     common = {
         "name": "lowprec_kernels._C",

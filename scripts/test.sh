@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Sets up (scripts/setup.sh), checks formatting and lint, and runs the whole test suite.
+# Sets up (scripts/setup.sh), checks formatting and lint, runs the whole test suite, then the
+# CPU kernels' tests under AddressSanitizer and UBSan (scripts/sanitize.sh; LOWPREC_SANITIZE=0
+# skips that).
 # This is the command .ci/run calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,3 +17,6 @@ echo "== clang-format"
 find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' | xargs -r "$VENV/bin/clang-format" --dry-run --Werror
 echo "== pytest"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+if [ "${LOWPREC_SANITIZE:-1}" != 0 ]; then
+  bash scripts/sanitize.sh
+fi

@@ -38,6 +38,9 @@ class TableCache:
                 return table
         table = build()  # outside the lock: it may copy to a device
         with self._lock:
+            built = self._tables.pop(key, None)  # by another thread meanwhile: keep that one
+            if built is not None:
+                table = built
             while len(self._tables) >= self._size:
                 del self._tables[next(iter(self._tables))]
             self._tables[key] = table

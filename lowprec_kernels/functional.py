@@ -32,7 +32,8 @@ NESTED_BLOCKSIZE = 256  # double quantization's blocksize (bitsandbytes' choice)
 
 
 def dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
-    """bitsandbytes' 8-bit dynamic map: float32[256], sorted ascending (a fresh tensor)."""
+    """bitsandbytes' 8-bit dynamic map: float32[256], sorted ascending (a fresh tensor), on
+    ``device`` (default: torch's default device, as a factory function's)."""
     return codebooks.dynamic_map(signed, device)
 
 

@@ -140,7 +140,7 @@ class QuantState:
         The header tensor is built once per header text and then reused, so that layers
         sharing this state (tied weights) share their state dict entries, as safetensors'
         ``save_model`` needs to store them once. On the meta device the header is a meta
-        tensor too (the offset has no value there)."""
+        tensor too, its length a placeholder (the offset has no value there)."""
         tensors = {"absmax": self.absmax, "quant_map": self.code}
         header = {
             "quant_type": self.quant_type,
@@ -175,7 +175,7 @@ class QuantState:
         """Builds a QuantState from a packed or unpacked dict (keys may carry a prefix such as
         ``weight.``); ``d`` is not modified."""
         items = {k.split(".")[-1]: v for k, v in d.items() if "quant_state." not in k}
-        packed_keys = [k for k in d if "quant_state.bitsandbytes__" in k]
+        packed_keys = [k for k in d if PACKED_KEY_PREFIX in k]
         if len(packed_keys) > 1:
             raise ValueError(f"QuantState.from_dict: more than one packed header: {packed_keys}")
         if packed_keys:
@@ -188,7 +188,7 @@ class QuantState:
                 raise ValueError(
                     f"QuantState.from_dict: {packed_keys[0]} is not valid JSON: {e}"
                 ) from e
-            qt_suffix = packed_keys[0].rsplit("bitsandbytes__", 1)[-1]
+            qt_suffix = packed_keys[0].rsplit(PACKED_KEY_PREFIX, 1)[-1]
             header.setdefault("quant_type", qt_suffix)
         elif "quant_type" in items:
             header = {k: v for k, v in items.items() if not isinstance(v, torch.Tensor)}

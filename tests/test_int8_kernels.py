@@ -304,14 +304,18 @@ def test_int8_linear_leading_dims_noncontiguous_empty(device_backend, dtype):
     assert y0.shape == (0, N) and y0.dtype == dtype
 
 
-@pytest.mark.parametrize("extra", [0, 1], ids=["int32-limit", "beyond"])
-def test_rows_whose_int32_sums_would_overflow(device_backend, extra):
+@pytest.mark.parametrize(
+    "K",
+    [INT8_INT32_EXACT_MAX_K, INT8_INT32_EXACT_MAX_K + 1, 140_000],
+    ids=["int32-limit", "past-limit", "wraps-with-127"],
+)
+def test_rows_whose_int32_sums_would_overflow(device_backend, K):
     """Rows of full codes: K * 128^2 products fit int32 up to INT8_INT32_EXACT_MAX_K
     columns (the kernels' sums); one more runs the reference's float64 sums, never a wrapped
-    int32 (which gave -126288.5 for 140,000 columns). int8_scaled_mm takes any int8 codes:
-    -128 times -128 over every column sums to 2^31 one column past the limit."""
+    int32 (which gave -126288.5 for 140,000 columns of +-127 codes). int8_scaled_mm takes
+    any int8 codes: -128 times -128 over every column sums to 2^31 one column past the
+    limit."""
     device, backend = device_backend
-    K = INT8_INT32_EXACT_MAX_K + extra
     x = torch.ones(2, K, device=device)
     x[1] = -1.0  # every code +-127, no outliers
     wq, ws = ref(LF.int8_quantize_weight, torch.ones(3, K, device=device))

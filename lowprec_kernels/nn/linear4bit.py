@@ -359,7 +359,7 @@ class Linear4bit(nn.Linear):
             current = self.weight
             if not assign and isinstance(current, Params4bit) and _same_layout(current, loaded):
                 # Into the Params4bit itself, as nn.Module copies into its parameters: a weight
-                # that several layers share (tied) stays shared, and is loaded once.
+                # that several layers share (tied) stays shared, one copy in memory.
                 with torch.no_grad():
                     current.copy_(loaded)
                 current.quant_state = loaded.quant_state

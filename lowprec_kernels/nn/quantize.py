@@ -44,6 +44,16 @@ def _keep_off_fused_paths(parent: nn.Module, child: str) -> None:
         parent.register_forward_pre_hook(_calls_its_linears)
 
 
+def _keep_encoders_off_nested_tensors(model: nn.Module) -> None:
+    """An nn.TransformerEncoder turns a padded batch into a nested tensor for its layers'
+    fused path (eval, no grad, a padding mask); layers kept off that path cannot take one."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and any(
+            _calls_its_linears in layer._forward_pre_hooks.values() for layer in module.layers
+        ):
+            module.use_nested_tensor = False
+
+
 def _adopt_hooks(new: nn.Module, old: nn.Linear) -> None:
     """``new`` takes ``old``'s training flag and its forward and backward hooks. It takes the
     hook dicts themselves, so the handles returned at registration still remove them. When
@@ -88,7 +98,8 @@ def quantize_model(
     quantized weight); its other forward pre-hooks are copied, so their handles then act on
     the replaced Linear only. An ``nn.TransformerEncoderLayer`` whose ``linear1`` or
     ``linear2`` is replaced gets a forward pre-hook that does nothing but keep torch's fused
-    inference path (which would read the quantized weight as a float matrix) from running.
+    inference path (which would read the quantized weight as a float matrix) from running,
+    and its ``nn.TransformerEncoder`` stops converting padded batches to nested tensors.
     Returns ``model``.
     """
     if method not in METHODS:
@@ -134,4 +145,5 @@ def quantize_model(
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, new)
             _keep_off_fused_paths(parent, child)
+    _keep_encoders_off_nested_tensors(model)
     return model

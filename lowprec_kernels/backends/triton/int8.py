@@ -241,7 +241,8 @@ def _int8_gemm_kernel(
         k_in = (k + ks) < K
         a = tl.load(a_ptrs, mask=k_in[None, :], other=0)
         w = tl.load(w_ptrs, mask=k_in[:, None], other=0)
-        # int8 x int8 -> int32: exact (|acc| < 2**31 for K < 133,000). out_dtype is required:
+        # int8 x int8 -> int32: exact (|acc| < 2**31 up to _ops.INT8_INT32_EXACT_MAX_K columns;
+        # wider rows run the reference). out_dtype is required:
         # its default (fp32) fails to compile on a GPU, though the interpreter accepts it.
         acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_ak

@@ -15,7 +15,8 @@ PY="$(cd "${VENV:-.venv}" && pwd)/bin/python"
 logs="$PWD/build/sanitize"
 rm -rf "$logs" && mkdir -p "$logs"
 work=$(mktemp -d)
-trap 'cp "$work"/*.log "$logs"/ 2>/dev/null; cp "$work"/report.* "$logs"/ 2>/dev/null; rm -rf "$work"' EXIT
+keep_logs() { cp "$work"/*.log "$work"/report.* "$logs"/ 2>/dev/null || true; rm -rf "$work"; }
+trap keep_logs EXIT  # (under set -e a failing cp in the trap would turn a pass into exit 1)
 # The working tree's tracked files that exist (a tracked file deleted here is skipped).
 git ls-files -z | xargs -0 -I{} sh -c '[ -e "$1" ] && cp --parents "$1" "$2" || true' _ {} "$work"
 cd "$work"

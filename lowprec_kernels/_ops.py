@@ -727,7 +727,7 @@ _define(
 # The int8 GEMM kernels (cpu, triton) sum the products of a row in int32: exact while
 # in_features * 128^2 fits (int8_scaled_mm takes any int8 codes, -128 included), 131,071
 # columns; wider rows run the reference (float64 sums).
-INT8_INT32_EXACT_MAX_K = (2**31 - 1) // 128**2
+INT8_INT32_EXACT_MAX_K = torch.iinfo(torch.int32).max // 128**2
 
 
 def _int8_sums_overflow_int32(weight: torch.Tensor) -> bool:

@@ -126,6 +126,15 @@ class _ParameterSlots(dict):
         elif weight is None:
             self.packed = None
 
+    def stands_in(self, weight) -> bool:
+        """Whether ``weight`` has the noted codes' shape and dtype (a plain tensor in their
+        place is decoded with the noted quant_state)."""
+        return (
+            self.packed is not None
+            and isinstance(weight, torch.Tensor)
+            and (weight.shape, weight.dtype) == self.packed[:2]
+        )
+
     def __setitem__(self, key, value):
         super().__setitem__(key, value)
         if key == "weight":
@@ -268,19 +277,16 @@ class Linear4bit(nn.Linear):
         """The quant_state that decodes ``weight``: its own for a Params4bit; for a plain
         tensor of the packed codes' shape and dtype standing in for them (FSDP2's gathered
         weight, torch.export's fake one), that of the last Params4bit the layer held."""
-        slots = self._parameters
         if isinstance(weight, Params4bit):
-            if isinstance(slots, _ParameterSlots):  # its quant_state may have been replaced
-                slots.note(weight)
+            self._note_packed(weight)  # its quant_state may have been replaced
             return weight.quant_state
-        packed = getattr(slots, "packed", None)
+        slots = self._parameters
         if (
-            packed is not None
-            and isinstance(weight, torch.Tensor)
-            and (weight.shape, weight.dtype) == packed[:2]
+            isinstance(slots, _ParameterSlots)
+            and slots.stands_in(weight)
             and not _is_functorch_wrapped(weight)
         ):
-            return packed[2]
+            return slots.packed[2]
         raise TypeError(
             f"{type(self).__name__}: weight must be a Params4bit (packed codes with their "
             f"quant_state) or a plain tensor of its codes, got {type(weight).__name__} "
@@ -319,22 +325,27 @@ class Linear4bit(nn.Linear):
         # Parameter: the codes become a Params4bit again, with the noted QuantState.
         super()._apply(fn, recurse)
         weight = self.weight
-        packed = getattr(self._parameters, "packed", None)
+        slots = self._parameters
         if (
             type(weight) is nn.Parameter  # not a DTensor (FSDP2's sharded codes)
-            and packed is not None
-            and (weight.shape, weight.dtype) == packed[:2]
+            and isinstance(slots, _ParameterSlots)
+            and slots.stands_in(weight)
         ):
-            weight = Params4bit(weight.data, weight.requires_grad, packed[2])
+            weight = Params4bit(weight.data, weight.requires_grad, slots.packed[2])
             self.weight = weight
         state = getattr(weight, "quant_state", None)
         if state is not None and state.absmax.device != weight.device:
             # Codes that left the meta device came through to_empty (.to raises there).
             move = state.to_empty if state.absmax.is_meta else state.to
             weight.quant_state = move(weight.device)
+        self._note_packed(weight)
+        return self
+
+    def _note_packed(self, weight) -> None:
+        """Lets the parameter dict note ``weight``'s quant_state (it is a plain dict until
+        __init__ or __setstate__ installs the _ParameterSlots)."""
         if isinstance(self._parameters, _ParameterSlots):
             self._parameters.note(weight)
-        return self
 
     # --- state dict (bitsandbytes' layout) ------------------------------------------------------
 
@@ -363,7 +374,7 @@ class Linear4bit(nn.Linear):
                 with torch.no_grad():
                     current.copy_(loaded)
                 current.quant_state = loaded.quant_state
-                self._quant_state_for(current)  # notes the new quant_state
+                self._note_packed(current)
             else:
                 self.weight = loaded
 

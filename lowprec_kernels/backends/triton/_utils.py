@@ -45,7 +45,7 @@ def num_warps_for(tile_elements: int) -> int:
 # A column offset past int32 (a transposed view of a huge tensor: column stride in the
 # millions) is taken from a contiguous copy instead. (A tile's masked lanes past the last
 # column may wrap: their addresses are never read.)
-_INT32_MAX = 2**31 - 1
+_INT32_MAX = torch.iinfo(torch.int32).max
 
 
 def int32_column_offsets(t: torch.Tensor) -> torch.Tensor:

@@ -349,6 +349,7 @@ def _int8_gemm(a2d, row_stats, weight, weight_scale, bias, out2d, x2d=None, outl
     """out2d = a2d @ weight.T scaled (+ the outlier columns of x2d) (+ bias); out2d non-empty."""
     M, K = a2d.shape
     N = weight.shape[0]
+    weight = int32_column_offsets(weight)
     cfg = gemm_config(M)
     n_outliers = 0 if outlier_cols is None else outlier_cols.numel()
     has_outliers = n_outliers > 0
@@ -407,7 +408,6 @@ def int8_scaled_mm(A, row_stats, weight, weight_scale, bias, dtype):
     N = weight.shape[0]
     out = empty((*A.shape[:-1], N), dtype, A.device)
     if out.numel() > 0:
-        weight = int32_column_offsets(weight)
         _int8_gemm(_as_rows(A), row_stats, weight, weight_scale, bias, out.view(-1, N))
     return out
 
@@ -420,7 +420,6 @@ def int8_linear(x, weight, weight_scale, bias, threshold):
     x2d = _as_rows(x)
     flags, cols = _outlier_columns(x2d, threshold)
     codes, absmax = _quantize_rows(x2d, flags)
-    weight = int32_column_offsets(weight)
     _int8_gemm(codes, absmax, weight, weight_scale, bias, out.view(-1, N), x2d, cols)
     return out
 

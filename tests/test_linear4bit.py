@@ -26,6 +26,7 @@ from torch.autograd import forward_ad
 import lowprec_kernels as lpk
 from lowprec_kernels import functional as LF
 from lowprec_kernels.nn import Linear4bit, Params4bit
+from lowprec_kernels.nn import linear4bit as linear4bit_module
 from lowprec_kernels.reference.rounding import UNIT_ROUNDOFF
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -634,7 +635,10 @@ def test_safetensors_save_model_of_tied_layers(method, tmp_path):
     assert target.a.weight is target.b.weight and torch.equal(target(x), source(x))
 
 
-def test_loading_copies_instead_of_aliasing(layer):
+@pytest.mark.parametrize("in_place", [True, False])
+def test_loading_copies_instead_of_aliasing(layer, in_place, monkeypatch):
+    if not in_place:  # the path that replaces the Params4bit (as for FSDP's sharded codes)
+        monkeypatch.setattr(linear4bit_module, "_same_layout", lambda a, b: False)
     sd = copy.deepcopy(layer.state_dict())  # (a state dict's tensors are views of the layer's)
     fresh = Linear4bit(100, 37)
     fresh.load_state_dict(sd)

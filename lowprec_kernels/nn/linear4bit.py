@@ -376,6 +376,9 @@ class Linear4bit(nn.Linear):
                 current.quant_state = loaded.quant_state
                 self._note_packed(current)
             else:
+                shared = loaded.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+                if not assign and shared:  # copies, as nn.Module's own loading copies
+                    loaded = Params4bit(loaded.data.clone(), False, loaded.quant_state)
                 self.weight = loaded
 
         # nn.Module loads the bias; the weight and the "weight.*" entries of its QuantState
@@ -446,5 +449,5 @@ class Linear4bit(nn.Linear):
                 f"{name}: '{weight_key}' must hold {(st.numel + 1) // 2} uint8 bytes (two 4-bit "
                 f"codes each), got {weight.numel()} of {weight.dtype}"
             )
-        codes = weight.reshape(-1, 1) if assign else weight.to(device).reshape(-1, 1).clone()
-        return Params4bit(codes, False, st)
+        # Not copied here: the caller copies them into its Params4bit, or clones them.
+        return Params4bit(weight.to(device).reshape(-1, 1), False, st)

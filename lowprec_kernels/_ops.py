@@ -185,13 +185,18 @@ def _check_linear_input(op, x, in_features, weight_device_name, weight, bias, ou
             f"x must have last dimension in_features={in_features}, got shape {tuple(x.shape)}",
         )
     _check_same_device(op, weight_device_name, weight, x=x, bias=bias)
+    _check_bias(op, bias, out_features)
+
+
+def _check_bias(op: str, bias: torch.Tensor | None, out_features: int) -> None:
     if bias is not None:
         _check_tensor(op, "bias", bias, FLOAT_DTYPES)
         if bias.dim() != 1 or bias.shape[0] != out_features:
             _fail(
                 ValueError,
                 op,
-                f"bias must have shape ({out_features},), got {tuple(bias.shape)}",
+                f"bias must have shape ({out_features},) (one per output feature), "
+                f"got {tuple(bias.shape)}",
             )
 
 
@@ -279,9 +284,7 @@ def check_int8_scaled_mm(A, row_stats, weight, weight_scale, bias, dtype):
     _check_numel(op, "row_stats", row_stats, rows, "one per row of A")
     _check_choice(op, "dtype", dtype, FLOAT_DTYPES)
     _check_same_device(op, "weight", weight, A=A, row_stats=row_stats, bias=bias)
-    if bias is not None:
-        _check_tensor(op, "bias", bias, FLOAT_DTYPES)
-        _check_numel(op, "bias", bias, weight.shape[0], "one per output feature")
+    _check_bias(op, bias, weight.shape[0])
 
 
 def check_int8_linear(x, weight, weight_scale, bias, threshold):

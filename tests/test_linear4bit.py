@@ -269,6 +269,39 @@ def test_backward_to_input_and_bias_only(dtype, compute_dtype):
     assert bool(((layer.bias.grad.double() - g64.sum(0)).abs() <= bound_b).all())
 
 
+@pytest.mark.parametrize("in_features", [1024, 1023])  # even: split tiles; odd: plain ones
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_trainable_layer_on_gemm_tiles_of_two_threads(dtype, in_features):
+    """A layer of several GEMM tiles (2 MiB each) with a trainable bias, input that requires
+    grad, past the GEMV's rows, on two threads: the tiles' GEMMs run on torch's worker
+    threads (which refused operands that require grad, and outputs made under
+    inference_mode), and give nn.Linear's result."""
+    torch.manual_seed(0)
+    layer = Linear4bit(in_features, 2048, dtype=dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for rows in (17, 64):
+            x = randn_nonzero(rows, in_features, dtype=dtype).requires_grad_()
+            y = layer(x)
+            y.float().sum().backward()
+            assert x.grad is not None and layer.bias.grad is not None
+            with torch.no_grad():
+                want = torch.nn.functional.linear(
+                    x.double(), w_deq(layer).double(), layer.bias.double()
+                )
+                u = UNIT_ROUNDOFF[dtype]
+                bound = (2 * u + in_features * 2.0**-24) * (
+                    x.double().abs() @ w_deq(layer).double().abs().T + layer.bias.double().abs()
+                ) + 2 * u * want.abs()
+                assert bool(((y.double() - want).abs() <= 2 * bound).all()), rows
+            layer.bias.grad = None
+            with torch.inference_mode():  # an inference-mode output, written by the workers
+                assert torch.equal(layer(x), y)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device_backend", backend_params(include_reference=True))
 def test_forward_mode_ad(device_backend, dtype):

@@ -3,6 +3,7 @@
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/cat.h>
@@ -520,13 +521,16 @@ void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   const at::ScalarType compute = x.scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
   const FloatType tile_type = compute == at::kBFloat16 ? FloatType::kBFloat16 : FloatType::kFloat32;
   const bool split = in_features % 2 == 0;
-  const at::Tensor x_cast = x.to(compute);
+  // Detached (the kernel computes a value; autograd is the op's business): an operand that
+  // requires grad makes the out= GEMMs below refuse to run unless the thread is below
+  // autograd. x, or a trainable bias already in the compute dtype, passes .to() unchanged.
+  const at::Tensor x_cast = x.detach().to(compute);
   const at::Tensor x_compute =
       split ? at::cat({x_cast.slice(1, 0, in_features, 2), x_cast.slice(1, 1, in_features, 2)}, 1)
             : x_cast;
   const at::Tensor y_compute =
       out.scalar_type() == compute ? out : at::empty(out.sizes(), out.options().dtype(compute));
-  const at::Tensor bias_compute = bias ? bias->to(compute) : at::Tensor();
+  const at::Tensor bias_compute = bias ? bias->detach().to(compute) : at::Tensor();
   const int64_t element_bytes = compute == at::kBFloat16 ? 2 : 4;
   const cpu::Packed4bit& weight = w4;
   auto decode = [&](int64_t n0, int64_t n1, void* tile) {
@@ -550,7 +554,11 @@ void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   const int64_t tile_rows =
       std::clamp<int64_t>(kGemmTileBytes / (in_features * element_bytes), 1, out_features);
   const int64_t num_tiles = (out_features + tile_rows - 1) / tile_rows;
+  // torch's worker threads do not inherit the caller's thread-local state: without it, a GEMM
+  // there refuses to write an output made under inference_mode.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, num_tiles, 1, [&](int64_t first, int64_t last) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     const at::Tensor tile = at::empty({tile_rows, in_features}, x.options().dtype(compute));
     for (int64_t t = first; t < last; ++t) {
       const int64_t n0 = t * tile_rows;

@@ -71,3 +71,33 @@ def test_fully_shard_matches_the_unsharded_model(tmp_path):
     for rank in range(WORLD_SIZE):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert result == {"output": True, "input_grad": True, "bias_grad": True}, rank
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_distributed_checkpoint_state_dict_round_trip(double_quant):
+    """torch.distributed.checkpoint's state_dict API (FSDP2's checkpointing) resolves every
+    key as an attribute path (``weight.absmax`` -> ``getattr(weight, "absmax")``): the layers
+    answer each of their keys, and the round trip through it restores the model."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    from lowprec_kernels.nn import Linear4bit, Linear8bitLt
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            Linear4bit(64, 40, double_quant=double_quant), nn.ReLU(), Linear8bitLt(40, 16)
+        )
+
+    source = model()
+    sd = get_model_state_dict(source)
+    assert sorted(sd) == sorted(source.state_dict())
+    target = model()
+    with torch.no_grad():  # make it differ
+        target[0].weight.quant_state.absmax.mul_(2)
+        target[2].SCB.mul_(2)
+    set_model_state_dict(target, sd)
+    x = torch.randn(3, 64)
+    assert torch.equal(target(x), source(x))

@@ -28,6 +28,20 @@ def _rebuild_params4bit(data, requires_grad, quant_state):
     return Params4bit(data, requires_grad, quant_state)
 
 
+def _quant_state_entry(key: str) -> property:
+    """The tensor of the quant_state's ``as_dict()[key]``: torch.distributed.checkpoint
+    resolves the state-dict key ``weight.<key>`` as ``getattr(weight, key)``. A property, not
+    ``__getattr__``, which torch.compile cannot trace on a Tensor subclass."""
+
+    def entry(self):
+        state = self.__dict__.get("quant_state")
+        if state is None or key not in state.dict_keys():
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{key}'")
+        return state.as_dict()[key]
+
+    return property(entry)
+
+
 class Params4bit(nn.Parameter):
     """Packed 4-bit codes (``uint8 [(n+1)//2, 1]``) with their ``quant_state``; frozen.
 
@@ -38,6 +52,12 @@ class Params4bit(nn.Parameter):
     """
 
     quant_state: QuantState | None
+
+    # The state-dict entries beside the codes, by their keys (TENSOR_KEYS).
+    absmax = _quant_state_entry("absmax")
+    quant_map = _quant_state_entry("quant_map")
+    nested_absmax = _quant_state_entry("nested_absmax")
+    nested_quant_map = _quant_state_entry("nested_quant_map")
 
     def __new__(cls, data=None, requires_grad=False, quant_state=None):
         if data is None:

@@ -142,9 +142,15 @@ class Linear8bitLt(nn.Linear):
 
     # --- state_dict: bitsandbytes' keys ----------------------------------------------------
 
+    @property
+    def weight_format(self) -> torch.Tensor:
+        """The state dict's ``weight_format`` entry (also an attribute, as
+        torch.distributed.checkpoint resolves state-dict keys as attribute paths)."""
+        return torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight_format"] = torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8)
+        destination[prefix + "weight_format"] = self.weight_format
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

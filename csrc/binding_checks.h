@@ -251,8 +251,8 @@ inline BlockScales check_4bit_weight(const char* op, c10::DeviceType device_type
   TORCH_CHECK(packed.numel() == (n + 1) / 2, op, ": packed must have ", (n + 1) / 2, " bytes, got ",
               packed.numel());
   const int64_t num_blocks = (n + blocksize - 1) / blocksize;
-  TORCH_CHECK(absmax.numel() == num_blocks, op, ": absmax must have ", num_blocks,
-              " elements, got ", absmax.numel());
+  TORCH_CHECK(absmax.dim() == 1 && absmax.numel() == num_blocks, op, ": absmax must be 1-D of ",
+              num_blocks, " elements, got shape ", absmax.sizes());
   for (const at::Tensor* t : {&absmax, &code}) {
     TORCH_CHECK(t->device() == packed.device(), op, ": all tensors must be on ", packed.device(),
                 ", got ", t->device());
@@ -279,8 +279,9 @@ inline BlockScales check_4bit_weight(const char* op, c10::DeviceType device_type
               kCodebookSize8bit, " entries, got ", nested_code->numel());
   TORCH_CHECK(offset->numel() == 1, op, ": offset must have one element, got ", offset->numel());
   const int64_t nested_blocks = (num_blocks + nested_blocksize - 1) / nested_blocksize;
-  TORCH_CHECK(nested_absmax->numel() == nested_blocks, op, ": nested_absmax must have ",
-              nested_blocks, " elements, got ", nested_absmax->numel());
+  TORCH_CHECK(nested_absmax->dim() == 1 && nested_absmax->numel() == nested_blocks, op,
+              ": nested_absmax must be 1-D of ", nested_blocks, " elements, got shape ",
+              nested_absmax->sizes());
   for (const at::Tensor* t : {&*nested_absmax, &*nested_code, &*offset}) {
     TORCH_CHECK(t->device() == packed.device(), op, ": all tensors must be on ", packed.device(),
                 ", got ", t->device());
@@ -437,7 +438,7 @@ inline bool matmul_4bit_eager_accepts(const at::Tensor& x, const at::Tensor& pac
   if (!weight_tensor(code) || code.scalar_type() != at::kFloat || code.numel() != kCodebookSize4bit)
     return false;
   const int64_t num_blocks = (n + blocksize - 1) / blocksize;
-  if (!weight_tensor(absmax) || absmax.numel() != num_blocks) return false;
+  if (!weight_tensor(absmax) || absmax.dim() != 1 || absmax.numel() != num_blocks) return false;
   if (absmax.scalar_type() == at::kByte) {
     if (!nested_absmax || !nested_code || !offset) return false;
     if (!weight_tensor(*nested_absmax) || nested_absmax->scalar_type() != at::kFloat) return false;
@@ -447,7 +448,8 @@ inline bool matmul_4bit_eager_accepts(const at::Tensor& x, const at::Tensor& pac
     if (!weight_tensor(*offset) || offset->scalar_type() != at::kFloat || offset->numel() != 1)
       return false;
     if (!power_of_two_in(nested_blocksize, kBlocksizeMin8bit, kBlocksizeMax8bit)) return false;
-    if (nested_absmax->numel() != (num_blocks + nested_blocksize - 1) / nested_blocksize)
+    if (nested_absmax->dim() != 1 ||
+        nested_absmax->numel() != (num_blocks + nested_blocksize - 1) / nested_blocksize)
       return false;
   } else if (absmax.scalar_type() != at::kFloat || nested_absmax || nested_code || offset) {
     return false;

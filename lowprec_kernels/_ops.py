@@ -76,6 +76,14 @@ def _check_numel(op: str, name: str, t: torch.Tensor, expected: int, why: str) -
         _fail(ValueError, op, f"{name} must have {expected} elements ({why}), got {t.numel()}")
 
 
+def _check_vector(op: str, name: str, t: torch.Tensor, expected: int, why: str) -> None:
+    """A 1-D tensor of ``expected`` elements: per-block scales, whose order a 2-D layout (a
+    transposed one, say) would change without changing their count."""
+    if t.dim() != 1 or t.numel() != expected:
+        _fail(ValueError, op, f"{name} must be 1-D of {expected} elements ({why}), got shape "
+              f"{tuple(t.shape)}")  # fmt: skip
+
+
 def _check_choice(op: str, name: str, value, allowed: Sequence) -> None:
     if value not in allowed:
         _fail(ValueError, op, f"{name} must be one of {tuple(allowed)}, got {value!r}")
@@ -143,7 +151,7 @@ def check_4bit_weight(
         _check_tensor(op, "offset", offset, (torch.float32,))
         _check_numel(op, "offset", offset, 1, "one float32 scalar")
         _check_choice(op, "nested_blocksize", nested_blocksize, NESTED_BLOCKSIZES)
-        _check_numel(
+        _check_vector(
             op,
             "nested_absmax",
             nested_absmax,
@@ -158,7 +166,7 @@ def check_4bit_weight(
                 op,
                 "nested_absmax/nested_code/offset given but absmax is float32 (not double-quantized)",
             )
-    _check_numel(op, "absmax", absmax, nb, f"one per block of {blocksize} for shape {list(shape)}")
+    _check_vector(op, "absmax", absmax, nb, f"one per block of {blocksize} for shape {list(shape)}")
     _check_same_device(
         op, "A", A, absmax=absmax, code=code, nested_absmax=nested_absmax, nested_code=nested_code,
         offset=offset,

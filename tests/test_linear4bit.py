@@ -588,7 +588,7 @@ def test_state_dict_mismatches_raise(layer):
     with pytest.raises(ValueError, match=r"shape \[37, 100\]"):
         Linear4bit(100, 36).load_state_dict(sd)
     for bad_weight in (sd["weight"][:-1], sd["weight"].to(torch.bfloat16)):
-        with pytest.raises(ValueError, match="'weight' must hold 1850 uint8 bytes"):
+        with pytest.raises(ValueError, match="'weight' must hold 1850 bytes"):
             Linear4bit(100, 37).load_state_dict(dict(sd, weight=bad_weight))
     # Quantized entries without the weight: nothing to load them into.
     orphan = {k: v for k, v in sd.items() if k != "weight"}
@@ -668,6 +668,35 @@ def test_safetensors_save_model_of_tied_layers(method, tmp_path):
     assert target.a.weight is target.b.weight and torch.equal(target(x), source(x))
 
 
+_MALFORMED = {
+    # bitsandbytes' own state dict after a CPU inference forward (no double quant): its
+    # repacking leaves absmax transposed, in bf16. The same count in fp32 gave wrong outputs.
+    "absmax-transposed-bf16": (False, "absmax", lambda t: t.reshape(64, 4).T.bfloat16()),
+    "absmax-transposed": (False, "absmax", lambda t: t.reshape(64, 4).T.contiguous()),
+    "absmax-short": (False, "absmax", lambda t: t[:-1].clone()),
+    "absmax-fp16": (False, "absmax", lambda t: t.half()),
+    "quant_map-short": (False, "quant_map", lambda t: t[:8].clone()),
+    "nested_absmax-empty": (True, "nested_absmax", lambda t: t[:0].clone()),
+    "absmax-codes-short": (True, "absmax", lambda t: t[:10].clone()),
+}
+
+
+@pytest.mark.parametrize("case", list(_MALFORMED))
+def test_malformed_checkpoint_refused_at_load(case):
+    """Entries of another dtype, length or layout fail in load_state_dict, naming the entry,
+    and leave the layer as it was (they used to load, then fail in the first forward, or give
+    wrong outputs where only the layout differed)."""
+    double_quant, key, change = _MALFORMED[case]
+    torch.manual_seed(0)
+    sd = Linear4bit(256, 64, blocksize=64, double_quant=double_quant).state_dict()
+    sd["weight." + key] = change(sd["weight." + key])
+    layer = Linear4bit(256, 64, blocksize=64, double_quant=double_quant)
+    before = copy.deepcopy(layer)
+    with pytest.raises((ValueError, TypeError), match="loading 'weight'"):
+        layer.load_state_dict(sd)
+    assert_same_quantized(layer, before)
+
+
 @pytest.mark.parametrize("in_place", [True, False])
 def test_loading_copies_instead_of_aliasing(layer, in_place, monkeypatch):
     if not in_place:  # the path that replaces the Params4bit (as for FSDP's sharded codes)
@@ -692,6 +721,34 @@ def _bnb_layer(bnb, linear, quant_type, double_quant):
     theirs = theirs.to("cpu")
     assert theirs.weight.bnb_quantized and theirs.weight.dtype == torch.uint8
     return theirs
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32, torch.int8])
+def test_codes_stored_in_another_dtype_load(storage):
+    """bitsandbytes' quant_storage (FSDP-QLoRA's bf16, say) holds the packed bytes in wider
+    elements: they load as the same bytes (they were refused)."""
+    torch.manual_seed(0)
+    source = Linear4bit(256, 32)
+    sd = source.state_dict()
+    sd["weight"] = sd["weight"].reshape(-1).view(storage).reshape(-1, 1).clone()
+    target = Linear4bit(256, 32)
+    target.load_state_dict(sd)
+    assert_same_quantized(target, source)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_bitsandbytes_quant_storage_loads_here(storage):
+    bnb = pytest.importorskip("bitsandbytes")
+    linear = nn.Linear(256, 32)
+    theirs = bnb.nn.Linear4bit(256, 32, quant_type="nf4", quant_storage=storage)
+    theirs.load_state_dict(linear.state_dict())
+    theirs = theirs.to("cpu")
+    sd = theirs.state_dict()
+    assert sd["weight"].dtype == storage
+    ours = Linear4bit(256, 32)
+    ours.load_state_dict(sd, strict=True)
+    want = bnb.functional.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state)
+    assert torch.equal(ours.weight.dequantize(), want)
 
 
 def _close_to(ours, theirs, K):
@@ -847,7 +904,7 @@ def test_mismatched_quant_state_gets_a_clear_error(layer):
         layer(torch.ones(2, 100))
     layer.weight.quant_state = Linear4bit(100, 37, blocksize=32).quant_state
     layer.weight.quant_state.blocksize = 64  # scales for blocks of 32, read as blocks of 64
-    with pytest.raises(ValueError, match="absmax must have"):
+    with pytest.raises(ValueError, match="absmax must be 1-D of 58"):
         layer(torch.ones(2, 100))
     layer.weight.quant_state = None
     with pytest.raises(TypeError, match="quant_state"):

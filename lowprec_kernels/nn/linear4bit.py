@@ -9,7 +9,8 @@ State dicts use bitsandbytes' keys (``weight``, ``weight.absmax``, ``weight.quan
 ``weight.nested_absmax``, ``weight.nested_quant_map``,
 ``weight.quant_state.bitsandbytes__nf4`` / ``__fp4``, ``bias``): plain tensors only, so they
 load with ``torch.load(weights_only=True)`` and through safetensors, and a state dict written
-by bitsandbytes' ``Linear4bit`` loads here.
+by bitsandbytes' ``Linear4bit`` loads here (with any ``quant_storage``: the codes' bytes are
+read as uint8, and saved as uint8).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from lowprec_kernels import functional as LF
-from lowprec_kernels._ops import FLOAT_DTYPES
+from lowprec_kernels._ops import FLOAT_DTYPES, check_4bit_weight
 from lowprec_kernels.quant_state import PACKED_KEY_PREFIX, QuantState, is_dict_key
 
 
@@ -463,11 +464,20 @@ class Linear4bit(nn.Linear):
                 f"{name}: '{weight_key}' holds a quantized weight of shape {list(st.shape)}, "
                 f"this layer needs {list(shape)}"
             )
-        # (bitsandbytes can store the codes in another dtype, quant_storage; not supported.)
-        if weight.dtype != torch.uint8 or weight.numel() != (st.numel + 1) // 2:
+        # bitsandbytes' quant_storage (FSDP-QLoRA stores the packed bytes as bf16, say): the
+        # same bytes in wider elements; its kernels read them as uint8, and so do we.
+        stored = weight.dtype
+        if stored != torch.uint8 and weight.numel() > 0:
+            weight = weight.contiguous().reshape(-1).view(torch.uint8)
+        if weight.numel() != (st.numel + 1) // 2:
             raise ValueError(
-                f"{name}: '{weight_key}' must hold {(st.numel + 1) // 2} uint8 bytes (two 4-bit "
-                f"codes each), got {weight.numel()} of {weight.dtype}"
+                f"{name}: '{weight_key}' must hold {(st.numel + 1) // 2} bytes (two 4-bit codes "
+                f"each), got {weight.numel()} (as {stored})"
             )
+        codes = weight.to(device).reshape(-1, 1)
+        # Checked as the ops check them, so that a malformed checkpoint (absmax of another dtype
+        # or layout, a short quant_map) fails here, not in the first forward or, where only
+        # the layout differs, never. (The op's names: code is the state dict's quant_map.)
+        check_4bit_weight(f"{name}: loading '{weight_key}'", codes, *st.op_args())
         # Not copied here: the caller copies them into its Params4bit, or clones them.
-        return Params4bit(weight.to(device).reshape(-1, 1), False, st)
+        return Params4bit(codes, False, st)

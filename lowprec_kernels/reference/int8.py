@@ -1,7 +1,9 @@
 """LLM.int8: per-row int8 codes, outlier columns in 16-bit. The definition backends match.
 
-Codes are ``rint(x * (127 / absmax))`` in float32 with the row's absmax (half to even, the
-reciprocal rounded once, as bitsandbytes does), clamped to ±127; an element whose code is
+Codes are ``rint(x * (127 / absmax))`` in float32 with the row's absmax (half to even; the
+scale one IEEE division, where bitsandbytes' ``127.0 / row_stats``, evaluated by torch as a
+reciprocal times 127, rounds twice: its codes can differ from ours by one at exact ties, 65
+of the 2,097,152 codes of a 4096 x 512 fp16 weight), clamped to ±127; an element whose code is
 not a number (a zero, NaN or infinite absmax) gets code 0. Products are then summed exactly
 (int32 on the kernels, float64 here; rows of more than ``_ops.INT8_INT32_EXACT_MAX_K``
 columns, whose int32 sums could overflow, always run here) and scaled by

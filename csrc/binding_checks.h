@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
@@ -111,6 +112,24 @@ inline void check_adam_parameter(const char* op, c10::DeviceType device_type,
   }
 }
 
+// A step count read on the host (the CPU's), which the step takes as t = int(step) + 1: finite
+// and >= 0 (a negative or NaN one made every parameter NaN), as the reference requires. A
+// device's step is read by its kernel on the device, unchecked (reading it here would wait for
+// the device). Called on a checked or accepted float32 one-element tensor.
+inline bool step_value_valid(const at::Tensor& step) {
+  if (!step.device().is_cpu()) return true;
+  const float value = *step.data_ptr<float>();
+  return std::isfinite(value) && value >= 0.0f;
+}
+
+// Every step of a multi-step, before anything is updated.
+inline void check_step_values(const char* op, const std::vector<at::Tensor>& steps) {
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK(step_value_valid(steps[i]), op, ": step of tensor ", i,
+                " must be a finite number >= 0, got ", *steps[i].data_ptr<float>());
+  }
+}
+
 inline void check_adam_list_sizes(const char* op, size_t count,
                                   std::initializer_list<const std::vector<at::Tensor>*> lists) {
   for (const auto* list : lists) {
@@ -153,6 +172,7 @@ inline void check_adam8bit_multi_step(
                           {&steps[i], "step", at::kFloat, 1},
                           {&skipped[i], "skipped", at::kFloat, 1}});
   }
+  check_step_values(op, steps);
 }
 
 // The tensors of one adam_multi_step_ call (float32 states), as check_adam8bit_multi_step.
@@ -174,6 +194,7 @@ inline void check_adam_multi_step(const char* op, c10::DeviceType device_type,
                           {&steps[i], "step", at::kFloat, 1},
                           {&skipped[i], "skipped", at::kFloat, 1}});
   }
+  check_step_values(op, steps);
 }
 
 // LLM.int8: float values viewed as [rows, cols] (cols = the last dimension), their int8 codes
@@ -355,7 +376,7 @@ inline bool adam_parameter_accepted(const at::Tensor& p, const at::Tensor& g,
     return false;
   return g.defined() && g.device() == device && g.scalar_type() == p.scalar_type() &&
          g.sizes() == p.sizes() && adam_tensor_accepted(step, device, at::kFloat, 1) &&
-         adam_tensor_accepted(skipped, device, at::kFloat, 1);
+         step_value_valid(step) && adam_tensor_accepted(skipped, device, at::kFloat, 1);
 }
 
 inline bool adam_lists_accepted(size_t count,

@@ -190,7 +190,9 @@ def adam8bit_step_(
     """One fused 8-bit Adam (``decoupled=False``) or AdamW step, in place.
 
     A gradient with any non-finite value leaves ``p``, the states and ``step`` unchanged
-    and adds one to ``skipped``.
+    and adds one to ``skipped``. ``step`` (t - 1) must be a finite number >= 0: the reference
+    and CPU kernels refuse another before writing anything; the CUDA and Triton kernels read
+    it on the device and do not check it.
     """
     torch.ops.lowprec.adam8bit_step_(
         p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, skipped,

@@ -601,6 +601,38 @@ def test_quant_state_constructor_checks():
         _state_with(st, nested_absmax=torch.ones(1))
 
 
+@pytest.mark.parametrize("bad_step", [-1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("op", ["adam8bit_step_", "adam8bit_multi_step_", "adam_multi_step_"])
+def test_adam_step_count_must_be_finite_and_not_negative(op, backend, bad_step):
+    """A step the host reads (t = int(step) + 1) that is negative or not finite is refused,
+    naming it, before anything is written: the CPU kernels made every parameter NaN, the
+    reference failed with unrelated errors. (Devices' steps stay on the device, unchecked.)"""
+    if backend not in lpk.available_backends():
+        pytest.skip(f"no {backend} backend")
+    args = valid_args(op, "")
+    steps = args["steps"] if "steps" in args else [args["step"]]
+    steps[-1].fill_(bad_step)  # the last tensor's: the first must stay unwritten too
+    snapshot = {
+        name: [t.clone() for t in (v if isinstance(v, list) else [v])]
+        for name, v in args.items()
+        if isinstance(v, torch.Tensor) or (isinstance(v, list) and isinstance(v[0], torch.Tensor))
+    }
+    with lpk.use_backend(backend), pytest.raises((ValueError, RuntimeError), match="step"):
+        call(op, args)
+    for name, before in snapshot.items():
+        now = args[name] if isinstance(args[name], list) else [args[name]]
+        assert all(_same(a, b) for a, b in zip(now, before)), name
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        bool(((a == b) | (a.isnan() & b.isnan())).all())
+        if a.is_floating_point()
+        else torch.equal(a, b)
+    )
+
+
 def test_functional_adam_failure_leaves_state_untouched():
     a = _adam()
     before = {k: v.clone() for k, v in a.items() if isinstance(v, torch.Tensor)}

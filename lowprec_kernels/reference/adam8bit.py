@@ -94,15 +94,30 @@ def adam_update_corrected(
     return p, m, v
 
 
+def step_counts(op: str, steps) -> list[int]:
+    """t = int(step) + 1 for each step tensor, all read before anything is updated: a step
+    must be a finite number >= 0 (the kernels that read it on the host check the same; a
+    negative or NaN one made every parameter NaN)."""
+    counts = []
+    for i, step in enumerate(steps):
+        value = step.item()
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"lowprec.{op}: step of tensor {i} must be a finite number >= 0, "
+                             f"got {value}")  # fmt: skip
+        counts.append(int(value) + 1)
+    return counts
+
+
 @register_kernel("adam8bit_step_", "reference")
 def adam8bit_step_(
     p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, step, skipped,
-    lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, blocksize,
+    lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, blocksize, t=None,
 ):  # fmt: skip
+    if t is None:
+        (t,) = step_counts("adam8bit_step_", [step])
     if not bool(torch.isfinite(g).all()):
         skipped.add_(1)
         return
-    t = int(step.item()) + 1
     # Element by element in memory order: the states need only p's number of elements.
     f32 = torch.float32
     m = dequantize_blockwise(state1.reshape(-1), absmax1.reshape(-1), qmap1, blocksize, f32)
@@ -118,17 +133,18 @@ def adam8bit_step_(
     state2.copy_(codes2.view(state2.shape))
     absmax1.copy_(new_absmax1.view(absmax1.shape))
     absmax2.copy_(new_absmax2.view(absmax2.shape))
-    step.fill_(t)
+    step.fill_(float(t))  # (an int past int64 does not convert)
 
 
 @register_kernel("adam8bit_multi_step_", "reference")
 def adam8bit_multi_step_(
     params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, skipped, *hyper
 ):  # fmt: skip
-    for p, g, s1, s2, a1, a2, step, skip in zip(
-        params, grads, state1, state2, absmax1, absmax2, steps, skipped
+    counts = step_counts("adam8bit_multi_step_", steps)
+    for p, g, s1, s2, a1, a2, step, skip, t in zip(
+        params, grads, state1, state2, absmax1, absmax2, steps, skipped, counts
     ):
-        adam8bit_step_(p, g, s1, s2, a1, a2, qmap1, qmap2, step, skip, *hyper)
+        adam8bit_step_(p, g, s1, s2, a1, a2, qmap1, qmap2, step, skip, *hyper, t=t)
 
 
 @register_kernel("adam_multi_step_", "reference")
@@ -138,11 +154,13 @@ def adam_multi_step_(
 ):  # fmt: skip
     """The same step with float32 states ``exp_avgs`` (m) and ``exp_avg_sqs`` (v), updated in
     place: the update of ``adam8bit_step_`` without the quantization, and its skip rule."""
-    for p, g, m, v, step, skip in zip(params, grads, exp_avgs, exp_avg_sqs, steps, skipped):
+    counts = step_counts("adam_multi_step_", steps)
+    for p, g, m, v, step, skip, t in zip(
+        params, grads, exp_avgs, exp_avg_sqs, steps, skipped, counts
+    ):
         if not bool(torch.isfinite(g).all()):
             skip.add_(1)
             continue
-        t = int(step.item()) + 1
         # Element by element in memory order: the states need only p's number of elements.
         p32, new_m, new_v = adam_update(
             p.float().reshape(-1), g.float().reshape(-1), m.reshape(-1), v.reshape(-1), lr,
@@ -151,4 +169,4 @@ def adam_multi_step_(
         p.copy_(p32.view(p.shape))
         m.copy_(new_m.view(m.shape))
         v.copy_(new_v.view(v.shape))
-        step.fill_(t)
+        step.fill_(float(t))

@@ -351,6 +351,32 @@ def test_int8_linear_nan_inf_zero_rows(device_backend):
     assert y0[3:].isfinite().all()
 
 
+def test_epilogue_at_extreme_scales(device_backend):
+    """row_stat * col_stat / 127² outside float32's range (over FLT_MAX, or below FLT_MIN):
+    every backend takes the reference's float64 product, rounded once. The float32 epilogue
+    gave NaN for a zero accumulator (0 * inf) and inf for a finite result, and lost a tenth
+    of the value where the scale was subnormal."""
+    device, backend = device_backend
+    A = torch.tensor([[127, 0], [0, 127]], dtype=torch.int8, device=device)
+    W = torch.tensor([[0, 127], [127, 0], [127, 127]], dtype=torch.int8, device=device)
+    for row_stats, w_scale in (
+        ([1e22, 3.0], [1e21, 1.0, 2.0]),  # row 0: overflowing scales, acc 0 then 127²
+        ([1e-40, 2e-39], [3.0, 0.5, 1e-3]),  # subnormal row stats, products below FLT_MIN
+    ):
+        rs = torch.tensor(row_stats, device=device)
+        ws = torch.tensor(w_scale, device=device)
+        want = ref(LF.int8_scaled_mm, A, rs, W, ws, None, torch.float32)
+        got = run_on(backend, LF.int8_scaled_mm, A, rs, W, ws, None, torch.float32)
+        assert torch.equal(got.cpu(), want.cpu()), (row_stats, got, want)
+        assert want[0, 0] == 0 if row_stats[0] > 1 else True
+    # Through int8_linear: FLT_MAX-scale activations and weights, a finite exact result.
+    x = torch.tensor([[3e38, 0.0]], device=device)
+    wq, ws = ref(LF.int8_quantize_weight, torch.tensor([[0.0, 3e38], [1.0, 0.0]], device=device))
+    want = ref(LF.int8_linear, x, wq, ws, None, 0.0)
+    got = run_on(backend, LF.int8_linear, x, wq, ws, None, 0.0)
+    assert want.isfinite().all() and torch.equal(got.cpu(), want.cpu())
+
+
 # ------------------------------------------------------------ CPU: every instruction set
 
 _C = pytest.importorskip("lowprec_kernels._C", reason="native extension not built")

@@ -208,8 +208,8 @@ def assert_within_bound(
 ):
     """|y - y64| within what the Triton epilogue's roundings allow:
 
-    * int8 part: the int32 sum is exact; converting it to fp32, the two IEEE divisions by
-      127 and two products round at most 5 times: 5 * 2**-24 * |int part|;
+    * int8 part: the int32 sum is exact, its float64 product with the scales is rounded
+      to fp32 once: 2**-24 * |int part| (the bound allows 5 times that);
     * outlier dot: W_deq rounded into x's dtype (``w_unit_roundoff`` * sum|x_o w_o|), the
       fp32 products and sums of n_outliers terms (n_outliers * 2**-24 * sum|x_o w_o|);
     * two fp32 additions (outliers, bias): 2 * 2**-24 * (|int| + |outlier| + |bias|);

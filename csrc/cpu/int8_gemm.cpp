@@ -134,12 +134,12 @@ struct GemmContext {
   const Int8Epilogue& epilogue;
   const int8_t* W;
   int64_t M, K, N;
-  std::vector<float> column_scale;  // [N]: int8_column_dequant_scale(col_stats[n])
+  std::vector<double> column_scale;  // [N]: int8_column_dequant_scale(col_stats[n])
 };
 
 GemmContext make_context(const Int8Epilogue& epilogue, const int8_t* W, int64_t M, int64_t K,
                          int64_t N) {
-  GemmContext ctx{epilogue, W, M, K, N, std::vector<float>(N)};
+  GemmContext ctx{epilogue, W, M, K, N, std::vector<double>(N)};
   for (int64_t n = 0; n < N; ++n)
     ctx.column_scale[n] = int8_column_dequant_scale(epilogue.col_stats[n]);
   return ctx;
@@ -483,6 +483,14 @@ LP_TARGET_AVX512_VNNI inline void avx512_outlier_terms(
     term[i][v] = sums[i][v];
 }
 
+// int8_dequantize on 8 lanes, in float64: column_scale's lanes outside `lanes` are not read.
+LP_TARGET_AVX512_VNNI inline __m256 avx512_dequantize_half(__m256i acc, __m512d row_stat,
+                                                           const double* column_scale,
+                                                           __mmask8 lanes) {
+  const __m512d scale = _mm512_maskz_loadu_pd(lanes, column_scale);
+  return _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_mul_pd(_mm512_cvtepi32_pd(acc), row_stat), scale));
+}
+
 // The vector form of epilogue_scalar (same operations in the same order, so the same results).
 template <FloatType T>
 LP_TARGET_AVX512_VNNI void epilogue_avx512(const int32_t* c, int64_t ldc, int64_t m0, int64_t rows,
@@ -507,16 +515,20 @@ LP_TARGET_AVX512_VNNI void epilogue_avx512(const int32_t* c, int64_t ldc, int64_
     for (int64_t i = 0; i < pair_rows; ++i) {
       const int64_t r = r0 + i;
       const int64_t m = m0 + r;
-      const __m512 row_stat = _mm512_set1_ps(ep.row_stats[m]);
+      const __m512d row_stat = _mm512_set1_pd(ep.row_stats[m]);
       const __m512i row_correction = _mm512_set1_epi32(correction != nullptr ? correction[m] : 0);
       for (int v = 0; v < kPanelVectors && lanes[v] != 0; ++v) {
         const int64_t j = v * kAvx512Lanes;
         const int64_t n = n0 + j;
         const __m512i acc =
             _mm512_sub_epi32(_mm512_maskz_loadu_epi32(lanes[v], c + r * ldc + j), row_correction);
-        const __m512 scale =
-            _mm512_mul_ps(row_stat, _mm512_maskz_loadu_ps(lanes[v], &ctx.column_scale[n]));
-        __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale);
+        const double* scale = &ctx.column_scale[n];
+        __m512 y = _mm512_insertf32x8(
+            _mm512_castps256_ps512(avx512_dequantize_half(_mm512_castsi512_si256(acc), row_stat,
+                                                          scale, static_cast<__mmask8>(lanes[v]))),
+            avx512_dequantize_half(_mm512_extracti64x4_epi64(acc, 1), row_stat, scale + 8,
+                                   static_cast<__mmask8>(lanes[v] >> 8)),
+            1);
         if (num_outliers > 0) y = _mm512_add_ps(y, term[i][v]);
         if (ep.bias != nullptr) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(lanes[v], ep.bias + n));
         avx512_store<T>(ep.out, m * ctx.N + n, y, lanes[v]);

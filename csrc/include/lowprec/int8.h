@@ -4,7 +4,7 @@
 //
 //   scale = 127 / absmax                 (float32 IEEE division, once per row)
 //   code  = clamp(rint(x * scale), ±127)  (half to even; a NaN product codes as 0)
-//   y     = acc * row_stat * col_stat / 127²
+//   y     = acc * row_stat * col_stat / 127²  (in float64, rounded once)
 //
 // An all-zero row has scale inf and codes 0 * inf = NaN -> 0; an infinite absmax has scale 0
 // and codes 0 (inf * 0 = NaN -> 0); a NaN absmax codes every element as 0.
@@ -41,15 +41,17 @@ LP_HOST_DEVICE inline bool int8_is_outlier(float x, float threshold) {
   return fabsf(x) >= threshold;
 }
 
-// The per-column factor col_stat / 127² of the dequantization, rounded once to float32.
-LP_HOST_DEVICE inline float int8_column_dequant_scale(float col_stat) {
-  return col_stat / (kInt8ScaleFloat * kInt8ScaleFloat);
+// The per-column factor col_stat / 127² of the dequantization, in float64.
+LP_HOST_DEVICE inline double int8_column_dequant_scale(float col_stat) {
+  return static_cast<double>(col_stat) / (static_cast<double>(kInt8Scale) * kInt8Scale);
 }
 
-// acc * row_stat * col_stat / 127², with column_scale = int8_column_dequant_scale(col_stat).
-// float32 throughout: within a few float32 roundings of the exact value (the reference's).
-LP_HOST_DEVICE inline float int8_dequantize(int32_t acc, float row_stat, float column_scale) {
-  return static_cast<float>(acc) * (row_stat * column_scale);
+// acc * row_stat * col_stat / 127², with column_scale = int8_column_dequant_scale(col_stat):
+// in float64 and rounded once to float32, as the reference's float64 product is. (In float32,
+// row_stat * col_stat overflowed at extreme scales, giving a zero accumulator 0 * inf = NaN,
+// and lost bits below FLT_MIN.) Every CPU path takes these operations in this order.
+LP_HOST_DEVICE inline float int8_dequantize(int32_t acc, float row_stat, double column_scale) {
+  return static_cast<float>(static_cast<double>(acc) * row_stat * column_scale);
 }
 
 // One dequantized weight element of an outlier column, W_deq = code * (col_stat / 127), in

@@ -11,8 +11,8 @@ quantization pass zeroes flagged columns before taking each row's absmax.
 
 The GEMM (``int8_scaled_mm``, ``int8_linear``) runs ``tl.dot`` on int8 tiles with int32
 accumulation (tensor cores on GPU: IMMA / int8 wgmma) and finishes in the epilogue of the
-same kernel: ``acc * (row_stat/127) * (w_scale/127)``, plus the outlier term, plus bias,
-rounded once into the output dtype. The outlier term ``x[:, cols] @ W_deq[:, cols].T`` is a
+same kernel: ``acc * row_stat * (w_scale/127²)`` in float64 (rounded once to fp32), plus the
+outlier term, plus bias, rounded once into the output dtype. The outlier term ``x[:, cols] @ W_deq[:, cols].T`` is a
 second, small ``tl.dot`` in the same kernel, over the gathered outlier columns: x's tiles
 are read as given, the weight's int8 columns are dequantized in fp32 exactly as the
 reference does (``w * (w_scale / 127)``) and rounded into x's dtype, and the products are
@@ -248,12 +248,16 @@ def _int8_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
-    # y = acc * (row_stat / 127) * (w_scale / 127): each factor an IEEE fp32 operation.
+    # y = acc * row_stat * (w_scale / 127²) in float64, rounded once to fp32, as the reference
+    # and the CPU kernels compute it (csrc/include/lowprec/int8.h): in fp32 the product
+    # overflowed at extreme scales and lost bits below FLT_MIN. (An epilogue's few float64
+    # operations per output, beside the K multiply-adds of its dot.)
     row_stats = tl.load(row_stats_ptr + rows, mask=row_in, other=0.0)
     w_scale = tl.load(w_scale_ptr + cols, mask=col_in, other=0.0)
-    row_scale = tl.math.div_rn(row_stats, tl.full((BLOCK_M,), INT8_SCALE, tl.float32))
-    col_scale = tl.math.div_rn(w_scale, tl.full((BLOCK_N,), INT8_SCALE, tl.float32))
-    y = acc.to(tl.float32) * row_scale[:, None] * col_scale[None, :]
+    col_scale64 = w_scale.to(tl.float64) / (INT8_SCALE * INT8_SCALE)
+    y = (acc.to(tl.float64) * row_stats.to(tl.float64)[:, None] * col_scale64[None, :]).to(
+        tl.float32
+    )
 
     if HAS_OUTLIERS:
         outlier_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -272,6 +276,7 @@ def _int8_gemm_kernel(
                 other=0,
             )
             # W_deq exactly as the reference makes it, then rounded into x's dtype.
+            col_scale = tl.math.div_rn(w_scale, tl.full((BLOCK_N,), INT8_SCALE, tl.float32))
             wo = fp32_to(wo.to(tl.float32) * col_scale[None, :], xo.dtype)
             if OUTLIER_DOT_FP32:
                 # fp32 x; or bf16 under the interpreter, whose bf16 dot is wrong: bf16

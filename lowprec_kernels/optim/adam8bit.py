@@ -129,7 +129,9 @@ def _split_by_device(*lists: list[torch.Tensor]) -> list[list[list[torch.Tensor]
 
 class Adam8bit(torch.optim.Optimizer):
     """Adam with 8-bit states (bitsandbytes' ``Adam8bit``); ``weight_decay`` is L2, added to
-    the gradient as in ``torch.optim.Adam``.
+    the gradient as in ``torch.optim.Adam`` (bitsandbytes' ``Adam8bit`` decays the weights
+    directly, as AdamW does: with ``weight_decay > 0`` its checkpoints continue differently
+    here).
 
     Args:
         params: parameters or param groups (dicts with their own hyperparameters).
@@ -349,7 +351,11 @@ class Adam8bit(torch.optim.Optimizer):
         as Python numbers (ints while whole), as bitsandbytes' own: its ``load_state_dict``
         casts every other tensor to the parameter's dtype, where a bf16 step stops counting at
         256. The optimizer's live state is not changed; the counters of all parameters are
-        read from their device at once."""
+        read from their device at once.
+
+        bitsandbytes (0.50) loads it only with the default ``blocksize=256``: it does not read
+        the saved blocksize, and its CPU step, which assumes 256, writes the parameter before
+        it fails on another (a helper measured a non-finite parameter at 1024)."""
         state_dict = super().state_dict()
         entries = [
             (key, name)

@@ -91,7 +91,9 @@ def _check_choice(op: str, name: str, value, allowed: Sequence) -> None:
 
 def _check_codebook(op: str, name: str, code: torch.Tensor, size: int) -> None:
     _check_tensor(op, name, code, (torch.float32,))
-    _check_numel(op, name, code, size, f"a float32 codebook of {size} sorted entries")
+    # (Sorted ascending, as every codebook of the formats is; not checked, which would read
+    # the values: an unsorted one gives codes that are not the nearest.)
+    _check_numel(op, name, code, size, f"a float32 codebook of {size} entries")
 
 
 def num_blocks(n: int, blocksize: int) -> int:

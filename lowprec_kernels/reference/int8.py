@@ -4,7 +4,9 @@ Codes are ``rint(x * (127 / absmax))`` in float32 with the row's absmax (half to
 scale one IEEE division, where bitsandbytes' ``127.0 / row_stats``, evaluated by torch as a
 reciprocal times 127, rounds twice: its codes can differ from ours by one at exact ties, 65
 of the 2,097,152 codes of a 4096 x 512 fp16 weight), clamped to ±127; an element whose code is
-not a number (a zero, NaN or infinite absmax) gets code 0. Products are then summed exactly
+not a number (a zero, NaN or infinite absmax) gets code 0. Below 127 / FLT_MAX (about
+3.7e-37) the scale overflows to inf, so every nonzero element of such a row codes as ±127
+(its sign only), on every backend. Products are then summed exactly
 (int32 on the kernels, float64 here; rows of more than ``_ops.INT8_INT32_EXACT_MAX_K``
 columns, whose int32 sums could overflow, always run here) and scaled by
 ``row_stat * col_stat / 127**2``.

@@ -4,6 +4,8 @@ The NF4 / FP4 methods (``Linear4bit``); the int8 method is tested with ``Linear8
 """
 
 import copy
+import re
+import warnings
 
 import pytest
 import torch
@@ -95,14 +97,39 @@ def test_quantizes_every_linear_but_the_skipped(model, method):
         (("model.layers.0", "lm_head"), {"model.layers.0", "model.lm_head"}),  # a full name
         (("layers.2",), {"model.layers.2"}),  # the last two components
         ((), set()),
-        (("head", "layers"), set()),  # parts of a name component never match
     ],
 )
 def test_skip_matching(model, skip, kept):
-    quantize_model(model, "nf4", skip=skip)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every entry keeps a Linear float: no warning
+        quantize_model(model, "nf4", skip=skip)
     types = linear_types(model)
     assert {name for name, t in types.items() if t is nn.Linear} == kept
     assert all(t is Linear4bit for name, t in types.items() if name not in kept)
+
+
+@pytest.mark.parametrize(
+    "entry, reason",
+    [
+        ("head", "matches no module"),  # part of a name component never matches
+        ("lm_haed", "matches no module"),
+        ("layers", "matches 'model.layers', a Sequential, not an nn.Linear"),  # a parent
+        ("norm", "matches 'norm', a LayerNorm, not an nn.Linear"),
+    ],
+)
+def test_skip_entries_that_keep_no_linear_are_warned_about(model, entry, reason):
+    """An entry that keeps no Linear float is a typo, or a parent's name, which does not
+    cover the Linears inside it: both were silent."""
+    with pytest.warns(UserWarning, match=re.escape(f"skip entry {entry!r} {reason}")):
+        quantize_model(model, "nf4", skip=("lm_head", entry))
+    types = linear_types(model)
+    assert {name for name, t in types.items() if t is nn.Linear} == {"model.lm_head"}
+
+
+def test_default_skip_is_silent_without_an_lm_head():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_model(nn.Sequential(nn.Linear(8, 8)), "nf4")
 
 
 def test_layer_kwargs_are_forwarded(model):

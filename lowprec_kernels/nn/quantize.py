@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 from torch import nn
@@ -80,10 +81,47 @@ def _adopt_hooks(new: nn.Module, old: nn.Linear) -> None:
             new.__dict__[name] = kept
 
 
+# The default skip; an entry of it that matches nothing is not worth a warning (a model
+# without an lm_head), one the caller names is.
+_DEFAULT_SKIP = ("lm_head",)
+
+
+def _warn_unmatched_skips(model: nn.Module, skip: tuple, linear_names: list[str]) -> None:
+    """Warns of each ``skip`` entry that keeps no Linear float: a typo, or a parent module's
+    name (``"vision_tower"``), which keeps nothing inside it (the rule matches names)."""
+    for pattern in skip:
+        if any(_matches(name, pattern) for name in linear_names):
+            continue
+        other = next(
+            (
+                (name, type(module).__name__)
+                for name, module in model.named_modules()
+                if _matches(name, pattern)
+            ),
+            None,
+        )
+        if other is None:
+            reason = "matches no module of the model"
+        else:
+            reason = (
+                f"matches {other[0]!r}, a {other[1]}, not an nn.Linear (skip takes the "
+                "Linears' own names or their last components: a parent's name keeps none of "
+                "the Linears inside it float)"
+            )
+        warnings.warn(f"quantize_model: skip entry {pattern!r} {reason}", stacklevel=3)
+
+
 def quantize_model(
-    model: nn.Module, method: str = "nf4", skip: Iterable[str] = ("lm_head",), **layer_kwargs
+    model: nn.Module, method: str = "nf4", skip: Iterable[str] = _DEFAULT_SKIP, **layer_kwargs
 ) -> nn.Module:
     """Replaces every ``nn.Linear`` of ``model`` (except those matching ``skip``) in place.
+
+    A ``skip`` entry matches a Linear's full name or its last components (``"lm_head"``
+    matches ``model.lm_head``); an entry that keeps no Linear float (a typo, or a parent's
+    name such as ``"vision_tower"``, which does not cover the Linears inside it) is warned
+    about. Only modules whose type is exactly ``nn.Linear`` are replaced: subclasses (a
+    library's own Linear, or ``nn.MultiheadAttention``'s ``out_proj``, whose weight the
+    attention reads as a float matrix) stay float.
 
     ``method``: ``"nf4"`` / ``"fp4"`` (:class:`Linear4bit`) or ``"int8"``
     (:class:`Linear8bitLt`); ``layer_kwargs`` go to the layer's ``from_linear``. Layers whose
@@ -110,6 +148,7 @@ def quantize_model(
             "nn.Linear cannot be replaced in place: use Linear4bit.from_linear or "
             "Linear8bitLt.from_linear"
         )
+    named = skip is not _DEFAULT_SKIP
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     # Every place of every Linear (named_modules drops the repeated ones by default).
     places: dict[int, list[str]] = {}
@@ -118,6 +157,8 @@ def quantize_model(
         if type(module) is nn.Linear:
             places.setdefault(id(module), []).append(name)
             linears[id(module)] = module
+    if named:
+        _warn_unmatched_skips(model, skip, [n for names in places.values() for n in names])
     # A weight is kept float when any Linear holding it is skipped: quantizing the others
     # would untie it.
     skipped_weights = {

@@ -354,10 +354,12 @@ inline bool power_of_two_in(int64_t v, int64_t lowest, int64_t highest) {
 // decline what these do not accept, and the checked path reports it. tests/test_ops.py keeps
 // them in step: the entries decline every bad input of the checker's table.
 inline bool adam_scalars_accepted(double lr, double beta1, double beta2, double eps,
-                                  double weight_decay) {
-  // Written so that a NaN fails every test, as in the Python checks.
-  return lr >= 0.0 && beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0 && eps >= 0.0 &&
-         weight_decay >= 0.0;
+                                  double weight_decay, double gnorm_scale) {
+  // Written so that a NaN fails every test, as in the Python checks (_check_adam_scalars).
+  const double kInf = std::numeric_limits<double>::infinity();
+  return lr >= 0.0 && lr < kInf && beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0 &&
+         eps >= 0.0 && weight_decay >= 0.0 && weight_decay < kInf && gnorm_scale >= 0.0 &&
+         gnorm_scale < kInf;
 }
 
 inline bool adam_tensor_accepted(const at::Tensor& t, c10::Device device, at::ScalarType dtype,
@@ -393,13 +395,13 @@ inline bool adam8bit_multi_step_eager_accepts(
     const std::vector<at::Tensor>& absmax1, const std::vector<at::Tensor>& absmax2,
     const at::Tensor& qmap1, const at::Tensor& qmap2, const std::vector<at::Tensor>& steps,
     const std::vector<at::Tensor>& skipped, double lr, double beta1, double beta2, double eps,
-    double weight_decay, int64_t blocksize) {
+    double weight_decay, double gnorm_scale, int64_t blocksize) {
   if (!adam_lists_accepted(params.size(),
                            {&grads, &state1, &state2, &absmax1, &absmax2, &steps, &skipped}) ||
       !power_of_two_in(blocksize, kBlocksizeMin8bit, kBlocksizeMax8bit) ||
       !adam_tensor_accepted(qmap1, device, at::kFloat, kCodebookSize8bit) ||
       !adam_tensor_accepted(qmap2, device, at::kFloat, kCodebookSize8bit) ||
-      !adam_scalars_accepted(lr, beta1, beta2, eps, weight_decay))
+      !adam_scalars_accepted(lr, beta1, beta2, eps, weight_decay, gnorm_scale))
     return false;
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].defined() ? params[i].numel() : 0;
@@ -418,9 +420,9 @@ inline bool adam_multi_step_eager_accepts(
     c10::Device device, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
     const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
     const std::vector<at::Tensor>& steps, const std::vector<at::Tensor>& skipped, double lr,
-    double beta1, double beta2, double eps, double weight_decay) {
+    double beta1, double beta2, double eps, double weight_decay, double gnorm_scale) {
   if (!adam_lists_accepted(params.size(), {&grads, &exp_avgs, &exp_avg_sqs, &steps, &skipped}) ||
-      !adam_scalars_accepted(lr, beta1, beta2, eps, weight_decay))
+      !adam_scalars_accepted(lr, beta1, beta2, eps, weight_decay, gnorm_scale))
     return false;
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t n = params[i].defined() ? params[i].numel() : 0;

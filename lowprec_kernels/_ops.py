@@ -359,16 +359,18 @@ def _check_adam_lists(op, params, lists: dict) -> None:
             )
 
 
-def _check_adam_scalars(op, lr, beta1, beta2, eps, weight_decay) -> None:
-    if not lr >= 0.0:
-        _fail(ValueError, op, f"lr must be >= 0, got {lr}")
+def _check_adam_scalars(op, lr, beta1, beta2, eps, weight_decay, gnorm_scale) -> None:
+    # (Written so that a NaN fails every test.) lr, weight_decay and gnorm_scale multiply the
+    # update after the gradient's finiteness check: an infinite one would reach p and the
+    # states unnoticed.
+    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("gnorm_scale", gnorm_scale)):
+        if not 0.0 <= value < math.inf:
+            _fail(ValueError, op, f"{name} must be finite and >= 0, got {value}")
     for name, b in (("beta1", beta1), ("beta2", beta2)):
         if not 0.0 <= b < 1.0:
             _fail(ValueError, op, f"{name} must be in [0, 1), got {b}")
     if not eps >= 0.0:
         _fail(ValueError, op, f"eps must be >= 0, got {eps}")
-    if not weight_decay >= 0.0:
-        _fail(ValueError, op, f"weight_decay must be >= 0, got {weight_decay}")
 
 
 def check_adam8bit_step(
@@ -379,7 +381,7 @@ def check_adam8bit_step(
     _check_adam8bit_tensors(op, p, g, state1, state2, absmax1, absmax2, step, skipped, blocksize)
     _check_codebook(op, "qmap1", qmap1, CODEBOOK_SIZE_8BIT)
     _check_codebook(op, "qmap2", qmap2, CODEBOOK_SIZE_8BIT)
-    _check_adam_scalars(op, lr, beta1, beta2, eps, weight_decay)
+    _check_adam_scalars(op, lr, beta1, beta2, eps, weight_decay, gnorm_scale)
     _check_same_device(
         op, "p", p, g=g, state1=state1, state2=state2, absmax1=absmax1, absmax2=absmax2,
         qmap1=qmap1, qmap2=qmap2, step=step, skipped=skipped,
@@ -440,7 +442,7 @@ def check_adam8bit_multi_step(
     _check_tensor(op, "params[0]", params[0])
     _check_codebook(op, "qmap1", qmap1, CODEBOOK_SIZE_8BIT)
     _check_codebook(op, "qmap2", qmap2, CODEBOOK_SIZE_8BIT)
-    _check_adam_scalars(op, lr, beta1, beta2, eps, weight_decay)
+    _check_adam_scalars(op, lr, beta1, beta2, eps, weight_decay, gnorm_scale)
     _check_same_device(op, "params[0]", params[0], qmap1=qmap1, qmap2=qmap2)
     device = params[0].device
     for i, per_tensor in enumerate(zip(*lists.values())):
@@ -485,7 +487,7 @@ def check_adam_multi_step(
     )  # fmt: skip
     _check_adam_lists(op, params, lists)
     _check_tensor(op, "params[0]", params[0])
-    _check_adam_scalars(op, lr, beta1, beta2, eps, weight_decay)
+    _check_adam_scalars(op, lr, beta1, beta2, eps, weight_decay, gnorm_scale)
     device = params[0].device
     for i, per_tensor in enumerate(zip(*lists.values())):
         if not _adam_float_state_tensors_pass(*per_tensor, device):

@@ -428,6 +428,11 @@ BAD = [
     ("adam8bit_step_", "", "beta2-nan", {"beta2": float("nan")}, ValueError, "beta2"),
     ("adam8bit_step_", "", "eps-neg", {"eps": -1e-8}, ValueError, "eps"),
     ("adam8bit_step_", "", "weight_decay-neg", {"weight_decay": -0.1}, ValueError, "weight_decay"),
+    ("adam8bit_step_", "", "lr-inf", {"lr": float("inf")}, ValueError, "lr"),
+    ("adam8bit_step_", "", "weight_decay-inf", {"weight_decay": float("inf")}, ValueError, "weight_decay"),
+    ("adam8bit_step_", "", "gnorm_scale-nan", {"gnorm_scale": float("nan")}, ValueError, "gnorm_scale"),
+    ("adam8bit_step_", "", "gnorm_scale-inf", {"gnorm_scale": float("inf")}, ValueError, "gnorm_scale"),
+    ("adam8bit_step_", "", "gnorm_scale-neg", {"gnorm_scale": -1.0}, ValueError, "gnorm_scale"),
     ("adam8bit_step_", "", "blocksize-32", {"blocksize": 32}, ValueError, "blocksize"),
     ("adam8bit_step_", "", "blocksize-32-absmax-fits", {"blocksize": 32, "absmax1": torch.ones(10), "absmax2": torch.ones(10)}, ValueError, "blocksize"),
     ("adam8bit_step_", "", "blocksize-100", {"blocksize": 100, "absmax1": torch.ones(3), "absmax2": torch.ones(3)}, ValueError, "blocksize"),
@@ -455,6 +460,8 @@ BAD = [
     ("adam8bit_multi_step_", "", "steps-long", {"steps": lambda a: a["steps"] * 2}, ValueError, "steps"),
     ("adam8bit_multi_step_", "", "state1-size", {"state1": lambda a: [a["state1"][0], a["state1"][0]]}, ValueError, "state1"),
     ("adam8bit_multi_step_", "", "lr-neg", {"lr": -1.0}, ValueError, "lr"),
+    ("adam8bit_multi_step_", "", "gnorm_scale-inf", {"gnorm_scale": float("inf")}, ValueError, "gnorm_scale"),
+    ("adam_multi_step_", "", "gnorm_scale-nan", {"gnorm_scale": float("nan")}, ValueError, "gnorm_scale"),
     ("adam_multi_step_", "", "params-empty", {"params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [], "steps": [], "skipped": []}, ValueError, "params"),
     ("adam_multi_step_", "", "exp_avgs-short", {"exp_avgs": lambda a: a["exp_avgs"][:1]}, ValueError, "exp_avgs"),
     ("adam_multi_step_", "", "p-noncontiguous", _second("params", _noncontig(70)), ValueError, "p"),
@@ -530,7 +537,7 @@ def test_multi_step_refuses_each_bad_tensor(changes, exc, name):
 
 def test_bad_table_names_every_adam_scalar():
     named = {name for op, *_, name in BAD if op == "adam8bit_step_"}
-    assert {"lr", "beta1", "beta2", "eps", "weight_decay", "blocksize"} <= named
+    assert {"lr", "beta1", "beta2", "eps", "weight_decay", "gnorm_scale", "blocksize"} <= named
 
 
 # ---------------------------------------------------------------- functional-level checks

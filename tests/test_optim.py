@@ -77,6 +77,8 @@ def assert_same_params(a, b):
     [
         (dict(lr=-1e-3), "lr"),
         (dict(lr=float("nan")), "lr"),
+        (dict(lr=float("inf")), "lr"),
+        (dict(weight_decay=float("inf")), "weight_decay"),
         (dict(betas=(1.0, 0.999)), "betas[0]"),
         (dict(betas=(0.9, -0.1)), "betas[1]"),
         (dict(eps=-1e-8), "eps"),

@@ -153,7 +153,7 @@ bool adam8bit_multi_step_eager_cpu(
   if (!first_on_cpu(params) ||
       !adam8bit_multi_step_eager_accepts(params[0].device(), params, grads, state1, state2, absmax1,
                                          absmax2, qmap1, qmap2, steps, skipped, lr, beta1, beta2,
-                                         eps, weight_decay, blocksize))
+                                         eps, weight_decay, gnorm_scale, blocksize))
     return false;
   run_adam8bit_multi_step("adam8bit_multi_step_eager_cpu", params, grads, state1, state2, absmax1,
                           absmax2, qmap1, qmap2, steps, skipped, lr, beta1, beta2, eps,
@@ -169,9 +169,9 @@ bool adam_multi_step_eager_cpu(const std::vector<at::Tensor>& params,
                                const std::vector<at::Tensor>& skipped, double lr, double beta1,
                                double beta2, double eps, double weight_decay, bool decoupled,
                                double gnorm_scale) {
-  if (!first_on_cpu(params) ||
-      !adam_multi_step_eager_accepts(params[0].device(), params, grads, exp_avgs, exp_avg_sqs,
-                                     steps, skipped, lr, beta1, beta2, eps, weight_decay))
+  if (!first_on_cpu(params) || !adam_multi_step_eager_accepts(
+                                   params[0].device(), params, grads, exp_avgs, exp_avg_sqs, steps,
+                                   skipped, lr, beta1, beta2, eps, weight_decay, gnorm_scale))
     return false;
   run_adam_multi_step("adam_multi_step_eager_cpu", params, grads, exp_avgs, exp_avg_sqs, steps,
                       skipped, lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale);

@@ -76,8 +76,10 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
             raise ValueError(f"Invalid learning rate: lr must be a number or a one-element "
                              f"tensor, got a tensor of shape {tuple(lr.shape)}")  # fmt: skip
         lr = lr.item()
-    if not lr >= 0.0:
-        raise ValueError(f"Invalid learning rate: lr={lr} (must be >= 0)")
+    # (Finite too, unlike torch.optim: the fused ops refuse an infinite one, which would
+    # reach the parameters after the gradient's finiteness check.)
+    if not 0.0 <= lr < math.inf:
+        raise ValueError(f"Invalid learning rate: lr={lr} (must be finite and >= 0)")
     betas = group["betas"]
     if len(betas) != 2:
         raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
@@ -87,10 +89,9 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
                              "(must be in [0, 1))")  # fmt: skip
     if not group["eps"] >= 0.0:
         raise ValueError(f"Invalid epsilon value: eps={group['eps']} (must be >= 0)")
-    if not group["weight_decay"] >= 0.0:
-        raise ValueError(
-            f"Invalid weight_decay value: weight_decay={group['weight_decay']} (must be >= 0)"
-        )
+    if not 0.0 <= group["weight_decay"] < math.inf:
+        raise ValueError(f"Invalid weight_decay value: weight_decay={group['weight_decay']} "
+                         "(must be finite and >= 0)")  # fmt: skip
     if type(group["blocksize"]) is not int or group["blocksize"] not in BLOCKSIZES_8BIT:
         raise ValueError(
             f"Invalid blocksize: blocksize={group['blocksize']} (must be one of {BLOCKSIZES_8BIT})"

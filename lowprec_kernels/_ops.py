@@ -291,7 +291,9 @@ def check_int8_scaled_mm(A, row_stats, weight, weight_scale, bias, dtype):
         )
     _check_tensor(op, "row_stats", row_stats, (torch.float32,))
     rows = A.numel() // A.shape[-1] if A.shape[-1] else 0
-    _check_numel(op, "row_stats", row_stats, rows, "one per row of A")
+    if row_stats.shape not in ((rows,), A.shape[:-1]):  # ours, or bitsandbytes' A.shape[:-1]
+        _fail(ValueError, op, f"row_stats must have shape ({rows},) or {tuple(A.shape[:-1])} "
+              f"(one per row of A), got {tuple(row_stats.shape)}")  # fmt: skip
     _check_choice(op, "dtype", dtype, FLOAT_DTYPES)
     _check_same_device(op, "weight", weight, A=A, row_stats=row_stats, bias=bias)
     _check_bias(op, bias, weight.shape[0])

@@ -351,6 +351,20 @@ def test_int8_linear_nan_inf_zero_rows(device_backend):
     assert y0[3:].isfinite().all()
 
 
+def test_scaled_mm_takes_row_stats_shaped_like_the_rows(device_backend):
+    """bitsandbytes' int8_vectorwise_quant gives row_stats of A.shape[:-1]: taken as the 1-D
+    form is, by every backend (the reference failed to broadcast them, the CPU took them)."""
+    device, backend = device_backend
+    A = torch.randint(-127, 128, (2, 3, 13), dtype=torch.int8, device=device)
+    rs = torch.rand(2, 3, device=device) + 0.1
+    W = torch.randint(-127, 128, (5, 13), dtype=torch.int8, device=device)
+    ws = torch.rand(5, device=device) + 0.1
+    want = ref(LF.int8_scaled_mm, A, rs.reshape(-1), W, ws, None, torch.float32)
+    for backend_name in ("reference", backend):
+        got = run_on(backend_name, LF.int8_scaled_mm, A, rs, W, ws, None, torch.float32)
+        assert got.shape == (2, 3, 5) and torch.equal(got, want), backend_name
+
+
 def test_epilogue_at_extreme_scales(device_backend):
     """row_stat * col_stat / 127² outside float32's range (over FLT_MAX, or below FLT_MIN):
     every backend takes the reference's float64 product, rounded once. The float32 epilogue

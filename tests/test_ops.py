@@ -399,6 +399,7 @@ BAD = [
     ("int8_scaled_mm", "", "weight_scale-fp16", {"weight_scale": torch.ones(5, dtype=torch.float16)}, TypeError, "weight_scale"),
     ("int8_scaled_mm", "", "bias-len", {"bias": torch.ones(6)}, ValueError, "bias"),
     ("int8_scaled_mm", "", "bias-2d", {"bias": torch.ones(1, 5)}, ValueError, "bias"),
+    ("int8_scaled_mm", "", "row_stats-2d", {"row_stats": lambda a: a["row_stats"].reshape(1, -1)}, ValueError, "row_stats"),
     ("int8_scaled_mm", "", "bias-int", {"bias": torch.ones(5, dtype=torch.int64)}, TypeError, "bias"),
     ("int8_scaled_mm", "", "dtype-int", {"dtype": torch.int32}, ValueError, "dtype"),
     # int8_linear

@@ -87,7 +87,7 @@ def _scaled_product(A, row_stats, weight, weight_scale) -> torch.Tensor:
     """``(A @ weight.T) * row_stats * weight_scale / 127**2`` in the accumulate dtype."""
     acc_dtype = accumulate_dtype(A.device)
     acc = A.reshape(-1, A.shape[-1]).to(acc_dtype) @ weight.to(acc_dtype).T
-    scale = row_stats.to(acc_dtype).unsqueeze(1) * weight_scale.to(acc_dtype).unsqueeze(0)
+    scale = row_stats.to(acc_dtype).reshape(-1, 1) * weight_scale.to(acc_dtype).unsqueeze(0)
     return acc * scale / (INT8_SCALE * INT8_SCALE)
 
 

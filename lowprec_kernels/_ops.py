@@ -255,7 +255,8 @@ def check_int8_vectorwise_quant(A, threshold, op="int8_vectorwise_quant"):
     _check_tensor(op, "A", A, FLOAT_DTYPES)
     if A.dim() == 0:
         _fail(ValueError, op, "A must have at least one dimension (features last)")
-    _check_nonempty(op, "A", A)
+    if A.shape[-1] == 0:  # (no rows is fine: a batch an MoE expert got no tokens of)
+        _fail(ValueError, op, f"A must have at least one feature, got shape {tuple(A.shape)}")
     _check_threshold(op, threshold)
 
 

@@ -351,6 +351,21 @@ def test_int8_linear_nan_inf_zero_rows(device_backend):
     assert y0[3:].isfinite().all()
 
 
+@pytest.mark.parametrize("lead", [(0,), (2, 0)])
+def test_quantize_then_scaled_mm_of_no_rows(device_backend, lead):
+    """A batch with no rows (an MoE expert that got no tokens) through the two-op path, as
+    through int8_linear: empty codes, scales and outlier list, then an empty product (the
+    quantization refused it)."""
+    device, backend = device_backend
+    wq, ws = ref(LF.int8_quantize_weight, randn_nonzero(4, 24, device=device))
+    x = torch.empty(*lead, 24, device=device)
+    codes, row_stats, cols = run_on(backend, LF.int8_vectorwise_quant, x, 6.0)
+    assert codes.shape == x.shape and codes.dtype == torch.int8
+    assert row_stats.shape == (0,) and cols.shape == (0,)
+    y = run_on(backend, LF.int8_scaled_mm, codes, row_stats, wq, ws, None, torch.float32)
+    assert y.shape == (*lead, 4)
+
+
 def test_scaled_mm_takes_row_stats_shaped_like_the_rows(device_backend):
     """bitsandbytes' int8_vectorwise_quant gives row_stats of A.shape[:-1]: taken as the 1-D
     form is, by every backend (the reference failed to broadcast them, the CPU took them)."""

@@ -402,6 +402,9 @@ def int8_quantize_weight(W: torch.Tensor):
 
 def int8_vectorwise_quant(A: torch.Tensor, threshold: float):
     x2d = _as_rows(A)
+    if x2d.shape[0] == 0:  # no rows: no outliers either
+        codes = empty(A.shape, torch.int8, A.device)
+        return codes, empty((0,), torch.float32, A.device), empty((0,), torch.int64, A.device)
     flags, cols = _outlier_columns(x2d, threshold)
     codes, absmax = _quantize_rows(x2d, flags)
     out_cols = empty(cols.shape, torch.int64, A.device)

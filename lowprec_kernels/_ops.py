@@ -15,7 +15,11 @@ plain eager call that nothing in torch's dispatcher would act on, straight throu
 router (see ``_dispatcher_has_work``).
 
 Backend kernels (``reference/``, ``backends/``) register against the op names below and can
-assume validated arguments.
+assume validated arguments. One rule needs values the checker cannot read (under
+``torch.compile`` they do not exist yet): an Adam step count must be finite and >= 0. The
+kernels that read it on the host check it there (``reference.adam8bit.step_counts``, and
+the C++ ``check_step_values``), before writing anything; GPU kernels keep it on the device.
+(The native eager entries' C++ predicates mirror this file's checks as a yes or no.)
 """
 
 from __future__ import annotations

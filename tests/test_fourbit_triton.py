@@ -83,7 +83,7 @@ def test_backend_registered(dev):
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 def test_encode_tables(quant_type):
     thresholds, code_of_index = tf._encode_tables(quant_type, torch.device("cpu"))
-    assert thresholds.shape == code_of_index.shape == (tf.CODEBOOK_SIZE,)
+    assert thresholds.shape == code_of_index.shape == (tf.CODEBOOK_SIZE_4BIT,)
     code = code_4bit(quant_type)
     if quant_type == "nf4":
         assert torch.equal(thresholds, encode_thresholds(code))

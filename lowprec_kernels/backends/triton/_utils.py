@@ -15,6 +15,9 @@ from lowprec_kernels.reference.codebooks import encode_thresholds
 
 # The Triton interpreter runs a kernel one program at a time in numpy, so it cannot tune:
 # every launch configuration is chosen by heuristic, never by multi-config autotuning.
+
+# Threads per warp on NVIDIA GPUs, which the heuristics size tiles for (an AMD wavefront is
+# 64: the same num_warps then means twice the threads).
 WARP_SIZE = 32
 # Elements each thread should own in a memory-bound tile; more gives fewer, fatter
 # programs, fewer gives more parallelism. 8 fp32 = two 128-bit accesses per thread.

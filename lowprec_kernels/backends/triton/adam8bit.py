@@ -56,7 +56,7 @@ from lowprec_kernels.backends.triton.blockwise import (
     block_absmax,
     nearest_codes,
 )
-from lowprec_kernels.reference.adam8bit import update_scalars
+from lowprec_kernels.reference.adam8bit import step_counts, update_scalars
 
 # Rows of the address table (one column per tensor).
 FIELD_P = tl.constexpr(0)
@@ -374,10 +374,18 @@ def _address_table(operands: list[list[torch.Tensor]], numels, blocksize, bpp, d
         counts = _programs_per_tensor(numels, blocksize, bpp)
         first_program = [0, *itertools.accumulate(counts)][:-1]
         rows = [list(row) for row in addresses] + [list(numels), first_program]
+        assert len(rows) == NUM_FIELDS, "a row per FIELD_*"
         return to_device(torch.tensor(rows, dtype=torch.int64, device="cpu"), device)
 
     key = (addresses, tuple(numels), blocksize, bpp, device_key(device))
     return _address_tables.get(key, build)
+
+
+def _check_host_steps(op: str, steps: list[torch.Tensor]) -> None:
+    """Steps on the CPU (the interpreter's tensors) are checked as the reference and CPU
+    kernels check theirs, before anything is written; a GPU's stay there, unchecked."""
+    if steps and steps[0].device.type == "cpu":
+        step_counts(op, steps)
 
 
 def _update_scalars(
@@ -464,6 +472,7 @@ def adam8bit_multi_step_(
     params, grads, state1, state2, absmax1, absmax2, qmap1, qmap2, steps, skipped,
     lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale, blocksize,
 ):  # fmt: skip
+    _check_host_steps("adam8bit_multi_step_", steps)
     # Scalar arguments may arrive as ints; the kernels' float arguments must be floats.
     lr, beta1, beta2, eps, weight_decay, gnorm_scale = map(
         float, (lr, beta1, beta2, eps, weight_decay, gnorm_scale)
@@ -518,6 +527,7 @@ def adam_multi_step_(
 ):  # fmt: skip
     """The step with float32 states: programs of ``TILE_ELEMENTS`` elements, the same four
     launches as the 8-bit step."""
+    _check_host_steps("adam_multi_step_", steps)
     lr, beta1, beta2, eps, weight_decay, gnorm_scale = map(
         float, (lr, beta1, beta2, eps, weight_decay, gnorm_scale)
     )

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from lowprec_kernels._alloc import empty
 from lowprec_kernels._dispatch import register_kernel
+from lowprec_kernels._ops import CODEBOOK_SIZE_8BIT
 from lowprec_kernels.backends.triton._utils import (
     device_guard,
     fp32_to,
@@ -30,8 +31,7 @@ from lowprec_kernels.backends.triton._utils import (
 
 # Elements per program tile: blocksizes below this get several blocks per program.
 TILE_ELEMENTS = 2048
-CODEBOOK_SIZE = 256
-CODEBOOK_BITS = CODEBOOK_SIZE.bit_length() - 1  # binary-search steps over the thresholds
+CODEBOOK_BITS = CODEBOOK_SIZE_8BIT.bit_length() - 1  # binary-search steps over the thresholds
 # Blocks with absmax below TINY_ABSMAX are scaled by TINY_ABSMAX_SCALE before the division
 # (see the kernel). Powers of two: the scaling is exact and cannot overflow.
 TINY_ABSMAX = 2.0**-64

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from lowprec_kernels._alloc import empty
 from lowprec_kernels._dispatch import register_kernel
+from lowprec_kernels._ops import CODEBOOK_SIZE_4BIT
 from lowprec_kernels.backends.triton._utils import (
     device_guard,
     fp32_to,
@@ -45,16 +46,15 @@ from lowprec_kernels.backends.triton._utils import (
     tf32_allowed,
     to_fp32,
 )
+from lowprec_kernels.backends.triton.blockwise import TINY_ABSMAX, TINY_ABSMAX_SCALE
 from lowprec_kernels.reference.codebooks import FP4_SIGN_BIT, code_4bit, encode_thresholds
 
-CODEBOOK_SIZE = 16
-SEARCH_STEPS = CODEBOOK_SIZE.bit_length() - 1  # binary-search steps over 16 thresholds
+SEARCH_STEPS = CODEBOOK_SIZE_4BIT.bit_length() - 1  # binary-search steps over 16 thresholds
 # Elements per program of the quantize / dequantize tiles (several small blocks per program).
 TILE_ELEMENTS = 2048
-# Same guard as the blockwise kernel: blocks with a tiny absmax are scaled by an exact power
-# of two before the division, so a flush-to-zero division cannot change a code.
-TINY_ABSMAX = 2.0**-64
-TINY_ABSMAX_SCALE = 2.0**64
+# TINY_ABSMAX / TINY_ABSMAX_SCALE: the blockwise kernel's guard, shared. Blocks with a tiny
+# absmax are scaled by an exact power of two before the division, so a flush-to-zero division
+# cannot change a code.
 
 # --- matmul dispatch and tiles ----------------------------------------------------------------
 GEMV_MAX_M = 4  # rows of x up to which the GEMV runs; above it the tensor-core GEMM
@@ -92,10 +92,10 @@ def _encode_tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor,
     code = code_4bit(quant_type, "cpu")
     if quant_type == "nf4":
         thresholds = encode_thresholds(code)
-        code_of_index = torch.arange(CODEBOOK_SIZE, device="cpu")
+        code_of_index = torch.arange(CODEBOOK_SIZE_4BIT, device="cpu")
     else:
         magnitudes, order = code[:FP4_SIGN_BIT].sort()
-        pad = CODEBOOK_SIZE - FP4_SIGN_BIT
+        pad = CODEBOOK_SIZE_4BIT - FP4_SIGN_BIT
         thresholds = torch.cat(
             [encode_thresholds(magnitudes), torch.full((pad,), torch.inf, device="cpu")]
         )

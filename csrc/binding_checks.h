@@ -252,6 +252,10 @@ inline QuantType4bit quant_type_4bit(const std::string& name, const char* op) {
   return QuantType4bit::kFp4;
 }
 
+inline bool power_of_two_in(int64_t v, int64_t lowest, int64_t highest) {
+  return is_power_of_two(v) && v >= lowest && v <= highest;
+}
+
 // A packed 4-bit tensor of n elements and its scales (fp32 absmax, or uint8 codes with
 // nested_absmax, nested_code and offset); returns the scales as raw pointers.
 inline BlockScales check_4bit_weight(const char* op, c10::DeviceType device_type,
@@ -294,8 +298,9 @@ inline BlockScales check_4bit_weight(const char* op, c10::DeviceType device_type
   check_dtype(*nested_absmax, at::kFloat, op, "nested_absmax");
   check_dtype(*nested_code, at::kFloat, op, "nested_code");
   check_dtype(*offset, at::kFloat, op, "offset");
-  TORCH_CHECK(is_power_of_two(nested_blocksize), op,
-              ": nested_blocksize must be a power of two, got ", nested_blocksize);
+  TORCH_CHECK(power_of_two_in(nested_blocksize, kBlocksizeMin8bit, kBlocksizeMax8bit), op,
+              ": nested_blocksize must be a power of two in [", kBlocksizeMin8bit, ", ",
+              kBlocksizeMax8bit, "], got ", nested_blocksize);
   TORCH_CHECK(nested_code->numel() == kCodebookSize8bit, op, ": nested_code must have ",
               kCodebookSize8bit, " entries, got ", nested_code->numel());
   TORCH_CHECK(offset->numel() == 1, op, ": offset must have one element, got ", offset->numel());
@@ -343,10 +348,6 @@ inline void check_matmul_4bit_operands(const char* op, c10::DeviceType device_ty
 
 inline bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
-
-inline bool power_of_two_in(int64_t v, int64_t lowest, int64_t highest) {
-  return is_power_of_two(v) && v >= lowest && v <= highest;
 }
 
 // The Adam checks of lowprec_kernels/_ops.py as a yes or no, plus what the kernels need beyond

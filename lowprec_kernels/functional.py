@@ -11,7 +11,7 @@ import functools
 import torch
 
 from lowprec_kernels import _ops  # also defines torch.ops.lowprec
-from lowprec_kernels.quant_state import QuantState
+from lowprec_kernels.quant_state import NESTED_BLOCKSIZE, QuantState
 from lowprec_kernels.reference import codebooks
 
 __all__ = [
@@ -27,8 +27,6 @@ __all__ = [
     "int8_linear",
     "adam8bit_step_",
 ]
-
-NESTED_BLOCKSIZE = 256  # double quantization's blocksize (bitsandbytes' choice)
 
 
 def dynamic_map(signed: bool = True, device=None) -> torch.Tensor:

@@ -16,6 +16,8 @@ import torch
 
 from lowprec_kernels.reference.codebooks import QUANT_TYPES_4BIT
 
+NESTED_BLOCKSIZE = 256  # double quantization's blocksize (bitsandbytes' choice)
+
 PACKED_KEY_PREFIX = "quant_state.bitsandbytes__"
 TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
@@ -54,7 +56,7 @@ class QuantState:
         code: torch.Tensor,
         nested_absmax: torch.Tensor | None = None,
         nested_code: torch.Tensor | None = None,
-        nested_blocksize: int = 256,
+        nested_blocksize: int = NESTED_BLOCKSIZE,
         offset: torch.Tensor | float | None = None,
     ):
         if quant_type not in QUANT_TYPES_4BIT:
@@ -232,7 +234,7 @@ class QuantState:
             code=get("quant_map"),
             nested_absmax=get("nested_absmax") if nested else None,
             nested_code=get("nested_quant_map") if nested else None,
-            nested_blocksize=header.get("nested_blocksize", 256),
+            nested_blocksize=header.get("nested_blocksize", NESTED_BLOCKSIZE),
             offset=float(header["nested_offset"]) if nested else None,
         )
 

@@ -563,6 +563,9 @@ def test_cpu_bindings_reject_what_would_corrupt_memory():
         _C.matmul_4bit_gemv_cpu(x, *_weight_args(qw[:-1], st), None, torch.empty(2, 10))
     with pytest.raises(RuntimeError, match="nested_absmax, nested_code and offset"):
         _C.dequantize_4bit_cpu(qw, st.absmax, st.code, 64, None, None, None, 256, torch.empty(640))
+    with pytest.raises(RuntimeError, match="nested_blocksize must be a power of two in"):
+        # 32 is a power of two, but no nested blocksize of the format (as the Python checker)
+        _C.dequantize_4bit_cpu(*_weight_args(qw, st)[:-1], 32, torch.empty(640))
     with pytest.raises(RuntimeError, match="blocksize"):
         _C.quantize_4bit_cpu(w, st.code, 48, "nf4", qw, torch.empty(10))
     with pytest.raises(RuntimeError, match="quant_type"):

@@ -41,9 +41,6 @@ constexpr int kCheckThreads = 256;
 constexpr int kCheckItemsPerThread = 16;
 constexpr int64_t kCheckTileElements = kCheckThreads * kCheckItemsPerThread;
 
-// Grid-stride loops cover more tiles than this many thread blocks.
-constexpr int64_t kMaxGridBlocks = 65535;
-
 // One launch's tensors, passed as a __grid_constant__ kernel parameter (indexed in place, never
 // copied per thread). tile_start[k] is the first tile of tensor k (tiles of the launching
 // kernel: check tiles or update tiles); tile_start[count] is the total.
@@ -261,17 +258,13 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-unsigned grid_for(int64_t tiles) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min(tiles, kMaxGridBlocks)));
-}
-
 // Elements per thread: the smallest blocks use group threads of kUpdateMinItemsPerThread items,
 // blocks larger than kUpdateThreads * kUpdateMinItemsPerThread use the whole thread block. The
 // kernel is compiled per count, so a thread holds only the registers its blocks need.
 void launch_update(const LaunchGroup& group, const float* qmap1, const float* qmap2,
                    const Adam8bitHyperArgs& hyper, int group_threads, cudaStream_t stream) {
   const int items = static_cast<int>(hyper.blocksize / group_threads);
-  const unsigned grid = grid_for(group.tile_start[group.count]);
+  const unsigned grid = grid_blocks(group.tile_start[group.count]);
   static_assert(kUpdateMaxItemsPerThread == 16, "one instantiation per item count below");
   switch (items) {
     case 4:
@@ -315,7 +308,7 @@ cudaError_t launch_adam8bit_multi_step(const Adam8bitTensorArgs* tensors, int64_
       update.tile_start[k + 1] =
           update.tile_start[k] + ceil_div(ceil_div(t.n, hyper.blocksize), blocks_per_tile);
     }
-    adam8bit_check_kernel<<<grid_for(check.tile_start[size]), kCheckThreads, 0, stream>>>(check);
+    adam8bit_check_kernel<<<grid_blocks(check.tile_start[size]), kCheckThreads, 0, stream>>>(check);
     launch_update(update, qmap1, qmap2, hyper, group_threads, stream);
     adam8bit_finish_kernel<<<1, kTensorsPerLaunch, 0, stream>>>(update);
     status = cudaGetLastError();

@@ -30,9 +30,6 @@ static_assert(kBlocksizeMin8bit / kQuantizeMinItemsPerThread <= kQuantizeThreads
 constexpr int kDequantizeThreads = 256;
 constexpr int kDequantizeItemsPerThread = 4;
 
-// Grid-stride loops cover inputs larger than this many thread blocks.
-constexpr int64_t kMaxGridBlocks = 65535;
-
 // Max of `value` over the `group_threads` threads of each group (a power of two); groups are
 // aligned runs of threads. Every thread of the block must call it the same number of times.
 __device__ __forceinline__ uint32_t group_max(uint32_t value, int group_threads,
@@ -123,13 +120,6 @@ __global__ void __launch_bounds__(kDequantizeThreads)
   }
 }
 
-int log2_of_power_of_two(int64_t x) {
-  int log2 = 0;
-  while ((int64_t{1} << log2) < x)
-    ++log2;
-  return log2;
-}
-
 template <typename T>
 void quantize_with_type(const void* input, int64_t n, const float* code, int64_t blocksize,
                         uint8_t* codes, float* absmax, cudaStream_t stream) {
@@ -138,7 +128,7 @@ void quantize_with_type(const void* input, int64_t n, const float* code, int64_t
   const int64_t num_blocks = (n + blocksize - 1) / blocksize;
   const int64_t groups_per_tile = kQuantizeThreads / group_threads;
   const int64_t tiles = (num_blocks + groups_per_tile - 1) / groups_per_tile;
-  const unsigned grid = static_cast<unsigned>(std::min(tiles, kMaxGridBlocks));
+  const unsigned grid = grid_blocks(tiles);
   quantize_blockwise_8bit_kernel<T><<<grid, kQuantizeThreads, 0, stream>>>(
       static_cast<const T*>(input), n, code, static_cast<int>(blocksize), group_threads, num_blocks,
       codes, absmax);
@@ -149,9 +139,9 @@ void dequantize_with_type(const uint8_t* codes, const float* absmax, const float
                           int64_t blocksize, void* out, cudaStream_t stream) {
   constexpr int64_t kTileElements = kDequantizeThreads * kDequantizeItemsPerThread;
   const int64_t tiles = (n + kTileElements - 1) / kTileElements;
-  const unsigned grid = static_cast<unsigned>(std::min(tiles, kMaxGridBlocks));
+  const unsigned grid = grid_blocks(tiles);
   dequantize_blockwise_8bit_kernel<T><<<grid, kDequantizeThreads, 0, stream>>>(
-      codes, absmax, code, n, log2_of_power_of_two(blocksize), static_cast<T*>(out));
+      codes, absmax, code, n, exact_log2(blocksize), static_cast<T*>(out));
 }
 
 }  // namespace

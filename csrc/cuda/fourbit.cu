@@ -54,8 +54,6 @@ constexpr int gemv_min_blocks_per_sm(int rows) {
 static_assert(kCodebookSize8bit <= kGemvThreads, "one thread per nested codebook entry");
 static_assert(kBlocksizeMin4bit % kGemvWordElements == 0, "a word never straddles two blocks");
 
-constexpr int64_t kMaxGridBlocks = 65535;
-
 __device__ __forceinline__ float warp_sum(float value) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
@@ -293,8 +291,7 @@ __global__ void __launch_bounds__(kGemvThreads, gemv_min_blocks_per_sm(Rows))
 }
 
 unsigned grid_for(int64_t items, int64_t items_per_block) {
-  return static_cast<unsigned>(std::min<int64_t>(
-      std::max<int64_t>(1, (items + items_per_block - 1) / items_per_block), kMaxGridBlocks));
+  return grid_blocks((items + items_per_block - 1) / items_per_block);
 }
 
 template <typename T>

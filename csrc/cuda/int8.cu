@@ -23,8 +23,6 @@ constexpr int kMaskRowsPerBlock = 64;
 constexpr int kRowThreads = 256;
 constexpr int kRowWarps = kRowThreads / kWarpSize;
 
-constexpr int64_t kMaxGridBlocks = 65535;
-
 template <typename T>
 __global__ void __launch_bounds__(kMaskThreads)
     int8_outlier_mask_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, float threshold,
@@ -87,7 +85,7 @@ void outlier_mask_with_type(const void* x, int64_t rows, int64_t cols, float thr
                             uint8_t* mask, cudaStream_t stream) {
   const int64_t row_tiles = (rows + kMaskRowsPerBlock - 1) / kMaskRowsPerBlock;
   const dim3 grid(static_cast<unsigned>((cols + kMaskThreads - 1) / kMaskThreads),
-                  static_cast<unsigned>(std::min(row_tiles, kMaxGridBlocks)));
+                  grid_blocks(row_tiles));
   int8_outlier_mask_kernel<T>
       <<<grid, kMaskThreads, 0, stream>>>(static_cast<const T*>(x), rows, cols, threshold, mask);
 }
@@ -95,7 +93,7 @@ void outlier_mask_with_type(const void* x, int64_t rows, int64_t cols, float thr
 template <typename T>
 void quantize_rows_with_type(const void* x, int64_t rows, int64_t cols, const uint8_t* outlier_mask,
                              int8_t* codes, float* row_absmax, cudaStream_t stream) {
-  const unsigned grid = static_cast<unsigned>(std::min(rows, kMaxGridBlocks));
+  const unsigned grid = grid_blocks(rows);
   int8_quantize_rows_kernel<T><<<grid, kRowThreads, 0, stream>>>(
       static_cast<const T*>(x), rows, cols, outlier_mask, codes, row_absmax);
 }

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lowprec_kernels.bench.harness import Bench, Row
+from lowprec_kernels.reference.int8 import INT8_SCALE, int8_dequantize_weight
 
 SUITE = "int8"
 THRESHOLD = 6.0
@@ -70,7 +71,7 @@ def _forced(backend: str, fn: Callable) -> Callable:
 def _int_mm_dequant(xq, row_stats, wq, w_scale, out_dtype):
     """torch's int8 GEMM, then the dequantization as a second pass over the int32 result."""
     acc = torch._int_mm(xq, wq.t())
-    return (acc * (row_stats.unsqueeze(1) * (w_scale / 127.0**2))).to(out_dtype)
+    return (acc * (row_stats.unsqueeze(1) * (w_scale / INT8_SCALE**2))).to(out_dtype)
 
 
 def _bnb_layer(wq: torch.Tensor, w_scale: torch.Tensor, device):
@@ -81,7 +82,7 @@ def _bnb_layer(wq: torch.Tensor, w_scale: torch.Tensor, device):
         return None
     N, K = wq.shape
     layer = bnb.nn.Linear8bitLt(K, N, bias=False, has_fp16_weights=False, threshold=THRESHOLD)
-    weight = (wq.float() * (w_scale.unsqueeze(1) / 127.0)).cpu()
+    weight = int8_dequantize_weight(wq, w_scale, torch.float32).cpu()
     layer.load_state_dict({"weight": weight}, strict=False)
     return layer.to(device)
 

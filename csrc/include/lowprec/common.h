@@ -3,7 +3,8 @@
 // translation units stay fast to compile.
 //
 // The constants mirror Python ones (lowprec_kernels/_ops.py and friends); _C.build_info()
-// reports them and tests/test_native_build.py checks they agree. Codebook *tables* are never
+// reports them and the tests check they agree (tests/test_native_build.py; the 4-bit ones in
+// tests/test_fourbit_kernels.py). Codebook *tables* are never
 // held in C++: they are passed in as tensors.
 #pragma once
 
@@ -54,6 +55,14 @@ LP_HOST_DEVICE inline float bits_to_float(uint32_t bits) {
 
 LP_HOST_DEVICE constexpr bool is_power_of_two(int64_t x) {
   return x > 0 && (x & (x - 1)) == 0;
+}
+
+// log2 of a power of two (blocksizes): block indices are shifts, not divisions, in hot loops.
+LP_HOST_DEVICE constexpr int exact_log2(int64_t power_of_two) {
+  int log2 = 0;
+  while ((int64_t{1} << log2) < power_of_two)
+    ++log2;
+  return log2;
 }
 
 }  // namespace lowprec

@@ -14,6 +14,15 @@ namespace lowprec::cuda {
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullWarpMask = 0xFFFFFFFFu;
 
+// Grid-stride kernels launch at most this many thread blocks (the limit of a grid's y and z
+// dimensions; x keeps to it too, so that one rule sizes every launch).
+constexpr int64_t kMaxGridBlocks = 65535;
+
+// Thread blocks for `tiles` tiles of a grid-stride kernel: at least one, at most kMaxGridBlocks.
+inline unsigned grid_blocks(int64_t tiles) {
+  return static_cast<unsigned>(tiles < 1 ? 1 : tiles < kMaxGridBlocks ? tiles : kMaxGridBlocks);
+}
+
 // Conversions round to nearest even, as PyTorch's casts do. Explicit intrinsics, because the
 // extension build defines __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__.
 __device__ __forceinline__ float to_float(float x) {

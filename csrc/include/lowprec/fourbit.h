@@ -33,14 +33,6 @@ constexpr int kFp4Magnitudes = 8;
 constexpr int kThresholdTableSizeNf4 = kCodebookSize4bit;
 constexpr int kThresholdTableSizeFp4 = kFp4Magnitudes;
 
-// log2 of a power of two (blocksizes): block indices are shifts, not divisions, in hot loops.
-LP_HOST_DEVICE constexpr int exact_log2(int64_t power_of_two) {
-  int log2 = 0;
-  while ((int64_t{1} << log2) < power_of_two)
-    ++log2;
-  return log2;
-}
-
 enum class QuantType4bit : int { kNf4 = 0, kFp4 = 1 };
 
 // ------------------------------------------------------------------------------- packing

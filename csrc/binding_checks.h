@@ -256,6 +256,40 @@ inline bool power_of_two_in(int64_t v, int64_t lowest, int64_t highest) {
   return is_power_of_two(v) && v >= lowest && v <= highest;
 }
 
+// The operands of quantize_4bit (A, its codebook, the packed output and the block absmax),
+// all on A's device; returns A's element type and the quant type.
+struct Quantize4bitTypes {
+  FloatType input;
+  QuantType4bit quant;
+};
+inline Quantize4bitTypes check_quantize_4bit(const char* op, c10::DeviceType device_type,
+                                             const at::Tensor& A, const at::Tensor& code,
+                                             int64_t blocksize, const std::string& quant_type,
+                                             const at::Tensor& out_packed,
+                                             const at::Tensor& out_absmax) {
+  check_tensor(A, op, "A", device_type);
+  check_tensor(code, op, "code", device_type);
+  check_tensor(out_packed, op, "out_packed", device_type);
+  check_tensor(out_absmax, op, "out_absmax", device_type);
+  const FloatType input_type = float_type_of(A, op, "A");
+  check_dtype(code, at::kFloat, op, "code");
+  check_dtype(out_packed, at::kByte, op, "out_packed");
+  check_dtype(out_absmax, at::kFloat, op, "out_absmax");
+  check_blocksize_4bit(blocksize, op);
+  const QuantType4bit type = quant_type_4bit(quant_type, op);
+  TORCH_CHECK(code.numel() == kCodebookSize4bit, op, ": code must have ", kCodebookSize4bit,
+              " entries, got ", code.numel());
+  const int64_t n = A.numel();
+  TORCH_CHECK(out_packed.numel() == (n + 1) / 2, op, ": out_packed must have ", (n + 1) / 2,
+              " bytes, got ", out_packed.numel());
+  TORCH_CHECK(out_absmax.numel() == (n + blocksize - 1) / blocksize, op, ": out_absmax must have ",
+              (n + blocksize - 1) / blocksize, " elements, got ", out_absmax.numel());
+  for (const at::Tensor* t : {&code, &out_packed, &out_absmax}) {
+    TORCH_CHECK(t->device() == A.device(), op, ": all tensors must be on ", A.device());
+  }
+  return {input_type, type};
+}
+
 // A packed 4-bit tensor of n elements and its scales (fp32 absmax, or uint8 codes with
 // nested_absmax, nested_code and offset); returns the scales as raw pointers.
 inline BlockScales check_4bit_weight(const char* op, c10::DeviceType device_type,

@@ -381,24 +381,10 @@ cpu::Packed4bit packed_4bit(const at::Tensor& packed, const BlockScales& scales,
 void quantize_4bit_cpu(const at::Tensor& A, const at::Tensor& code, int64_t blocksize,
                        const std::string& quant_type, const at::Tensor& out_packed,
                        const at::Tensor& out_absmax) {
-  constexpr const char* kOp = "quantize_4bit_cpu";
-  check_tensor(A, kOp, "A", c10::DeviceType::CPU);
-  check_tensor(code, kOp, "code", c10::DeviceType::CPU);
-  check_tensor(out_packed, kOp, "out_packed", c10::DeviceType::CPU);
-  check_tensor(out_absmax, kOp, "out_absmax", c10::DeviceType::CPU);
-  const FloatType input_type = float_type_of(A, kOp, "A");
-  check_dtype(code, at::kFloat, kOp, "code");
-  check_dtype(out_packed, at::kByte, kOp, "out_packed");
-  check_dtype(out_absmax, at::kFloat, kOp, "out_absmax");
-  check_blocksize_4bit(blocksize, kOp);
-  const QuantType4bit type = quant_type_4bit(quant_type, kOp);
-  TORCH_CHECK(code.numel() == kCodebookSize4bit, kOp, ": code must have ", kCodebookSize4bit,
-              " entries, got ", code.numel());
+  const auto [input_type, type] =
+      check_quantize_4bit("quantize_4bit_cpu", c10::DeviceType::CPU, A, code, blocksize, quant_type,
+                          out_packed, out_absmax);
   const int64_t n = A.numel();
-  TORCH_CHECK(out_packed.numel() == (n + 1) / 2, kOp, ": out_packed must have ", (n + 1) / 2,
-              " bytes, got ", out_packed.numel());
-  TORCH_CHECK(out_absmax.numel() == (n + blocksize - 1) / blocksize, kOp, ": out_absmax must have ",
-              (n + blocksize - 1) / blocksize, " elements, got ", out_absmax.numel());
   if (n == 0) return;
   cpu::quantize_4bit(A.data_ptr(), input_type, n, code.data_ptr<float>(), type, blocksize,
                      out_packed.data_ptr<uint8_t>(), out_absmax.data_ptr<float>());

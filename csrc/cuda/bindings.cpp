@@ -140,27 +140,9 @@ void quantize_4bit_cuda(const at::Tensor& A, const at::Tensor& code, int64_t blo
                         const std::string& quant_type, const at::Tensor& out_packed,
                         const at::Tensor& out_absmax) {
   constexpr const char* kOp = "quantize_4bit_cuda";
-  constexpr c10::DeviceType kCuda = c10::DeviceType::CUDA;
-  check_tensor(A, kOp, "A", kCuda);
-  check_tensor(code, kOp, "code", kCuda);
-  check_tensor(out_packed, kOp, "out_packed", kCuda);
-  check_tensor(out_absmax, kOp, "out_absmax", kCuda);
-  const FloatType input_type = float_type_of(A, kOp, "A");
-  check_dtype(code, at::kFloat, kOp, "code");
-  check_dtype(out_packed, at::kByte, kOp, "out_packed");
-  check_dtype(out_absmax, at::kFloat, kOp, "out_absmax");
-  check_blocksize_4bit(blocksize, kOp);
-  const QuantType4bit type = quant_type_4bit(quant_type, kOp);
-  TORCH_CHECK(code.numel() == kCodebookSize4bit, kOp, ": code must have ", kCodebookSize4bit,
-              " entries, got ", code.numel());
+  const auto [input_type, type] = check_quantize_4bit(
+      kOp, c10::DeviceType::CUDA, A, code, blocksize, quant_type, out_packed, out_absmax);
   const int64_t n = A.numel();
-  TORCH_CHECK(out_packed.numel() == (n + 1) / 2, kOp, ": out_packed must have ", (n + 1) / 2,
-              " bytes, got ", out_packed.numel());
-  TORCH_CHECK(out_absmax.numel() == (n + blocksize - 1) / blocksize, kOp, ": out_absmax must have ",
-              (n + blocksize - 1) / blocksize, " elements, got ", out_absmax.numel());
-  for (const at::Tensor* t : {&code, &out_packed, &out_absmax}) {
-    TORCH_CHECK(t->device() == A.device(), kOp, ": all tensors must be on ", A.device());
-  }
   if (n == 0) return;
   const c10::cuda::CUDAGuard device_guard(A.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(A.device().index()).stream();

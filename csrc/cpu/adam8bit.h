@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "lowprec/adam8bit.h"
 #include "lowprec/common.h"
 
 namespace lowprec::cpu {
@@ -33,20 +34,6 @@ struct AdamTensor {
   float* v;        // n float32
   float* step;     // the step count (float32 scalar)
   float* skipped;  // the count of skipped steps (float32 scalar)
-};
-
-struct AdamHyper {
-  double lr;
-  double beta1;
-  double beta2;
-  double eps;
-  double weight_decay;
-  bool decoupled;
-  double gnorm_scale;
-};
-
-struct Adam8bitHyper : AdamHyper {
-  int64_t blocksize;
 };
 
 // One step for each tensor: a tensor whose gradient holds a NaN or an infinity is skipped

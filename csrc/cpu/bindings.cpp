@@ -78,8 +78,8 @@ void run_adam8bit_multi_step(
                        steps[i].data_ptr<float>(), skipped[i].data_ptr<float>()});
   }
   if (tensors.empty()) return;
-  const cpu::Adam8bitHyper hyper{{lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale},
-                                 blocksize};
+  const Adam8bitHyper hyper{adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale),
+                            blocksize};
   cpu::adam8bit_multi_step(tensors.data(), static_cast<int64_t>(tensors.size()),
                            qmap1.data_ptr<float>(), qmap2.data_ptr<float>(), hyper);
 }
@@ -102,7 +102,7 @@ void run_adam_multi_step(const char* op, const std::vector<at::Tensor>& params,
                        steps[i].data_ptr<float>(), skipped[i].data_ptr<float>()});
   }
   if (tensors.empty()) return;
-  const cpu::AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale};
+  const AdamHyper hyper = adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale);
   cpu::adam_multi_step(tensors.data(), static_cast<int64_t>(tensors.size()), hyper);
 }
 

@@ -201,7 +201,7 @@ template <int kItems>
 __global__ void __launch_bounds__(kUpdateThreads)
     adam8bit_update_kernel(const __grid_constant__ LaunchGroup group,
                            const float* __restrict__ qmap1, const float* __restrict__ qmap2,
-                           const Adam8bitHyperArgs hyper, int group_threads) {
+                           const Adam8bitHyper hyper, int group_threads) {
   __shared__ SharedTables shared;
   if (threadIdx.x < kCodebookSize8bit) {
     shared.qmap1[threadIdx.x] = qmap1[threadIdx.x];
@@ -262,7 +262,7 @@ int64_t ceil_div(int64_t a, int64_t b) {
 // blocks larger than kUpdateThreads * kUpdateMinItemsPerThread use the whole thread block. The
 // kernel is compiled per count, so a thread holds only the registers its blocks need.
 void launch_update(const LaunchGroup& group, const float* qmap1, const float* qmap2,
-                   const Adam8bitHyperArgs& hyper, int group_threads, cudaStream_t stream) {
+                   const Adam8bitHyper& hyper, int group_threads, cudaStream_t stream) {
   const int items = static_cast<int>(hyper.blocksize / group_threads);
   const unsigned grid = grid_blocks(group.tile_start[group.count]);
   static_assert(kUpdateMaxItemsPerThread == 16, "one instantiation per item count below");
@@ -286,7 +286,7 @@ void launch_update(const LaunchGroup& group, const float* qmap1, const float* qm
 
 cudaError_t launch_adam8bit_multi_step(const Adam8bitTensorArgs* tensors, int64_t count,
                                        const float* qmap1, const float* qmap2,
-                                       const Adam8bitHyperArgs& hyper, int32_t* non_finite,
+                                       const Adam8bitHyper& hyper, int32_t* non_finite,
                                        cudaStream_t stream) {
   if (count <= 0) return cudaSuccess;
   cudaError_t status = cudaMemsetAsync(non_finite, 0, count * sizeof(int32_t), stream);

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "lowprec/adam8bit.h"
 #include "lowprec/common.h"
 
 namespace lowprec::cuda {
@@ -25,24 +26,13 @@ struct Adam8bitTensorArgs {
   FloatType type;
 };
 
-struct Adam8bitHyperArgs {
-  double lr;
-  double beta1;
-  double beta2;
-  double eps;
-  double weight_decay;
-  bool decoupled;
-  double gnorm_scale;
-  int64_t blocksize;
-};
-
 // One step of every tensor, as cpu::adam8bit_multi_step, without a host synchronization: per
 // group of tensors, a finiteness kernel flags each gradient holding a NaN or an infinity, the
 // update kernel skips flagged tensors, and a last kernel sets each step (or counts the skip).
 // `non_finite` is device scratch of `count` int32 (overwritten).
 cudaError_t launch_adam8bit_multi_step(const Adam8bitTensorArgs* tensors, int64_t count,
                                        const float* qmap1, const float* qmap2,
-                                       const Adam8bitHyperArgs& hyper, int32_t* non_finite,
+                                       const Adam8bitHyper& hyper, int32_t* non_finite,
                                        cudaStream_t stream);
 
 }  // namespace lowprec::cuda

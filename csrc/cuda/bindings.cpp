@@ -80,8 +80,8 @@ void adam8bit_multi_step_cuda(
   // Scratch for the per-tensor finiteness flags, from the caching allocator (no sync).
   const at::Tensor non_finite =
       at::empty({static_cast<int64_t>(params.size())}, params[0].options().dtype(at::kInt));
-  const cuda::Adam8bitHyperArgs hyper{lr,           beta1,     beta2,       eps,
-                                      weight_decay, decoupled, gnorm_scale, blocksize};
+  const Adam8bitHyper hyper{adam_hyper(lr, beta1, beta2, eps, weight_decay, decoupled, gnorm_scale),
+                            blocksize};
   check_launch(cuda::launch_adam8bit_multi_step(
                    tensors.data(), static_cast<int64_t>(tensors.size()), qmap1.data_ptr<float>(),
                    qmap2.data_ptr<float>(), hyper, non_finite.data_ptr<int32_t>(), stream),

@@ -15,6 +15,35 @@ namespace lowprec {
 
 // ------------------------------------------------------------------------------ the update
 
+// The step's hyperparameters as the ops take them, for the CPU and CUDA launchers alike; built
+// by adam_hyper, the one place that names each field (the ops' argument order).
+struct AdamHyper {
+  double lr;
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+  bool decoupled;
+  double gnorm_scale;
+};
+
+struct Adam8bitHyper : AdamHyper {
+  int64_t blocksize;
+};
+
+inline AdamHyper adam_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
+                            bool decoupled, double gnorm_scale) {
+  AdamHyper hyper;
+  hyper.lr = lr;
+  hyper.beta1 = beta1;
+  hyper.beta2 = beta2;
+  hyper.eps = eps;
+  hyper.weight_decay = weight_decay;
+  hyper.decoupled = decoupled;
+  hyper.gnorm_scale = gnorm_scale;
+  return hyper;
+}
+
 // Every scalar of the update as the reference uses it: computed in float64 and rounded to
 // float32 once (torch rounds a Python scalar to the tensor's dtype when it multiplies, adds or
 // divides a float32 tensor).

@@ -45,14 +45,16 @@ def _launch_config(blocksize: int, n_blocks: int) -> tuple[int, int, int]:
     return blocks_per_program, num_warps_for(tile), triton.cdiv(n_blocks, blocks_per_program)
 
 
-# --- the encode rule as jit helpers, for kernels that quantize a tile they computed ---------
-# (the fused 8-bit Adam step requantizes its updated states with exactly this rule; the
-# kernel below spells the same steps out inline).
+# --- the encode rule as jit helpers: the blockwise kernel below and the fused 8-bit Adam step
+# (which requantizes its updated states) both call them.
 
 
 @triton.jit
 def block_absmax(x):
-    """Largest |x| of each row of a 2-D fp32 tile, NaN when the row holds a NaN."""
+    """Largest |x| of each row of a 2-D fp32 tile, NaN when the row holds a NaN.
+
+    tl.max ignores NaN (maxnum on GPU, nanmax in the interpreter), but a NaN anywhere in a
+    block must make its absmax NaN, so NaN is propagated by hand."""
     absmax = tl.max(tl.abs(x), axis=1)
     row_has_nan = tl.max((x != x).to(tl.int32), axis=1) > 0
     return tl.where(row_has_nan, float("nan"), absmax)
@@ -68,7 +70,18 @@ def nearest_codes(
     TINY_ABSMAX_SCALE: tl.constexpr,
 ):
     """int32 index of the codebook entry nearest to ``x / absmax`` for each row of a 2-D tile
-    (``absmax`` one per row): the rule and the reasons of ``_quantize_blockwise_kernel``."""
+    (``absmax`` one per row).
+
+    An all-zero block divides by 1 instead, which gives v = 0 exactly as specified. div_rn:
+    Triton's plain `/` on fp32 lowers to an approximate division on NVIDIA. div_rn may also
+    lower to a flush-to-zero division (div.rn.ftz.f32), which would turn subnormal x or absmax
+    into 0. Only blocks whose absmax is tiny can tell (elsewhere a subnormal x encodes as 0.0
+    anyway), and those are scaled by an exact power of two first: both operands stay exact and
+    the quotient, hence its rounding, is unchanged.
+
+    index = #{i : v > t_i} over the sorted thresholds (ties go to the lower index, NaN compares
+    false and encodes as 0). Step s probes t[index + s - 1]; the largest probe is t[254], so
+    the +inf padding at t[255] is never read and index ends at most 255."""
     divisor = tl.where(absmax == 0.0, 1.0, absmax)
     scale = tl.where(divisor < TINY_ABSMAX, TINY_ABSMAX_SCALE, 1.0)
     v = tl.math.div_rn(x * scale[:, None], (divisor * scale)[:, None])
@@ -100,31 +113,9 @@ def _quantize_blockwise_kernel(
     in_bounds = offsets < n_elements
     x = to_fp32(tl.load(a_ptr + offsets, mask=in_bounds, other=0.0))
 
-    # tl.max ignores NaN (maxnum on GPU, nanmax in the interpreter), but a NaN anywhere in
-    # a block must make its absmax NaN, so NaN is propagated by hand.
-    absmax = tl.max(tl.abs(x), axis=1)
-    block_has_nan = tl.max((x != x).to(tl.int32), axis=1) > 0
-    absmax = tl.where(block_has_nan, float("nan"), absmax)
+    absmax = block_absmax(x)
     tl.store(absmax_ptr + blocks, absmax, mask=blocks < n_blocks)
-
-    # An all-zero block divides by 1 instead, which gives v = 0 exactly as specified.
-    # div_rn: Triton's plain `/` on fp32 lowers to an approximate division on NVIDIA.
-    # div_rn may also lower to a flush-to-zero division (div.rn.ftz.f32), which would turn
-    # subnormal x or absmax into 0. Only blocks whose absmax is tiny can tell (elsewhere a
-    # subnormal x encodes as 0.0 anyway), and those are scaled by an exact power of two
-    # first: both operands stay exact and the quotient, hence its rounding, is unchanged.
-    divisor = tl.where(absmax == 0.0, 1.0, absmax)
-    scale = tl.where(divisor < TINY_ABSMAX, TINY_ABSMAX_SCALE, 1.0)
-    v = tl.math.div_rn(x * scale[:, None], (divisor * scale)[:, None])
-
-    # index = #{i : v > t_i} over the sorted thresholds (ties go to the lower index, NaN
-    # compares false and encodes as 0). Step s probes t[index + s - 1]; the largest probe
-    # is t[254], so the +inf padding at t[255] is never read and index ends at most 255.
-    index = tl.zeros((BLOCKS_PER_PROGRAM, BLOCKSIZE), dtype=tl.int32)
-    for bit in tl.static_range(CODEBOOK_BITS - 1, -1, -1):
-        step = 1 << bit
-        threshold = tl.load(thresholds_ptr + index + (step - 1))
-        index = tl.where(v > threshold, index + step, index)
+    index = nearest_codes(x, absmax, thresholds_ptr, CODEBOOK_BITS, TINY_ABSMAX, TINY_ABSMAX_SCALE)
     tl.store(codes_ptr + offsets, index.to(tl.uint8), mask=in_bounds)
 
 

@@ -26,6 +26,9 @@ constexpr int64_t kMinElementsPerTask = 16384;
 
 // The binary search over at most 16 thresholds takes at most log2(16) steps.
 constexpr int kMaxSearchSteps = 4;
+// The VNNI tile decoder's step along a row: 16 packed bytes (32 codes) of each of 16 rows, one
+// 16 x 16 transpose. in_features must be a multiple of its codes (tile_vnni_supported).
+constexpr int64_t kVnniTileStepBytes = 16;
 
 // The encoder plus what the SIMD search needs, built once per call from the codebook.
 struct Quantize4bitTables {
@@ -480,7 +483,6 @@ LP_TARGET_AVX512 inline void avx512_transpose16(__m512i* rows) {
 // no GEMM result notices), one instruction instead of the exact rounding's seven. The same
 // bytes of the next tile of rows (the caller's next call) are prefetched along the way.
 constexpr int kVnniRows = 16;
-constexpr int64_t kVnniBytes = 16;
 using simd::kCacheLineBytes;
 
 LP_TARGET_AVX512_BF16 void decode_tile_vnni_avx512(const Packed4bit& weight, int64_t in_features,
@@ -497,7 +499,7 @@ LP_TARGET_AVX512_BF16 void decode_tile_vnni_avx512(const Packed4bit& weight, int
     const int prefetch_rows =
         static_cast<int>(std::clamp<int64_t>(rows_total - (r0 + next_tile), 0, rows));
     const __mmask16 row_lanes = simd::avx512_first_lanes(rows);
-    for (int64_t j0 = 0; j0 < half; j0 += kVnniBytes) {
+    for (int64_t j0 = 0; j0 < half; j0 += kVnniTileStepBytes) {
       if (j0 % bytes_per_block == 0) {
         for (int r = 0; r < rows; ++r) {
           const int64_t byte_index = (r0 + r) * half + j0;
@@ -632,7 +634,7 @@ void dequantize_4bit_rows_split(const Packed4bit& weight, int64_t in_features, i
 }
 
 bool tile_vnni_supported(const Packed4bit& weight, int64_t in_features) {
-  return in_features % 32 == 0 && in_features % weight.blocksize == 0;
+  return in_features % (2 * kVnniTileStepBytes) == 0 && in_features % weight.blocksize == 0;
 }
 
 void dequantize_4bit_tile_vnni(const Packed4bit& weight, int64_t in_features, int64_t row_begin,

@@ -294,7 +294,7 @@ inline MainRange main_range(int64_t begin, int64_t end, int64_t step, int bytes_
 constexpr int64_t kLaneChunkBytes = 64;
 constexpr int64_t kLaneChunkElements = 2 * kLaneChunkBytes;
 constexpr int kNibbleBits = 4;
-constexpr int kLanes = 16;  // dword lanes of a 512-bit vector
+constexpr int kLanes = simd::kAvx512Lanes;  // dword lanes of a 512-bit vector
 constexpr int kNibblesPerLane = static_cast<int>(kLaneChunkElements / kLanes);
 
 // Rows of x (count elements in all, a multiple of kLaneChunkElements) in the lane-strided

@@ -427,7 +427,7 @@ using simd::kAvx512Lanes;
 constexpr int64_t kVnniBytes = 64;  // int8 elements per vector
 
 LP_TARGET_AVX512_VNNI inline __mmask64 vnni_first_bytes(int64_t count) {
-  return count >= 64 ? ~__mmask64{0} : ((__mmask64{1} << count) - 1);
+  return count >= kVnniBytes ? ~__mmask64{0} : ((__mmask64{1} << count) - 1);
 }
 
 LP_TARGET_AVX512_VNNI inline __mmask16 vnni_first_lanes(int64_t count) {

@@ -125,8 +125,8 @@ inline bool step_value_valid(const at::Tensor& step) {
 // Every step of a multi-step, before anything is updated.
 inline void check_step_values(const char* op, const std::vector<at::Tensor>& steps) {
   for (size_t i = 0; i < steps.size(); ++i) {
-    TORCH_CHECK(step_value_valid(steps[i]), op, ": step of tensor ", i,
-                " must be a finite number >= 0, got ", *steps[i].data_ptr<float>());
+    TORCH_CHECK_VALUE(step_value_valid(steps[i]), op, ": step of tensor ", i,
+                      " must be a finite number >= 0, got ", *steps[i].data_ptr<float>());
   }
 }
 

@@ -1,7 +1,11 @@
 """The user-facing functions: thin, documented wrappers over ``torch.ops.lowprec``.
 
-Defaults follow bitsandbytes (blocksize 256 for 8-bit, 64 for 4-bit, NF4 with double
-quantization, LLM.int8 threshold 6.0). Validation happens once, in the ops (``_ops.py``).
+Defaults: blocksize 256 for 8-bit (bitsandbytes' 8-bit optimizers use it; its
+``quantize_blockwise`` defaults to 4096, so pass ``blocksize`` when decoding its codes), 64
+for 4-bit, NF4 with double quantization (QLoRA's choice; bitsandbytes' functional and layer
+default is FP4 without it), LLM.int8 threshold 6.0 (the paper's and Hugging Face's
+``llm_int8_threshold``; bitsandbytes' ``Linear8bitLt`` defaults to 0.0, no outlier columns).
+Validation happens once, in the ops (``_ops.py``).
 """
 
 from __future__ import annotations

@@ -630,7 +630,7 @@ def test_adam_step_count_must_be_finite_and_not_negative(op, backend, bad_step):
         for name, v in args.items()
         if isinstance(v, torch.Tensor) or (isinstance(v, list) and isinstance(v[0], torch.Tensor))
     }
-    with lpk.use_backend(backend), pytest.raises((ValueError, RuntimeError), match="step"):
+    with lpk.use_backend(backend), pytest.raises(ValueError, match="step"):
         call(op, args)
     for name, before in snapshot.items():
         now = args[name] if isinstance(args[name], list) else [args[name]]

@@ -697,6 +697,22 @@ def test_malformed_checkpoint_refused_at_load(case):
     assert_same_quantized(layer, before)
 
 
+def test_plain_codes_standing_in_keep_repr_properties_and_state_dict(layer):
+    """A plain Parameter of the codes in the weight's place (what FSDP2's unshard and
+    torch.export put there): forward decoded it, but quant_state, repr and state_dict read the
+    weight's own quant_state and failed with a misleading AttributeError."""
+    want = layer.state_dict()
+    layer._parameters["weight"] = nn.Parameter(layer.weight.as_subclass(torch.Tensor).detach(),
+                                               requires_grad=False)  # fmt: skip
+    assert layer.quant_state.quant_type == "nf4" and "quant_type=nf4" in repr(layer)
+    got = layer.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    layer.weight = nn.Parameter(layer.weight.float())  # no longer the codes: repr still works
+    assert "not quantized codes" in repr(layer)
+    with pytest.raises(TypeError, match="weight must be a Params4bit"):
+        _ = layer.quant_state
+
+
 @pytest.mark.parametrize("in_place", [True, False])
 def test_loading_copies_instead_of_aliasing(layer, in_place, monkeypatch):
     if not in_place:  # the path that replaces the Params4bit (as for FSDP's sharded codes)

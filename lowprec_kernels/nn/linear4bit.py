@@ -262,7 +262,10 @@ class Linear4bit(nn.Linear):
 
     @property
     def quant_state(self) -> QuantState:
-        return self.weight.quant_state
+        # Through _quant_state_for: a plain tensor of the codes (FSDP2's gathered weight, its
+        # sharded DTensor, torch.export's fake one) has no quant_state of its own. (A TypeError,
+        # not an AttributeError, which nn.Module.__getattr__ would turn into a misleading one.)
+        return self._quant_state_for(self.weight)
 
     @property
     def quant_type(self) -> str:
@@ -332,9 +335,18 @@ class Linear4bit(nn.Linear):
         return y.to(x.dtype) if cast else y
 
     def extra_repr(self) -> str:
+        try:
+            st = self.quant_state
+        except TypeError:  # a weight that is no longer the codes (a float one put in its place)
+            weight = self.weight
+            return (
+                f"{super().extra_repr()}, weight={type(weight).__name__} "
+                f"{getattr(weight, 'dtype', None)} (not quantized codes), "
+                f"compute_dtype={self.compute_dtype}"
+            )
         return (
-            f"{super().extra_repr()}, quant_type={self.quant_type}, blocksize={self.blocksize}, "
-            f"double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
+            f"{super().extra_repr()}, quant_type={st.quant_type}, blocksize={st.blocksize}, "
+            f"double_quant={st.nested}, compute_dtype={self.compute_dtype}"
         )
 
     # --- device / dtype moves -------------------------------------------------------------------
@@ -372,9 +384,12 @@ class Linear4bit(nn.Linear):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # weight (codes), bias
-        if not keep_vars:  # a plain tensor, as torch.load(weights_only=True) requires
-            destination[prefix + "weight"] = self.weight.as_subclass(torch.Tensor).detach()
-        for key, value in self.weight.quant_state.as_dict().items():
+        weight = self.weight
+        if not keep_vars and isinstance(weight, Params4bit):
+            # A plain tensor, as torch.load(weights_only=True) requires. (A stand-in for the
+            # codes, FSDP2's sharded DTensor say, is saved as it is.)
+            destination[prefix + "weight"] = weight.as_subclass(torch.Tensor).detach()
+        for key, value in self._quant_state_for(weight).as_dict().items():
             destination[prefix + "weight." + key] = value if keep_vars else value.detach()
 
     def _load_from_state_dict(

@@ -147,8 +147,10 @@ class QuantState:
             return self.as_dict()[PACKED_KEY_PREFIX + quant_type]
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        """bitsandbytes' packed dict: tensors only, scalars in a JSON uint8 tensor.
+    def as_dict(self, packed: bool = True) -> dict:
+        """bitsandbytes' packed dict: tensors only, scalars in a JSON uint8 tensor. With
+        ``packed=False``, its unpacked form (the scalars as Python values, as bitsandbytes'
+        ``as_dict(packed=False)``); ``from_dict`` reads both.
 
         The header tensor is built once per header text and then reused, so that layers
         sharing this state (tied weights) share their state dict entries, as safetensors'
@@ -171,6 +173,8 @@ class QuantState:
                 nested_offset=0.0 if self.offset.is_meta else float(self.offset.item()),
             )
             on_meta = on_meta or self.offset.is_meta
+        if not packed:
+            return {**header, **tensors}
         text = json.dumps(header)
         cached = getattr(self, "_packed_header", None)
         if cached is None or cached[0] != (text, on_meta):
@@ -184,9 +188,10 @@ class QuantState:
         return tensors
 
     @classmethod
-    def from_dict(cls, d: Mapping, device=None) -> QuantState:
+    def from_dict(cls, qs_dict: Mapping, device=None) -> QuantState:
         """Builds a QuantState from a packed or unpacked dict (keys may carry a prefix such as
-        ``weight.``); ``d`` is not modified."""
+        ``weight.``); ``qs_dict`` (bitsandbytes' name) is not modified."""
+        d = qs_dict
         items = {k.split(".")[-1]: v for k, v in d.items() if "quant_state." not in k}
         packed_keys = [k for k in d if PACKED_KEY_PREFIX in k]
         if len(packed_keys) > 1:
@@ -204,17 +209,32 @@ class QuantState:
             qt_suffix = packed_keys[0].rsplit(PACKED_KEY_PREFIX, 1)[-1]
             header.setdefault("quant_type", qt_suffix)
         elif "quant_type" in items:
-            header = {k: v for k, v in items.items() if not isinstance(v, torch.Tensor)}
+            # (bitsandbytes' unpacked dicts may hold the offset as a 0-dim tensor.)
+            header = {
+                k: v.item() if isinstance(v, torch.Tensor) else v
+                for k, v in items.items()
+                if not isinstance(v, torch.Tensor) or k == "nested_offset"
+            }
         else:
             raise ValueError(
                 "QuantState.from_dict: expected a packed 'quant_state.bitsandbytes__nf4|fp4' "
                 "tensor or unpacked keys (quant_type, blocksize, ...), found neither"
             )
-        tensors = {k.split(".")[-1]: v for k, v in d.items() if isinstance(v, torch.Tensor)}
+        tensors = {
+            k.split(".")[-1]: v
+            for k, v in d.items()
+            if isinstance(v, torch.Tensor) and k.split(".")[-1] != "nested_offset"
+        }
+        # Double quantization shows in the header's offset or in the nested tensors: either
+        # one without the other is a truncated dict (it used to build a non-nested state
+        # holding uint8 absmax codes).
+        nested = "nested_offset" in header or "nested_absmax" in tensors
         required = ["absmax", "quant_map"] + (
-            ["nested_absmax", "nested_quant_map"] if "nested_offset" in header else []
+            ["nested_absmax", "nested_quant_map"] if nested else []
         )
         missing = [k for k in required if k not in tensors]
+        if nested and "nested_offset" not in header:
+            missing.append("nested_offset")
         missing += [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in header]
         if missing:
             raise ValueError(
@@ -224,7 +244,6 @@ class QuantState:
         def get(key):
             return tensors[key].to(device) if device is not None else tensors[key]
 
-        nested = "nested_offset" in header
         return cls(
             quant_type=header["quant_type"],
             blocksize=header["blocksize"],

@@ -478,6 +478,42 @@ def test_from_dict_unpacked(state):
     _assert_same_state(st, st2)
 
 
+def test_as_dict_unpacked_round_trip(state):
+    """as_dict(packed=False) (bitsandbytes' signature; it raised TypeError) gives the
+    unpacked layout; packed=True is the default."""
+    qw, st, _, _ = state
+    unpacked = st.as_dict(packed=False)
+    want = _unpacked(st)
+    assert set(unpacked) == set(want) if st.nested else set(unpacked) <= set(want)
+    _assert_same_state(st, lpk.QuantState.from_dict(unpacked))
+    packed = st.as_dict(packed=True)
+    assert list(packed) == list(st.as_dict()) and all(
+        torch.equal(packed[k], v) for k, v in st.as_dict().items()
+    )
+
+
+def test_from_dict_takes_bitsandbytes_keyword_and_a_tensor_offset(state):
+    """bitsandbytes calls from_dict(qs_dict=..., device=...), and its unpacked dicts may hold
+    the offset as a 0-dim tensor (which made a non-nested state of uint8 absmax codes)."""
+    qw, st, _, _ = state
+    d = _unpacked(st)
+    if st.nested:
+        d["nested_offset"] = st.offset.clone()
+    st2 = lpk.QuantState.from_dict(qs_dict=d, device="cpu")
+    _assert_same_state(st, st2)
+    assert torch.equal(dq4(qw, st2), dq4(qw, st))
+
+
+def test_from_dict_nested_tensors_without_an_offset_raises(state):
+    _, st, quant_type, _ = state
+    if not st.nested:
+        pytest.skip("needs double quantization")
+    d = _unpacked(st)
+    del d["nested_offset"]
+    with pytest.raises(ValueError, match="nested_offset"):
+        lpk.QuantState.from_dict(d)
+
+
 def test_from_dict_after_torch_save_weights_only(state):
     qw, st, _, _ = state
     buf = io.BytesIO()

@@ -697,6 +697,13 @@ def test_malformed_checkpoint_refused_at_load(case):
     assert_same_quantized(layer, before)
 
 
+def test_params4bit_refuses_float_data():
+    """bitsandbytes' Params4bit(w) quantizes later, on .to(device); ours would have kept the
+    float weight as 'codes' with no quant_state, failing only at the first forward."""
+    with pytest.raises(TypeError, match="Params4bit.from_weight"):
+        Params4bit(torch.randn(8, 64))
+
+
 def test_plain_codes_standing_in_keep_repr_properties_and_state_dict(layer):
     """A plain Parameter of the codes in the weight's place (what FSDP2's unshard and
     torch.export put there): forward decoded it, but quant_state, repr and state_dict read the

@@ -63,6 +63,11 @@ class Params4bit(nn.Parameter):
     def __new__(cls, data=None, requires_grad=False, quant_state=None):
         if data is None:
             data = torch.empty(0, dtype=torch.uint8)
+        if data.is_floating_point():  # bitsandbytes' Params4bit(w) quantizes on .to(device)
+            raise TypeError(
+                f"Params4bit holds packed uint8 codes, got {data.dtype} data: quantize a float "
+                "weight with Params4bit.from_weight(w, blocksize, quant_type, double_quant)"
+            )
         self = torch.Tensor._make_subclass(cls, data, requires_grad)
         self.quant_state = quant_state
         return self

@@ -201,13 +201,18 @@ class QuantState:
             if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8:
                 raise TypeError(f"QuantState.from_dict: {packed_keys[0]} must be a uint8 tensor")
             try:
-                header = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+                header = json.loads(bytes(blob.cpu().reshape(-1).tolist()).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ValueError(
                     f"QuantState.from_dict: {packed_keys[0]} is not valid JSON: {e}"
                 ) from e
             qt_suffix = packed_keys[0].rsplit(PACKED_KEY_PREFIX, 1)[-1]
             header.setdefault("quant_type", qt_suffix)
+            if header["quant_type"] != qt_suffix:  # as bitsandbytes, which checks the key
+                raise ValueError(
+                    f"QuantState.from_dict: {packed_keys[0]} holds a {header['quant_type']!r} "
+                    f"header; the key must end in {header['quant_type']!r}"
+                )
         elif "quant_type" in items:
             # (bitsandbytes' unpacked dicts may hold the offset as a 0-dim tensor.)
             header = {

@@ -504,6 +504,20 @@ def test_from_dict_takes_bitsandbytes_keyword_and_a_tensor_offset(state):
     assert torch.equal(dq4(qw, st2), dq4(qw, st))
 
 
+def test_from_dict_header_key_and_layout(state):
+    """The packed key must name the header's quant type (an '...__int8' key was taken); a
+    header tensor of another shape holds the same bytes (a 2-D one raised TypeError)."""
+    qw, st, quant_type, _ = state
+    d = st.as_dict()
+    header = d.pop(f"quant_state.bitsandbytes__{quant_type}")
+    with pytest.raises(ValueError, match="bitsandbytes__int8"):
+        lpk.QuantState.from_dict({**d, "quant_state.bitsandbytes__int8": header})
+    st2 = lpk.QuantState.from_dict(
+        {**d, f"quant_state.bitsandbytes__{quant_type}": header.reshape(1, -1)}
+    )
+    _assert_same_state(st, st2)
+
+
 def test_from_dict_nested_tensors_without_an_offset_raises(state):
     _, st, quant_type, _ = state
     if not st.nested:

@@ -54,6 +54,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         # The sharded layer still knows its quantization (repr, properties, state_dict, which
         # read the weight's quant_state: the sharded DTensor has none of its own).
         keys = set(model.state_dict())
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        dcp_keys = set(get_model_state_dict(model))  # getattr'd weight.absmax on the DTensor
         result = {
             "output": torch.equal(y, expected_y),
             "input_grad": torch.equal(grad, expected_grad),
@@ -61,6 +64,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "repr": "quant_type=nf4" in repr(model),
             "quant_type": model[0].quant_type == "nf4",
             "state_dict": {"0.weight", "0.weight.absmax", "2.SCB"} <= keys,
+            "dcp_state_dict": dcp_keys == keys,
         }
     except Exception as e:  # noqa: BLE001 - reported by the test, not lost in a child process
         result = {"error": f"{type(e).__name__}: {e}"}
@@ -76,8 +80,9 @@ def test_fully_shard_matches_the_unsharded_model(tmp_path):
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     for rank in range(WORLD_SIZE):
         result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert result == {k: True for k in ("output", "input_grad", "bias_grad", "repr",
-                                            "quant_type", "state_dict")}, (rank, result)  # fmt: skip
+        checks = ("output", "input_grad", "bias_grad", "repr", "quant_type", "state_dict",
+                  "dcp_state_dict")  # fmt: skip
+        assert result == dict.fromkeys(checks, True), (rank, result)
 
 
 @pytest.mark.parametrize("double_quant", [True, False])

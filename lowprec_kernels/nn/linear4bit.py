@@ -16,6 +16,7 @@ read as uint8, and saved as uint8).
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -378,6 +379,19 @@ class Linear4bit(nn.Linear):
             weight.quant_state = move(weight.device)
         self._note_packed(weight)
         return self
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """torch.distributed.checkpoint's state_dict API resolves each key as an attribute
+        path from the layer (``weight.absmax`` -> ``getattr(weight, "absmax")``). FSDP2's
+        sharded weight (a DTensor) has no such attributes, so the path is looked up on
+        ``_checkpoint_paths`` instead (this method is that API's contract for it)."""
+        return {"weight": "_checkpoint_paths"}
+
+    @property
+    def _checkpoint_paths(self) -> SimpleNamespace:
+        st = self.quant_state
+        entries = {k: v for k, v in st.as_dict().items() if "." not in k}
+        return SimpleNamespace(weight=SimpleNamespace(quant_state=st, **entries))
 
     def _note_packed(self, weight) -> None:
         """Lets the parameter dict note ``weight``'s quant_state (it is a plain dict until

@@ -136,17 +136,6 @@ class QuantState:
         keys = list(TENSOR_KEYS if self.nested else TENSOR_KEYS[:2])
         return keys + [PACKED_KEY_PREFIX + self.quant_type]
 
-    def __getattr__(self, name: str):
-        # torch.distributed.checkpoint resolves state-dict keys as attribute paths: the packed
-        # header's "weight.quant_state.bitsandbytes__nf4" asks the state for this name. (Only
-        # called for names the instance lacks; __dict__ is read directly, as during unpickling
-        # it is still empty.)
-        packed_name = PACKED_KEY_PREFIX[len("quant_state.") :]
-        quant_type = self.__dict__.get("quant_type")
-        if quant_type is not None and name == packed_name + quant_type:
-            return self.as_dict()[PACKED_KEY_PREFIX + quant_type]
-        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
-
     def as_dict(self, packed: bool = True) -> dict:
         """bitsandbytes' packed dict: tensors only, scalars in a JSON uint8 tensor. With
         ``packed=False``, its unpacked form (the scalars as Python values, as bitsandbytes'

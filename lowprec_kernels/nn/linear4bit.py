@@ -30,20 +30,6 @@ def _rebuild_params4bit(data, requires_grad, quant_state):
     return Params4bit(data, requires_grad, quant_state)
 
 
-def _quant_state_entry(key: str) -> property:
-    """The tensor of the quant_state's ``as_dict()[key]``: torch.distributed.checkpoint
-    resolves the state-dict key ``weight.<key>`` as ``getattr(weight, key)``. A property, not
-    ``__getattr__``, which torch.compile cannot trace on a Tensor subclass."""
-
-    def entry(self):
-        state = self.__dict__.get("quant_state")
-        if state is None or key not in state.dict_keys():
-            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{key}'")
-        return state.as_dict()[key]
-
-    return property(entry)
-
-
 class Params4bit(nn.Parameter):
     """Packed 4-bit codes (``uint8 [(n+1)//2, 1]``) with their ``quant_state``; frozen.
 
@@ -54,12 +40,6 @@ class Params4bit(nn.Parameter):
     """
 
     quant_state: QuantState | None
-
-    # The state-dict entries beside the codes, by their keys (TENSOR_KEYS).
-    absmax = _quant_state_entry("absmax")
-    quant_map = _quant_state_entry("quant_map")
-    nested_absmax = _quant_state_entry("nested_absmax")
-    nested_quant_map = _quant_state_entry("nested_quant_map")
 
     def __new__(cls, data=None, requires_grad=False, quant_state=None):
         if data is None:
@@ -382,16 +362,24 @@ class Linear4bit(nn.Linear):
 
     def _fqn_modifiers(self) -> dict[str, str]:
         """torch.distributed.checkpoint's state_dict API resolves each key as an attribute
-        path from the layer (``weight.absmax`` -> ``getattr(weight, "absmax")``). FSDP2's
-        sharded weight (a DTensor) has no such attributes, so the path is looked up on
-        ``_checkpoint_paths`` instead (this method is that API's contract for it)."""
+        path from the layer (``weight.absmax`` -> ``getattr(weight, "absmax")``). Neither the
+        codes (a Params4bit, FSDP2's sharded DTensor) nor the QuantState has those attributes,
+        so the path is looked up on ``_checkpoint_paths`` instead (this method is that API's
+        contract for it)."""
         return {"weight": "_checkpoint_paths"}
 
     @property
     def _checkpoint_paths(self) -> SimpleNamespace:
-        st = self.quant_state
-        entries = {k: v for k, v in st.as_dict().items() if "." not in k}
-        return SimpleNamespace(weight=SimpleNamespace(quant_state=st, **entries))
+        """``weight`` with an attribute path for each state-dict key under it
+        (``quant_state.bitsandbytes__nf4`` two levels down)."""
+        weight = SimpleNamespace()
+        for key, value in self.quant_state.as_dict().items():
+            *parents, leaf = key.split(".")
+            node = weight
+            for part in parents:
+                node = node.__dict__.setdefault(part, SimpleNamespace())
+            setattr(node, leaf, value)
+        return SimpleNamespace(weight=weight)
 
     def _note_packed(self, weight) -> None:
         """Lets the parameter dict note ``weight``'s quant_state (it is a plain dict until

@@ -704,6 +704,21 @@ def test_params4bit_refuses_float_data():
         Params4bit(torch.randn(8, 64))
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_params4bit_answers_bitsandbytes_attribute_names(quant_type, double_quant):
+    """Code written for bitsandbytes reads weight.blocksize, .quant_type,
+    .compress_statistics, .quant_storage and .bnb_quantized; they raised AttributeError."""
+    w = Params4bit.from_weight(torch.randn(8, 64), 32, quant_type, double_quant)
+    assert (w.blocksize, w.quant_type, w.compress_statistics) == (32, quant_type, double_quant)
+    assert w.quant_storage == torch.uint8 and w.bnb_quantized
+    bare = Params4bit(torch.zeros(4, 1, dtype=torch.uint8))
+    assert (bare.blocksize, bare.quant_type, bare.compress_statistics) == (None, None, None)
+    assert not bare.bnb_quantized
+    with pytest.raises(AttributeError):  # views of the quant_state, not settings of their own
+        w.blocksize = 64
+
+
 def test_plain_codes_standing_in_keep_repr_properties_and_state_dict(layer):
     """A plain Parameter of the codes in the weight's place (what FSDP2's unshard and
     torch.export put there): forward decoded it, but quant_state, repr and state_dict read the

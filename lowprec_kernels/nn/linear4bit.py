@@ -36,7 +36,9 @@ class Params4bit(nn.Parameter):
     ``.to(device)`` / ``.cuda()`` / ``.cpu()`` move the codes and the QuantState together;
     the codes never change dtype (``nn.Module.to(dtype)`` leaves non-float tensors alone; a
     direct ``.to(float_dtype)`` raises: use :meth:`dequantize`). ``copy.deepcopy`` and
-    ``pickle`` keep the type and the QuantState.
+    ``pickle`` keep the type and the QuantState. bitsandbytes' attribute names
+    (``blocksize``, ``quant_type``, ``compress_statistics``, ``quant_storage``,
+    ``bnb_quantized``) read the QuantState.
     """
 
     quant_state: QuantState | None
@@ -69,6 +71,30 @@ class Params4bit(nn.Parameter):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The decoded weight, in ``dtype`` (default: the original weight's dtype)."""
         return LF.dequantize_4bit(self.data, self.quant_state, dtype)
+
+    # bitsandbytes' Params4bit keeps its settings as attributes beside its quant_state; code
+    # written for it reads them. Here the quant_state is their one source, so they are read-only
+    # views of it (None before there is one).
+    @property
+    def blocksize(self) -> int | None:
+        return None if self.quant_state is None else self.quant_state.blocksize
+
+    @property
+    def quant_type(self) -> str | None:
+        return None if self.quant_state is None else self.quant_state.quant_type
+
+    @property
+    def compress_statistics(self) -> bool | None:
+        """bitsandbytes' name for double quantization."""
+        return None if self.quant_state is None else self.quant_state.nested
+
+    @property
+    def quant_storage(self) -> torch.dtype:
+        return self.dtype
+
+    @property
+    def bnb_quantized(self) -> bool:
+        return self.quant_state is not None
 
     def to(self, *args, **kwargs) -> Params4bit:
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)

@@ -11,7 +11,8 @@
 #include <type_traits>
 #include <vector>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(LOWPREC_FORCE_NO_SIMD)
 #define LOWPREC_X86_SIMD 1
 // Instruction sets a function body may use; the caller must have checked cpu_supports().
 #define LP_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))

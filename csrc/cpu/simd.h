@@ -91,6 +91,11 @@ inline uint32_t max_magnitude_bits(const void* data, int64_t begin, int64_t end,
 // step of per-line loops such as prefetches, and the alignment of CacheLineAllocator.
 constexpr int64_t kCacheLineBytes = 64;
 
+// float32 lanes of an AVX2 and an AVX-512 vector. Defined on every target: layouts shared with
+// the scalar paths (the GEMV's lane-strided x) are sized by them.
+constexpr int kAvx2Lanes = 8;
+constexpr int kAvx512Lanes = 16;
+
 // Allocates on cache-line boundaries. Scratch arrays that kernels read with 512-bit loads
 // use it: from plain malloc (16-byte aligned) every such load spans two cache lines. The NF4
 // GEMV with fp32 x (half of its loads are x) ran 22% faster with x aligned (weights in L2).
@@ -145,9 +150,6 @@ inline bool cpu_has_avx512_bf16() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512bf16");
 }
-
-constexpr int kAvx2Lanes = 8;
-constexpr int kAvx512Lanes = 16;
 
 // ---------------------------------------------------------------------------------- AVX2
 

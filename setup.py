@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import setup
@@ -148,6 +149,18 @@ def _cuda_plan(torch) -> tuple[Path | None, str]:
     return home, reason
 
 
+def _compiler_is_clang() -> bool:
+    """Whether the C++ compiler setuptools will run (``CXX``, else Python's) is clang."""
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    try:
+        version = subprocess.run(
+            [*cxx.split()[:1], "--version"], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "clang" in version
+
+
 def _sources(pattern: str) -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC).glob(pattern))
 
@@ -184,9 +197,12 @@ def _extensions_and_commands():
     link_flags: list[str] = []
     if sys.platform.startswith("linux"):
         # at::parallel_for expands to `#pragma omp parallel` in an OpenMP build of torch; the
-        # libgomp it links resolves to the copy torch has already loaded.
-        cxx_flags.append("-fopenmp")
-        link_flags.append("-fopenmp")
+        # libgomp it links resolves to the copy torch has already loaded. clang's -fopenmp
+        # means LLVM's libomp, a second runtime beside torch's that ignores
+        # torch.set_num_threads: clang is told to use libgomp too.
+        openmp = "-fopenmp=libgomp" if _compiler_is_clang() else "-fopenmp"
+        cxx_flags.append(openmp)
+        link_flags.append(openmp)
     cxx_flags.append(f'-DLOWPREC_TORCH_VERSION="{torch.__version__}"')
     # Extra host compiler and linker flags, e.g. sanitizers (scripts/sanitize.sh).
     cxx_flags += os.environ.get("LOWPREC_EXTRA_CFLAGS", "").split()

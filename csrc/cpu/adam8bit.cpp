@@ -220,8 +220,8 @@ inline void build_magnitude_encoder(const float* code, const SegmentedEncoder& e
       double model_error = 0.0;
       for (int q = 1; q <= last - first; ++q) {
         const double t = enc.thresholds[first + q - 1];
-        model_error =
-            fmax(model_error, fabs(t * scale + offset - (first + q - kSegmentNearMargin)));
+        const double error = fabs(t * scale + offset - (first + q - kSegmentNearMargin));
+        if (error > model_error) model_error = error;
       }
       const double mirror_slack =
           mirror > 0 ? scale * (nextafterf(highest, INFINITY) - highest) : 0.0;
@@ -1112,8 +1112,8 @@ struct PendingBlock {
 // Pass 2 of the pending block's code group at element k, by the magnitude encoder.
 LP_TARGET_AVX512_VBMI inline void avx512_encode_pending_group(
     const Adam8bitTensor& t, const StateEncoder& encoder1, const StateEncoder& encoder2,
-    const Avx512MagnitudeEncoder& enc1, const Avx512MagnitudeEncoder& enc2, __m512 reciprocal1,
-    __m512 reciprocal2, int64_t k, const PendingBlock& pending) {
+    const Avx512MagnitudeEncoder& enc1, const Avx512MagnitudeEncoder& enc2,
+    const __m512& reciprocal1, const __m512& reciprocal2, int64_t k, const PendingBlock& pending) {
   const int64_t i = pending.begin + k;
   avx512_encode_code_group<true>(pending.new_m + k, pending.absmax1, reciprocal1, enc1,
                                  encoder1.segmented, t.state1 + i);

@@ -5,6 +5,11 @@
 #include <cstdlib>
 #include <mutex>
 
+#include "cpu_isa.h"
+#if LOWPREC_X86_SIMD
+#include <cpuid.h>
+#endif
+
 namespace lowprec::cpu {
 namespace {
 
@@ -16,8 +21,9 @@ std::atomic<int> g_active_isa{kIsaUnset};
 bool cpu_has_avx2() {
 #if LOWPREC_X86_SIMD
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
+  unsigned eax, ebx, ecx, edx;  // F16C: CPUID.1:ECX bit 29 (clang < 18 has no "f16c" name)
+  const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 29));
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
 #else
   return false;
 #endif

@@ -5,6 +5,8 @@
 // Choice: the best path this CPU supports, lowered by the environment variable
 // LOWPREC_CPU_ISA=avx512|avx2|scalar (read once, when the first kernel runs) or by
 // set_active_cpu_isa() (exposed as _C.set_cpu_isa, used by tests to exercise every path).
+// Defining LOWPREC_FORCE_NO_SIMD compiles x86 as other targets are compiled (scalar only), so
+// that an x86 machine can check those builds (tests/test_packaging.py).
 #pragma once
 
 #include <string>

@@ -247,7 +247,8 @@ inline void build_segmented_encoder(const float* code, SegmentedEncoder* enc) {
     double model_error = 0.0;
     for (int q = 1; q <= interior; ++q) {
       const double position = static_cast<double>(enc->thresholds[first + q - 1]) * scale + offset;
-      model_error = fmax(model_error, fabs(position - (first + q - kSegmentNearMargin)));
+      const double error = fabs(position - (first + q - kSegmentNearMargin));
+      if (error > model_error) model_error = error;
     }
     if (!segment_model_is_exact(scale, offset, last, model_error)) return;
     enc->segment_scale[s] = static_cast<float>(scale);

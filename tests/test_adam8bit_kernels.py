@@ -35,9 +35,10 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = ("f32", "f16", "bf16")
 
 # (decoupled, weight_decay, gnorm_scale): AdamW with decay, Adam with decay added to the
-# gradient, and no decay with a gradient scale that is not a power of two.
-VARIANTS = [(True, 0.01, 1.0), (False, 0.1, 1.0), (True, 0.0, 0.37)]
-VARIANT_IDS = ["adamw", "adam-wd", "gnorm"]
+# gradient, no decay with a gradient scale that is not a power of two, and both (the decay is
+# added after the scaling, which only that combination tells apart).
+VARIANTS = [(True, 0.01, 1.0), (False, 0.1, 1.0), (True, 0.0, 0.37), (False, 0.1, 0.37)]
+VARIANT_IDS = ["adamw", "adam-wd", "gnorm", "adam-wd-gnorm"]
 LR, BETA1, BETA2, EPS = 1e-2, 0.9, 0.999, 1e-8
 
 
@@ -452,6 +453,38 @@ def test_cpu_gradient_batches(torch_threads, sizes, bad):
     for kernel, ref in zip(kernels, refs):
         assert_state_matches(kernel, ref, "cpu")
     assert [k.skipped.item() for k in kernels] == [float(i == bad) for i in range(len(sizes))]
+
+
+# The CPU finiteness check's chunk for a tensor of CHUNK_TEST_ELEMENTS elements on one or two
+# threads (step_tensors: at least kMinCheckChunkElements).
+CHECK_CHUNK = 65536
+CHUNK_TEST_ELEMENTS = 3 * CHECK_CHUNK
+
+
+@needs_native_cpu
+@pytest.mark.parametrize("states", ["8bit", "float32"])
+@pytest.mark.parametrize("where", [CHECK_CHUNK - 1, CHECK_CHUNK, 2 * CHECK_CHUNK - 1])
+def test_cpu_non_finite_on_a_check_chunk_boundary(torch_threads, states, where):
+    """A NaN on the last or first element of a finiteness chunk skips its tensor (the other
+    tests' values sit inside chunks or at the tensor's end)."""
+    n = CHUNK_TEST_ELEMENTS
+    g = randn_nonzero(n, torch.float32, "cpu")
+    g[where] = float("nan")
+    if states == "8bit":
+        qmap1, qmap2 = dynamic_map(True), dynamic_map(False)
+        kernel = State(randn_nonzero(n, torch.float32, "cpu"), 256)
+        before = kernel.clone()
+        run_on("cpu", ops.adam8bit_multi_step_,
+               *multi_step_args([kernel], [g], qmap1, qmap2, VARIANTS[0], 256))  # fmt: skip
+        for name in State.NAMES[:-1]:
+            assert torch.equal(getattr(kernel, name), getattr(before, name)), name
+        assert kernel.skipped.item() == 1.0
+    else:
+        kernel = float_state(n, torch.float32)
+        before = [x.clone() for x in kernel]
+        run_on("cpu", ops.adam_multi_step_, *float_state_args([kernel], [g], VARIANTS[0]))
+        assert all(torch.equal(a, b) for a, b in zip(kernel[:4], before[:4]))
+        assert kernel[4].item() == 1.0
 
 
 # ---------------------------------------------------- CPU: float32 states (adam_multi_step_)

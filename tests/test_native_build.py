@@ -316,6 +316,19 @@ def test_quantize_special_blocks(cpu_isa, dtype):
     assert torch.isnan(absmax[8])
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_quantize_all_zero_partial_last_block(cpu_isa, dtype, blocksize):
+    """An all-zero block takes a fast path that writes its codes at once; on a partial last
+    block it must write exactly the tail (a version writing whole vectors only passed the
+    whole-block cases above)."""
+    code = dynamic_map(signed=True)
+    for tail in sorted({1, 17, blocksize - 1}):
+        x = (torch.randn(2 * blocksize + tail) * 3).to(dtype)
+        x[2 * blocksize :] = 0.0
+        _check_quantize(x, code, blocksize)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_quantize_ties_at_midpoints_go_low(cpu_isa, dtype):
     """v exactly at a representable midpoint encodes as the lower entry; one ulp above as the

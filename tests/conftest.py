@@ -63,8 +63,13 @@ def device(request):
 
 
 @pytest.fixture(autouse=True)
-def _poison_outputs():
-    """Every kernel output starts as poison, so an unwritten element fails the test."""
+def _poison_outputs(request):
+    """Every kernel output starts as poison with a guard band after it, so an unwritten element
+    or a write past the end fails the test. Tests marked ``whole_storage`` get plain outputs:
+    they hand them to code that wants each tensor to fill its storage (safetensors)."""
+    if request.node.get_closest_marker("whole_storage"):
+        yield
+        return
     with poisoned():
         yield
 

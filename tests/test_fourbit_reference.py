@@ -528,6 +528,32 @@ def test_from_dict_nested_tensors_without_an_offset_raises(state):
         lpk.QuantState.from_dict(d)
 
 
+def test_moves_keep_a_nested_blocksize_other_than_256():
+    """A state read by from_dict may carry any nested blocksize of the format; QuantState.to
+    and to_empty must keep it (they build a new state field by field)."""
+    qw, single = LF.quantize_4bit(torch.randn(64, 64), 64, "nf4", double_quant=False)
+    offset = single.absmax.mean()
+    nested_code = LF.dynamic_map(signed=True)
+    codes, nested_absmax = LF.quantize_blockwise(single.absmax - offset, nested_code, 64)
+    st = lpk.QuantState(quant_type="nf4", blocksize=64, shape=single.shape, dtype=single.dtype,
+                        absmax=codes, code=single.code, nested_absmax=nested_absmax,
+                        nested_code=nested_code, nested_blocksize=64, offset=offset)  # fmt: skip
+    _assert_same_state(st.to("cpu"), st)
+    assert st.to_empty("cpu").nested_blocksize == 64
+    assert torch.equal(dq4(qw, st.to("cpu")), dq4(qw, st))
+
+
+def test_quantized_states_do_not_share_their_codebook():
+    """Each QuantState's codebook is its own tensor: changing one in place (as loading a
+    checkpoint into the state dict's tensors does) leaves later states' codebooks alone."""
+    for quant_type in ("nf4", "fp4"):
+        _, st = LF.quantize_4bit(torch.randn(8, 64), 64, quant_type)
+        want = st.code.clone()
+        st.code.mul_(2.0)
+        _, later = LF.quantize_4bit(torch.randn(8, 64), 64, quant_type)
+        assert torch.equal(later.code, want)
+
+
 def test_from_dict_after_torch_save_weights_only(state):
     qw, st, _, _ = state
     buf = io.BytesIO()

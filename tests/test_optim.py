@@ -93,6 +93,16 @@ def test_bad_hyperparameters_raise_value_error(cls, kwargs, name):
         cls([nn.Parameter(torch.randn(10))], **kwargs)
 
 
+@pytest.mark.parametrize("cls", [Adam8bit, AdamW8bit])
+def test_zero_eps_is_accepted_and_steps(cls):
+    """As torch.optim.Adam: eps = 0 is valid (only a negative one is refused)."""
+    p = nn.Parameter(torch.randn(5000))
+    opt = cls([p], eps=0.0)
+    p.grad = torch.randn(5000)
+    opt.step()
+    assert torch.isfinite(p).all()
+
+
 def test_bad_hyperparameters_of_a_param_group():
     good, bad = nn.Parameter(torch.randn(10)), nn.Parameter(torch.randn(10))
     with pytest.raises(ValueError, match="lr="):
@@ -362,6 +372,26 @@ def test_bad_input_in_a_later_group_leaves_every_group_untouched(spoil, error, m
     _assert_untouched(opt, snapshot)
 
 
+def test_a_blocksize_changed_in_a_later_call_leaves_every_group_untouched():
+    """The blocksize check of the calls screened before any is made (above, the changed group's
+    call was the first one, which its op checks instead): the group with more tensors goes
+    first, so the changed group's 8-bit state is screened."""
+    torch.manual_seed(0)
+    a1, a2, b = (nn.Parameter(torch.randn(5000)) for _ in range(3))
+    opt = AdamW8bit([{"params": [a1, a2]}, {"params": [b]}])
+    for _ in range(2):
+        for p in (a1, a2, b):
+            p.grad = torch.randn(5000)
+        if opt.state:
+            opt.param_groups[1]["blocksize"] = 512
+            snapshot = _snapshot(opt)
+            with pytest.raises(ValueError, match="blocksize|block of 512"):
+                opt.step()
+            _assert_untouched(opt, snapshot)
+        else:
+            opt.step()
+
+
 def test_a_sparse_gradient_is_refused_by_name_in_the_first_call_too():
     """The call made first is not screened (its op checks it): the sparse gradient is
     refused while gathering, for every parameter, with the optimizer's own message."""
@@ -389,6 +419,12 @@ def test_parameters_without_elements_count_their_steps():
         assert not torch.equal(layer.bias.detach(), bias)
     assert opt.state[layer.weight]["step"].item() == 2.0
     assert opt.state[layer.bias]["step"].item() == 2.0
+    # A fractional loaded step reads as int(step) + 1 for both, as the kernels read it.
+    for p in layer.parameters():
+        opt.state[p]["step"].fill_(2.5)
+    layer(torch.randn(3, 0)).sum().backward()
+    opt.step()
+    assert [opt.state[p]["step"].item() for p in layer.parameters()] == [3.0, 3.0]
 
 
 def test_float32_states_for_a_group_keep_vanishing_gradients_tame():

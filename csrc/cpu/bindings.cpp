@@ -344,6 +344,11 @@ namespace {
 // microseconds) stays small next to the tile's work (measured: 256 KiB tiles cost ~1.8x,
 // 2 MiB tiles ~1.0x the time of one GEMM on the whole weight at M = 16).
 constexpr int64_t kGemmTileBytes = int64_t{2} << 20;
+// Weight rows per GEMM tile at least, whatever in_features: every tile's GEMM reads all of x
+// again, so at in_features 11008 fp32 the 47 rows of 2 MiB took Linear4bit to 1.8x
+// nn.Linear at M = 256; with 128 rows 0.9x (2 threads, interleaved). At 4096 fp32 the
+// 2 MiB already hold 128 rows.
+constexpr int64_t kGemmMinTileRows = 128;
 
 // bf16 GEMM path: weight rows per brgemm tile (a 64 x 4096 bf16 tile is 512 KiB: it stays
 // in L2 between its decode and its products; 64 rows measured fastest for the microkernel),
@@ -545,9 +550,14 @@ void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   };
   // Each thread decodes its own tiles into its own buffer and multiplies them (torch's GEMM
   // runs single-threaded inside the parallel region): no barrier between decode and GEMM,
-  // and a tile is read back from the cache of the core that wrote it.
-  const int64_t tile_rows =
-      std::clamp<int64_t>(kGemmTileBytes / (in_features * element_bytes), 1, out_features);
+  // and a tile is read back from the cache of the core that wrote it. No tile is longer than
+  // a thread's share of the rows: a layer of one tile (bf16 at in_features 1000 holds 1048
+  // rows) left every thread but one idle.
+  const int64_t fitting_rows =
+      std::max(kGemmMinTileRows, kGemmTileBytes / (in_features * element_bytes));
+  const int64_t rows_per_thread =
+      (out_features + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t tile_rows = std::clamp<int64_t>(fitting_rows, 1, rows_per_thread);
   const int64_t num_tiles = (out_features + tile_rows - 1) / tile_rows;
   // torch's worker threads do not inherit the caller's thread-local state: without it, a GEMM
   // there refuses to write an output made under inference_mode.

@@ -157,18 +157,29 @@ def int8_linear(x, weight, weight_scale, bias, threshold):
 
 # --------------------------------------------------------------------------- NF4 / FP4
 
-# matmul_4bit dispatch rule (x flattened to [rows, in_features]): up to GEMV_MAX_ROWS[x.dtype]
-# rows the fused GEMV kernel (each weight block decoded in registers once per group of 4 rows
-# of x, never written out; with one group, M <= 4 or bf16 M <= 2, it streams the weight rows
-# in order); above that the GEMM path: tiles of weight rows decoded into a
-# per-thread cache-resident buffer, then multiplied there (bf16: oneDNN's brgemm microkernel
-# on tiles decoded straight into its VNNI layout, where torch has it and in_features is a
-# multiple of 32 and of the blocksize; otherwise torch's GEMM per tile). Crossovers measured
-# on AVX-512 BF16 (benchmarks/results/cpu-nf4.md): bf16 between 4 and 8 rows (the GEMV's
-# products cost ~0.2 ms per row of x at 4096 x 4096 on one core, the brgemm path ~1 ms plus
-# 0.06 ms per row); fp32 (and fp16, computed in fp32) FMA GEMV still beats decode + fp32 GEMM
-# at 16 rows.
-GEMV_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 6, torch.float16: 16}
+# matmul_4bit dispatch rule (x flattened to [rows, in_features]): up to
+# GEMV_MAX_ROWS[cpu path][x.dtype] rows the fused GEMV kernel (each weight block decoded in
+# registers once per group of 4 rows of x, never written out; with one group, M <= 4 or bf16
+# M <= 2, it streams the weight rows in order); above that the GEMM path: tiles of weight rows
+# decoded into a per-thread cache-resident buffer, then multiplied there (bf16: oneDNN's brgemm
+# microkernel on tiles decoded straight into its VNNI layout, where torch has it and
+# in_features is a multiple of 32 and of the blocksize; otherwise torch's GEMM per tile).
+# Crossovers, GEMV / GEMM time at 4096 x 4096, 2 threads (the AVX2 and scalar rows with torch's
+# GEMM held to the same instructions; benchmarks/results/cpu-nf4.md):
+# * avx512: bf16 between 4 and 8 rows (the brgemm path); fp32 and fp16 (computed in fp32)
+#   0.5 at 17 rows, 0.86-0.88 at 256-512, 0.93 at 1024, above 1 at 2048;
+# * avx2: bf16 0.5 up to 16 rows (no brgemm there); fp32 0.5-0.8 at 16-32 rows, about 1 near 48;
+# * scalar (and every target but x86): the GEMV is 4x slower at one row, more above.
+GEMV_MAX_ROWS = {
+    "avx512": {torch.float32: 512, torch.bfloat16: 6, torch.float16: 512},
+    "avx2": {torch.float32: 16, torch.bfloat16: 16, torch.float16: 16},
+    "scalar": {torch.float32: 0, torch.bfloat16: 0, torch.float16: 0},
+}
+
+
+def gemv_max_rows(dtype: torch.dtype) -> int:
+    """The rows of x up to which matmul_4bit takes the GEMV on the CPU path in force."""
+    return GEMV_MAX_ROWS[_C.get_cpu_isa()].get(dtype, 0)
 
 
 @functools.lru_cache(maxsize=16)
@@ -229,7 +240,7 @@ def matmul_4bit(
         A, absmax, code, blocksize, nested_absmax, nested_code, offset, nested_blocksize
     )
     rows = x2d.shape[0]
-    kernel = _C.matmul_4bit_gemv_cpu if rows <= GEMV_MAX_ROWS[x.dtype] else _C.matmul_4bit_gemm_cpu
+    kernel = _C.matmul_4bit_gemv_cpu if rows <= gemv_max_rows(x.dtype) else _C.matmul_4bit_gemm_cpu
     kernel(x2d, *weight, _optional(bias), out.view(rows, out_features))
     return out
 
@@ -275,7 +286,7 @@ def matmul_4bit_eager(
     it does not accept (the checker then reports them)."""
     return _eager_or_none(
         _C.matmul_4bit_eager_cpu, x, A, absmax, code, blocksize, shape, nested_absmax,
-        nested_code, offset, nested_blocksize, bias, GEMV_MAX_ROWS.get(x.dtype, 0),
+        nested_code, offset, nested_blocksize, bias, gemv_max_rows(x.dtype),
         poison(x.dtype),
     )  # fmt: skip
 

@@ -190,3 +190,33 @@ def test_last_level_cache_counts_each_instance_once(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "SYSFS_CPU", tmp_path)
     monkeypatch.setattr(harness.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert harness.last_level_cache_bytes("cpu") == 64 << 20
+
+
+def test_noisy_flag_covers_the_baseline_too():
+    """A ratio of medians is as noisy as its noisier side: a baseline whose median is far
+    above its best sample is flagged (only ours was checked)."""
+    t = harness._timing([[1.0, 1.0, 1.0], [9.0, 9.0, 1.0]], True, False)
+    assert [side for side, _, _ in harness._noisy_sides(t)] == ["baseline"]
+    assert harness._noisy_sides(harness._timing([[1.0] * 3, [2.0] * 3], True, False)) == []
+
+
+def test_bitsandbytes_baselines_are_layers_as_users_run_them():
+    """The bitsandbytes rows time an eval-mode layer: in training mode (nn.Module's default)
+    its CPU forward dequantizes the whole weight first, which inflated our ratios ~80x."""
+    pytest.importorskip("bitsandbytes")
+    from lowprec_kernels import functional as LF
+    from lowprec_kernels.bench import int8 as int8_bench
+    from lowprec_kernels.bench import nf4 as nf4_bench
+
+    wq, w_scale = LF.int8_quantize_weight(torch.randn(64, 128))
+    assert not int8_bench._bnb_layer(wq, w_scale, "cpu").training
+    w = torch.randn(64, 128)
+    qw, st = LF.quantize_4bit(w, nf4_bench.BLOCKSIZE, "nf4", double_quant=True)
+    x = torch.randn(3, 128)
+    for dtype in (torch.float32, torch.bfloat16):
+        copy = (qw, st.absmax, st.nested_absmax)
+        layer = nf4_bench._bnb_layer(nf4_bench._bitsandbytes(), copy, st, dtype)
+        assert not layer.training
+        want = LF.matmul_4bit(x.to(dtype), qw, st).float()
+        got = harness.inference(layer, x.to(dtype)).float()
+        torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lowprec_kernels.bench.harness import Bench, Row
+from lowprec_kernels.bench.harness import Bench, Row, inference
 from lowprec_kernels.reference.int8 import INT8_SCALE, int8_dequantize_weight
 
 SUITE = "int8"
@@ -75,7 +75,9 @@ def _int_mm_dequant(xq, row_stats, wq, w_scale, out_dtype):
 
 
 def _bnb_layer(wq: torch.Tensor, w_scale: torch.Tensor, device):
-    """A bitsandbytes Linear8bitLt holding the same int8 weight, or None without bitsandbytes."""
+    """A bitsandbytes Linear8bitLt holding the same int8 weight, in eval mode as its users run
+    inference (in training mode, its default, its CPU forward dequantizes the whole weight
+    and calls F.linear), or None without bitsandbytes."""
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -84,7 +86,7 @@ def _bnb_layer(wq: torch.Tensor, w_scale: torch.Tensor, device):
     layer = bnb.nn.Linear8bitLt(K, N, bias=False, has_fp16_weights=False, threshold=THRESHOLD)
     weight = int8_dequantize_weight(wq, w_scale, torch.float32).cpu()
     layer.load_state_dict({"weight": weight}, strict=False)
-    return layer.to(device)
+    return layer.to(device).eval()
 
 
 def rows(bench: Bench) -> list[Row]:
@@ -160,7 +162,7 @@ def rows(bench: Bench) -> list[Row]:
                     inputs = bench.rotation((x, wq, w_scale))
                     layers = [_bnb_layer(c[1], c[2], device) for c in inputs.copies]
                     inputs.copies = [(*c, layer) for c, layer in zip(inputs.copies, layers)]
-                    timing = bench.compare(linear, lambda a: a[3](a[0]), inputs)
+                    timing = bench.compare(linear, lambda a: inference(a[3], a[0]), inputs)
                     out.append(
                         _row(tag, shape, torch.bfloat16, backend, timing, "bnb Linear8bitLt")
                     )

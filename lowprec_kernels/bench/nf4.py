@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lowprec_kernels.bench.harness import Bench, Cycle, Row, Timing, _measure, _timing
+from lowprec_kernels.bench.harness import Bench, Cycle, Row, Timing, _measure, _timing, inference
 
 SUITE = "nf4"
 BLOCKSIZE = 64
@@ -59,6 +59,25 @@ def _bitsandbytes():
     except Exception:  # noqa: BLE001 - any import failure means "not available"
         return None
     return bitsandbytes, bnb_functional
+
+
+def _bnb_layer(bnb, copy, state, dtype: torch.dtype):
+    """A bitsandbytes Linear4bit as its users run it (eval mode, compute_dtype = x's dtype)
+    holding one rotated copy of our weight, called once (its first CPU call repacks the codes
+    for its kernel, in place: hence a clone of ours)."""
+    bitsandbytes, bnb_functional = bnb
+    packed, absmax, nested_absmax = copy
+    out_f, in_f = state.shape
+    d = {**state.as_dict(), "absmax": absmax.clone(), "nested_absmax": nested_absmax.clone()}
+    layer = bitsandbytes.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=dtype,
+                                       quant_type=state.quant_type, device=packed.device)  # fmt: skip
+    layer.weight = bitsandbytes.nn.Params4bit(
+        packed.clone(), requires_grad=False, bnb_quantized=True,
+        quant_state=bnb_functional.QuantState.from_dict(d, device=packed.device),
+    )  # fmt: skip
+    layer.eval()
+    inference(layer, torch.zeros(1, in_f, dtype=dtype, device=packed.device))
+    return layer
 
 
 def _ours(backend: str, x: torch.Tensor, state) -> Callable:
@@ -111,7 +130,9 @@ def rows(bench: Bench) -> list[Row]:
         bench.note("bitsandbytes is not importable: no bitsandbytes rows")
     bench.note(
         "shape = M x in x out; NF4, blocksize 64, double-quantized absmax (nested blocks of"
-        " 256); F.linear runs on our dequantized weights, bitsandbytes on our packed ones"
+        " 256); F.linear runs on our dequantized weights; bitsandbytes is a user's eval-mode"
+        " Linear4bit (under no_grad) on a copy of our packed codes, which it repacks for its CPU"
+        " kernel at its first call (untimed); on the CPU its fp32 path computes in bf16"
     )
     bench.note(
         "MB = bytes each op must move (ours: packed codes + absmax codes + x + y; F.linear:"
@@ -129,13 +150,14 @@ def rows(bench: Bench) -> list[Row]:
         packed_rotation = bench.rotation((qw, st.absmax, st.nested_absmax))
         dense_rotation = {dt: bench.rotation((W[dt],)) for dt in COMPUTE_DTYPES}
         bnb_cycle = None
-        if bnb is not None:
-            bnb_states = []
-            for packed, absmax, nested_absmax in packed_rotation.copies:
-                d = st.as_dict()
-                d.update(absmax=absmax, nested_absmax=nested_absmax)
-                bnb_states.append((packed, bnb[1].QuantState.from_dict(d, device=qw.device)))
-            bnb_cycle = Cycle(bnb_states)
+        if bnb is not None:  # per dtype: a layer per copy of the weight
+            try:
+                bnb_cycle = {
+                    dt: Cycle([_bnb_layer(bnb, copy, st, dt) for copy in packed_rotation.copies])
+                    for dt in COMPUTE_DTYPES
+                }
+            except Exception as err:  # noqa: BLE001 - its CPU kernel takes only some shapes
+                bench.note(f"bitsandbytes' Linear4bit refused {out_f} x {in_f}: {err!r}")
         shape = [out_f, in_f]
         for m in row_counts:
             out += _rows_for(bench, m, shape, st, packed_rotation, dense_rotation, bnb_cycle,
@@ -170,10 +192,9 @@ def _rows_for(bench, m, shape, st, packed_rotation, dense_rotation, bnb_cycle, b
     # another team size), which would tax every function measured after it.
     bnb_samples = {}
     if bnb_cycle is not None:
-        matmul = bnb[0].matmul_4bit
         group = list(ours)
         for dt in COMPUTE_DTYPES:
-            call = (lambda s, x=xs[dt]: matmul(x, s[0].t(), quant_state=s[1])), bnb_cycle
+            call = (lambda layer, x=xs[dt]: inference(layer, x)), bnb_cycle[dt]
             group.append((("bitsandbytes", "bnb", dt), call))
         bnb_samples = _measure_group(bench, group)
 
@@ -192,7 +213,7 @@ def _rows_for(bench, m, shape, st, packed_rotation, dense_rotation, bnb_cycle, b
                              nbytes, ops, _GEMM_KIND[dt]))  # fmt: skip
         if ("bitsandbytes", "bnb", dt) in bnb_samples:
             vs_bnb = _versus(bnb_samples[label], bnb_samples[("bitsandbytes", "bnb", dt)], None)
-            rows.append(_row(bench, what, row_shape, dt, backend, vs_bnb, "bnb matmul_4bit",
+            rows.append(_row(bench, what, row_shape, dt, backend, vs_bnb, "bnb Linear4bit",
                              nbytes, ops, _GEMM_KIND[dt], note="round B (with bitsandbytes)"))  # fmt: skip
     for dt in COMPUTE_DTYPES:
         dense = out_f * in_f * dt.itemsize + m * (in_f + out_f) * dt.itemsize
@@ -200,7 +221,7 @@ def _rows_for(bench, m, shape, st, packed_rotation, dense_rotation, bnb_cycle, b
                          _alone(samples[("F.linear", "torch", dt)]), None, dense, ops,
                          _GEMM_KIND[dt]))  # fmt: skip
         if ("bitsandbytes", "bnb", dt) in bnb_samples:
-            rows.append(_row(bench, f"bnb matmul_4bit M={m}", row_shape, dt, "bnb",
+            rows.append(_row(bench, f"bnb Linear4bit M={m}", row_shape, dt, "bnb",
                              _alone(bnb_samples[("bitsandbytes", "bnb", dt)]), None,
                              traffic(m, out_f, in_f, dt), ops, _GEMM_KIND[dt]))  # fmt: skip
     return rows

@@ -166,15 +166,16 @@ def int8_linear(x, weight, weight_scale, bias, threshold):
 # in_features is a multiple of 32 and of the blocksize; otherwise torch's GEMM per tile).
 # Crossovers, GEMV / GEMM time at 4096 x 4096, 2 threads (the AVX2 and scalar rows with torch's
 # GEMM held to the same instructions; benchmarks/results/cpu-nf4.md):
-# * avx512: bf16 between 4 and 8 rows (the brgemm path); fp32 and fp16 (computed in fp32)
-#   0.5 at 17 rows, 0.86-0.88 at 256-512, 0.93 at 1024, above 1 at 2048;
+# * avx512: bf16 0.87 at 4 rows, 1.10 at 5, 1.21 at 6 (the brgemm path; at 11008 x 4096:
+#   0.70, 0.94, 1.05); fp32 and fp16 (computed in fp32) 0.5 at 17 rows, 0.86-0.88 at 256-512,
+#   0.93 at 1024, above 1 at 2048;
 # * avx2: bf16 0.5 up to 16 rows (no brgemm there); fp32 0.5-0.8 at 16-32 rows, about 1 near 48;
 # * scalar: on x86 (no AVX2, torch's GEMM held to SSE4) the GEMV was 4x slower at one row,
 #   more above; but the scalar path is mostly every target other than x86 (aarch64), where it
 #   is compiled for NEON and was not measured, so it keeps the thresholds it had. (The GEMV is
 #   also what keeps a row's result independent of the batch around it: torch's GEMM is not.)
 GEMV_MAX_ROWS = {
-    "avx512": {torch.float32: 512, torch.bfloat16: 6, torch.float16: 512},
+    "avx512": {torch.float32: 512, torch.bfloat16: 5, torch.float16: 512},
     "avx2": {torch.float32: 16, torch.bfloat16: 16, torch.float16: 16},
     "scalar": {torch.float32: 16, torch.bfloat16: 6, torch.float16: 16},
 }

@@ -555,8 +555,8 @@ void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   // rows) left every thread but one idle.
   const int64_t fitting_rows =
       std::max(kGemmMinTileRows, kGemmTileBytes / (in_features * element_bytes));
-  const int64_t rows_per_thread =
-      (out_features + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t threads = at::get_num_threads();
+  const int64_t rows_per_thread = (out_features + threads - 1) / threads;
   const int64_t tile_rows = std::clamp<int64_t>(fitting_rows, 1, rows_per_thread);
   const int64_t num_tiles = (out_features + tile_rows - 1) / tile_rows;
   // torch's worker threads do not inherit the caller's thread-local state: without it, a GEMM

@@ -19,6 +19,7 @@
 #include "../binding_checks.h"
 #include "adam8bit.h"
 #include "blockwise8.h"
+#include "cpu_isa.h"
 #include "fourbit.h"
 #include "int8.h"
 
@@ -362,10 +363,14 @@ constexpr int64_t kBrgemmRows = 64;
 constexpr int64_t kBrgemmDepth = 2048;
 
 // Whether torch's oneDNN brgemm microkernel takes bf16 in VNNI layout here (x86 with
-// AVX-512 and a torch built with oneDNN ukernels; mkldnn not disabled by the user). Probed
+// AVX512_BF16 and a torch built with oneDNN ukernels; mkldnn not disabled by the user). Probed
 // once with a 1 x 1 x 2 product: where it is missing, the call raises instead of computing.
+// The CPU feature is checked first: on AVX-512 without BF16 (Ice Lake, or a hypervisor that
+// hides it) the probe's product succeeds but oneDNN refuses larger shapes ("could not
+// generate a kernel"), and it would have no bf16 dot product to be fast with anyway.
 bool brgemm_bf16_available() {
   static const bool available = [] {
+    if (!cpu::cpu_has_avx512_bf16()) return false;
     try {
       const at::BFloat16 a[2] = {1.0f, 2.0f};
       const at::BFloat16 b[2] = {3.0f, 4.0f};  // VNNI: the pair (k = 0, 1) of column 0

@@ -5,7 +5,6 @@
 #include <cstdlib>
 #include <mutex>
 
-#include "cpu_isa.h"
 #if LOWPREC_X86_SIMD
 #include <cpuid.h>
 #endif
@@ -48,6 +47,18 @@ bool cpu_has_avx512_vbmi() {
   static const bool has = [] {  // asked on every Adam step and GEMV call: ask the CPU once
     __builtin_cpu_init();
     return cpu_has_avx512() && __builtin_cpu_supports("avx512vbmi");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512_bf16() {
+#if LOWPREC_X86_SIMD
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
   }();
   return has;
 #else

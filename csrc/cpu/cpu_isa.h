@@ -44,6 +44,9 @@ CpuIsa best_supported_cpu_isa();
 // Whether the CPU has AVX512_VBMI, which kernels of the AVX-512 path use where they can (the
 // byte-plane lookups of byte_planes.h).
 bool cpu_has_avx512_vbmi();
+// Whether the CPU has AVX512_BF16 (vdpbf16ps, vcvtneps2bf16): the bf16 GEMV's dot products,
+// the VNNI tile decoder's rounding, and oneDNN's bf16 brgemm microkernel need it.
+bool cpu_has_avx512_bf16();
 
 // The path kernels take now.
 CpuIsa active_cpu_isa();

@@ -640,8 +640,7 @@ bool tile_vnni_supported(const Packed4bit& weight, int64_t in_features) {
 void dequantize_4bit_tile_vnni(const Packed4bit& weight, int64_t in_features, int64_t row_begin,
                                int64_t row_end, int64_t rows_total, uint32_t* tile, int64_t ld) {
 #if LOWPREC_X86_SIMD
-  static const bool has_bf16 = simd::cpu_has_avx512_bf16();
-  if (active_cpu_isa() == CpuIsa::kAvx512 && has_bf16) {
+  if (active_cpu_isa() == CpuIsa::kAvx512 && cpu_has_avx512_bf16()) {
     decode_tile_vnni_avx512(weight, in_features, row_begin, row_end, rows_total, tile, ld);
     return;
   }

@@ -1380,8 +1380,7 @@ using GemvRowsFn = void (*)(const GemvProblem& p, int64_t n_begin, int64_t n_end
 
 bool bf16_dot_available(CpuIsa isa) {
 #if LOWPREC_X86_SIMD
-  static const bool has_bf16 = simd::cpu_has_avx512_bf16();
-  return isa == CpuIsa::kAvx512 && has_bf16;
+  return isa == CpuIsa::kAvx512 && cpu_has_avx512_bf16();
 #else
   (void)isa;
   return false;

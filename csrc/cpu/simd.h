@@ -142,14 +142,10 @@ inline void prefetch_l1(const void* p) {
 
 #if LOWPREC_X86_SIMD
 
-// AVX-512 plus the BF16 instructions (vdpbf16ps, vcvtneps2bf16); check cpu_has_avx512_bf16().
+// AVX-512 plus the BF16 instructions (vdpbf16ps, vcvtneps2bf16); check cpu_has_avx512_bf16()
+// (cpu_isa.h).
 #define LP_TARGET_AVX512_BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
-
-inline bool cpu_has_avx512_bf16() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16");
-}
 
 // ---------------------------------------------------------------------------------- AVX2
 

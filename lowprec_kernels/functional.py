@@ -139,10 +139,12 @@ def matmul_4bit(
     does (TF32 for float32 if allowed, reduced-precision reductions for fp16 / bf16), and a
     decoded weight beyond fp16's range overflows with fp16 x, as it would in ``F.linear``.
 
-    bf16 x on the CPU: the AVX512-BF16 GEMV and the bf16 GEMMs count subnormal bf16 values
-    (below 2**-126, in x or in the decoded weight) as zero, as the hardware's bf16 dot
-    products do (``F.linear``'s bf16 GEMM on the CPU does the same); the scalar and AVX2
-    GEMV keep them. Normal values are unaffected.
+    bf16 x on the CPU: on a CPU with AVX512-BF16, its GEMV and the bf16 GEMMs count
+    subnormal bf16 values (below 2**-126, in x or in the decoded weight) as zero, as the
+    hardware's bf16 dot products do (``F.linear``'s bf16 GEMM on the CPU does the same); the
+    scalar and AVX2 GEMV keep them. Normal values are unaffected. A CPU without AVX512-BF16
+    computes bf16 x in float32 on every path (its bf16 GEMMs would be emulated, several times
+    slower), rounding the result to bf16 once.
     """
     _check_state("matmul_4bit", quant_state)
     return _ops.call("matmul_4bit", x, qw, *quant_state.op_args(), bias)

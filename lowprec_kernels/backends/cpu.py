@@ -164,26 +164,34 @@ def int8_linear(x, weight, weight_scale, bias, threshold):
 # decoded into a per-thread cache-resident buffer, then multiplied there (bf16: oneDNN's brgemm
 # microkernel on tiles decoded straight into its VNNI layout, where torch has it and
 # in_features is a multiple of 32 and of the blocksize; otherwise torch's GEMM per tile).
+# A CPU without AVX512_BF16 computes bf16 x in fp32 on both paths, so bf16 takes fp32's
+# crossover there ("avx512" below; "avx512_bf16" is AVX-512 with it).
 # Crossovers, GEMV / GEMM time at 4096 x 4096, 2 threads (the AVX2 and scalar rows with torch's
 # GEMM held to the same instructions; benchmarks/results/cpu-nf4.md):
-# * avx512: bf16 0.87 at 4 rows, 1.10 at 5, 1.21 at 6 (the brgemm path; at 11008 x 4096:
+# * avx512_bf16: bf16 0.87 at 4 rows, 1.10 at 5, 1.21 at 6 (the brgemm path; at 11008 x 4096:
 #   0.70, 0.94, 1.05); fp32 and fp16 (computed in fp32) 0.5 at 17 rows, 0.86-0.88 at 256-512,
-#   0.93 at 1024, above 1 at 2048;
+#   0.93 at 1024, above 1 at 2048 (AMD Zen 5);
 # * avx2: bf16 0.5 up to 16 rows (no brgemm there); fp32 0.5-0.8 at 16-32 rows, about 1 near 48;
 # * scalar: on x86 (no AVX2, torch's GEMM held to SSE4) the GEMV was 4x slower at one row,
 #   more above; but the scalar path is mostly every target other than x86 (aarch64), where it
 #   is compiled for NEON and was not measured, so it keeps the thresholds it had. (The GEMV is
 #   also what keeps a row's result independent of the batch around it: torch's GEMM is not.)
 GEMV_MAX_ROWS = {
-    "avx512": {torch.float32: 512, torch.bfloat16: 5, torch.float16: 512},
+    "avx512_bf16": {torch.float32: 512, torch.bfloat16: 5, torch.float16: 512},
+    "avx512": {torch.float32: 512, torch.bfloat16: 512, torch.float16: 512},
     "avx2": {torch.float32: 16, torch.bfloat16: 16, torch.float16: 16},
     "scalar": {torch.float32: 16, torch.bfloat16: 6, torch.float16: 16},
 }
+# Fixed for the process (a CPU feature); the path in force is not (_C.set_cpu_isa).
+_CPU_HAS_AVX512_BF16 = _C.cpu_has_avx512_bf16()
 
 
 def gemv_max_rows(dtype: torch.dtype) -> int:
     """The rows of x up to which matmul_4bit takes the GEMV on the CPU path in force."""
-    return GEMV_MAX_ROWS[_C.get_cpu_isa()].get(dtype, 0)
+    path = _C.get_cpu_isa()
+    if path == "avx512" and _CPU_HAS_AVX512_BF16:
+        path = "avx512_bf16"
+    return GEMV_MAX_ROWS[path].get(dtype, 0)
 
 
 @functools.lru_cache(maxsize=16)

@@ -400,6 +400,26 @@ def test_cpu_isa_paths_match_reference(cpu_isa, dtype, variant):
 
 
 @needs_native_cpu
+@pytest.mark.parametrize("case", ["mirrors", "last-code-unlike-center", "one-ulp-off"])
+def test_cpu_first_moment_map_mirror_decode(cpu_isa, case):
+    """The AVX-512 path decodes a first-moment map that mirrors around code 127 (code 254 - c
+    = -code c, as the signed dynamic map does) from its 128 magnitudes, the last code apart;
+    a map that mirrors all but bit for bit takes the full tables. Both decode every code (the
+    state holds all 256) as the reference does."""
+    gen = torch.Generator().manual_seed(5)
+    magnitudes = torch.sort(torch.rand(127, generator=gen) * 0.99 + 1e-3).values
+    qmap1 = torch.cat([-magnitudes.flip(0), torch.zeros(1), magnitudes, torch.ones(1)])
+    if case == "last-code-unlike-center":  # the lookup takes only its upper two bytes
+        qmap1[255] = 0.9999  # 0x3f7ff972
+    elif case == "one-ulp-off":
+        qmap1[3] = torch.nextafter(qmap1[3], torch.tensor(0.0))
+    for blocksize in (64, 256):
+        ref = State(randn_nonzero(1000, torch.float32, "cpu"), blocksize)
+        g = randn_nonzero(1000, torch.float32, "cpu")
+        step_both_and_compare("cpu", ref, g, qmap1, dynamic_map(False), VARIANTS[0], blocksize)
+
+
+@needs_native_cpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
 def test_cpu_isa_paths_skip_non_finite(cpu_isa, dtype):
     qmap1, qmap2 = dynamic_map(True), dynamic_map(False)

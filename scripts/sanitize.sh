@@ -4,7 +4,7 @@
 # then runs the kernel and module tests on each CPU path (AVX-512, AVX2, scalar). Any report
 # fails the run: ASan stops at its first error, UBSan is built not to recover. AVX-512 and
 # AVX2 masked loads and stores are not instrumented; the scalar path covers their tails'
-# logic. Needs the venv of scripts/setup.sh. Seven minutes on two cores (xdist
+# logic. Needs the venv of scripts/setup.sh. About ten minutes on two cores (xdist
 # workers were slower under ASan); scripts/test.sh runs it last (LOWPREC_SANITIZE=0 skips it).
 #
 #   bash scripts/sanitize.sh [pytest arguments, default: the files below]

@@ -343,12 +343,15 @@ namespace {
 // Bytes of decoded weight rows per GEMM tile: small enough that a tile per thread stays in the
 // last-level cache, large enough that the fixed cost of a torch GEMM call (tens of
 // microseconds) stays small next to the tile's work (measured: 256 KiB tiles cost ~1.8x,
-// 2 MiB tiles ~1.0x the time of one GEMM on the whole weight at M = 16).
-constexpr int64_t kGemmTileBytes = int64_t{2} << 20;
+// 2 MiB tiles ~1.0x the time of one GEMM on the whole weight at M = 16, on Zen 5). On an
+// Intel Emerald Rapids, fp32 at 4096 x 4096 (M = 64-128) and 11008 x 4096 (M = 64-128) went
+// from 1.21-1.58x to 1.04-1.34x that GEMM's time with 4 MiB instead of 2 (twice the rows per
+// GEMM call); 8 MiB was worse at in_features 11008.
+constexpr int64_t kGemmTileBytes = int64_t{4} << 20;
 // Weight rows per GEMM tile at least, whatever in_features: every tile's GEMM reads all of x
 // again, so at in_features 11008 fp32 the 47 rows of 2 MiB took Linear4bit to 1.8x
 // nn.Linear at M = 256; with 128 rows 0.9-1.04x (2 threads, interleaved; 256 rows measured
-// alike). At 4096 fp32 the 2 MiB already hold 128 rows.
+// alike). At 4096 fp32 the 4 MiB already hold 256 rows.
 constexpr int64_t kGemmMinTileRows = 128;
 
 // bf16 GEMM path: weight rows per brgemm tile (a 64 x 4096 bf16 tile is 512 KiB: it stays

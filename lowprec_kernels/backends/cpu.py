@@ -174,8 +174,8 @@ def int8_linear(x, weight, weight_scale, bias, threshold):
 #   not measured; on the Intel below, whose GEMV has half of Zen 5's vector ports at 512 bits
 #   and one shuffle port, fp32 crosses near 32-64 rows.)
 # * avx512, measured on Intel Emerald Rapids with BF16 hidden by its hypervisor: fp32, fp16
-#   and bf16 (all three computed in fp32) 0.64 at 32 rows, 0.82 at 48, 0.97 at 64, 1.22 at 96;
-#   at 11008 x 11008: 0.87 at 24, 1.01 at 32, 1.27 at 48;
+#   and bf16 (all three computed in fp32) 0.77 at 24 rows, 0.91 at 32, 1.00 at 40, 1.22 at
+#   64; at 11008 x 11008: 0.85 at 24, 1.00 at 32, 1.15 at 40 (GEMM tiles of 4 MiB);
 # * avx2: bf16 0.5 up to 16 rows (no brgemm there); fp32 0.5-0.8 at 16-32 rows, about 1 near 48;
 # * scalar: on x86 (no AVX2, torch's GEMM held to SSE4) the GEMV was 4x slower at one row,
 #   more above; but the scalar path is mostly every target other than x86 (aarch64), where it
@@ -183,7 +183,7 @@ def int8_linear(x, weight, weight_scale, bias, threshold):
 #   also what keeps a row's result independent of the batch around it: torch's GEMM is not.)
 GEMV_MAX_ROWS = {
     "avx512_bf16": {torch.float32: 512, torch.bfloat16: 5, torch.float16: 512},
-    "avx512": {torch.float32: 40, torch.bfloat16: 40, torch.float16: 40},
+    "avx512": {torch.float32: 32, torch.bfloat16: 32, torch.float16: 32},
     "avx2": {torch.float32: 16, torch.bfloat16: 16, torch.float16: 16},
     "scalar": {torch.float32: 16, torch.bfloat16: 6, torch.float16: 16},
 }

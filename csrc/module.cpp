@@ -170,7 +170,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_cpu_isa", &get_cpu_isa, "The CPU path kernels take now: avx512, avx2 or scalar.");
   m.def("cpu_has_avx512_bf16", &cpu::cpu_has_avx512_bf16,
         "Whether the CPU has AVX512_BF16: the 4-bit kernels' bf16 dot products (GEMV, and "
-        "oneDNN's brgemm in the GEMM) need it; without it bf16 x computes in fp32.");
+        "oneDNN's brgemm in the GEMM) need it.");
+  m.def("cpu_bf16_gemm_native", &cpu::cpu_bf16_gemm_native,
+        "Whether the 4-bit GEMM path computes bf16 x in bf16 (torch's GEMM): false on x86 "
+        "without AVX512_BF16, where it computes in fp32.");
   m.def("dispatcher_has_work", &dispatcher_has_work, py::arg("tensors"),
         "Whether torch's thread-local state or these tensors give its dispatcher work (tracing, "
         "modes, functorch, profiler, autocast, autograd, a device other than CPU or CUDA).");

@@ -142,9 +142,9 @@ def matmul_4bit(
     bf16 x on the CPU: on a CPU with AVX512-BF16, its GEMV and the bf16 GEMMs count
     subnormal bf16 values (below 2**-126, in x or in the decoded weight) as zero, as the
     hardware's bf16 dot products do (``F.linear``'s bf16 GEMM on the CPU does the same); the
-    scalar and AVX2 GEMV keep them. Normal values are unaffected. A CPU without AVX512-BF16
-    computes bf16 x in float32 on every path (its bf16 GEMMs would be emulated, several times
-    slower), rounding the result to bf16 once.
+    scalar and AVX2 GEMV keep them. Normal values are unaffected. An x86 CPU without
+    AVX512-BF16 computes bf16 x in float32 on every path (its bf16 GEMMs would be emulated,
+    several times slower), rounding the result to bf16 once.
     """
     _check_state("matmul_4bit", quant_state)
     return _ops.call("matmul_4bit", x, qw, *quant_state.op_args(), bias)

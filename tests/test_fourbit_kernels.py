@@ -476,9 +476,10 @@ def test_cpu_gemm_bf16_tiles(cpu_isa, double_quant):
 
 @needs_cpu_extension
 def test_cpu_gemm_bf16_computes_in_fp32_without_avx512_bf16(cpu_isa):
-    """Without AVX512_BF16 (torch's bf16 GEMM has no dot product there) bf16 x computes in
-    fp32, exactly as x.float() does, then rounds once; with it, bf16 (brgemm where its
-    shapes allow, 256 here, else torch's bf16 GEMM, 200) stays within bf16's error."""
+    """On x86 without AVX512_BF16 (torch's bf16 GEMM has no dot product there) bf16 x
+    computes in fp32, exactly as x.float() does, then rounds once; elsewhere bf16 (brgemm
+    where its shapes allow, 256 here, else torch's bf16 GEMM, 200) stays within bf16's
+    error."""
     for in_f in (256, 200):
         w = _nonzero_randn(70, in_f, device="cpu")
         qw, st = LF.quantize_4bit(w, 64, "nf4", True)
@@ -486,7 +487,7 @@ def test_cpu_gemm_bf16_computes_in_fp32_without_avx512_bf16(cpu_isa):
         b = _nonzero_randn(70, device="cpu")
         out = torch.full((9, 70), float("nan"), dtype=torch.bfloat16)
         _C.matmul_4bit_gemm_cpu(x, *_weight_args(qw, st), b, out)
-        if _C.cpu_has_avx512_bf16():
+        if _C.cpu_bf16_gemm_native():
             _assert_matmul_close(out, *_float64_product(x, qw, st, b), torch.bfloat16, in_f)
         else:
             out_fp32 = torch.full((9, 70), float("nan"))
@@ -495,19 +496,26 @@ def test_cpu_gemm_bf16_computes_in_fp32_without_avx512_bf16(cpu_isa):
 
 
 @needs_cpu_extension
-def test_cpu_gemv_max_rows_follow_the_path_in_force(cpu_isa):
-    """bf16 takes fp32's GEMV/GEMM crossover where it computes in fp32 (AVX-512 without
-    AVX512_BF16); the table row is the path in force, which set_cpu_isa changes."""
+@pytest.mark.parametrize("has_bf16", [False, True], ids=["no-bf16", "bf16"])
+def test_cpu_gemv_max_rows_follow_the_path_in_force(cpu_isa, has_bf16, monkeypatch):
+    """The crossover follows the path in force (set_cpu_isa) and, on AVX-512, the CPU's BF16:
+    without it bf16 computes in fp32 and takes fp32's crossover."""
     from lowprec_kernels.backends import cpu as cpu_backend
 
-    row = cpu_isa
-    if cpu_isa == "avx512" and _C.cpu_has_avx512_bf16():
-        row = "avx512_bf16"
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert cpu_backend.gemv_max_rows(dtype) == cpu_backend.GEMV_MAX_ROWS[row][dtype]
+    monkeypatch.setattr(cpu_backend, "_CPU_HAS_AVX512_BF16", has_bf16)
+    want = {  # fp32, bf16, fp16
+        ("avx512", True): (512, 5, 512),
+        ("avx512", False): (32, 32, 32),
+        ("avx2", True): (16, 16, 16),
+        ("avx2", False): (16, 16, 16),
+        ("scalar", True): (16, 6, 16),
+        ("scalar", False): (16, 6, 16),
+    }[(cpu_isa, has_bf16)]
+    got = tuple(
+        cpu_backend.gemv_max_rows(dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)
+    )
+    assert got == want
     assert cpu_backend.gemv_max_rows(torch.int8) == 0
-    if row == "avx512":
-        assert cpu_backend.gemv_max_rows(torch.bfloat16) == cpu_backend.gemv_max_rows(torch.float32)
 
 
 @needs_cpu_extension

@@ -505,9 +505,10 @@ void matmul_4bit_brgemm_bf16(const at::Tensor& x, const cpu::Packed4bit& weight,
 
 // Tiles of weight rows are decoded into a buffer in the compute dtype, then multiplied by
 // torch's GEMM (oneDNN / BLAS). The compute dtype is x's, except that fp16 computes in fp32,
-// and so does bf16 on a CPU without AVX512_BF16: torch's GEMM in those dtypes has no native
-// dot product there and is far slower than its fp32 one (bf16 64 against fp32 367 GFLOP/s
-// at n = 2048 on a 2-core Emerald Rapids VM that hides BF16), and fp32 is more accurate. With
+// and so does bf16 on an x86 CPU without AVX512_BF16 (cpu_bf16_gemm_native): torch's GEMM in
+// those dtypes has no native dot product there and is far slower than its fp32 one (bf16 64
+// against fp32 367 GFLOP/s at n = 2048 on a 2-core Emerald Rapids VM that hides BF16), and
+// fp32 is more accurate. With
 // in_features even the tiles hold rows in split order (even elements, then odd: the nibble order,
 // decoded without shuffles) and x's columns are permuted alike.
 void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
@@ -529,7 +530,7 @@ void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const a
     return;
   }
   const at::ScalarType compute =
-      x.scalar_type() == at::kBFloat16 && cpu::cpu_has_avx512_bf16() ? at::kBFloat16 : at::kFloat;
+      x.scalar_type() == at::kBFloat16 && cpu::cpu_bf16_gemm_native() ? at::kBFloat16 : at::kFloat;
   const FloatType tile_type = compute == at::kBFloat16 ? FloatType::kBFloat16 : FloatType::kFloat32;
   const bool split = in_features % 2 == 0;
   // Detached (the kernel computes a value; autograd is the op's business): an operand that

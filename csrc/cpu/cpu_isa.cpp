@@ -66,6 +66,14 @@ bool cpu_has_avx512_bf16() {
 #endif
 }
 
+bool cpu_bf16_gemm_native() {
+#if defined(__x86_64__) || defined(__i386__)
+  return cpu_has_avx512_bf16();
+#else
+  return true;
+#endif
+}
+
 namespace {
 
 // The environment can only lower the choice: asking for a path this CPU lacks gets the best

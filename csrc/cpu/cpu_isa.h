@@ -47,6 +47,10 @@ bool cpu_has_avx512_vbmi();
 // Whether the CPU has AVX512_BF16 (vdpbf16ps, vcvtneps2bf16): the bf16 GEMV's dot products,
 // the VNNI tile decoder's rounding, and oneDNN's bf16 brgemm microkernel need it.
 bool cpu_has_avx512_bf16();
+// Whether torch's bf16 GEMM has a hardware dot product to run on: on x86 only with
+// AVX512_BF16 (oneDNN emulates it otherwise, several times slower than fp32); on other targets
+// (aarch64 with BF16, for one) torch's kernels are taken as they are.
+bool cpu_bf16_gemm_native();
 
 // The path kernels take now.
 CpuIsa active_cpu_isa();

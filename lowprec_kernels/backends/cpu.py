@@ -164,8 +164,8 @@ def int8_linear(x, weight, weight_scale, bias, threshold):
 # decoded into a per-thread cache-resident buffer, then multiplied there (bf16: oneDNN's brgemm
 # microkernel on tiles decoded straight into its VNNI layout, where torch has it and
 # in_features is a multiple of 32 and of the blocksize; otherwise torch's GEMM per tile).
-# A CPU without AVX512_BF16 computes bf16 x in fp32 on both paths, so bf16 takes fp32's
-# crossover there ("avx512" below; "avx512_bf16" is AVX-512 with it).
+# An x86 CPU without AVX512_BF16 computes bf16 x in fp32 on both paths, so on AVX-512 bf16
+# takes fp32's crossover there ("avx512" below; "avx512_bf16" is AVX-512 with it).
 # Crossovers, GEMV / GEMM time at 4096 x 4096, 2 threads (the AVX2 and scalar rows with torch's
 # GEMM held to the same instructions; benchmarks/results/cpu-nf4.md):
 # * avx512_bf16, measured on AMD Zen 5: bf16 0.87 at 4 rows, 1.10 at 5, 1.21 at 6 (the brgemm

@@ -508,9 +508,9 @@ void matmul_4bit_brgemm_bf16(const at::Tensor& x, const cpu::Packed4bit& weight,
 // and so does bf16 on an x86 CPU without AVX512_BF16 (cpu_bf16_gemm_native): torch's GEMM in
 // those dtypes has no native dot product there and is far slower than its fp32 one (bf16 64
 // against fp32 367 GFLOP/s at n = 2048 on a 2-core Emerald Rapids VM that hides BF16), and
-// fp32 is more accurate. With
-// in_features even the tiles hold rows in split order (even elements, then odd: the nibble order,
-// decoded without shuffles) and x's columns are permuted alike.
+// fp32 is more accurate. With in_features even the tiles hold rows in split order (even
+// elements, then odd: the nibble order, decoded without shuffles) and x's columns are permuted
+// alike.
 void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                           const at::Tensor& code, int64_t blocksize,
                           const std::optional<at::Tensor>& nested_absmax,

@@ -1043,24 +1043,18 @@ inline float avx512_v_absmax(uint32_t max_raw_bits, const float* new_v, int64_t 
   return absmax_from_magnitude_bits(max_bits);
 }
 
-// How far ahead of the code group being updated the AVX-512 update prefetches its streams into
-// L1. The hardware prefetchers alone left the update of a 16.7M fp32 tensor ~20% slower than its
-// arithmetic on a Zen 5 core (34 against 28 cycles per 16 elements); there 2048 elements ahead
-// did best (1024 and 4096 as well, prefetcht1 no better, 2 MB pages changed nothing). On an
-// Intel core (Emerald Rapids) 256 and 512 did better than 2048 (below).
-constexpr int64_t kUpdatePrefetchElements = 512;
-
-// Whether the update prefetches the gradient too. The finiteness pass has just read it, so it is
-// still in the last-level cache unless it fills more than half of it (a batch of small tensors
-// holds at most kCheckBatchBytes, so a tensor's own gradient decides); then the hardware
-// prefetcher brings it in time, and software prefetches only take load slots and fill buffers.
-// On the Intel core, 512 elements ahead without the warm gradient took the optimizer's 16.7M
-// fp32 step from 0.97x to 1.00x torch's fused AdamW (medians of ten alternated runs of
-// benchmarks/adam_memory_modes.py; 256 ahead the same, the gradient into L2 only 0.95x). A
-// cold gradient (C++ driver, data in memory) took 5% longer without its prefetch.
-inline bool update_prefetches_gradient(int64_t gradient_bytes) {
-  return gradient_bytes > last_level_cache_bytes() / 2;
-}
+// How far ahead of the code group being updated the AVX-512 update prefetches its four streams
+// (p, g and both codes) into L1. The hardware prefetchers alone left the update of a 16.7M fp32
+// tensor ~20% slower than its arithmetic on a Zen 5 core (34 against 28 cycles per 16 elements);
+// there 2048 elements ahead did best (1024 and 4096 as well, prefetcht1 no better, 2 MB pages
+// changed nothing). On an Intel core (Emerald Rapids) 256 does best, with the data in memory as
+// the bench has it (parameters rotated) and with it in the last-level cache: the 16.7M fp32 step
+// against torch's fused AdamW, builds alternated four to five times, 256 / 512 / 1024 / 2048
+// elements ahead: 0.93-0.96x / 0.91-0.96x / 0.90-0.93x / 0.87-0.90x in memory (128: 0.92x),
+// 0.98-1.01x / - / - / 0.94-0.98x in the cache. Leaving the gradient to the hardware (the
+// finiteness pass has just read it) helped only in the cache, and the gradient into L2 only was
+// slower in both (results in cpu-adam.md).
+constexpr int64_t kUpdatePrefetchElements = 256;
 
 // The cache lines of [data, data + bytes) into L1; the lines may lie past the tensor's end.
 inline void prefetch_lines(const void* data, int64_t bytes) {
@@ -1073,17 +1067,15 @@ template <FloatType T, bool kAddWeightDecay, bool kScaleGradient>
 LP_TARGET_AVX512_VBMI inline void avx512_update_code_group(
     const Adam8bitTensor& t, const Avx512StepConstants& c, const Adam8bitTables& tables,
     int64_t begin, int64_t k, int64_t count, __m512 old_scale1, __m512 old_scale2, float* new_m,
-    float* new_v, __m512i* max1, __m512i* max2, bool prefetch_gradient) {
+    float* new_v, __m512i* max1, __m512i* max2) {
   const int64_t remaining = count - k;
   {
     constexpr int64_t kElementBytes = T == FloatType::kFloat32 ? 4 : 2;
     const int64_t ahead = begin + k + kUpdatePrefetchElements;
     prefetch_lines(static_cast<const char*>(t.p) + ahead * kElementBytes,
                    kAvx512CodeGroup * kElementBytes);
-    if (prefetch_gradient) {
-      prefetch_lines(static_cast<const char*>(t.g) + ahead * kElementBytes,
-                     kAvx512CodeGroup * kElementBytes);
-    }
+    prefetch_lines(static_cast<const char*>(t.g) + ahead * kElementBytes,
+                   kAvx512CodeGroup * kElementBytes);
     prefetch_lines(t.state1 + ahead, kAvx512CodeGroup);
     prefetch_lines(t.state2 + ahead, kAvx512CodeGroup);
   }
@@ -1171,8 +1163,6 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512_pipelined(const Adam8bitTensor& 
   const StateEncoder& encoder2 = tables.encoder2;
   const Avx512MagnitudeEncoder registers1 = avx512_magnitude_encoder(encoder1.magnitude);
   const Avx512MagnitudeEncoder registers2 = avx512_magnitude_encoder(encoder2.magnitude);
-  const bool prefetch_gradient =
-      update_prefetches_gradient(t.n * (T == FloatType::kFloat32 ? 4 : 2));
   PendingBlock pending;
   __m512 reciprocal1 = _mm512_setzero_ps();
   __m512 reciprocal2 = _mm512_setzero_ps();
@@ -1208,9 +1198,9 @@ LP_TARGET_AVX512_VBMI void update_blocks_avx512_pipelined(const Adam8bitTensor& 
     const bool interleave = pending.count != 0 && pending.interleaved;
     int64_t k = 0;
     for (; k < count; k += kAvx512CodeGroup) {
-      avx512_update_code_group<T, kAddWeightDecay, kScaleGradient>(
-          t, constants, tables, begin, k, count, old_scale1, old_scale2, block_m, block_v, &max1,
-          &max2, prefetch_gradient);
+      avx512_update_code_group<T, kAddWeightDecay, kScaleGradient>(t, constants, tables, begin, k,
+                                                                   count, old_scale1, old_scale2,
+                                                                   block_m, block_v, &max1, &max2);
       if (interleave) {
         avx512_encode_pending_group(t, encoder1, encoder2, registers1, registers2, reciprocal1,
                                     reciprocal2, k, pending);

@@ -5,10 +5,6 @@
 #include <cstdlib>
 #include <mutex>
 
-#if defined(__unix__) || defined(__APPLE__)
-#include <unistd.h>
-#endif
-
 #if LOWPREC_X86_SIMD
 #include <cpuid.h>
 #endif
@@ -76,18 +72,6 @@ bool cpu_bf16_gemm_native() {
 #else
   return true;
 #endif
-}
-
-int64_t last_level_cache_bytes() {
-  static const int64_t bytes = [] {
-    long reported = 0;
-#if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
-    reported = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    if (reported <= 0) reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#endif
-    return reported > 0 ? static_cast<int64_t>(reported) : kAssumedLastLevelCacheBytes;
-  }();
-  return bytes;
 }
 
 namespace {

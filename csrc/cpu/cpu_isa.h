@@ -9,7 +9,6 @@
 // that an x86 machine can check those builds (tests/test_packaging.py).
 #pragma once
 
-#include <cstdint>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -52,11 +51,6 @@ bool cpu_has_avx512_bf16();
 // AVX512_BF16 (oneDNN emulates it otherwise, several times slower than fp32); on other targets
 // (aarch64 with BF16, for one) torch's kernels are taken as they are.
 bool cpu_bf16_gemm_native();
-
-// The size of this CPU's last-level data cache as the C library reports it (L3, else L2), or
-// kAssumedLastLevelCacheBytes where it reports none. Asked once.
-int64_t last_level_cache_bytes();
-constexpr int64_t kAssumedLastLevelCacheBytes = int64_t{32} << 20;
 
 // The path kernels take now.
 CpuIsa active_cpu_isa();

@@ -23,6 +23,19 @@ import lowprec_kernels as lpk  # noqa: E402
 from lowprec_kernels.bench.harness import positive, script_description  # noqa: E402
 
 
+def tree_under_test(script: str) -> Path:
+    """The source tree whose lowprec_kernels and _C were imported: a tree without a built _C of
+    its own would silently time another one (an editable install's), so that is refused."""
+    tree = Path(lpk.__file__).resolve().parent.parent
+    native = Path(lpk._C.__file__).resolve() if lpk.available_backends()["cpu"] else None
+    if native is None or tree not in native.parents:
+        raise SystemExit(
+            f"{script}: lowprec_kernels comes from {tree} but its _C from {native}: "
+            "build the tree under test in place (setup.py build_ext --inplace) first"
+        )
+    return tree
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=script_description(__doc__))
     parser.add_argument("--rounds", type=positive(int), default=10,
@@ -31,15 +44,7 @@ def main() -> None:
                         help="multiply every case's size by this factor, e.g. 0.1 for a quick "
                              "try (default 1; at least 4096 elements a tensor)")  # fmt: skip
     args = parser.parse_args()
-    # The build under test is the tree whose lowprec_kernels/_C was loaded: a tree without a
-    # built _C of its own would silently time another one (an editable install's).
-    tree = Path(lpk.__file__).resolve().parent.parent
-    native = Path(lpk._C.__file__).resolve() if lpk.available_backends()["cpu"] else None
-    if native is None or tree not in native.parents:
-        raise SystemExit(
-            f"adam_build_ab: lowprec_kernels comes from {tree} but its _C from {native}: "
-            "build the tree under test in place (setup.py build_ext --inplace) first"
-        )
+    tree = tree_under_test("adam_build_ab")
 
     def shrink(shape):
         return (max(4096, int(torch.Size(shape).numel() * args.scale)),)

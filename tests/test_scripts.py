@@ -51,6 +51,8 @@ def test_gpu_quick_pass_cases_run_on_cpu():
         ["benchmarks/cache_rotation.py", "--tensor-mib", "1", "--multiples", "0.1", "--rounds",
          "1"],
         ["benchmarks/adam_build_ab.py", "--rounds", "1", "--scale", "0.01"],
+        ["benchmarks/adam_rotated_ab.py", "--params", "5000", "--copies", "2", "--seconds",
+         "0.05"],
     ],
     ids=lambda c: Path(c[0]).stem,
 )  # fmt: skip
@@ -64,7 +66,7 @@ def test_probe_scripts_run(command):
 @pytest.mark.parametrize(
     "script",
     ["cuda_quick.py", "cuda_gemv_check.py", "adam_step_context.py", "adam_memory_modes.py",
-     "adam_many_tensors.py", "cache_rotation.py", "adam_build_ab.py"],
+     "adam_many_tensors.py", "cache_rotation.py", "adam_build_ab.py", "adam_rotated_ab.py"],
 )  # fmt: skip
 def test_scripts_answer_help_anywhere(script):
     """--help works without a GPU, with the docstring's whole first paragraph."""

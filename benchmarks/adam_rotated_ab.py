@@ -1,0 +1,66 @@
+"""Our AdamW8bit step against torch's fused AdamW on one fp32 tensor, rotated over distinct
+copies as the bench suite rotates its inputs (so every step reads its data from memory), for
+comparing two builds: run it alternately with PYTHONPATH set to each build's tree, several
+times, and pair the lines. adam_memory_modes.py times the same two steps on one copy, whose
+data partly stays in the last-level cache. Numbers in benchmarks/results/cpu-adam.md.
+
+    PYTHONPATH=/path/to/tree python benchmarks/adam_rotated_ab.py [--copies K] [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adam_build_ab import tree_under_test  # noqa: E402
+
+import lowprec_kernels as lpk  # noqa: E402
+from lowprec_kernels.bench.harness import positive, script_description  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=script_description(__doc__))
+    parser.add_argument("--params", type=positive(int), default=16_777_216)
+    parser.add_argument("--copies", type=positive(int), default=3,
+                        help="distinct (parameter, gradient, optimizers) sets stepped in turn; "
+                             "3 of 16.7M parameters hold 1.3 GB (default 3)")  # fmt: skip
+    parser.add_argument("--seconds", type=positive(float), default=8.0)
+    args = parser.parse_args()
+    tree = tree_under_test("adam_rotated_ab")
+    copies = []
+    for _ in range(args.copies):
+        ours = torch.nn.Parameter(torch.randn(args.params) * 0.02)
+        ours.grad = torch.randn(args.params) * 1e-2
+        theirs = torch.nn.Parameter(ours.detach().clone())
+        theirs.grad = ours.grad.clone()
+        pair = (lpk.optim.AdamW8bit([ours], lr=1e-3, weight_decay=0.01),
+                torch.optim.AdamW([theirs], lr=1e-3, weight_decay=0.01, fused=True))  # fmt: skip
+        for opt in pair:
+            opt.step()  # allocates the states
+        copies.append(pair)
+    ours_s, torch_s, ratios = [], [], []
+    end = time.perf_counter() + args.seconds
+    while time.perf_counter() < end:
+        ours_opt, torch_opt = copies[len(ratios) % len(copies)]
+        t0 = time.perf_counter()
+        ours_opt.step()
+        t1 = time.perf_counter()
+        torch_opt.step()
+        t2 = time.perf_counter()
+        ours_s.append(t1 - t0)
+        torch_s.append(t2 - t1)
+        ratios.append((t2 - t1) / (t1 - t0))
+    print(f"{tree}: {args.copies} copies, {len(ratios)} pairs: ours "
+          f"{statistics.median(ours_s) * 1e3:.2f} ms, torch fused "
+          f"{statistics.median(torch_s) * 1e3:.2f} ms, speedup (median of pairs) "
+          f"{statistics.median(ratios):.3f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

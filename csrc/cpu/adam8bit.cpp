@@ -1047,13 +1047,14 @@ inline float avx512_v_absmax(uint32_t max_raw_bits, const float* new_v, int64_t 
 // (p, g and both codes) into L1. The hardware prefetchers alone left the update of a 16.7M fp32
 // tensor ~20% slower than its arithmetic on a Zen 5 core (34 against 28 cycles per 16 elements);
 // there 2048 elements ahead did best (1024 and 4096 as well, prefetcht1 no better, 2 MB pages
-// changed nothing). On an Intel core (Emerald Rapids) 256 does best, with the data in memory as
-// the bench has it (parameters rotated) and with it in the last-level cache: the 16.7M fp32 step
-// against torch's fused AdamW, builds alternated four to five times, 256 / 512 / 1024 / 2048
-// elements ahead: 0.93-0.96x / 0.91-0.96x / 0.90-0.93x / 0.87-0.90x in memory (128: 0.92x),
-// 0.98-1.01x / - / - / 0.94-0.98x in the cache. Leaving the gradient to the hardware (the
-// finiteness pass has just read it) helped only in the cache, and the gradient into L2 only was
-// slower in both (results in cpu-adam.md).
+// changed nothing). On an Intel core (Emerald Rapids) 256 did best: the 16.7M fp32 step against
+// torch's fused AdamW, builds alternated four to five times, with the tensor rotated over 3
+// copies (benchmarks/adam_rotated_ab.py: data from memory) at 256 / 512 / 1024 / 2048 elements
+// ahead: 0.93-0.96x / 0.91-0.96x / 0.90-0.93x / 0.88-0.90x (128: 0.92-0.93x); with one copy
+// (adam_memory_modes.py: data partly cached) 256 / 2048: 0.98-1.01x / 0.94-0.98x. The bench's
+// own 16.7M fp32 row moved less (0.89-0.91x -> 0.90-0.91x). Not prefetching the gradient (the
+// finiteness pass has just read it) or prefetching it into L2 only was no better (numbers in
+// cpu-adam.md).
 constexpr int64_t kUpdatePrefetchElements = 256;
 
 // The cache lines of [data, data + bytes) into L1; the lines may lie past the tensor's end.
@@ -1300,6 +1301,7 @@ LP_TARGET_AVX512_VBMI bool all_finite_avx512(const void* g, int64_t begin, int64
     l = _mm512_setzero_si512();
   int64_t i = begin;
   for (; i + kPerStep <= end; i += kPerStep) {
+    // The line may lie past the gradient's end (a prefetch never faults).
     simd::prefetch_l1(base + i * kElementBytes + kFinitePrefetchBytes);
     for (int a = 0; a < kFiniteAccumulators; ++a) {
       largest[a] = avx512_max_bits<T>(

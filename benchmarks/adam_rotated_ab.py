@@ -1,10 +1,12 @@
 """Our AdamW8bit step against torch's fused AdamW on one fp32 tensor, rotated over distinct
 copies as the bench suite rotates its inputs, for comparing two builds: run it alternately
-with PYTHONPATH set to each build's tree, several times, and pair the lines. The default 3
-copies of 16.7M parameters pass 1.1 GB through the cache between two visits to a copy (4 of
-this machine's last-level caches; the bench rotates over 8, --copies 13 here): assumed, not
-checked, to leave nothing of a copy cached. adam_memory_modes.py times the same two steps on
-one copy, whose data partly stays in the cache. Numbers in benchmarks/results/cpu-adam.md.
+with PYTHONPATH set to each build's tree, several times, and pair the lines.
+
+The default 3 copies of 16.7M parameters pass 1.1 GB through the cache between two visits to
+a copy (4 times this machine's 260 MiB L3; the bench rotates over 8 caches, 13 copies here):
+assumed, not checked, to leave nothing of a copy cached. adam_memory_modes.py times the same
+two steps on one copy, whose data partly stays in the cache. Numbers in
+benchmarks/results/cpu-adam.md.
 
     PYTHONPATH=/path/to/tree python benchmarks/adam_rotated_ab.py [--copies K] [--seconds S]
 """

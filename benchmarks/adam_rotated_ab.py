@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adam_build_ab import tree_under_test  # noqa: E402
+from adam_many_tensors import _optimizer  # noqa: E402
 
 import lowprec_kernels as lpk  # noqa: E402
 from lowprec_kernels.bench.harness import positive, script_description  # noqa: E402
@@ -39,17 +40,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=positive(float), default=8.0)
     args = parser.parse_args()
     tree = tree_under_test("adam_rotated_ab")
-    copies = []
-    for _ in range(args.copies):
-        ours = torch.nn.Parameter(torch.randn(args.params) * 0.02)
-        ours.grad = torch.randn(args.params) * 1e-2
-        theirs = torch.nn.Parameter(ours.detach().clone())
-        theirs.grad = ours.grad.clone()
-        pair = (lpk.optim.AdamW8bit([ours], lr=1e-3, weight_decay=0.01),
-                torch.optim.AdamW([theirs], lr=1e-3, weight_decay=0.01, fused=True))  # fmt: skip
-        for opt in pair:
-            opt.step()  # allocates the states
-        copies.append(pair)
+    shapes = [(args.params,)]
+    copies = [
+        (_optimizer(lambda ps: lpk.optim.AdamW8bit(ps, lr=1e-3, weight_decay=0.01), shapes),
+         _optimizer(lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True),
+                    shapes))
+        for _ in range(args.copies)
+    ]  # fmt: skip
     ours_s, torch_s, ratios = [], [], []
     end = time.perf_counter() + args.seconds
     while not ratios or time.perf_counter() < end:

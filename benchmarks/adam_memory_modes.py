@@ -11,15 +11,20 @@ as the best of 3 steps after 2 untimed:
 * two ceilings: ``a.add_(b)`` (two reads and a write per element, as an in-place update
   moves them) and ``b.amax()`` (a pure read of a gradient's size).
 
+With ``--copies N`` each column steps N distinct copies in turn (one per call), so that with
+enough of them every call reads its data from memory, as in the bench suite's rotation; with
+one copy (the default) the data stays partly in the last-level cache.
+
 The summary splits the rounds by torch's time (``--split-ms``) and gives each column's
 median; our update is the step less the check. Numbers in benchmarks/results/cpu-adam.md.
 
-    python benchmarks/adam_memory_modes.py [--params N] [--seconds S] [--split-ms MS]
+    python benchmarks/adam_memory_modes.py [--params N] [--seconds S] [--split-ms MS] [--copies N]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -39,6 +44,12 @@ def _optimizer(make, params: int, nan_last: bool = False) -> torch.optim.Optimiz
     opt = make([p])
     opt.step()
     return opt
+
+
+def _rotating(fns: list):
+    """One call of the next of ``fns`` per call."""
+    turn = itertools.cycle(fns)
+    return lambda: next(turn)()
 
 
 def _best_of_three(fn) -> float:
@@ -65,25 +76,37 @@ def main() -> None:
     parser.add_argument("--params", type=positive(int), default=16_777_216)
     parser.add_argument("--seconds", type=positive(float), default=40.0)
     parser.add_argument("--split-ms", type=positive(float), default=4.8)
+    parser.add_argument("--copies", type=positive(int), default=1,
+                        help="distinct copies each column steps in turn (default 1)")  # fmt: skip
     args = parser.parse_args()
 
     def adamw8bit(ps):
         return lpk.optim.AdamW8bit(ps, lr=1e-3, weight_decay=0.01)
 
-    torch_fused = _optimizer(
-        lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True), args.params
+    def torch_fused(ps):
+        return torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True)
+
+    def copies(make) -> list:
+        return [make() for _ in range(args.copies)]
+
+    def add_of_two():
+        a, b = torch.randn(args.params), torch.randn(args.params)
+        return lambda: a.add_(b)
+
+    columns = (
+        copies(lambda: _optimizer(torch_fused, args.params).step),
+        copies(lambda: _optimizer(adamw8bit, args.params).step),
+        copies(lambda: _optimizer(adamw8bit, args.params, nan_last=True).step),
+        copies(add_of_two),
+        copies(lambda: torch.randn(args.params).amax),
     )
-    ours = _optimizer(adamw8bit, args.params)
-    check_only = _optimizer(adamw8bit, args.params, nan_last=True)
-    a = torch.randn(args.params)
-    b = torch.randn(args.params)
-    timed = (torch_fused.step, ours.step, check_only.step, lambda: a.add_(b), b.amax)
+    timed = tuple(_rotating(fns) for fns in columns)
     rounds = []
     end = time.time() + args.seconds
     while time.time() < end:
         rounds.append(tuple(_best_of_three(fn) for fn in timed))
-    print(f"{args.params} fp32 parameters, {torch.get_num_threads()} threads, {len(rounds)} "
-          "rounds (each the best of 3 after 2 untimed)")  # fmt: skip
+    print(f"{args.params} fp32 parameters, {args.copies} copies, {torch.get_num_threads()} "
+          f"threads, {len(rounds)} rounds (each the best of 3 after 2 untimed)")  # fmt: skip
     split = args.split_ms / 1e3
     for name, part in (
         (f"torch fused < {args.split_ms:g} ms", [r for r in rounds if r[0] < split]),

@@ -46,7 +46,8 @@ def test_gpu_quick_pass_cases_run_on_cpu():
     "command",
     [
         ["benchmarks/adam_step_context.py", "--params", "5000", "--rounds", "1", "--gemm-ms", "1"],
-        ["benchmarks/adam_memory_modes.py", "--params", "5000", "--seconds", "0.05"],
+        ["benchmarks/adam_memory_modes.py", "--params", "5000", "--seconds", "0.05", "--copies",
+         "2"],
         ["benchmarks/adam_many_tensors.py", "--rounds", "1", "--max-params", "1100000"],
         ["benchmarks/cache_rotation.py", "--tensor-mib", "1", "--multiples", "0.1", "--rounds",
          "1"],

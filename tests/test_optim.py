@@ -113,10 +113,107 @@ def test_bad_hyperparameters_of_a_param_group():
     assert len(opt.param_groups) == 1
     # torch.optim.Adam's update-changing options, as a copied group may carry them: refused
     # when set (silently minimizing would be worse), accepted when off.
-    for option in ("maximize", "amsgrad"):
+    for option in ("maximize", "amsgrad", "capturable", "differentiable"):
         with pytest.raises(ValueError, match=f"{option}=True"):
             opt.add_param_group({"params": [bad], option: True})
+    with pytest.raises(ValueError, match="decoupled_weight_decay='yes'"):
+        opt.add_param_group({"params": [bad], "decoupled_weight_decay": "yes"})
     opt.add_param_group({"params": [bad], "maximize": False, "amsgrad": False, "foreach": None})
+
+
+@pytest.mark.parametrize("cls", [Adam8bit, AdamW8bit])
+def test_torch_adam_keywords_carry_over(cls):
+    """torch.optim.Adam's keywords are accepted where they ask for nothing these optimizers
+    lack (foreach and fused only pick torch's implementation) and refused by name where
+    they do: torch's arguments carry over without silently changing the update."""
+    p = nn.Parameter(torch.randn(10))
+    cls([p], amsgrad=False, maximize=False, capturable=False, differentiable=False,
+        foreach=True, fused=False)  # fmt: skip
+    for option in ("amsgrad", "maximize", "capturable", "differentiable"):
+        with pytest.raises(ValueError, match=f"{option}=True"):
+            cls([p], **{option: True})
+
+
+def _stepped_copies(n, make_optimizers, steps=3, weight_decay=0.5):
+    """Parameters stepped by each of ``make_optimizers`` (callables of (params, wd)) from the
+    same values and gradients."""
+    torch.manual_seed(0)
+    start = torch.randn(n)
+    grads = [torch.randn(n) for _ in range(steps)]
+    results = []
+    for make in make_optimizers:
+        p = nn.Parameter(start.clone())
+        opt = make([p], weight_decay)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        results.append(p.detach())
+    return results
+
+
+@pytest.mark.parametrize("n", [100, 5000], ids=["fp32-state", "8bit-state"])
+def test_decoupled_weight_decay_per_group_as_torch(n):
+    """As torch.optim.Adam: ``decoupled_weight_decay`` (a keyword of Adam8bit, a key of any
+    param group) makes Adam decay as AdamW does, and a group of AdamW8bit setting it False
+    adds the decay to the gradient as Adam does; bit for bit the other class's step."""
+    adam, adamw, adam_decoupled, adam_group, adamw_group = _stepped_copies(n, [
+        lambda ps, wd: Adam8bit(ps, weight_decay=wd),
+        lambda ps, wd: AdamW8bit(ps, weight_decay=wd),
+        lambda ps, wd: Adam8bit(ps, weight_decay=wd, decoupled_weight_decay=True),
+        lambda ps, wd: Adam8bit([{"params": ps, "decoupled_weight_decay": True}],
+                                weight_decay=wd),
+        lambda ps, wd: AdamW8bit([{"params": ps, "decoupled_weight_decay": False}],
+                                 weight_decay=wd),
+    ])  # fmt: skip
+    assert not torch.equal(adam, adamw)
+    assert torch.equal(adam_decoupled, adamw)
+    assert torch.equal(adam_group, adamw)
+    assert torch.equal(adamw_group, adam)
+    assert AdamW8bit([nn.Parameter(torch.randn(3))]).param_groups[0]["decoupled_weight_decay"]
+    if n < 4096:  # float32 states: torch's own Adam with the same flag, to rounding
+        (torch_decoupled,) = _stepped_copies(n, [
+            lambda ps, wd: torch.optim.Adam(ps, weight_decay=wd, decoupled_weight_decay=True)
+        ])  # fmt: skip
+        torch.testing.assert_close(adam_decoupled, torch_decoupled, rtol=1e-6, atol=1e-6)
+
+
+def test_load_state_dict_refuses_modes_it_lacks():
+    """A torch.optim.AdamW state dict asking for maximize is refused (it would step the wrong
+    way), the optimizer left as it was; its other torch keys load."""
+    p = nn.Parameter(torch.randn(10))
+    opt = AdamW8bit([p], lr=0.1)
+    groups_before = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    for option in ("maximize", "amsgrad", "capturable", "differentiable"):
+        saved = torch.optim.AdamW([nn.Parameter(torch.randn(10))], lr=0.5, **{option: True})
+        with pytest.raises(ValueError, match=f"loaded state dict .*{option}=True"):
+            opt.load_state_dict(saved.state_dict())
+        assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == (
+            groups_before
+        )
+    opt.load_state_dict(torch.optim.AdamW([nn.Parameter(torch.randn(10))], lr=0.5).state_dict())
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
+def test_an_empty_state_entry_loads_as_no_state():
+    """Looking up ``opt.state[p]`` for a parameter without state records an empty dict (a
+    defaultdict, as in torch): its state_dict still loads, as torch's does; and a parameter
+    refused on its first step leaves no such entry."""
+    a, b = nn.Parameter(torch.randn(5000)), nn.Parameter(torch.randn(10))
+    opt = AdamW8bit([a, b])
+    a.grad = torch.randn(5000)
+    opt.step()
+    assert "step" not in opt.state[b]  # records {} for b
+    opt.load_state_dict(opt.state_dict())
+    assert len(opt.state[a]) > 0
+    b.grad = torch.randn(10)
+    opt.step()
+    assert opt.state[b]["step"].item() == 1
+    c = nn.Parameter(torch.randn(10, dtype=torch.float64))
+    c.grad = torch.randn(10, dtype=torch.float64)
+    refusing = AdamW8bit([c])
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        refusing.step()
+    assert len(refusing.state) == 0
 
 
 def test_defaults():
@@ -352,7 +449,7 @@ def _bad_blocksize(opt, b):
         (_bad_dtype, TypeError, "float32, float16 or bfloat16"),
         (_bad_resize, ValueError, "no longer fits"),
         (_bad_lr, ValueError, "learning rate"),
-        (_bad_blocksize, ValueError, "blocksize|block of 512"),  # the optimizer's or the op's
+        (_bad_blocksize, ValueError, "blocksize=512 makes .* cannot change"),
     ],
     ids=["sparse-grad", "float64", "resized", "negative-lr", "blocksize"],
 )
@@ -385,11 +482,29 @@ def test_a_blocksize_changed_in_a_later_call_leaves_every_group_untouched():
         if opt.state:
             opt.param_groups[1]["blocksize"] = 512
             snapshot = _snapshot(opt)
-            with pytest.raises(ValueError, match="blocksize|block of 512"):
+            with pytest.raises(ValueError, match="blocksize=512 makes .* cannot change"):
                 opt.step()
             _assert_untouched(opt, snapshot)
         else:
             opt.step()
+
+
+@pytest.mark.parametrize("changed_group_first", [True, False], ids=["first-call", "later-call"])
+def test_a_changed_blocksize_reads_the_same_in_any_call(changed_group_first):
+    """The call made first is checked by its op, not screened; when its op refuses, the
+    optimizer gives its own message, so that the same mistake reads the same in any call."""
+    torch.manual_seed(0)
+    a, b, c = (nn.Parameter(torch.randn(8192)) for _ in range(3))
+    groups = [[a, b], [c]] if changed_group_first else [[a], [b, c]]
+    opt = AdamW8bit([{"params": ps} for ps in groups])
+    for p in (a, b, c):
+        p.grad = torch.randn(8192)
+    opt.step()
+    opt.param_groups[0]["blocksize"] = 1024
+    snapshot = _snapshot(opt)
+    with pytest.raises(ValueError, match="blocksize=1024 makes 8; the blocksize of a group"):
+        opt.step()
+    _assert_untouched(opt, snapshot)
 
 
 def test_a_sparse_gradient_is_refused_by_name_in_the_first_call_too():

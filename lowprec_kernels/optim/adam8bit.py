@@ -63,9 +63,22 @@ def _dynamic_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return LF.dynamic_map(signed=True, device=device), LF.dynamic_map(signed=False, device=device)
 
 
-# torch.optim.Adam options that change the update, which a param-group dict could carry (a
-# group copied from a torch optimizer): refused when set rather than silently ignored.
-_UNSUPPORTED_OPTIONS = ("amsgrad", "maximize")
+# torch.optim.Adam's options that change what a step computes or guarantees, which a
+# param-group dict could carry (a group copied from a torch optimizer, or loaded from its state
+# dict): refused when set rather than silently ignored. Its `foreach` and `fused` only choose
+# torch's implementation (ours is always one fused call per group): accepted and ignored.
+# `decoupled_weight_decay` is honoured, per group, as torch.optim.Adam does.
+_UNSUPPORTED_OPTIONS = ("amsgrad", "maximize", "capturable", "differentiable")
+
+
+def _check_group_options(owner: str, group: dict[str, Any]) -> None:
+    """ValueError for an unsupported torch.optim.Adam option that ``group`` sets."""
+    for option in _UNSUPPORTED_OPTIONS:
+        if group.get(option):
+            raise ValueError(
+                f"{owner}: {option}={group[option]!r} is not supported (torch.optim.Adam's "
+                "option; these optimizers have no such mode)"
+            )
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
@@ -101,6 +114,10 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         raise ValueError(
             f"Invalid min_8bit_size: min_8bit_size={min_8bit_size!r} (must be an int >= 0)"
         )
+    decoupled = group.get("decoupled_weight_decay", False)
+    if type(decoupled) is not bool:
+        raise ValueError(f"Invalid decoupled_weight_decay: decoupled_weight_decay={decoupled!r} "
+                         "(must be True or False)")  # fmt: skip
 
 
 def _hyperparameter(x):
@@ -144,12 +161,21 @@ class Adam8bit(torch.optim.Optimizer):
         weight_decay: L2 penalty (``AdamW8bit``: decoupled decay).
         blocksize: elements per quantization block of the 8-bit states (64 .. 4096).
         min_8bit_size: tensors with fewer elements keep float32 states.
+        decoupled_weight_decay: decay the parameter directly, as ``AdamW8bit`` does
+            (``torch.optim.Adam``'s option; a param group may set it too, and each group's
+            own value holds, as in torch).
+        amsgrad, maximize, capturable, differentiable, foreach, fused: torch.optim.Adam's
+            keywords, so that its arguments carry over: accepted at their defaults
+            (``foreach`` and ``fused`` at any value: they pick torch's implementation),
+            ValueError when they ask for a mode these optimizers lack.
 
     Parameters must be float32, float16 or bfloat16 (their gradients of the same dtype);
     the update is computed in float32 and rounded once into the parameter's dtype. See the
     module docstring for the state layout and how skipped steps are counted.
     """
 
+    # The decay of a group that does not say (one of an older state dict, or a group edited by
+    # hand); a group made by the constructor or add_param_group always says.
     decoupled_weight_decay = False
 
     def __init__(
@@ -161,10 +187,24 @@ class Adam8bit(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         blocksize: int = 256,
         min_8bit_size: int = 4096,
+        *,
+        decoupled_weight_decay: bool = False,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
     ):
+        del foreach, fused  # torch's choice of implementation: nothing to choose here
+        _check_group_options(
+            type(self).__name__,
+            dict(amsgrad=amsgrad, maximize=maximize, capturable=capturable,
+                 differentiable=differentiable),
+        )  # fmt: skip
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, blocksize=blocksize,
-            min_8bit_size=min_8bit_size,
+            min_8bit_size=min_8bit_size, decoupled_weight_decay=decoupled_weight_decay,
         )  # fmt: skip
         super().__init__(params, defaults)
 
@@ -173,12 +213,7 @@ class Adam8bit(torch.optim.Optimizer):
         first (the constructor's groups come through here too)."""
         given = {k: v for k, v in param_group.items() if k != "params"}
         _check_hyperparameters({**self.defaults, **given})
-        for option in _UNSUPPORTED_OPTIONS:
-            if given.get(option):  # the constructor refuses them as unexpected keywords
-                raise ValueError(
-                    f"{type(self).__name__}: {option}={given[option]!r} is not supported "
-                    "(torch.optim.Adam's option; these optimizers have no such mode)"
-                )
+        _check_group_options(type(self).__name__, given)
         params = param_group["params"]
         if not isinstance(params, (torch.Tensor, set)):  # torch refuses sets itself
             params = param_group["params"] = list(params)  # it may be a generator
@@ -228,9 +263,11 @@ class Adam8bit(torch.optim.Optimizer):
                 continue
             if grad.is_sparse:  # every parameter: the first call is not screened
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            state = self.state[p]
-            if len(state) == 0:
-                self._init_state(p, state, group)
+            state = self.state.get(p)  # (not self.state[p], which would record an empty state)
+            if not state:
+                state = {}
+                self._init_state(p, state, group)  # may refuse p: then nothing is recorded
+                self.state[p] = state
             if p.numel() == 0:
                 empty_steps.append(state["step"])
             elif state["state1"].dtype == torch.uint8:
@@ -252,15 +289,19 @@ class Adam8bit(torch.optim.Optimizer):
                 steps32.append(state["step"])
                 skipped32.append(state["skipped"])
 
-    def _screen(self, group, params, states, absmax1=None) -> None:
-        """Refuses, naming the parameter, what a fused op would refuse of one call's tensors
-        (``states``: the m tensors; ``absmax1`` for 8-bit states). ``step`` runs it on every
-        call but the one it makes first, before making any, so that bad input leaves the
-        whole optimizer as it was. The ops' checks stay the authority; this repeats those a
-        user can trip over through the optimizer: a parameter of another dtype, or one
-        resized or moved since its state was made (``_init_group`` refuses sparse gradients,
-        and torch's ``p.grad`` setter keeps a gradient's dtype, shape and device those of its
-        parameter). ~0.4 us per parameter; the messages only on failure."""
+    def _screen(self, call) -> Exception | None:
+        """The error, naming the parameter, for what a fused op would refuse of one call's
+        tensors, or None. ``step`` raises it for every call but the one it makes first, before
+        making any, so that bad input leaves the whole optimizer as it was; the first call's
+        op checks its tensors before it writes, and ``step`` asks this for the message when it
+        refuses. The ops' checks stay the authority; this repeats those a user can trip over
+        through the optimizer: a parameter of another dtype, or one resized or moved since its
+        state was made (``_init_group`` refuses sparse gradients, and torch's ``p.grad``
+        setter keeps a gradient's dtype, shape and device those of its parameter). ~0.4 us
+        per parameter; the messages only on failure."""
+        group, _, eight_bit, split = call
+        params, states = split[0], split[2]
+        absmax1 = split[4] if eight_bit else None
         for i, (p, s1) in enumerate(zip(params, states)):
             if not (
                 p.dtype in FLOAT_DTYPES and s1.numel() == p.numel() and s1.device == p.device
@@ -269,24 +310,25 @@ class Adam8bit(torch.optim.Optimizer):
                     or absmax1[i].numel() == num_blocks(p.numel(), group["blocksize"])
                 )
             ):  # fmt: skip
-                self._refuse(p, self.state[p], group)
+                return self._refusal(p, self.state[p], group)
+        return None
 
-    def _refuse(self, p: torch.Tensor, state: dict, group) -> None:
+    def _refusal(self, p: torch.Tensor, state: dict, group) -> Exception:
         """The error for a parameter ``_screen`` turned down."""
         where = f"{type(self).__name__}: parameter of shape {tuple(p.shape)}"
         if p.dtype not in FLOAT_DTYPES:
-            raise TypeError(
+            return TypeError(
                 f"{where}: parameters must be float32, float16 or bfloat16, got {p.dtype}"
             )
         s1 = state["state1"]
         if s1.numel() != p.numel() or s1.device != p.device:
-            raise ValueError(
+            return ValueError(
                 f"{where}: its state (of {s1.numel()} elements, on {s1.device}) no "
                 f"longer fits it ({p.numel()} elements, on {p.device}); load a state dict for "
                 "this model or create the optimizer after moving or resizing it"
             )
         blocks = num_blocks(p.numel(), group["blocksize"])
-        raise ValueError(
+        return ValueError(
             f"{where}: its 8-bit state has {state['absmax1'].numel()} blocks, but "
             f"blocksize={group['blocksize']} makes {blocks}; the blocksize of a group cannot "
             "change once it has state"
@@ -320,7 +362,7 @@ class Adam8bit(torch.optim.Optimizer):
                 lr=_hyperparameter(group["lr"]), beta1=_hyperparameter(beta1),
                 beta2=_hyperparameter(beta2), eps=_hyperparameter(group["eps"]),
                 weight_decay=_hyperparameter(group["weight_decay"]),
-                decoupled=self.decoupled_weight_decay,
+                decoupled=group.get("decoupled_weight_decay", self.decoupled_weight_decay),
             )  # fmt: skip
             for split in _split_by_device(*lists[:10]):
                 calls.append((group, hyper, True, split))
@@ -328,19 +370,23 @@ class Adam8bit(torch.optim.Optimizer):
                 calls.append((group, hyper, False, split))
         if calls:
             first = max(range(len(calls)), key=lambda i: len(calls[i][3][0]))
-            for i, (group, _, eight_bit, split) in enumerate(calls):
-                if i != first:
-                    self._screen(group, split[0], split[2], split[4] if eight_bit else None)
+            for i, call in enumerate(calls):
+                if i != first and (error := self._screen(call)) is not None:
+                    raise error
             calls.insert(0, calls.pop(first))
-        for group, hyper, eight_bit, split in calls:
-            if eight_bit:
-                p, g, s1, s2, a1, a2, q1, q2, st, sk = split
-                _step_8bit(
-                    p, g, s1, s2, a1, a2, q1[0], q2[0], st, sk, blocksize=group["blocksize"],
-                    **hyper,
-                )  # fmt: skip
+            if torch.compiler.is_compiling():
+                _make_call(calls[0])
             else:
-                _step_fp32_state(*split, **hyper)
+                try:
+                    _make_call(calls[0])
+                except (RuntimeError, ValueError, TypeError) as op_error:
+                    # Refused before it wrote anything: the optimizer's own message where it
+                    # has one, so that a mistake reads the same whichever call it is in.
+                    if (error := self._screen(calls[0])) is not None:
+                        raise error from op_error
+                    raise
+        for call in calls[1:]:
+            _make_call(call)
         for step in empty_steps:  # t = int(step) + 1, as the ops count
             step.copy_(step.trunc() + 1)
         return loss
@@ -408,6 +454,7 @@ class Adam8bit(torch.optim.Optimizer):
             if "param_names" in group and "param_names" not in saved:
                 new_group["param_names"] = group["param_names"]
             _check_hyperparameters(new_group)
+            _check_group_options(f"loaded state dict for {type(self).__name__}", new_group)
             new_groups.append(new_group)
         owner = {}  # saved parameter id -> (parameter, its new group)
         for saved, new_group in zip(saved_groups, new_groups):
@@ -421,6 +468,8 @@ class Adam8bit(torch.optim.Optimizer):
                     "which none of its parameter groups lists"
                 )
             p, group = owner[saved_id]
+            if isinstance(saved_state, dict) and not saved_state:
+                continue  # no state yet (torch's state_dict() keeps such entries)
             state[p] = _loaded_param_state(p, saved_state, group, f"parameter {saved_id}")
         self.__setstate__({"state": state, "param_groups": new_groups})
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -442,11 +491,34 @@ class AdamW8bit(Adam8bit):
         weight_decay: float = 1e-2,
         blocksize: int = 256,
         min_8bit_size: int = 4096,
+        *,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
     ):
-        super().__init__(params, lr, betas, eps, weight_decay, blocksize, min_8bit_size)
+        super().__init__(
+            params, lr, betas, eps, weight_decay, blocksize, min_8bit_size,
+            decoupled_weight_decay=True, amsgrad=amsgrad, maximize=maximize,
+            capturable=capturable, differentiable=differentiable, foreach=foreach, fused=fused,
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- updates
+
+
+def _make_call(call) -> None:
+    """One fused call of ``step``'s list: (group, hyperparameters, 8-bit?, its tensor lists)."""
+    group, hyper, eight_bit, split = call
+    if eight_bit:
+        p, g, s1, s2, a1, a2, q1, q2, st, sk = split
+        _step_8bit(
+            p, g, s1, s2, a1, a2, q1[0], q2[0], st, sk, blocksize=group["blocksize"], **hyper,
+        )  # fmt: skip
+    else:
+        _step_fp32_state(*split, **hyper)
 
 
 def _hyperparameters_tensor(lr, beta1, beta2, eps, weight_decay) -> torch.Tensor:

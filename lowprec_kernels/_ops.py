@@ -237,7 +237,20 @@ def check_int8_quantize_weight(W, op="int8_quantize_weight"):
 _THRESHOLD_ROUNDS_TO_ZERO = 2.0**-150
 
 
+def threshold_value(op: str, threshold) -> float:
+    """The LLM.int8 ``threshold`` argument as a float; TypeError naming it when it is not a
+    number (a string such as "6" included: float() would take it)."""
+    if not isinstance(threshold, (str, bytes)):
+        try:
+            return float(threshold)
+        except (TypeError, ValueError):
+            pass
+    _fail(TypeError, op, f"threshold must be a number, got {type(threshold).__name__} "
+                         f"{threshold!r}")  # fmt: skip
+
+
 def _check_threshold(op, threshold):
+    threshold = threshold_value(op, threshold)
     if not (threshold >= 0.0 and math.isfinite(threshold)):
         _fail(
             ValueError,

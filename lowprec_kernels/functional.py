@@ -162,7 +162,9 @@ def int8_vectorwise_quant(x: torch.Tensor, threshold: float = 0.0):
     are zeroed in the codes and each row's absmax ignores them. ``outlier_cols`` is a sorted
     int64 1-D tensor, empty when there are none.
     """
-    return _ops.call("int8_vectorwise_quant", x, float(threshold))
+    return _ops.call(
+        "int8_vectorwise_quant", x, _ops.threshold_value("int8_vectorwise_quant", threshold)
+    )
 
 
 def int8_scaled_mm(
@@ -188,7 +190,9 @@ def int8_linear(
 
     Differentiable in x (``grad_x = grad_y @ W_deq``) and bias.
     """
-    return _ops.call("int8_linear", x, wq, w_scale, bias, float(threshold))
+    return _ops.call(
+        "int8_linear", x, wq, w_scale, bias, _ops.threshold_value("int8_linear", threshold)
+    )
 
 
 def adam8bit_step_(

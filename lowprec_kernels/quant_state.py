@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from lowprec_kernels._ops import FLOAT_DTYPES
 from lowprec_kernels.reference.codebooks import QUANT_TYPES_4BIT
 
 NESTED_BLOCKSIZE = 256  # double quantization's blocksize (bitsandbytes' choice)
@@ -31,11 +32,26 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _dtype_from_name(name: str, key: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
+def _dtype_from_name(name, key: str) -> torch.dtype:
+    """A header's dtype: its name ("bfloat16", or "torch.bfloat16") or, in an unpacked dict,
+    the torch.dtype itself."""
+    if isinstance(name, torch.dtype):
+        return name
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"QuantState.from_dict: {key} must name a torch dtype, got {name!r}")
+        raise ValueError(
+            f"QuantState.from_dict: {key} must be a torch.dtype or its name, got {name!r}"
+        )
     return dtype
+
+
+def _offset_from_header(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"QuantState.from_dict: nested_offset must be a number, got {value!r}"
+        ) from None
 
 
 class QuantState:
@@ -63,8 +79,11 @@ class QuantState:
             raise ValueError(
                 f"QuantState: quant_type must be one of {QUANT_TYPES_4BIT}, got {quant_type!r}"
             )
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"QuantState: dtype must be a floating torch.dtype, got {dtype!r}")
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                "QuantState: dtype must be torch.float32, torch.float16 or torch.bfloat16 (the "
+                f"weight's, which dequantize_4bit returns), got {dtype!r}"
+            )
         nested = (nested_absmax, nested_code, offset)
         if any(t is not None for t in nested) and not all(t is not None for t in nested):
             raise ValueError(
@@ -106,7 +125,8 @@ class QuantState:
         )
 
     def to(self, device) -> QuantState:
-        """A copy with every tensor on ``device``."""
+        """A copy with every tensor on ``device`` (bitsandbytes' ``QuantState.to`` moves its own
+        tensors and returns None: here, use the result)."""
         return self._map_tensors(lambda t: t.to(device))
 
     def to_empty(self, device) -> QuantState:
@@ -248,7 +268,7 @@ class QuantState:
             nested_absmax=get("nested_absmax") if nested else None,
             nested_code=get("nested_quant_map") if nested else None,
             nested_blocksize=header.get("nested_blocksize", NESTED_BLOCKSIZE),
-            offset=float(header["nested_offset"]) if nested else None,
+            offset=_offset_from_header(header["nested_offset"]) if nested else None,
         )
 
     def __repr__(self) -> str:

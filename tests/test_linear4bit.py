@@ -8,6 +8,7 @@ exactly the op on the right arguments, on every backend.
 
 import copy
 import io
+import json
 import pickle
 import re
 import weakref
@@ -948,3 +949,47 @@ def test_mismatched_quant_state_gets_a_clear_error(layer):
     layer.weight.quant_state = None
     with pytest.raises(TypeError, match="quant_state"):
         layer(torch.ones(2, 100))
+
+
+def test_bitsandbytes_keywords_carry_over():
+    """bitsandbytes' ``compress_statistics`` is double_quant by another name, and its
+    ``quant_storage`` may be the byte storage this layer keeps; anything else is refused."""
+    for compress in (True, False):
+        layer = Linear4bit(64, 32, compress_statistics=compress, quant_storage=torch.uint8)
+        assert layer.double_quant is compress
+    with pytest.raises(ValueError, match="compress_statistics .* double_quant is False"):
+        Linear4bit(64, 32, double_quant=False, compress_statistics=True)
+    with pytest.raises(ValueError, match="quant_storage must be torch.uint8"):
+        Linear4bit(64, 32, quant_storage=torch.bfloat16)
+
+
+def test_quant_state_dtype_is_one_the_ops_take():
+    """A QuantState's dtype is what dequantize_4bit returns: refused when it is built (by hand
+    or from a checkpoint header) with one the ops cannot return, not at the first decode."""
+    qw, st = LF.quantize_4bit(torch.randn(16, 64))
+    header_key = next(k for k in st.as_dict() if k.startswith("quant_state."))
+    with pytest.raises(TypeError, match="dtype must be torch.float32, torch.float16 or"):
+        lpk.QuantState(quant_type="nf4", blocksize=64, shape=(16, 64), dtype=torch.float64,
+                       absmax=st.absmax, code=st.code)  # fmt: skip
+    packed = st.as_dict()
+    header = json.loads(bytes(packed[header_key].tolist()))
+    bad = {**packed, header_key: torch.tensor(list(json.dumps({**header, "dtype": "float64"})
+                                                    .encode()), dtype=torch.uint8)}  # fmt: skip
+    with pytest.raises(TypeError, match="got torch.float64"):
+        lpk.QuantState.from_dict(bad)
+
+
+def test_quant_state_from_an_unpacked_dict_takes_a_dtype_or_its_name():
+    qw, st = LF.quantize_4bit(torch.randn(16, 64), double_quant=True)
+    unpacked = {"quant_type": "nf4", "blocksize": 64, "shape": [16, 64], "absmax": st.absmax,
+                "quant_map": st.code, "nested_absmax": st.nested_absmax,
+                "nested_quant_map": st.nested_code, "nested_blocksize": st.nested_blocksize,
+                "nested_offset": float(st.offset)}  # fmt: skip
+    for dtype in (torch.float32, "float32", "torch.float32"):
+        again = lpk.QuantState.from_dict({**unpacked, "dtype": dtype})
+        assert again.dtype == torch.float32
+        assert torch.equal(LF.dequantize_4bit(qw, again), LF.dequantize_4bit(qw, st))
+    with pytest.raises(ValueError, match="nested_offset must be a number, got 'abc'"):
+        lpk.QuantState.from_dict({**unpacked, "dtype": "float32", "nested_offset": "abc"})
+    with pytest.raises(ValueError, match="dtype must be a torch.dtype or its name"):
+        lpk.QuantState.from_dict({**unpacked, "dtype": "float99"})

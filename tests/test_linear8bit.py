@@ -585,3 +585,40 @@ def test_bad_state_dicts(strict):
         load(weight_format=torch.tensor(1, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="SCB is given without weight"):
         load(weight=None)
+
+
+def test_bitsandbytes_inference_keyword_carries_over():
+    """bitsandbytes' inference layer is ``Linear8bitLt(..., has_fp16_weights=False)``: the
+    argument is accepted; its True (a trainable 16-bit weight) is refused by name."""
+    layer = Linear8bitLt(64, 32, has_fp16_weights=False, threshold=6.0)
+    assert layer.weight.dtype == torch.int8
+    with pytest.raises(ValueError, match="has_fp16_weights must be False"):
+        Linear8bitLt(64, 32, has_fp16_weights=True)
+
+
+@pytest.mark.parametrize("threshold", ["6", None, [6.0]])
+def test_a_threshold_that_is_no_number_is_refused_by_name(threshold):
+    with pytest.raises(TypeError, match="threshold must be a number"):
+        Linear8bitLt(64, 32, threshold=threshold)
+    wq, scale = LF.int8_quantize_weight(torch.randn(32, 64))
+    with pytest.raises(TypeError, match="int8_linear: threshold must be a number"):
+        LF.int8_linear(torch.randn(2, 64), wq, scale, threshold=threshold)
+    with pytest.raises(TypeError, match="int8_vectorwise_quant: threshold must be a number"):
+        LF.int8_vectorwise_quant(torch.randn(2, 64), threshold=threshold)
+
+
+def test_an_assigned_half_scb_is_loaded_as_float32():
+    """``load_state_dict(assign=True)`` takes the checkpoint's tensors as they are; an SCB
+    in 16 bits (fp32 in every bitsandbytes checkpoint) is cast instead of failing at the first
+    forward, and a non-float one is refused at load."""
+    torch.manual_seed(0)
+    src = Linear8bitLt(64, 32)
+    x = torch.randn(3, 64)
+    state = src.state_dict()
+    dst = Linear8bitLt(64, 32)
+    dst.load_state_dict({**state, "SCB": state["SCB"].half()}, assign=True)
+    assert dst.SCB.dtype == torch.float32
+    assert torch.equal(dst(x), Linear8bitLt.from_quantized(
+        src.weight, src.SCB.half().float(), src.bias)(x))  # fmt: skip
+    with pytest.raises(RuntimeError, match="SCB must be floating point"):
+        Linear8bitLt(64, 32).load_state_dict({**state, "SCB": state["SCB"].int()}, assign=True)

@@ -304,3 +304,22 @@ def test_transformer_encoder_in_eval_without_grad(method):
     torch.testing.assert_close(got, model(x, src_key_padding_mask=padding), rtol=1e-4, atol=1e-4)
     kept = ~padding  # the padded positions' outputs are not defined alike on both paths
     assert (got - want)[kept].abs().mean() < 0.1  # quantization error (outputs normalized)
+
+
+def test_a_linear_that_cannot_be_quantized_leaves_the_model_unchanged():
+    """Every quantized layer is built before any is put in place; the error names the
+    Linear."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8).double())
+    with pytest.raises(TypeError, match=r"cannot quantize '2' \(32 -> 8, torch.float64\)"):
+        quantize_model(seq, "nf4")
+    assert [type(m) for m in seq] == [nn.Linear, nn.ReLU, nn.Linear]
+    with pytest.raises(TypeError, match="cannot quantize '0' .*unexpected keyword"):
+        quantize_model(seq, "nf4", no_such_option=1)
+    assert type(seq[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("skip", [None, 3, ["lm_head", 3]])
+def test_a_skip_that_is_no_name_is_refused(skip):
+    with pytest.raises(TypeError, match="skip must be a module name or an iterable of names"):
+        quantize_model(nn.Sequential(nn.Linear(8, 8)), "nf4", skip=skip)

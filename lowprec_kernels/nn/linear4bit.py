@@ -205,6 +205,11 @@ class Linear4bit(nn.Linear):
         double_quant: store the block absmax values as 8-bit codes (4.127 bits per weight).
         device, dtype: where the layer lives and the float dtype it is initialized in (the
             QuantState's dtype, i.e. what ``weight.dequantize()`` returns, and the bias').
+        compress_statistics, quant_storage: bitsandbytes' names, so that its arguments carry
+            over: ``compress_statistics`` is ``double_quant`` under bitsandbytes' name and
+            decides when given (ValueError if ``double_quant=False`` contradicts it);
+            ``quant_storage`` must be ``torch.uint8`` (checkpoints that store the codes in
+            another dtype's bytes load all the same).
 
     A constructed layer is initialized exactly as ``nn.Linear`` and quantized at
     construction (our kernels run on CPU, so there is no need to wait for ``.to("cuda")``
@@ -223,7 +228,22 @@ class Linear4bit(nn.Linear):
         double_quant: bool = True,
         device=None,
         dtype: torch.dtype | None = None,
+        *,
+        compress_statistics: bool | None = None,
+        quant_storage: torch.dtype = torch.uint8,
     ):
+        if compress_statistics is not None:
+            if compress_statistics != double_quant and double_quant is not True:
+                raise ValueError(
+                    "Linear4bit: compress_statistics (bitsandbytes' name for double_quant) "
+                    f"is {compress_statistics!r} but double_quant is {double_quant!r}"
+                )
+            double_quant = compress_statistics
+        if quant_storage != torch.uint8:
+            raise ValueError(
+                f"Linear4bit: quant_storage must be torch.uint8, got {quant_storage!r} (the "
+                "codes are stored as bytes; checkpoints storing them in another dtype load)"
+            )
         if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
             raise TypeError(
                 "Linear4bit: compute_dtype must be None, torch.float32, torch.float16 or "

@@ -27,6 +27,8 @@ class Linear8bitLt(nn.Linear):
     ``Linear8bitLt(in_features, out_features)`` initializes W as ``nn.Linear`` does and
     quantizes it; :meth:`from_linear` quantizes an existing layer's weight as given (no
     fp16 rounding first). ``threshold=0`` turns the outlier decomposition off.
+    ``has_fp16_weights=False`` is accepted for bitsandbytes' arguments to carry over (its
+    ``True``, a trainable 16-bit weight, is refused).
 
     state_dict: ``weight`` (int8), ``bias``, ``SCB`` (fp32 row absmax) and ``weight_format``
     (uint8 0 = row-major), as bitsandbytes' ``Linear8bitLt`` writes them: each loads the
@@ -42,7 +44,16 @@ class Linear8bitLt(nn.Linear):
         threshold: float = 6.0,
         device=None,
         dtype: torch.dtype | None = None,
+        *,
+        has_fp16_weights: bool = False,
     ) -> None:
+        if has_fp16_weights is not False:
+            raise ValueError(
+                "Linear8bitLt: has_fp16_weights must be False (the layer holds int8 codes, "
+                "bitsandbytes' inference layout), got "
+                f"{has_fp16_weights!r}; bitsandbytes' has_fp16_weights=True keeps a trainable "
+                "16-bit weight: use nn.Linear for that"
+            )
         _check_threshold("Linear8bitLt", threshold)
         # nn.Linear's initialization, quantized: a fresh layer behaves like a fresh nn.Linear.
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -171,6 +182,11 @@ class Linear8bitLt(nn.Linear):
                 weight if assign else weight.to(self.SCB.device)
             )
             state_dict = {**state_dict, keys["weight"]: weight_q, keys["SCB"]: scb}
+        scb = state_dict.get(keys["SCB"])
+        if isinstance(scb, torch.Tensor) and scb.dtype != torch.float32:
+            # A copying load casts into the fp32 buffer anyway; load_state_dict(assign=True)
+            # would keep a half SCB, which int8_linear refuses at the first forward.
+            state_dict = {**state_dict, keys["SCB"]: scb.float()}
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -208,6 +224,8 @@ class Linear8bitLt(nn.Linear):
                 f"{weight} must be 2-D with shape {tuple(self.weight.shape)} "
                 f"[out_features, in_features], got {tuple(w.shape)}"
             )
+        if scb is not None and not scb.is_floating_point():
+            return f"{SCB} must be floating point (fp32 per-row scales), got {scb.dtype}"
         if scb is not None and scb.shape != (self.weight.shape[0],):
             return (
                 f"{SCB} must have shape ({self.weight.shape[0]},) (one scale per output row), "

@@ -149,7 +149,18 @@ def quantize_model(
             "Linear8bitLt.from_linear"
         )
     named = skip is not _DEFAULT_SKIP
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    if isinstance(skip, str):
+        skip = (skip,)
+    else:
+        try:
+            skip = tuple(skip)
+        except TypeError:
+            skip = None
+        if skip is None or not all(isinstance(s, str) for s in skip):
+            raise TypeError(
+                "quantize_model: skip must be a module name or an iterable of names (() to "
+                f"skip none), got {skip!r}"
+            )
     # Every place of every Linear (named_modules drops the repeated ones by default).
     places: dict[int, list[str]] = {}
     linears: dict[int, nn.Linear] = {}
@@ -166,21 +177,32 @@ def quantize_model(
         for key, linear in linears.items()
         if any(_matches(name, s) for name in places[key] for s in skip)
     }
+    # Every quantized layer is built before any is put in place: a Linear that cannot be
+    # quantized (a float64 one, a keyword the layer does not take) leaves the model as it was.
     quantized_weights: dict[int, nn.Module] = {}  # id(float weight) -> its first quantized layer
+    replacements: list[tuple[list[str], nn.Module]] = []
     for key, linear in linears.items():
         names = places[key]
         if id(linear.weight) in skipped_weights:
             continue
-        if method == "int8":
-            new = Linear8bitLt.from_linear(linear, **layer_kwargs)
-        else:
-            new = Linear4bit.from_linear(linear, quant_type=method, **layer_kwargs)
+        try:
+            if method == "int8":
+                new = Linear8bitLt.from_linear(linear, **layer_kwargs)
+            else:
+                new = Linear4bit.from_linear(linear, quant_type=method, **layer_kwargs)
+        except (TypeError, ValueError) as err:
+            raise type(err)(
+                f"quantize_model: cannot quantize {names[0]!r} ({linear.in_features} -> "
+                f"{linear.out_features}, {linear.weight.dtype}); the model is unchanged: {err}"
+            ) from err
         _adopt_hooks(new, linear)
         tied = quantized_weights.setdefault(id(linear.weight), new)
         if tied is not new:  # a weight shared with an earlier Linear: share its quantized form
             new.weight = tied.weight
             if method == "int8":
                 new.SCB = tied.SCB
+        replacements.append((names, new))
+    for names, new in replacements:
         for name in names:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model

@@ -493,7 +493,8 @@ inline bool matmul_4bit_eager_accepts(const at::Tensor& x, const at::Tensor& pac
       packed.numel() != n / 2 + (n & 1))  // (n + 1) / 2, no overflow
     return false;
   if (!power_of_two_in(blocksize, kBlocksizeMin4bit, kBlocksizeMax4bit)) return false;
-  if (!weight_tensor(code) || code.scalar_type() != at::kFloat || code.numel() != kCodebookSize4bit)
+  if (!weight_tensor(code) || code.scalar_type() != at::kFloat || code.dim() != 1 ||
+      code.numel() != kCodebookSize4bit)
     return false;
   const int64_t num_blocks = (n + blocksize - 1) / blocksize;
   if (!weight_tensor(absmax) || absmax.dim() != 1 || absmax.numel() != num_blocks) return false;
@@ -501,7 +502,7 @@ inline bool matmul_4bit_eager_accepts(const at::Tensor& x, const at::Tensor& pac
     if (!nested_absmax || !nested_code || !offset) return false;
     if (!weight_tensor(*nested_absmax) || nested_absmax->scalar_type() != at::kFloat) return false;
     if (!weight_tensor(*nested_code) || nested_code->scalar_type() != at::kFloat ||
-        nested_code->numel() != kCodebookSize8bit)
+        nested_code->dim() != 1 || nested_code->numel() != kCodebookSize8bit)
       return false;
     if (!weight_tensor(*offset) || offset->scalar_type() != at::kFloat || offset->numel() != 1)
       return false;

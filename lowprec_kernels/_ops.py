@@ -89,6 +89,13 @@ def _check_vector(op: str, name: str, t: torch.Tensor, expected: int, why: str) 
 
 
 def _check_choice(op: str, name: str, value, allowed: Sequence) -> None:
+    if isinstance(allowed[0], int) and (
+        isinstance(value, bool) or not isinstance(value, (int, torch.SymInt))
+    ):
+        # 64.0 == 64, so membership alone would let a float (or a tensor) through to kernels
+        # that index with it (the ops' schemas, bypassed on the eager path, say int).
+        _fail(TypeError, op, f"{name} must be an int, one of {tuple(allowed)}, got "
+                             f"{type(value).__name__} {value!r}")  # fmt: skip
     if value not in allowed:
         _fail(ValueError, op, f"{name} must be one of {tuple(allowed)}, got {value!r}")
 
@@ -97,7 +104,7 @@ def _check_codebook(op: str, name: str, code: torch.Tensor, size: int) -> None:
     _check_tensor(op, name, code, (torch.float32,))
     # (Sorted ascending, as every codebook of the formats is; not checked, which would read
     # the values: an unsorted one gives codes that are not the nearest.)
-    _check_numel(op, name, code, size, f"a float32 codebook of {size} entries")
+    _check_vector(op, name, code, size, f"a float32 codebook of {size} entries")
 
 
 def num_blocks(n: int, blocksize: int) -> int:

@@ -15,6 +15,7 @@ import functools
 import torch
 
 from lowprec_kernels import _ops  # also defines torch.ops.lowprec
+from lowprec_kernels._tables import caching_allowed
 from lowprec_kernels.quant_state import NESTED_BLOCKSIZE, QuantState
 from lowprec_kernels.reference import codebooks
 
@@ -50,14 +51,33 @@ def _cached_code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
     return codebooks.code_4bit(quant_type, device)
 
 
+def _default_dynamic_map(device: torch.device) -> torch.Tensor:
+    """The signed dynamic map on ``device``, for read-only use: cached in plain eager
+    execution only; built afresh while tracing (torch.compile, FakeTensorMode, make_fx,
+    torch.export), whose tensors must neither come from nor go into the cache."""
+    if not caching_allowed():
+        return codebooks.dynamic_map(True, device)
+    return _cached_dynamic_map(True, device)
+
+
+def _default_code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
+    """``quant_type``'s codebook on ``device``, for read-only use (cached as above)."""
+    if not caching_allowed():
+        return codebooks.code_4bit(quant_type, device)
+    return _cached_code_4bit(quant_type, device)
+
+
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 256):
     """Blockwise 8-bit quantization: ``(codes uint8 like x, absmax float32 [nblocks])``.
 
     ``code`` defaults to the signed dynamic map. NaN in a block makes its absmax NaN (and
-    its codes 0); an all-zero block encodes as the index of 0.0.
+    its codes 0); an all-zero block encodes as the index of 0.0. An infinite element makes
+    its block's absmax infinite: ``x / absmax`` is then NaN for it (code 0) and 0 for the
+    others, so the block decodes to NaN, the infinite element to ``code[0] * inf`` (-inf with
+    the signed map, whatever its sign).
     """
     if code is None and isinstance(x, torch.Tensor):
-        code = _cached_dynamic_map(True, x.device)
+        code = _default_dynamic_map(x.device)
     return _ops.call("quantize_blockwise", x, code, blocksize)
 
 
@@ -70,7 +90,7 @@ def dequantize_blockwise(
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`: ``code[q] * absmax[block]`` in ``dtype``."""
     if code is None and isinstance(q, torch.Tensor):
-        code = _cached_dynamic_map(True, q.device)
+        code = _default_dynamic_map(q.device)
     return _ops.call("dequantize_blockwise", q, absmax, code, blocksize, dtype)
 
 
@@ -84,13 +104,15 @@ def quantize_4bit(
     blocksize 64. A NaN or infinite weight makes its block's absmax NaN or infinite; with
     ``double_quant`` it also makes that mean, and so every decoded weight of the tensor,
     non-finite (as in bitsandbytes, whose layout this is): check weights first where that
-    matters.
+    matters. In a block with an infinite absmax the infinite weight codes as 0 (its
+    ``x / absmax`` is NaN) and decodes to ``code[0] * inf`` (-inf for NF4, whatever its sign;
+    NaN for FP4, whose code 0 is 0.0), the others to NaN (0 * inf).
     """
     packed, absmax = _ops.call("quantize_4bit", w, blocksize, quant_type)
     nested = {}
     if double_quant:
         offset = absmax.mean()
-        nested_code = _cached_dynamic_map(True, w.device).clone()
+        nested_code = _default_dynamic_map(w.device).clone()
         absmax, nested_absmax = _ops.call(
             "quantize_blockwise", absmax - offset, nested_code, NESTED_BLOCKSIZE
         )
@@ -106,7 +128,7 @@ def quantize_4bit(
         shape=w.shape,
         dtype=w.dtype,
         absmax=absmax,
-        code=_cached_code_4bit(quant_type, w.device).clone(),
+        code=_default_code_4bit(quant_type, w.device).clone(),
         **nested,
     )
     return packed, state

@@ -31,6 +31,12 @@ def test_reference_nan_and_inf_blocks():
     assert torch.isnan(absmax[0]) and torch.isinf(absmax[1])
     assert q[:64].eq(0).all(), "a NaN block encodes every element as code 0"
     assert absmax[2:].isfinite().all()
+    # As the docstring says: the infinite element's x / absmax is NaN (code 0, the map's most
+    # negative entry), so it decodes to -inf; the rest of its block to 0 * inf = NaN.
+    assert q[70].item() == 0
+    deq = run_on("reference", LF.dequantize_blockwise, q, absmax, None, 64)
+    assert deq[70].item() == float("-inf")
+    assert deq[64:128][torch.arange(64) != 6].isnan().all()
 
 
 def test_reference_roundtrip_error_bound():

@@ -25,9 +25,9 @@ def test_dynamic_map_signed_golden():
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_dynamic_map_first_built_in_a_device_context(signed):
-    """The CPU table is cached: built first inside torch.device("meta") (a model built on the
-    meta device), it must still be built on the CPU, and the device asked for honoured."""
-    codebooks._dynamic_map_cpu.cache_clear()
+    """The functional API caches the table: built first inside torch.device("meta") (a model
+    built on the meta device), it must still be built on the CPU, and the device asked for
+    honoured."""
     LF._cached_dynamic_map.cache_clear()
     try:
         with torch.device("meta"):
@@ -36,7 +36,6 @@ def test_dynamic_map_first_built_in_a_device_context(signed):
         table = LF.dynamic_map(signed)
         assert table.device.type == "cpu" and torch.equal(table, LF.dynamic_map(signed, "cpu"))
     finally:  # leave no table built here behind
-        codebooks._dynamic_map_cpu.cache_clear()
         LF._cached_dynamic_map.cache_clear()
     assert torch.equal(table, LF.dynamic_map(signed))
 
@@ -94,3 +93,53 @@ def test_encode_nearest_matches_argmin_on_random_values():
     dist = (v.double().unsqueeze(1) - code.double().unsqueeze(0)).abs()
     # argmin picks the first minimum, i.e. the lower index on a tie.
     assert torch.equal(idx, dist.argmin(dim=1))
+
+
+def _traced_uses_of_the_default_tables(w):
+    """Calls that take their codebooks from the functional API's defaults."""
+    qw, st = LF.quantize_4bit(w, double_quant=True)
+    q8, absmax = LF.quantize_blockwise(w)
+    return qw, st.absmax, st.code, st.nested_code, q8, absmax
+
+
+@pytest.mark.parametrize("trace", ["fake-mode", "make_fx", "export"])
+def test_tracing_leaves_the_cached_tables_real(trace):
+    """The default codebooks are cached for eager calls only: a trace (whose tensors are fake
+    or traced) neither caches its tables nor takes the cached real ones, and later eager
+    calls still get real tables."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    LF._cached_code_4bit.cache_clear()
+    LF._cached_dynamic_map.cache_clear()
+    w = torch.randn(8, 64)
+    if trace == "fake-mode":
+        with FakeTensorMode() as mode:
+            out = _traced_uses_of_the_default_tables(mode.from_tensor(w))
+        assert out[0].shape == (256, 1)
+    elif trace == "make_fx":
+        make_fx(_traced_uses_of_the_default_tables, tracing_mode="fake")(w)
+    else:
+
+        class Module(torch.nn.Module):
+            def forward(self, w):
+                return _traced_uses_of_the_default_tables(w)
+
+        torch.export.export(Module(), (w,))
+    qw, absmax, code, nested_code, q8, absmax8 = _traced_uses_of_the_default_tables(w)
+    for t in (code, nested_code, absmax8):
+        assert type(t) is torch.Tensor
+    assert torch.equal(code, codebooks.nf4_code())
+    assert torch.equal(nested_code, LF.dynamic_map())
+    assert type(LF.dequantize_blockwise(q8, absmax8)) is torch.Tensor
+
+
+def test_default_tables_compile_with_fullgraph():
+    """torch.compile(fullgraph=True) traces the default codebooks (a literal, not the cache),
+    with the results of eager calls."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_traced_uses_of_the_default_tables, fullgraph=True,
+                             backend="aot_eager")  # fmt: skip
+    w = torch.randn(8, 64)
+    for got, want in zip(compiled(w), _traced_uses_of_the_default_tables(w)):
+        assert torch.equal(got, want)

@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import spy_on_router
@@ -317,6 +318,7 @@ BAD = [
     ("quantize_blockwise", "", "A-empty", {"A": torch.empty(0, 4)}, ValueError, "A"),
     ("quantize_blockwise", "", "code-fp64", {"code": lambda a: a["code"].double()}, TypeError, "code"),
     ("quantize_blockwise", "", "code-size", {"code": lambda a: a["code"][:255]}, ValueError, "code"),
+    ("quantize_blockwise", "", "code-2d", {"code": lambda a: a["code"].view(16, 16)}, ValueError, "code"),
     ("quantize_blockwise", "", "code-device", {"code": lambda a: _meta(a["code"])}, ValueError, "code"),
     ("quantize_blockwise", "", "blocksize-32", {"blocksize": 32}, ValueError, "blocksize"),
     ("quantize_blockwise", "", "blocksize-100", {"blocksize": 100}, ValueError, "blocksize"),
@@ -332,6 +334,7 @@ BAD = [
     ("dequantize_blockwise", "", "dtype-int", {"dtype": torch.int32}, ValueError, "dtype"),
     ("dequantize_blockwise", "", "dtype-fp64", {"dtype": torch.float64}, ValueError, "dtype"),
     ("dequantize_blockwise", "", "code-size", {"code": torch.zeros(16)}, ValueError, "code"),
+    ("dequantize_blockwise", "", "code-2d", {"code": lambda a: a["code"].view(16, 16)}, ValueError, "code"),
     # quantize_4bit
     ("quantize_4bit", "", "A-int", {"A": torch.ones(4, dtype=torch.int64)}, TypeError, "A"),
     ("quantize_4bit", "", "A-empty", {"A": torch.empty(3, 0)}, ValueError, "A"),
@@ -351,6 +354,7 @@ BAD = [
     ("dequantize_4bit", "", "absmax-2d", {"absmax": lambda a: a["absmax"].reshape(1, -1)}, ValueError, "absmax"),
     ("dequantize_4bit", "", "absmax-device", {"absmax": lambda a: _meta(a["absmax"])}, ValueError, "absmax"),
     ("dequantize_4bit", "", "code-size", {"code": torch.zeros(256)}, ValueError, "code"),
+    ("dequantize_4bit", "", "code-2d", {"code": lambda a: a["code"].view(4, 4)}, ValueError, "code"),
     ("dequantize_4bit", "", "dtype-int", {"dtype": torch.int8}, ValueError, "dtype"),
     ("dequantize_4bit", "", "nested-without-uint8", {"nested_absmax": torch.ones(1), "nested_code": codebooks.dynamic_map(), "offset": torch.tensor(0.0)}, ValueError, "nested_absmax"),
     ("dequantize_4bit", "", "uint8-absmax-without-nested", {"absmax": lambda a: a["absmax"].to(torch.uint8)}, ValueError, "nested_absmax"),
@@ -359,6 +363,7 @@ BAD = [
     ("dequantize_4bit", "nested", "absmax-2d", {"absmax": lambda a: a["absmax"].reshape(-1, 1)}, ValueError, "absmax"),
     ("dequantize_4bit", "nested", "nested_absmax-fp16", {"nested_absmax": lambda a: a["nested_absmax"].half()}, TypeError, "nested_absmax"),
     ("dequantize_4bit", "nested", "nested_code-size", {"nested_code": torch.zeros(16)}, ValueError, "nested_code"),
+    ("dequantize_4bit", "nested", "nested_code-2d", {"nested_code": lambda a: a["nested_code"].view(16, 16)}, ValueError, "nested_code"),
     ("dequantize_4bit", "nested", "offset-size", {"offset": torch.zeros(2)}, ValueError, "offset"),
     ("dequantize_4bit", "nested", "nested_blocksize", {"nested_blocksize": 100}, ValueError, "nested_blocksize"),
     ("dequantize_4bit", "nested", "absmax-len", {"absmax": lambda a: a["absmax"][:-1]}, ValueError, "absmax"),
@@ -521,6 +526,20 @@ def test_bad_input(op, variant, changes, exc, name):
         now = args[name][int(index[:-1])] if index else args[name]
         if before.device.type != "meta":
             assert torch.equal(now, before), f"{k} modified by a failed call"
+
+
+@pytest.mark.parametrize("blocksize", [256.0, True, np.int64(256), torch.tensor(256)],
+                         ids=["float", "bool", "numpy", "tensor"])  # fmt: skip
+def test_a_blocksize_that_is_no_int_is_refused_by_name(device_backend, blocksize):
+    """The functional API checks arguments itself (the eager path skips the schemas, which
+    refuse them too): a blocksize equal to an allowed one but not an int (64.0 == 64) is
+    refused there, not passed to kernels that index with it."""
+    device, backend = device_backend
+    x = torch.randn(512, device=device)
+    with lpk.use_backend(backend), pytest.raises(TypeError, match="blocksize must be an int"):
+        LF.quantize_blockwise(x, blocksize=blocksize)
+    with lpk.use_backend(backend), pytest.raises(TypeError, match="blocksize must be an int"):
+        LF.quantize_4bit(x, blocksize=blocksize)
 
 
 _ADAM_BAD = [(i, ch, exc, name) for op, _, i, ch, exc, name in BAD if op == "adam8bit_step_"]

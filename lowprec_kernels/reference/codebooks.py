@@ -7,8 +7,6 @@ as tensors and never hold a copy. Their SHA-256 hashes are pinned in the tests
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 # 4-bit NormalFloat (QLoRA), index 0..15.
@@ -63,11 +61,10 @@ def _dynamic_map_values(signed: bool, max_exponent_bits: int = 7, total_bits: in
     return sorted(data)
 
 
-@functools.cache
-def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
-    table = torch.tensor(_dynamic_map_values(signed), dtype=torch.float32, device="cpu")
-    assert table.numel() == 256
-    return table
+# Both maps as Python floats (float32 values), computed once at import: a literal, which
+# torch.compile and fake-tensor tracing turn into a tensor as they do any other, where building
+# the map (torch ops and .tolist()) cannot be traced.
+_DYNAMIC_MAP_VALUES = {signed: tuple(_dynamic_map_values(signed)) for signed in (True, False)}
 
 
 def dynamic_map(signed: bool = True, device: torch.device | str | None = None) -> torch.Tensor:
@@ -75,7 +72,7 @@ def dynamic_map(signed: bool = True, device: torch.device | str | None = None) -
     ``device`` (default: torch's default device, as a factory function's)."""
     if device is None:
         device = torch.get_default_device()
-    return _dynamic_map_cpu(bool(signed)).to(device=device, copy=True)
+    return torch.tensor(_DYNAMIC_MAP_VALUES[bool(signed)], dtype=torch.float32, device=device)
 
 
 def nf4_code(device: torch.device | str | None = None) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """One quick pass of every op on CUDA with each GPU backend, small and odd shapes.
 
+The optimizer's launches too: AdamW8bit over two 8-bit tensors (one multi-tensor launch)
+and one of float32 states (``adam_multi_step_``).
+
 Run under ``compute-sanitizer`` by ``benchmarks/gpu_check.sh``: it exercises each kernel's
 edge cases (partial blocks, M = 1, odd sizes) so out-of-bounds accesses and races show up.
 Exits non-zero when a backend disagrees with the reference.
@@ -48,6 +51,8 @@ def cases(device):
     yield "int8_linear", lambda: LF.int8_linear(x8, wq, ws, threshold=6.0)
     x8_big = randn(67, 130, dtype=torch.float16) * 3
     yield "int8_linear M=67 fp16", lambda: LF.int8_linear(x8_big, wq, ws, threshold=6.0)
+    xq, row_stats, _ = LF.int8_vectorwise_quant(x8, threshold=0.0)
+    yield "int8_scaled_mm", lambda: LF.int8_scaled_mm(xq, row_stats, wq, ws, dtype=torch.float32)
     p0, g0 = randn(3000 + 5), randn(3000 + 5)
     q1, a1 = LF.quantize_blockwise(randn(3005) * 0.01, LF.dynamic_map(True, device), 256)
     q2, a2 = LF.quantize_blockwise(randn(3005).abs() * 1e-4, LF.dynamic_map(False, device), 256)
@@ -60,6 +65,20 @@ def cases(device):
         return state[0], state[2], state[3], state[4], state[5], counters[0]
 
     yield "adam8bit_step_", adam_step
+    sizes = (4096 + 3, 300, 5000)  # two 8-bit states, one float32 (below min_8bit_size)
+    starts = [randn(n) for n in sizes]
+    grads = [randn(n) * 1e-2 for n in sizes]
+
+    def adamw8bit_steps():
+        params = [torch.nn.Parameter(p.clone()) for p in starts]
+        opt = lpk.optim.AdamW8bit(params, lr=1e-3)
+        for _ in range(2):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        return [p.detach() for p in params] + [opt.state[p]["state1"] for p in params]
+
+    yield "AdamW8bit multi-tensor", adamw8bit_steps
 
 
 def close(a, b) -> bool:

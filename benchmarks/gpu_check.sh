@@ -18,10 +18,12 @@ out=${1:+$(realpath -m -- "$1")}
 cd "$(dirname "$0")/.."
 out=${out:-${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M)}}
 mkdir -p "$out"
-PY=${PYTHON:-python3}
+# The Python with torch: $PYTHON, else the repository's .venv (scripts/setup.sh), else python3.
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 export PYTHONUNBUFFERED=1
 status=0
 t0=$(date +%s)
+: >"$out/summary.txt"  # a rerun into the same folder starts its summary afresh
 step() { echo "== $1 (at $(($(date +%s) - t0)) s)" | tee -a "$out/summary.txt"; }
 record() { # record NAME RC
   echo "   $1: $([ "$2" = 0 ] && echo ok || echo "FAILED (rc=$2)")" | tee -a "$out/summary.txt"

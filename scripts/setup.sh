@@ -25,7 +25,9 @@ fi
 # The extension is rebuilt when its sources, the build settings or torch change (an extension
 # built against another torch fails to load, which the package reports only as a warning).
 torch_version=$("$VENV/bin/python" -c "import torch; print(torch.__version__)")
-src_stamp=$(stamp_of setup.py $(find csrc -type f | sort))-${LOWPREC_BUILD_CUDA:-auto}-${TORCH_CUDA_ARCH_LIST:-default}-torch$torch_version
+# Everything setup.py reads: the sources, its switches and flags, the compilers it finds.
+settings="${LOWPREC_BUILD_CUDA:-auto}|${TORCH_CUDA_ARCH_LIST:-default}|${LOWPREC_EXTRA_CFLAGS:-}|${LOWPREC_EXTRA_LDFLAGS:-}|${CXX:-}|${CUDA_HOME:-}|$(command -v nvcc || true)|torch$torch_version"
+src_stamp=$(stamp_of setup.py $(find csrc -type f | sort))-$(echo "$settings" | sha256sum | cut -c1-16)
 if [ "$(cat "$VENV/.build-stamp" 2>/dev/null)" != "$src_stamp" ] || ! ls lowprec_kernels/_C*.so >/dev/null 2>&1; then
   echo "setup: building lowprec_kernels._C (LOWPREC_BUILD_CUDA=${LOWPREC_BUILD_CUDA:-auto})"
   start=$(date +%s)
@@ -34,4 +36,20 @@ if [ "$(cat "$VENV/.build-stamp" 2>/dev/null)" != "$src_stamp" ] || ! ls lowprec
   echo "setup: build took $(($(date +%s) - start)) s"
   echo "$src_stamp" >"$VENV/.build-stamp"
 fi
-"$VENV/bin/python" -c "import lowprec_kernels as l; print('setup: backends', l.available_backends())"
+# The package only warns when its extension does not load (a broken build, missing symbols):
+# here that is a failure, as is a CUDA build whose backend does not load on a GPU.
+"$VENV/bin/python" - <<'PY'
+import sys
+
+import torch
+
+import lowprec_kernels as lpk
+
+backends = lpk.available_backends()
+print("setup: backends", backends)
+info = lpk.build_info()
+if not backends["cpu"]:
+    sys.exit(f"setup: the cpu backend does not load: {info.get('error', info)}")
+if info.get("cuda_compiled") and torch.cuda.is_available() and not backends["cuda"]:
+    sys.exit(f"setup: the CUDA build's backend does not load: {info}")
+PY

@@ -104,6 +104,9 @@ def test_cli_smoke_writes_json(tmp_path, capsys):
     for key in ("cpu_model", "cores_available", "torch", "llc_bytes", "available_backends"):
         assert key in machine
     assert machine["available_backends"]["reference"] is True
+    assert machine["versions"]["lowprec_kernels"] is not None  # installed editable or not
+    assert "bitsandbytes" in machine["versions"] and "source_commit" in machine
+    assert "speedup" in data["definitions"] and "floor_fraction" in data["definitions"]
     ceilings = data["ceilings"]
     assert ceilings["copy_gbps"] > 0 and ceilings["fp32_gflops"] > 0
     assert ceilings["read_gbps"] > 0 and ceilings["update_gbps"] > 0
@@ -148,6 +151,66 @@ def test_cli_refuses_unusable_arguments_before_measuring(capsys, tmp_path, monke
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
     assert main(["blockwise", "--smoke", "--plot", str(tmp_path / "p.png")]) == 2
     assert "needs matplotlib" in capsys.readouterr().err
+
+
+def test_cli_refuses_paths_it_could_not_write_before_measuring(capsys, tmp_path):
+    """A path whose file cannot be created, or an empty one, is refused at once: not after
+    the whole run, whose numbers would be lost."""
+    assert main(["blockwise", "--smoke", "--json", "/proc/lowprec-bench.json"]) == 2
+    assert "--json /proc/lowprec-bench.json: cannot be written" in capsys.readouterr().err
+    assert main(["blockwise", "--smoke", "--json", ""]) == 2
+    assert "--json: an empty path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # the checks leave no file behind
+    assert main(["blockwise", "--smoke", "--json", str(tmp_path / "x.json")]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_cli_refuses_a_plot_format_matplotlib_cannot_write(capsys, tmp_path, monkeypatch):
+    """The format is checked against matplotlib's own list (a stand-in here, where
+    matplotlib may not be installed) before anything is measured."""
+    import types
+
+    agg = types.ModuleType("matplotlib.backends.backend_agg")
+    agg.FigureCanvasAgg = types.SimpleNamespace(
+        get_supported_filetypes=lambda: {"png": "Portable Network Graphics", "pdf": "PDF"}
+    )
+    for name in ("matplotlib", "matplotlib.backends"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", agg)
+    assert main(["blockwise", "--smoke", "--plot", str(tmp_path / "p.txt")]) == 2
+    assert "matplotlib writes no 'txt' images (one of pdf, png)" in capsys.readouterr().err
+    assert harness.plot_format(tmp_path / "noext") == "png"
+    assert harness.plot_format("a.PDF") == "pdf"
+
+
+def test_cli_fails_when_no_candidate_backend_can_run(capsys, monkeypatch):
+    """A build whose native backends do not load benchmarks nothing: the run fails (exit 1)
+    instead of printing tables of the reference alone."""
+    import lowprec_kernels as lpk
+
+    available = {**lpk.available_backends(), "cpu": False}
+    monkeypatch.setattr(lpk, "available_backends", lambda: dict(available))
+    assert main(["blockwise", "--smoke"]) == 1
+    assert "error: no candidate backend can run here (backend 'cpu' is not available here)" in (
+        capsys.readouterr().out
+    )
+
+
+def test_plot_labels_tell_every_row_apart():
+    """Each bar has its own label (bars placed by label text share a position): rows that
+    differ only in the baseline or the shape get different ones."""
+    timing = harness.Timing(seconds=1.0, seconds_iqr=(1.0, 1.0), best_seconds=1.0, pairs=1)
+    rows = [
+        harness.Row("int8", "int8_linear", (1, 4096, 4096), "bfloat16", "cpu", timing, "F.linear"),
+        harness.Row("int8", "int8_linear", (1, 4096, 4096), "bfloat16", "cpu", timing, "bnb"),
+        harness.Row("int8", "int8_linear", (5, 4096, 4096), "bfloat16", "cpu", timing, "bnb"),
+        harness.Row("adam", "AdamW8bit vs torch fused", (1024,), "float32", "cpu", timing,
+                    "torch fused"),
+    ]  # fmt: skip
+    labels = [harness.plot_label(r) for r in rows]
+    assert len(set(labels)) == len(rows)
+    assert labels[0] == "int8: int8_linear vs F.linear 1x4096x4096 bfloat16 [cpu]"
+    assert labels[3] == "adam: AdamW8bit vs torch fused 1024 float32 [cpu]"
 
 
 def test_cli_backend_option_does_not_swallow_the_suite():

@@ -4,8 +4,9 @@
         [--quick | --smoke] [--json PATH] [--plot PATH] [--backend NAME]...
 
 Prints a header with the machine and its measured ceilings, then one table per suite.
-Exit status: 0 when every requested suite ran (or is not implemented yet), 1 if one failed,
-2 for unusable arguments.
+Exit status: 0 when every requested suite ran (or is not implemented yet), 1 if one failed
+or no candidate backend could run (a build without its native extension), 2 for unusable
+arguments.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lowprec_kernels.bench.harness import (
     measure_ceilings,
     pin_threads,
     plot,
+    plot_format,
     report,
     table,
     write_json,
@@ -44,13 +46,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Microbenchmarks of lowprec_kernels against baselines measured in the "
         "same run, with the machine's roofline.",
     )
-    p.add_argument("suite", nargs="?", default="all", choices=(*SUITES, "all"))
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("suite", nargs="?", default="all", choices=(*SUITES, "all"),
+                   help="the suite to run (default: all)")  # fmt: skip
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the kernels and baselines run (default: cpu)")  # fmt: skip
     effort = p.add_mutually_exclusive_group()
     effort.add_argument(
         "--quick",
         action="store_true",
-        help="fewer sizes and repeats: the whole run well under 2 minutes",
+        help="fewer sizes and repeats (all suites: about 5 minutes on a 2-core CPU)",
     )
     effort.add_argument("--smoke", action="store_true",
                         help="tiny sizes, one repeat: checks that the suites run; "
@@ -75,15 +79,24 @@ def argument_problem(args: argparse.Namespace) -> str | None:
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path is None:
             continue
+        if not path:
+            return f"{option}: an empty path"
         if os.path.isdir(path):
             return f"{option} {path}: a directory, not a file path"
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             return f"{option} {path}: its directory does not exist"
+        problem = _unwritable(path)
+        if problem is not None:
+            return f"{option} {path}: cannot be written ({problem})"
     if args.plot is not None:
         try:
-            import matplotlib  # noqa: F401
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
         except ImportError:
             return f"--plot {args.plot}: needs matplotlib, which is not importable here"
+        formats = FigureCanvasAgg.get_supported_filetypes()
+        if plot_format(args.plot) not in formats:
+            return (f"--plot {args.plot}: matplotlib writes no {plot_format(args.plot)!r} "
+                    f"images (one of {', '.join(sorted(formats))})")  # fmt: skip
     if args.backend:
         native = NATIVE_BACKENDS.get(args.device, ())
         foreign = [b for b in args.backend if b not in native]
@@ -95,6 +108,20 @@ def argument_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _unwritable(path: str) -> str | None:
+    """Why ``path`` cannot be written, found by creating it (and removing it again if it was
+    not there), or None."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    if not existed:
+        os.remove(path)
+    return None
+
+
 def run_suite(name: str, settings: Settings, ceilings) -> dict[str, Any]:
     """{status, rows, notes} of one suite; prints its table as soon as it is done."""
     module = load_suite(name)
@@ -103,6 +130,11 @@ def run_suite(name: str, settings: Settings, ceilings) -> dict[str, Any]:
         print("not implemented yet")
         return {"status": "not implemented yet", "rows": [], "notes": []}
     bench = Bench(settings)
+    candidates, skipped = bench.candidate_backends()
+    if not candidates:  # only reference would run: a table without a single candidate
+        status = f"error: no candidate backend can run here ({'; '.join(skipped)})"
+        print(status)
+        return {"status": status, "rows": [], "notes": skipped}
     try:
         rows = module.rows(bench)
     except Exception as e:  # noqa: BLE001 - one broken suite must not hide the others

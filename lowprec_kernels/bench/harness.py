@@ -9,7 +9,7 @@ baseline measured in the same run:
   of the per-pair ratios, with its interquartile range as the spread; each timed sample
   follows untimed calls of the same function (``Effort.settle_s``), so that no function is
   timed in the wake of another;
-* threads are pinned to the cores this process may use;
+* torch uses as many threads as cores this process may run on;
 * the machine's own ceilings (copy bandwidth, GEMM rates) are measured once per process, and
   every row reports the fraction of its roofline bound it reaches.
 
@@ -27,6 +27,7 @@ import platform
 import re
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -80,7 +81,8 @@ class Settings:
 
 
 def pin_threads() -> int:
-    """Use exactly the cores this process may run on (not os.cpu_count(): containers)."""
+    """As many torch threads as cores this process may run on (os.sched_getaffinity, not
+    os.cpu_count(): containers); the threads themselves are not pinned to cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(max(1, cores or 1))
     return torch.get_num_threads()
@@ -153,6 +155,36 @@ def _package_info() -> dict[str, Any]:
     return info
 
 
+def _distribution_versions() -> dict[str, str | None]:
+    """Installed versions of this package and of the baselines' and backends' libraries
+    (None: not installed), read from the metadata without importing them."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for name in ("lowprec_kernels", "bitsandbytes", "triton", "torchao"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _source_commit() -> str | None:
+    """The git commit of the source tree this package runs from, if it is a checkout (with
+    "+dirty" when it has uncommitted changes)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "."],
+                                capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
 def machine_info(device: str) -> dict[str, Any]:
     info = {
         "host": platform.node(),
@@ -165,6 +197,8 @@ def machine_info(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": device,
+        "versions": _distribution_versions(),
+        "source_commit": _source_commit(),
         **_package_info(),
     }
     if device == "cuda":
@@ -797,6 +831,15 @@ def report(
         "command": shlex.join(["python", "-m", "lowprec_kernels.bench", *argv]),
         "python_executable": sys.executable,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "definitions": {
+            "speedup": "baseline seconds / our seconds, the median of interleaved pairs "
+            "(above 1: ours is faster); speedup_iqr: the pairs' interquartile range",
+            "floor_fraction": "the time of a plain copy moving the row's bytes, interleaved "
+            "with it / our time, the median of per-round ratios (1: copy speed)",
+            "roofline_fraction": "the time of the row's roofline bound (its bytes at the "
+            "measured bandwidth named by limit, its operations at the measured peak) / our "
+            "median time",
+        },
         "machine": machine,
         "ceilings": asdict(ceilings),
         "settings": {
@@ -815,6 +858,13 @@ def write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
     Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def plot_label(row: Row) -> str:
+    """A row's bar label: everything that tells it from the other rows of a run."""
+    shape = "x".join(map(str, row.shape))
+    versus = "" if row.baseline is None or " vs " in row.what else f" vs {row.baseline}"
+    return f"{row.suite}: {row.what}{versus} {shape} {row.dtype} [{row.backend}]"
+
+
 def plot(rows: Sequence[Row], path: str | os.PathLike) -> str:
     """Speedup bars with IQR whiskers; returns what happened (matplotlib is optional)."""
     try:
@@ -827,18 +877,28 @@ def plot(rows: Sequence[Row], path: str | os.PathLike) -> str:
     rows = [r for r in rows if r.timing.speedup is not None]
     if not rows:
         return "--plot: no rows with a baseline, plot skipped"
-    labels = [f"{r.suite}: {r.what} {r.dtype} [{r.backend}]" for r in rows]
+    labels = [plot_label(r) for r in rows]
     speedups = [r.timing.speedup for r in rows]
     errors = [
         [s - r.timing.speedup_iqr[0] for s, r in zip(speedups, rows)],
         [r.timing.speedup_iqr[1] - s for s, r in zip(speedups, rows)],
     ]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
-    ax.barh(labels, speedups, xerr=errors)
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 1.5))
+    # One bar per row at its own position: bars given by label text would share a position
+    # wherever two rows' labels agree, and only the longest of them would show.
+    positions = range(len(rows))
+    ax.barh(positions, speedups, xerr=errors)
+    ax.set_yticks(positions, labels, fontsize=7)
     ax.axvline(1.0, color="k", linewidth=0.8)
     ax.set_xlabel("speedup vs baseline (median of interleaved pairs, IQR)")
     ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format=plot_format(path))
     plt.close(fig)
     return f"--plot: wrote {path}"
+
+
+def plot_format(path: str | os.PathLike) -> str:
+    """The image format of ``path``: its extension, PNG without one (so that the file written
+    is the one named)."""
+    return Path(path).suffix.removeprefix(".").lower() or "png"

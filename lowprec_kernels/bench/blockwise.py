@@ -6,7 +6,9 @@ against the package's ``reference`` backend, interleaved, through the same publi
 the reference the tests check against, not a copy of it. Both kernels are memory-bound, so
 the roofline is the measured copy bandwidth. A plain ``copy_`` moving the same bytes is
 printed as a row for scale, and also interleaved with every kernel row ("vs copy_"), which
-gives the fraction of copy speed reached even when the machine's bandwidth drifts.
+gives the fraction of copy speed reached even when the machine's bandwidth drifts. When
+bitsandbytes is installed, its ``quantize_blockwise`` / ``dequantize_blockwise`` (the same
+format, the same map and blocksize) are a second baseline of each native backend.
 """
 
 from __future__ import annotations
@@ -42,6 +44,25 @@ def _forced(backend: str, fn: Callable) -> Callable:
     return call
 
 
+def _bnb_functional():
+    """bitsandbytes.functional, or None when bitsandbytes is not installed."""
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError:
+        return None
+    return bnb_functional
+
+
+def _usable(bench: Bench, name: str, fn: Callable, inputs) -> bool:
+    """Whether the baseline ``fn`` runs on these inputs here; a note when it does not."""
+    try:
+        fn(inputs.copies[0])
+    except Exception as e:  # noqa: BLE001 - a baseline that cannot run is a note
+        bench.note(f"{name} on {bench.device}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        return False
+    return True
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -72,11 +93,15 @@ def _op_rows(
     dtype: torch.dtype,
     nbytes: int,
     candidates: list[str],
+    bnb: tuple[str, Callable] | None = None,
 ) -> list[Row]:
-    """``op`` under each candidate backend vs reference; reference alone if none runs it."""
+    """``op`` under each candidate backend vs reference (and vs ``bnb``: (name, its call)
+    when given and it runs); reference alone if no backend runs it."""
     rows = []
     baseline = _forced("reference", fn)
     floor = bench.copy_floor(nbytes)
+    if bnb is not None and not _usable(bench, *bnb, inputs):
+        bnb = None
     for backend in candidates:
         if not bench.runs_natively(op, backend):
             bench.note(f"backend {backend!r} has no {op} kernel on {bench.device} (skipped)")
@@ -84,6 +109,11 @@ def _op_rows(
         timing = bench.compare(_forced(backend, fn), baseline, inputs, floor)
         rows.append(Row(SUITE, what, shape, _dtype_name(dtype), backend, timing,
                         baseline="reference", bytes_moved=nbytes))  # fmt: skip
+        if bnb is not None:
+            bnb_name, bnb_call = bnb
+            timing = bench.compare(_forced(backend, fn), bnb_call, inputs)
+            rows.append(Row(SUITE, what, shape, _dtype_name(dtype), backend, timing,
+                            baseline=bnb_name, bytes_moved=nbytes))  # fmt: skip
     if not rows:
         timing = bench.alone(baseline, inputs, floor)
         rows.append(Row(SUITE, what, shape, _dtype_name(dtype), "reference", timing,
@@ -102,6 +132,9 @@ def rows(bench: Bench) -> list[Row]:
     candidates, skipped = bench.candidate_backends()
     for message in skipped:
         bench.note(message)
+    bnb = _bnb_functional()
+    if bnb is None:
+        bench.note("bitsandbytes is not installed: no bnb quantize/dequantize_blockwise baseline")
     bench.note(
         "times include allocating the outputs, as a user's call does; on the CPU the allocator"
         " hands each call the memory the previous call's output freed, partly still cached, so"
@@ -124,11 +157,23 @@ def rows(bench: Bench) -> list[Row]:
             def dequantize(q, absmax, bs=bs, dtype=dtype):
                 return LF.dequantize_blockwise(q, absmax, code=code, blocksize=bs, dtype=dtype)
 
+            bnb_quantize = bnb_dequantize = None
+            if bnb is not None:
+
+                def bnb_q(args, bs=bs):
+                    return bnb.quantize_blockwise(args[0], code=code, blocksize=bs)
+
+                def bnb_dq(args, bs=bs, dtype=dtype):  # its output in dtype, as ours
+                    state = bnb.QuantState(absmax=args[1], code=code, blocksize=bs, dtype=dtype)
+                    return bnb.dequantize_blockwise(args[0], quant_state=state)
+
+                bnb_quantize = ("bnb quantize_blockwise", bnb_q)
+                bnb_dequantize = ("bnb dequantize_blockwise", bnb_dq)
             nbytes = quantize_bytes(n, dtype, bs)
             out += _op_rows(bench, f"quantize bs={bs}", "quantize_blockwise", quantize, xs,
-                            shape, dtype, nbytes, candidates)  # fmt: skip
+                            shape, dtype, nbytes, candidates, bnb_quantize)  # fmt: skip
             nbytes = dequantize_bytes(n, dtype, bs)
             out += _op_rows(bench, f"dequantize bs={bs}", "dequantize_blockwise", dequantize, qs,
-                            shape, dtype, nbytes, candidates)  # fmt: skip
+                            shape, dtype, nbytes, candidates, bnb_dequantize)  # fmt: skip
             del q, absmax, qs
     return out

@@ -55,7 +55,8 @@ def _compare(shapes, rounds: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=script_description(__doc__))
-    parser.add_argument("--rounds", type=positive(int), default=10)
+    parser.add_argument("--rounds", type=positive(int), default=10,
+                        help="interleaved timed steps of each optimizer per case (default 10)")  # fmt: skip
     parser.add_argument("--max-params", type=positive(int), default=None,
                         help="skip the cases with more parameters in all")  # fmt: skip
     args = parser.parse_args()

@@ -73,9 +73,13 @@ def _summary(name: str, rounds: list[tuple[float, ...]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=script_description(__doc__))
-    parser.add_argument("--params", type=positive(int), default=16_777_216)
-    parser.add_argument("--seconds", type=positive(float), default=40.0)
-    parser.add_argument("--split-ms", type=positive(float), default=4.8)
+    parser.add_argument("--params", type=positive(int), default=16_777_216,
+                        help="fp32 parameters of each optimizer (default 16777216)")  # fmt: skip
+    parser.add_argument("--seconds", type=positive(float), default=40.0,
+                        help="how long to keep taking rounds (default 40)")  # fmt: skip
+    parser.add_argument("--split-ms", type=positive(float), default=4.8,
+                        help="torch's step time that separates the memory's two speeds in "
+                             "the summary (default 4.8, the AMD machine's)")  # fmt: skip
     parser.add_argument("--copies", type=positive(int), default=1,
                         help="distinct copies each column steps in turn (default 1)")  # fmt: skip
     args = parser.parse_args()

@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("--copies", type=positive(int), default=3,
                         help="distinct (parameter, gradient, optimizers) sets stepped in turn; "
                              "3 of 16.7M parameters hold 1.3 GB (default 3)")  # fmt: skip
-    parser.add_argument("--seconds", type=positive(float), default=8.0)
+    parser.add_argument("--seconds", type=positive(float), default=8.0,
+                        help="how long to keep timing pairs of steps (default 8)")  # fmt: skip
     args = parser.parse_args()
     tree = tree_under_test("adam_rotated_ab")
     shapes = [(args.params,)]

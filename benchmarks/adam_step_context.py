@@ -46,9 +46,12 @@ def _timed_step(opt: torch.optim.Optimizer) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=script_description(__doc__))
-    parser.add_argument("--params", type=positive(int), default=16_777_216)
-    parser.add_argument("--rounds", type=positive(int), default=12)
-    parser.add_argument("--gemm-ms", type=positive(float), default=20.0)
+    parser.add_argument("--params", type=positive(int), default=16_777_216,
+                        help="fp32 parameters of each optimizer (default 16777216)")  # fmt: skip
+    parser.add_argument("--rounds", type=positive(int), default=12,
+                        help="timed steps of each optimizer in each context (default 12)")  # fmt: skip
+    parser.add_argument("--gemm-ms", type=positive(float), default=20.0,
+                        help="length of the GEMM stretch before a step (default 20)")  # fmt: skip
     args = parser.parse_args()
     makers = {
         "torch fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True),

@@ -39,9 +39,12 @@ def _read_rate(cycle: list[torch.Tensor]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=script_description(__doc__))
-    parser.add_argument("--tensor-mib", type=positive(int), nargs="+", default=[4, 16])
-    parser.add_argument("--multiples", type=positive(float), nargs="+", default=[2, 4, 8, 16, 32])
-    parser.add_argument("--rounds", type=positive(int), default=7)
+    parser.add_argument("--tensor-mib", type=positive(int), nargs="+", default=[4, 16],
+                        help="sizes of the rotated tensors, MiB (default 4 16)")  # fmt: skip
+    parser.add_argument("--multiples", type=positive(float), nargs="+", default=[2, 4, 8, 16, 32],
+                        help="cycle sizes, in last-level caches (default 2 4 8 16 32)")  # fmt: skip
+    parser.add_argument("--rounds", type=positive(int), default=7,
+                        help="measurements per case, the median printed (default 7)")  # fmt: skip
     args = parser.parse_args()
     llc = last_level_cache_bytes("cpu")
     print(f"LLC {llc >> 20} MiB, {torch.get_num_threads()} threads, medians of {args.rounds} "

@@ -18,6 +18,7 @@ int8 GEMM rate (``torch._int_mm``, n = 2048) or of copy bandwidth, whichever bin
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -89,7 +90,22 @@ def _bnb_layer(wq: torch.Tensor, w_scale: torch.Tensor, device):
     return layer.to(device).eval()
 
 
+def _drop_cast_notices(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
 def rows(bench: Bench) -> list[Row]:
+    # bitsandbytes logs that it casts bf16 inputs to fp16 (the cast is part of its time),
+    # once per layer: not a result, and it would scatter lines over the table.
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    logger.addFilter(_drop_cast_notices)
+    try:
+        return _rows(bench)
+    finally:
+        logger.removeFilter(_drop_cast_notices)
+
+
+def _rows(bench: Bench) -> list[Row]:
     import lowprec_kernels as lpk
     from lowprec_kernels import functional as LF
 

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lowprec_kernels._tables import device_key
 from lowprec_kernels.reference.codebooks import encode_thresholds
 
 # The Triton interpreter runs a kernel one program at a time in numpy, so it cannot tune:
@@ -135,10 +136,12 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 # --- encode thresholds ----------------------------------------------------------------------
 
 # A sorted codebook of 256 entries becomes a 256-entry threshold table for the kernels'
-# branch-free binary search. The table is computed once per (codebook tensor, version)
+# branch-free binary search. The table is computed once per (codebook tensor, version, stream)
 # and reused, since callers (the 8-bit optimizers above all) pass the same map every step.
+# Per stream (device_key): a table is read only on the stream it was made on, so that when a
+# full cache is cleared its memory goes back to the allocator behind every kernel reading it.
 _THRESHOLD_CACHE_SIZE = 16
-_threshold_cache: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+_threshold_cache: dict[tuple, tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
 def threshold_table(code: torch.Tensor) -> torch.Tensor:
@@ -147,7 +150,8 @@ def threshold_table(code: torch.Tensor) -> torch.Tensor:
     The table is the reference's, so every backend encodes with the same thresholds.
     """
     version = None if code.is_inference() else code._version  # inference tensors: no counter
-    cached = _threshold_cache.get(id(code))
+    key = (id(code), device_key(code.device))
+    cached = _threshold_cache.get(key)
     if version is not None and cached is not None:
         ref, cached_version, table = cached
         if ref() is code and cached_version == version:
@@ -156,5 +160,5 @@ def threshold_table(code: torch.Tensor) -> torch.Tensor:
     if version is not None:
         if len(_threshold_cache) >= _THRESHOLD_CACHE_SIZE:
             _threshold_cache.clear()
-        _threshold_cache[id(code)] = (weakref.ref(code), version, table)
+        _threshold_cache[key] = (weakref.ref(code), version, table)
     return table

@@ -336,8 +336,10 @@ class Adam8bit(torch.optim.Optimizer):
 
     def skipped_steps(self) -> int:
         """Updates skipped for a non-finite gradient, summed over all parameters (one step
-        with two bad gradients counts two). Reads every counter, so it waits for the device."""
-        return int(sum(s["skipped"].item() for s in self.state.values() if "skipped" in s))
+        with two bad gradients counts two). Reads the counters with one read per device, so
+        it waits for the device."""
+        counters = [s["skipped"] for s in self.state.values() if "skipped" in s]
+        return int(sum(_counts_as_numbers(counters)))
 
     # ----------------------------------------------------------------------- step
 

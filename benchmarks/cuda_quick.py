@@ -1,7 +1,7 @@
 """One quick pass of every op on CUDA with each GPU backend, small and odd shapes.
 
 The optimizer's launches too: AdamW8bit over two 8-bit tensors (one multi-tensor launch)
-and one of float32 states (``adam_multi_step_``).
+and one of float32 states (``adam_multi_step_`` where the backend has it, else tensor ops).
 
 Run under ``compute-sanitizer`` by ``benchmarks/gpu_check.sh``: it exercises each kernel's
 edge cases (partial blocks, M = 1, odd sizes) so out-of-bounds accesses and races show up.

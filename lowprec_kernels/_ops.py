@@ -25,6 +25,7 @@ the C++ ``check_step_values``), before writing anything; GPU kernels keep it on 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -86,6 +87,17 @@ def _check_vector(op: str, name: str, t: torch.Tensor, expected: int, why: str) 
     if t.dim() != 1 or t.numel() != expected:
         _fail(ValueError, op, f"{name} must be 1-D of {expected} elements ({why}), got shape "
               f"{tuple(t.shape)}")  # fmt: skip
+
+
+def int_argument(op: str, name: str, value):
+    """An integer argument of the functional API as an int: Python and NumPy integers (a
+    traced SymInt as it is); TypeError naming it for a bool, a float (64.0 == 64 would pass a
+    membership test) or a tensor."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _fail(TypeError, op, f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
 
 
 def _check_choice(op: str, name: str, value, allowed: Sequence) -> None:

@@ -9,6 +9,7 @@ backward pass before it could queue its first kernel).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Hashable
 
@@ -67,6 +68,41 @@ def caching_allowed() -> bool:
         not torch.compiler.is_compiling()
         and torch.utils._python_dispatch._get_current_dispatch_mode() is None
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_dynamic_map(signed: bool, device: torch.device) -> torch.Tensor:
+    from lowprec_kernels.reference import codebooks
+
+    return codebooks.dynamic_map(signed, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
+    from lowprec_kernels.reference import codebooks
+
+    return codebooks.code_4bit(quant_type, device)
+
+
+def shared_dynamic_map(signed: bool, device: torch.device) -> torch.Tensor:
+    """The 8-bit dynamic map on ``device``, one tensor per (signed, device) shared by every
+    read-only user (the functional API's default map, the optimizers' states, which one map
+    per device lets a param group step in one fused call): cached in plain eager execution
+    only, built afresh while tracing (caching_allowed)."""
+    if not caching_allowed():
+        from lowprec_kernels.reference import codebooks
+
+        return codebooks.dynamic_map(signed, device)
+    return _cached_dynamic_map(bool(signed), torch.device(device))
+
+
+def shared_code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
+    """``quant_type``'s 4-bit codebook on ``device``, shared read-only as above."""
+    if not caching_allowed():
+        from lowprec_kernels.reference import codebooks
+
+        return codebooks.code_4bit(quant_type, device)
+    return _cached_code_4bit(quant_type, torch.device(device))
 
 
 def to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -10,12 +10,10 @@ Validation happens once, in the ops (``_ops.py``).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from lowprec_kernels import _ops  # also defines torch.ops.lowprec
-from lowprec_kernels._tables import caching_allowed
+from lowprec_kernels._tables import shared_code_4bit, shared_dynamic_map
 from lowprec_kernels.quant_state import NESTED_BLOCKSIZE, QuantState
 from lowprec_kernels.reference import codebooks
 
@@ -40,33 +38,6 @@ def dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
     return codebooks.dynamic_map(signed, device)
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_dynamic_map(signed: bool, device: torch.device) -> torch.Tensor:
-    # Read-only use inside this module; saves a host-to-device copy per call.
-    return codebooks.dynamic_map(signed, device)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
-    return codebooks.code_4bit(quant_type, device)
-
-
-def _default_dynamic_map(device: torch.device) -> torch.Tensor:
-    """The signed dynamic map on ``device``, for read-only use: cached in plain eager
-    execution only; built afresh while tracing (torch.compile, FakeTensorMode, make_fx,
-    torch.export), whose tensors must neither come from nor go into the cache."""
-    if not caching_allowed():
-        return codebooks.dynamic_map(True, device)
-    return _cached_dynamic_map(True, device)
-
-
-def _default_code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
-    """``quant_type``'s codebook on ``device``, for read-only use (cached as above)."""
-    if not caching_allowed():
-        return codebooks.code_4bit(quant_type, device)
-    return _cached_code_4bit(quant_type, device)
-
-
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 256):
     """Blockwise 8-bit quantization: ``(codes uint8 like x, absmax float32 [nblocks])``.
 
@@ -77,7 +48,8 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor | None = None, blocks
     the signed map, whatever its sign).
     """
     if code is None and isinstance(x, torch.Tensor):
-        code = _default_dynamic_map(x.device)
+        code = shared_dynamic_map(True, x.device)
+    blocksize = _ops.int_argument("quantize_blockwise", "blocksize", blocksize)
     return _ops.call("quantize_blockwise", x, code, blocksize)
 
 
@@ -90,7 +62,8 @@ def dequantize_blockwise(
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`: ``code[q] * absmax[block]`` in ``dtype``."""
     if code is None and isinstance(q, torch.Tensor):
-        code = _default_dynamic_map(q.device)
+        code = shared_dynamic_map(True, q.device)
+    blocksize = _ops.int_argument("dequantize_blockwise", "blocksize", blocksize)
     return _ops.call("dequantize_blockwise", q, absmax, code, blocksize, dtype)
 
 
@@ -108,11 +81,12 @@ def quantize_4bit(
     ``x / absmax`` is NaN) and decodes to ``code[0] * inf`` (-inf for NF4, whatever its sign;
     NaN for FP4, whose code 0 is 0.0), the others to NaN (0 * inf).
     """
+    blocksize = _ops.int_argument("quantize_4bit", "blocksize", blocksize)
     packed, absmax = _ops.call("quantize_4bit", w, blocksize, quant_type)
     nested = {}
     if double_quant:
         offset = absmax.mean()
-        nested_code = _default_dynamic_map(w.device).clone()
+        nested_code = shared_dynamic_map(True, w.device).clone()
         absmax, nested_absmax = _ops.call(
             "quantize_blockwise", absmax - offset, nested_code, NESTED_BLOCKSIZE
         )
@@ -128,7 +102,7 @@ def quantize_4bit(
         shape=w.shape,
         dtype=w.dtype,
         absmax=absmax,
-        code=_default_code_4bit(quant_type, w.device).clone(),
+        code=shared_code_4bit(quant_type, w.device).clone(),
         **nested,
     )
     return packed, state

@@ -26,7 +26,7 @@ fi
 # built against another torch fails to load, which the package reports only as a warning).
 torch_version=$("$VENV/bin/python" -c "import torch; print(torch.__version__)")
 # Everything setup.py reads: the sources, its switches and flags, the compilers it finds.
-settings="${LOWPREC_BUILD_CUDA:-auto}|${TORCH_CUDA_ARCH_LIST:-default}|${LOWPREC_EXTRA_CFLAGS:-}|${LOWPREC_EXTRA_LDFLAGS:-}|${CXX:-}|${CUDA_HOME:-}|$(command -v nvcc || true)|torch$torch_version"
+settings="${LOWPREC_BUILD_CUDA:-auto}|${TORCH_CUDA_ARCH_LIST:-default}|${LOWPREC_EXTRA_CFLAGS:-}|${LOWPREC_EXTRA_LDFLAGS:-}|${CXX:-}|${CC:-}|${CUDA_HOME:-}|${CUDA_PATH:-}|$(command -v nvcc || true)|torch$torch_version"
 src_stamp=$(stamp_of setup.py $(find csrc -type f | sort))-$(echo "$settings" | sha256sum | cut -c1-16)
 if [ "$(cat "$VENV/.build-stamp" 2>/dev/null)" != "$src_stamp" ] || ! ls lowprec_kernels/_C*.so >/dev/null 2>&1; then
   echo "setup: building lowprec_kernels._C (LOWPREC_BUILD_CUDA=${LOWPREC_BUILD_CUDA:-auto})"

@@ -5,6 +5,8 @@ import hashlib
 import pytest
 import torch
 
+import lowprec_kernels as lpk
+from lowprec_kernels import _tables
 from lowprec_kernels import functional as LF
 from lowprec_kernels.reference import codebooks
 
@@ -25,10 +27,10 @@ def test_dynamic_map_signed_golden():
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_dynamic_map_first_built_in_a_device_context(signed):
-    """The functional API caches the table: built first inside torch.device("meta") (a model
-    built on the meta device), it must still be built on the CPU, and the device asked for
-    honoured."""
-    LF._cached_dynamic_map.cache_clear()
+    """The CPU table is cached: built first inside torch.device("meta") (a model built on the
+    meta device), it must still be built on the CPU, and the device asked for honoured."""
+    codebooks._dynamic_map_cpu.cache_clear()
+    _tables._cached_dynamic_map.cache_clear()
     try:
         with torch.device("meta"):
             on_meta = LF.dynamic_map(signed)
@@ -36,7 +38,8 @@ def test_dynamic_map_first_built_in_a_device_context(signed):
         table = LF.dynamic_map(signed)
         assert table.device.type == "cpu" and torch.equal(table, LF.dynamic_map(signed, "cpu"))
     finally:  # leave no table built here behind
-        LF._cached_dynamic_map.cache_clear()
+        codebooks._dynamic_map_cpu.cache_clear()
+        _tables._cached_dynamic_map.cache_clear()
     assert torch.equal(table, LF.dynamic_map(signed))
 
 
@@ -110,8 +113,9 @@ def test_tracing_leaves_the_cached_tables_real(trace):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    LF._cached_code_4bit.cache_clear()
-    LF._cached_dynamic_map.cache_clear()
+    _tables._cached_code_4bit.cache_clear()
+    _tables._cached_dynamic_map.cache_clear()
+    codebooks._dynamic_map_cpu.cache_clear()
     w = torch.randn(8, 64)
     if trace == "fake-mode":
         with FakeTensorMode() as mode:
@@ -143,3 +147,24 @@ def test_default_tables_compile_with_fullgraph():
     w = torch.randn(8, 64)
     for got, want in zip(compiled(w), _traced_uses_of_the_default_tables(w)):
         assert torch.equal(got, want)
+
+
+def test_an_optimizer_step_traced_with_fake_tensors_leaves_real_optimizers_working():
+    """The optimizers' states share the dynamic maps through the same eager-only cache: a
+    step under FakeTensorMode neither caches fake maps nor breaks a later real step."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _tables._cached_dynamic_map.cache_clear()
+    codebooks._dynamic_map_cpu.cache_clear()
+    with FakeTensorMode() as mode:
+        p = torch.nn.Parameter(mode.from_tensor(torch.randn(5000)))
+        p.grad = mode.from_tensor(torch.randn(5000))
+        fake = lpk.optim.AdamW8bit([p])
+        fake.step()
+        assert isinstance(fake.state[p]["qmap1"], type(p.grad))  # a fake map, made here
+    p = torch.nn.Parameter(torch.randn(5000))
+    p.grad = torch.randn(5000)
+    opt = lpk.optim.AdamW8bit([p])
+    opt.step()
+    assert type(opt.state[p]["qmap1"]) is torch.Tensor
+    assert torch.equal(opt.state[p]["qmap2"], LF.dynamic_map(False))

@@ -954,9 +954,9 @@ def test_mismatched_quant_state_gets_a_clear_error(layer):
 def test_bitsandbytes_keywords_carry_over():
     """bitsandbytes' ``compress_statistics`` is double_quant by another name, and its
     ``quant_storage`` may be the byte storage this layer keeps; anything else is refused."""
-    for compress in (True, False):
+    for compress in (True, False, 1, 0):
         layer = Linear4bit(64, 32, compress_statistics=compress, quant_storage=torch.uint8)
-        assert layer.double_quant is compress
+        assert layer.double_quant is bool(compress)
     with pytest.raises(ValueError, match="compress_statistics .* double_quant is False"):
         Linear4bit(64, 32, double_quant=False, compress_statistics=True)
     with pytest.raises(ValueError, match="quant_storage must be torch.uint8"):

@@ -323,3 +323,17 @@ def test_a_linear_that_cannot_be_quantized_leaves_the_model_unchanged():
 def test_a_skip_that_is_no_name_is_refused(skip):
     with pytest.raises(TypeError, match="skip must be a module name or an iterable of names"):
         quantize_model(nn.Sequential(nn.Linear(8, 8)), "nf4", skip=skip)
+
+
+def test_bitsandbytes_layer_keywords_pass_through():
+    """quantize_model's keywords go to the layers' from_linear, which takes bitsandbytes'
+    names as the constructors do."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    quantize_model(seq, "nf4", skip=(), compress_statistics=False, quant_storage=torch.uint8)
+    assert seq[0].double_quant is False and seq[2].double_quant is False
+    seq = nn.Sequential(nn.Linear(64, 32))
+    quantize_model(seq, "int8", skip=(), has_fp16_weights=False)
+    assert isinstance(seq[0], lpk.nn.Linear8bitLt)
+    with pytest.raises(ValueError, match="from_linear: has_fp16_weights must be False"):
+        quantize_model(nn.Sequential(nn.Linear(64, 32)), "int8", has_fp16_weights=True)

@@ -156,12 +156,15 @@ def _package_info() -> dict[str, Any]:
 
 
 def _distribution_versions() -> dict[str, str | None]:
-    """Installed versions of this package and of the baselines' and backends' libraries
-    (None: not installed), read from the metadata without importing them."""
+    """The version of this package (the one running, installed or not) and of the baselines'
+    and backends' libraries (None: not installed), these read from the metadata without
+    importing them."""
     from importlib import metadata
 
-    versions: dict[str, str | None] = {}
-    for name in ("lowprec_kernels", "bitsandbytes", "triton", "torchao"):
+    import lowprec_kernels
+
+    versions: dict[str, str | None] = {"lowprec_kernels": lowprec_kernels.__version__}
+    for name in ("bitsandbytes", "triton", "torchao"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -171,14 +174,15 @@ def _distribution_versions() -> dict[str, str | None]:
 
 def _source_commit() -> str | None:
     """The git commit of the source tree this package runs from, if it is a checkout (with
-    "+dirty" when it has uncommitted changes)."""
+    "+dirty" when tracked files have uncommitted changes)."""
     root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
         return None
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
                                 capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "."],
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                 "--untracked-files=no"],
                                 capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
@@ -888,7 +892,8 @@ def plot(rows: Sequence[Row], path: str | os.PathLike) -> str:
     # wherever two rows' labels agree, and only the longest of them would show.
     positions = range(len(rows))
     ax.barh(positions, speedups, xerr=errors)
-    ax.set_yticks(positions, labels, fontsize=7)
+    ax.set_yticks(positions)
+    ax.set_yticklabels(labels, fontsize=7)
     ax.axvline(1.0, color="k", linewidth=0.8)
     ax.set_xlabel("speedup vs baseline (median of interleaved pairs, IQR)")
     ax.invert_yaxis()

@@ -182,6 +182,25 @@ class _ParameterSlots(dict):
         return (dict, (dict(self),))
 
 
+def _double_quant(owner: str, double_quant: bool, compress_statistics, quant_storage) -> bool:
+    """``double_quant`` given bitsandbytes' arguments: its ``compress_statistics`` (the same
+    setting) decides when given, and its ``quant_storage`` must be the bytes this layer
+    keeps."""
+    if compress_statistics is not None:
+        if compress_statistics and double_quant is False:
+            raise ValueError(
+                f"{owner}: compress_statistics (bitsandbytes' name for double_quant) is "
+                f"{compress_statistics!r} but double_quant is {double_quant!r}"
+            )
+        double_quant = bool(compress_statistics)
+    if quant_storage != torch.uint8:
+        raise ValueError(
+            f"{owner}: quant_storage must be torch.uint8, got {quant_storage!r} (the codes "
+            "are stored as bytes; checkpoints storing them in another dtype load)"
+        )
+    return double_quant
+
+
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
@@ -232,18 +251,7 @@ class Linear4bit(nn.Linear):
         compress_statistics: bool | None = None,
         quant_storage: torch.dtype = torch.uint8,
     ):
-        if compress_statistics is not None:
-            if compress_statistics != double_quant and double_quant is not True:
-                raise ValueError(
-                    "Linear4bit: compress_statistics (bitsandbytes' name for double_quant) "
-                    f"is {compress_statistics!r} but double_quant is {double_quant!r}"
-                )
-            double_quant = compress_statistics
-        if quant_storage != torch.uint8:
-            raise ValueError(
-                f"Linear4bit: quant_storage must be torch.uint8, got {quant_storage!r} (the "
-                "codes are stored as bytes; checkpoints storing them in another dtype load)"
-            )
+        double_quant = _double_quant("Linear4bit", double_quant, compress_statistics, quant_storage)
         if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
             raise TypeError(
                 "Linear4bit: compute_dtype must be None, torch.float32, torch.float16 or "
@@ -262,12 +270,18 @@ class Linear4bit(nn.Linear):
         quant_type: str = "nf4",
         blocksize: int = 64,
         double_quant: bool = True,
+        *,
+        compress_statistics: bool | None = None,
+        quant_storage: torch.dtype = torch.uint8,
     ) -> Linear4bit:
         """A Linear4bit holding ``linear``'s weight quantized and a copy of its bias.
 
         The layer lives on ``linear``'s device; its QuantState dtype is ``linear``'s weight
-        dtype. ``linear`` is not modified.
+        dtype. ``linear`` is not modified. Arguments as the constructor's.
         """
+        double_quant = _double_quant(
+            "Linear4bit.from_linear", double_quant, compress_statistics, quant_storage
+        )
         if not isinstance(linear, nn.Linear):
             raise TypeError(
                 f"Linear4bit.from_linear: linear must be an nn.Linear, got {type(linear).__name__}"

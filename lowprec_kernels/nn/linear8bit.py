@@ -19,6 +19,16 @@ WEIGHT_FORMAT_ROW = 0
 _WEIGHT_FORMAT_NAMES = {WEIGHT_FORMAT_ROW: "row"}
 
 
+def _check_has_fp16_weights(owner: str, has_fp16_weights) -> None:
+    """bitsandbytes' ``has_fp16_weights``: only its False (int8 codes) is this layer."""
+    if has_fp16_weights is not False:
+        raise ValueError(
+            f"{owner}: has_fp16_weights must be False (the layer holds int8 codes, "
+            f"bitsandbytes' inference layout), got {has_fp16_weights!r}; bitsandbytes' "
+            "has_fp16_weights=True keeps a trainable 16-bit weight: use nn.Linear for that"
+        )
+
+
 class Linear8bitLt(nn.Linear):
     """LLM.int8 ``y = x @ W.T + b``: W stored as int8 per-row codes, outlier input columns
     (any ``|x| >= threshold``) computed in x's dtype; the output has x's dtype.
@@ -47,13 +57,7 @@ class Linear8bitLt(nn.Linear):
         *,
         has_fp16_weights: bool = False,
     ) -> None:
-        if has_fp16_weights is not False:
-            raise ValueError(
-                "Linear8bitLt: has_fp16_weights must be False (the layer holds int8 codes, "
-                "bitsandbytes' inference layout), got "
-                f"{has_fp16_weights!r}; bitsandbytes' has_fp16_weights=True keeps a trainable "
-                "16-bit weight: use nn.Linear for that"
-            )
+        _check_has_fp16_weights("Linear8bitLt", has_fp16_weights)
         _check_threshold("Linear8bitLt", threshold)
         # nn.Linear's initialization, quantized: a fresh layer behaves like a fresh nn.Linear.
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -79,8 +83,12 @@ class Linear8bitLt(nn.Linear):
         self._quantize_float_weight()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, threshold: float = 6.0) -> Linear8bitLt:
-        """A layer holding ``linear``'s weight quantized as given and a copy of its bias."""
+    def from_linear(
+        cls, linear: nn.Linear, threshold: float = 6.0, *, has_fp16_weights: bool = False
+    ) -> Linear8bitLt:
+        """A layer holding ``linear``'s weight quantized as given and a copy of its bias
+        (``has_fp16_weights`` as the constructor's)."""
+        _check_has_fp16_weights("Linear8bitLt.from_linear", has_fp16_weights)
         weight = linear.weight
         if not (isinstance(weight, torch.Tensor) and weight.is_floating_point()):
             raise TypeError(

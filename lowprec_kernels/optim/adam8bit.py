@@ -36,7 +36,6 @@ above their size (bitsandbytes' StableEmbedding advice is the same).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -47,20 +46,24 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from lowprec_kernels import _dispatch, _ops
-from lowprec_kernels import functional as LF
 from lowprec_kernels._ops import BLOCKSIZES_8BIT, CODEBOOK_SIZE_8BIT, FLOAT_DTYPES, num_blocks
-from lowprec_kernels._tables import TableCache, caching_allowed, device_key, to_device
+from lowprec_kernels._tables import (
+    TableCache,
+    caching_allowed,
+    device_key,
+    shared_dynamic_map,
+    to_device,
+)
 from lowprec_kernels.reference.adam8bit import adam_update_corrected, update_scalars
 
 # bitsandbytes' state_dict() nests a parameter's quantization tensors under this key.
 _BNB_WRAPPED_STATE = "__bnb_optimizer_quant_state__"
 
 
-@functools.lru_cache(maxsize=16)
 def _dynamic_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The (signed, unsigned) dynamic maps on ``device``, shared by every 8-bit state there:
     one map per device is what lets a whole param group go through one fused call."""
-    return LF.dynamic_map(signed=True, device=device), LF.dynamic_map(signed=False, device=device)
+    return shared_dynamic_map(True, device), shared_dynamic_map(False, device)
 
 
 # torch.optim.Adam's options that change what a step computes or guarantees, which a
@@ -665,8 +668,11 @@ def _counts_as_numbers(counts: list[torch.Tensor]) -> list[int | float]:
     for i, t in enumerate(counts):
         by_device[t.device].append(i)
     numbers: list[int | float] = [0] * len(counts)
-    for indices in by_device.values():
-        read = torch.stack([counts[i].detach().reshape(()).float() for i in indices]).tolist()
+    for device, indices in by_device.items():
+        if device.type == "cpu":  # .item() is cheaper than stacking where no read waits
+            read = [counts[i].item() for i in indices]
+        else:
+            read = torch.stack([counts[i].detach().reshape(()).float() for i in indices]).tolist()
         for i, value in zip(indices, read):
             numbers[i] = int(value) if float(value).is_integer() else value
     return numbers

@@ -107,6 +107,7 @@ def test_cli_smoke_writes_json(tmp_path, capsys):
     assert machine["versions"]["lowprec_kernels"] is not None  # installed editable or not
     assert "bitsandbytes" in machine["versions"] and "source_commit" in machine
     assert "speedup" in data["definitions"] and "floor_fraction" in data["definitions"]
+    assert data["duration_seconds"] > 0
     ceilings = data["ceilings"]
     assert ceilings["copy_gbps"] > 0 and ceilings["fp32_gflops"] > 0
     assert ceilings["read_gbps"] > 0 and ceilings["update_gbps"] > 0

@@ -993,3 +993,11 @@ def test_quant_state_from_an_unpacked_dict_takes_a_dtype_or_its_name():
         lpk.QuantState.from_dict({**unpacked, "dtype": "float32", "nested_offset": "abc"})
     with pytest.raises(ValueError, match="dtype must be a torch.dtype or its name"):
         lpk.QuantState.from_dict({**unpacked, "dtype": "float99"})
+
+
+def test_a_layer_without_weight_elements_is_refused_by_its_features():
+    with pytest.raises(ValueError, match=r"Linear4bit: in_features and out_features must be "
+                                         r"positive .* in_features=0"):  # fmt: skip
+        Linear4bit(0, 8)
+    with pytest.raises(ValueError, match=r"Linear4bit: .* out_features=0"):
+        Linear4bit.from_linear(nn.Linear(8, 0))

@@ -622,3 +622,11 @@ def test_an_assigned_half_scb_is_loaded_as_float32():
         src.weight, src.SCB.half().float(), src.bias)(x))  # fmt: skip
     with pytest.raises(RuntimeError, match="SCB must be floating point"):
         Linear8bitLt(64, 32).load_state_dict({**state, "SCB": state["SCB"].int()}, assign=True)
+
+
+def test_a_layer_without_weight_elements_is_refused_by_its_features():
+    with pytest.raises(ValueError, match=r"Linear8bitLt: in_features and out_features must be "
+                                         r"positive .* out_features=0"):  # fmt: skip
+        Linear8bitLt(64, 0)
+    with pytest.raises(ValueError, match=r"from_linear: .* in_features=0"):
+        Linear8bitLt.from_linear(nn.Linear(0, 8))

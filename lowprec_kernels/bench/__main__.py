@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     effort = EFFORTS["smoke" if args.smoke else "quick" if args.quick else "full"]
     settings = Settings(args.device, effort, tuple(args.backend) if args.backend else None)
 
+    started = time.perf_counter()
     pin_threads()
     ceilings = measure_ceilings(settings)
     machine = machine_info(args.device)
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {name: run_suite(name, settings, ceilings) for name in names}
 
     if args.json:
-        write_json(report(machine, ceilings, settings, results, argv), args.json)
+        duration = time.perf_counter() - started
+        write_json(report(machine, ceilings, settings, results, argv, duration), args.json)
         print(f"\n--json: wrote {args.json}")
     if args.plot:
         print(plot([row for r in results.values() for row in r["rows"]], args.plot))

@@ -829,12 +829,14 @@ def report(
     settings: Settings,
     suites: dict[str, dict[str, Any]],
     argv: Sequence[str],
+    duration_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Everything a run measured, JSON-ready: suites maps name -> {status, rows, notes}."""
     return {
         "command": shlex.join(["python", "-m", "lowprec_kernels.bench", *argv]),
         "python_executable": sys.executable,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),  # when the run ended
+        "duration_seconds": duration_seconds,
         "definitions": {
             "speedup": "baseline seconds / our seconds, the median of interleaved pairs "
             "(above 1: ours is faster); speedup_iqr: the pairs' interquartile range",

@@ -23,6 +23,7 @@ from torch import nn
 
 from lowprec_kernels import functional as LF
 from lowprec_kernels._ops import FLOAT_DTYPES, check_4bit_weight
+from lowprec_kernels.nn._checks import check_features
 from lowprec_kernels.quant_state import PACKED_KEY_PREFIX, QuantState, is_dict_key
 
 
@@ -252,6 +253,7 @@ class Linear4bit(nn.Linear):
         quant_storage: torch.dtype = torch.uint8,
     ):
         double_quant = _double_quant("Linear4bit", double_quant, compress_statistics, quant_storage)
+        check_features("Linear4bit", in_features, out_features)
         if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
             raise TypeError(
                 "Linear4bit: compute_dtype must be None, torch.float32, torch.float16 or "

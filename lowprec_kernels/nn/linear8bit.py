@@ -12,6 +12,7 @@ from torch import nn
 
 from lowprec_kernels import functional as LF
 from lowprec_kernels._ops import _check_threshold, check_int8_linear
+from lowprec_kernels.nn._checks import check_features
 
 # bitsandbytes' ``weight_format`` entry: a uint8 scalar naming the weight's memory layout.
 # Only row-major exists since bitsandbytes 0.45 (0 = "row"; the older tiled layouts are gone).
@@ -58,6 +59,7 @@ class Linear8bitLt(nn.Linear):
         has_fp16_weights: bool = False,
     ) -> None:
         _check_has_fp16_weights("Linear8bitLt", has_fp16_weights)
+        check_features("Linear8bitLt", in_features, out_features)
         _check_threshold("Linear8bitLt", threshold)
         # nn.Linear's initialization, quantized: a fresh layer behaves like a fresh nn.Linear.
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -89,6 +91,7 @@ class Linear8bitLt(nn.Linear):
         """A layer holding ``linear``'s weight quantized as given and a copy of its bias
         (``has_fp16_weights`` as the constructor's)."""
         _check_has_fp16_weights("Linear8bitLt.from_linear", has_fp16_weights)
+        check_features("Linear8bitLt.from_linear", linear.in_features, linear.out_features)
         weight = linear.weight
         if not (isinstance(weight, torch.Tensor) and weight.is_floating_point()):
             raise TypeError(

@@ -91,7 +91,6 @@ class Linear8bitLt(nn.Linear):
         """A layer holding ``linear``'s weight quantized as given and a copy of its bias
         (``has_fp16_weights`` as the constructor's)."""
         _check_has_fp16_weights("Linear8bitLt.from_linear", has_fp16_weights)
-        check_features("Linear8bitLt.from_linear", linear.in_features, linear.out_features)
         weight = linear.weight
         if not (isinstance(weight, torch.Tensor) and weight.is_floating_point()):
             raise TypeError(
@@ -99,6 +98,8 @@ class Linear8bitLt(nn.Linear):
                 f"{getattr(weight, 'dtype', type(weight).__name__)}; int8 codes need their "
                 "scales: use Linear8bitLt.from_quantized(weight, SCB, bias)"
             )
+        if weight.dim() == 2:  # (other shapes: the op names W)
+            check_features("Linear8bitLt.from_linear", weight.shape[1], weight.shape[0])
         weight_q, scb = LF.int8_quantize_weight(weight.detach())
         bias = None if linear.bias is None else linear.bias.detach().clone()
         layer = cls.from_quantized(weight_q, scb, bias, threshold)

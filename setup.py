@@ -165,6 +165,16 @@ def _sources(pattern: str) -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / CSRC).glob(pattern))
 
 
+# Commands that compile the extension (the metadata and sdist steps do not).
+BUILDING_COMMANDS = {"build", "build_ext", "bdist_wheel", "install", "develop", "editable_wheel"}
+
+
+def _in_isolated_build_env(torch_file: str) -> bool:
+    """Whether torch was imported from a build front end's isolated environment (pip's
+    pip-build-env-*, build's build-env-*): a torch of its own choosing, not the user's."""
+    return re.search(r"[/\\](pip-)?build-env-", torch_file) is not None
+
+
 def _extensions_and_commands():
     try:
         import torch
@@ -173,6 +183,16 @@ def _extensions_and_commands():
             "lowprec_kernels builds against an installed torch: install torch first, then "
             "`pip install --no-build-isolation -e .`"
         ) from err
+    if _in_isolated_build_env(torch.__file__) and BUILDING_COMMANDS & set(sys.argv[1:]):
+        # The extension would be built against the isolated env's torch (fetched for the
+        # build, often another version or a CUDA build) and fail to load against the user's:
+        # pip would report success and every op run on the slow reference backend.
+        raise SystemExit(
+            f"lowprec_kernels setup: building against torch {torch.__version__} from an "
+            f"isolated build environment ({torch.__file__}), not the installed torch. Install "
+            "with build isolation off: `pip install --no-build-isolation <this source>` "
+            "(editable: `pip install --no-build-isolation -e .`)."
+        )
 
     cuda_home, reason = _cuda_plan(torch)
     if cuda_home is not None:

@@ -9,14 +9,21 @@ from __future__ import annotations
 import importlib
 import warnings
 
+import torch
+
 from lowprec_kernels import _dispatch, _ops, reference  # noqa: F401 - define the ops, register references
 from lowprec_kernels._dispatch import available_backends, use_backend
 from lowprec_kernels.quant_state import QuantState
 
 __version__ = "0.1.0"
 
+_REBUILD_HINT = (
+    "Build it with `bash scripts/setup.sh` in a source checkout, or reinstall with "
+    "`pip install --no-build-isolation <source>`."
+)
+
 try:
-    from lowprec_kernels import _C
+    _C = importlib.import_module("lowprec_kernels._C")
 except ImportError as _err:  # the package still works on the reference backend
     _C = None
     _C_IMPORT_ERROR: str | None = str(_err)
@@ -24,12 +31,20 @@ except ImportError as _err:  # the package still works on the reference backend
     # on the CPU, which would otherwise show only in build_info().
     warnings.warn(
         f"lowprec_kernels: the native extension did not load ({_err}); every op runs on the "
-        "slow reference backend (and Triton where present). Build it with "
-        "`bash scripts/setup.sh` or `pip install --no-build-isolation -e .`.",
+        f"slow reference backend (and Triton where present). {_REBUILD_HINT}",
         stacklevel=2,
     )
 else:
     _C_IMPORT_ERROR = None
+    _BUILT_FOR = _C.build_info().get("torch_version", "")
+    if _BUILT_FOR.split(".")[:2] != torch.__version__.split(".")[:2]:
+        # torch's C++ interface changes between minor versions: such a build may load and
+        # still crash or misbehave (a wheel cached by pip for another torch, say).
+        warnings.warn(
+            f"lowprec_kernels: the native extension was built against torch {_BUILT_FOR}, "
+            f"this is torch {torch.__version__}. {_REBUILD_HINT}",
+            stacklevel=2,
+        )
 
 
 def _load_backend(module: str) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
+from typing import List  # noqa: UP035 - see TensorList
 
 import torch
 from torch.autograd import forward_ad
@@ -842,16 +843,21 @@ _define(
 )
 
 
+# A list of tensors as custom_op's schema inference reads it: typing.List, since torch 2.6
+# (the oldest torch supported) infers no schema from the built-in list[Tensor].
+TensorList = List[torch.Tensor]  # noqa: UP006
+
+
 # The optimizers' entry point: adam8bit_multi_step_ with the hyperparameters in a tensor.
 @torch.library.custom_op(
     "lowprec::adam8bit_group_step_",
     mutates_args=("params", "state1", "state2", "absmax1", "absmax2", "steps", "skipped"),
 )
 def adam8bit_group_step_(
-    params: list[torch.Tensor], grads: list[torch.Tensor], state1: list[torch.Tensor],
-    state2: list[torch.Tensor], absmax1: list[torch.Tensor], absmax2: list[torch.Tensor],
-    qmap1: torch.Tensor, qmap2: torch.Tensor, steps: list[torch.Tensor],
-    skipped: list[torch.Tensor], hyperparameters: torch.Tensor, decoupled: bool,
+    params: TensorList, grads: TensorList, state1: TensorList,
+    state2: TensorList, absmax1: TensorList, absmax2: TensorList,
+    qmap1: torch.Tensor, qmap2: torch.Tensor, steps: TensorList,
+    skipped: TensorList, hyperparameters: torch.Tensor, decoupled: bool,
     blocksize: int,
 ) -> None:  # fmt: skip
     """``lowprec::adam8bit_multi_step_`` with (lr, beta1, beta2, eps, weight_decay) read from

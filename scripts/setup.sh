@@ -23,7 +23,7 @@ fi
 
 # setup.py finds the CUDA toolkit itself (CUDA_HOME, else the nvcc on PATH, through wrappers).
 # The extension is rebuilt when its sources, the build settings or torch change (an extension
-# built against another torch fails to load, which the package reports only as a warning).
+# built against another torch may not load, or load and misbehave; the package only warns).
 torch_version=$("$VENV/bin/python" -c "import torch; print(torch.__version__)")
 # Everything setup.py reads: the sources, its switches and flags, the compilers it finds.
 settings="${LOWPREC_BUILD_CUDA:-auto}|${TORCH_CUDA_ARCH_LIST:-default}|${LOWPREC_EXTRA_CFLAGS:-}|${LOWPREC_EXTRA_LDFLAGS:-}|${CXX:-}|${CC:-}|${CUDA_HOME:-}|${CUDA_PATH:-}|$(command -v nvcc || true)|torch$torch_version"

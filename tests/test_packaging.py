@@ -36,6 +36,40 @@ def test_sdist_holds_every_tracked_source_and_nothing_built(tmp_path):
     wanted = {f for f in _tracked_files() if not f.startswith("benchmarks/results/")}
     assert sorted(wanted - names) == []
     assert [n for n in names if n.endswith((".so", ".o", ".pyc"))] == []
+    with tarfile.open(tarball) as tar:
+        (info,) = [m for m in tar.getmembers() if m.name.count("/") == 1 and
+                   m.name.endswith("/PKG-INFO")]  # fmt: skip
+        metadata = tar.extractfile(info).read().decode()
+    import lowprec_kernels
+
+    assert f"\nVersion: {lowprec_kernels.__version__}\n" in metadata  # written in one place
+
+
+def test_setup_refuses_to_build_against_an_isolated_build_envs_torch(tmp_path):
+    """pip's default build isolation fetches a torch of its own: an extension built against it
+    fails to load against the user's torch while pip reports success, so setup.py refuses."""
+    fake = tmp_path / "pip-build-env-abc" / "overlay" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('__version__ = "2.99.0"\n')
+    done = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(fake.parent)})  # fmt: skip
+    assert done.returncode != 0
+    assert "isolated build environment" in done.stderr
+    assert "--no-build-isolation" in done.stderr
+
+
+def test_import_warns_when_the_extension_was_built_for_another_torch():
+    """A build for another torch minor version (a wheel pip cached for it, say) may load and
+    still misbehave: the import says so."""
+    code = ("import warnings, torch; torch.__version__ = '2.99.0'; "
+            "warnings.simplefilter('always'); "
+            "import lowprec_kernels as lpk; print(lpk.available_backends()['cpu'])")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True", "the extension loads, with a warning"
+    assert "was built against torch" in done.stderr and "this is torch 2.99.0" in done.stderr
 
 
 def _compiler_without_x86_simd() -> tuple[str, list[str]]:

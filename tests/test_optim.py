@@ -1154,3 +1154,17 @@ def test_a_parameter_twice_in_a_group_is_refused():
     group = {"params": [nn.Parameter(torch.randn(3))], "lr": 0.5}
     opt.add_param_group(group)
     assert opt.param_groups[1] is group  # the caller's dict, as in torch.optim
+
+
+def test_a_torch_adamw_state_dict_is_refused_for_what_it_is():
+    """A torch.optim.AdamW checkpoint holds exp_avg / exp_avg_sq, not 8-bit states: the error
+    says so instead of listing missing keys, and the optimizer stays as it was."""
+    p = nn.Parameter(torch.randn(5000))
+    p.grad = torch.randn(5000)
+    torch_opt = torch.optim.AdamW([p])
+    torch_opt.step()
+    q = nn.Parameter(torch.randn(5000))
+    opt = AdamW8bit([q])
+    with pytest.raises(ValueError, match=r"a torch.optim.Adam/AdamW state \(exp_avg, exp_avg_sq"):
+        opt.load_state_dict(torch_opt.state_dict())
+    assert len(opt.state) == 0

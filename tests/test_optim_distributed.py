@@ -96,3 +96,45 @@ def test_ddp_ranks_stay_bit_identical(tmp_path):
     # ranks: one rounding of the sum, an exact halving), so the runs agree bit for bit.
     for i, (a, b) in enumerate(zip(ranks[0]["params"], _single_process_on_averaged_gradients())):
         assert torch.equal(a, b), f"parameter {i}: DDP differs from the averaged-gradient run"
+
+
+_DTENSOR_SCRIPT = """
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from torch.testing._internal.distributed.fake_pg import FakeStore
+import lowprec_kernels as lpk
+
+dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+mesh = init_device_mesh("cpu", (2,))
+p = torch.nn.Parameter(distribute_tensor(torch.randn(64, 96), mesh, [Shard(0)]))
+try:
+    lpk.optim.AdamW8bit([p])
+except TypeError as e:
+    print("refused:", e)
+opt = lpk.optim.AdamW8bit([torch.nn.Parameter(torch.randn(8))])
+opt.param_groups[0]["params"].append(p)  # put in a group behind the optimizer's back
+p.grad = torch.zeros_like(p)
+try:
+    opt.step()
+except TypeError as e:
+    print("refused at the step:", e)
+dist.destroy_process_group()
+"""
+
+
+def test_sharded_dtensor_parameters_are_refused_by_name():
+    """FSDP2 / tensor-parallel parameters (DTensors) are refused with a message saying why,
+    when the optimizer is made and at its first step, instead of failing inside an op or
+    keeping a whole-tensor state on every rank. A fake process group of two ranks, in a
+    process of its own."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _DTENSOR_SCRIPT], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2, done.stdout
+    assert lines[0].startswith("refused: AdamW8bit: a parameter of shape (64, 96) is a DTensor")
+    assert lines[1].startswith("refused at the step: AdamW8bit: a parameter of shape (64, 96)")

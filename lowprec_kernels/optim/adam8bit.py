@@ -123,6 +123,26 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
                          "(must be True or False)")  # fmt: skip
 
 
+def _is_dtensor(t) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _refuse_dtensor(owner: str, p: torch.Tensor) -> None:
+    """TypeError for a sharded (DTensor) parameter, which these optimizers do not step: its
+    state would be made for the whole tensor on every rank, and a skip for a non-finite
+    gradient would be each rank's own decision."""
+    if _is_dtensor(p):
+        raise TypeError(
+            f"{owner}: a parameter of shape {tuple(p.shape)} is a DTensor (sharded by FSDP2 "
+            "or tensor parallelism), which this optimizer does not support yet; step such "
+            "parameters with torch.optim.AdamW (DDP's unsharded parameters work)"
+        )
+
+
 def _hyperparameter(x):
     """A hyperparameter as the update takes it. A Python float passes through untouched:
     under torch.compile a symbolic float stays symbolic (float() would specialize on its
@@ -221,6 +241,8 @@ class Adam8bit(torch.optim.Optimizer):
         if not isinstance(params, (torch.Tensor, set)):  # torch refuses sets itself
             params = param_group["params"] = list(params)  # it may be a generator
             tensors = [x[1] if isinstance(x, tuple) else x for x in params]  # (name, tensor)
+            for t in tensors:
+                _refuse_dtensor(type(self).__name__, t)
             if len(set(map(id, tensors))) != len(tensors):
                 # torch only warns; the fused step would update such a tensor twice, from two
                 # threads at once.
@@ -232,6 +254,7 @@ class Adam8bit(torch.optim.Optimizer):
     # ----------------------------------------------------------------------- state
 
     def _init_state(self, p: torch.Tensor, state: dict, group: dict) -> None:
+        _refuse_dtensor(type(self).__name__, p)  # (made one after the optimizer, say)
         if p.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"{type(self).__name__}: parameters must be float32, float16 or bfloat16, "
@@ -701,6 +724,12 @@ def _loaded_param_state(p: torch.Tensor, saved, group: dict, where: str) -> dict
         raise ValueError(f"{where}: state must be a dict, got {type(saved).__name__}")
     if isinstance(saved.get(_BNB_WRAPPED_STATE), dict):  # bitsandbytes 0.50 nests them
         saved = {**saved, **saved[_BNB_WRAPPED_STATE]}
+    if "exp_avg" in saved and "state1" not in saved:
+        raise ValueError(
+            f"{where}: a torch.optim.Adam/AdamW state (exp_avg, exp_avg_sq), not an 8-bit "
+            "optimizer's; converting one is not supported (a fresh 8-bit optimizer starts "
+            "its states at zero)"
+        )
     missing = [k for k in ("step", "state1", "state2") if k not in saved]
     if missing:
         raise ValueError(f"{where}: state lacks {missing}")

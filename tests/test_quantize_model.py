@@ -321,8 +321,9 @@ def test_a_linear_that_cannot_be_quantized_leaves_the_model_unchanged():
 
 @pytest.mark.parametrize("skip", [None, 3, ["lm_head", 3]])
 def test_a_skip_that_is_no_name_is_refused(skip):
-    with pytest.raises(TypeError, match="skip must be a module name or an iterable of names"):
+    with pytest.raises(TypeError, match="skip must be a module name or an iterable of names") as e:
         quantize_model(nn.Sequential(nn.Linear(8, 8)), "nf4", skip=skip)
+    assert str(e.value).endswith(f"got {skip!r}")  # the value given, whatever its type
 
 
 def test_bitsandbytes_layer_keywords_pass_through():

@@ -149,18 +149,16 @@ def quantize_model(
             "Linear8bitLt.from_linear"
         )
     named = skip is not _DEFAULT_SKIP
-    if isinstance(skip, str):
-        skip = (skip,)
-    else:
-        try:
-            skip = tuple(skip)
-        except TypeError:
-            skip = None
-        if skip is None or not all(isinstance(s, str) for s in skip):
-            raise TypeError(
-                "quantize_model: skip must be a module name or an iterable of names (() to "
-                f"skip none), got {skip!r}"
-            )
+    given = skip
+    try:
+        skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    except TypeError:
+        skip = None
+    if skip is None or not all(isinstance(s, str) for s in skip):
+        raise TypeError(
+            "quantize_model: skip must be a module name or an iterable of names (() to skip "
+            f"none), got {given!r}"
+        )
     # Every place of every Linear (named_modules drops the repeated ones by default).
     places: dict[int, list[str]] = {}
     linears: dict[int, nn.Linear] = {}

@@ -420,6 +420,20 @@ def test_cpu_first_moment_map_mirror_decode(cpu_isa, case):
 
 
 @needs_native_cpu
+def test_cpu_isa_paths_signed_second_moment_map(cpu_isa):
+    """test_signed_second_moment_map on every CPU path, with blocks whose new v are all >= +0
+    (which the SIMD paths encode without the sign) beside blocks with negative ones, and a
+    block tail that is no whole vector."""
+    qmap = dynamic_map(True)
+    ref = State(randn_nonzero(1003, torch.float32, "cpu"), 256)
+    ref.state2[:512] = torch.randint(0, 100, (512,), dtype=torch.uint8)  # v < 0
+    ref.state2[512:] = torch.randint(128, 256, (491,), dtype=torch.uint8)  # v > 0
+    g = randn_nonzero(1003, torch.float32, "cpu", scale=1e-3)
+    step_both_and_compare("cpu", ref, g, qmap, qmap, VARIANTS[0], 256)
+    assert (ref.state2[:512] < 127).any() and (ref.state2[512:] > 127).all()
+
+
+@needs_native_cpu
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
 def test_cpu_isa_paths_skip_non_finite(cpu_isa, dtype):
     qmap1, qmap2 = dynamic_map(True), dynamic_map(False)
@@ -624,7 +638,7 @@ def test_segmented_encoder_applies_to_the_dynamic_maps(signed):
 def test_encoder_sweep_matches_exact_rule(cpu_isa, signed, absmax):
     """Every 997th float v of [-1, 1] (about 2 million, all binades) and the 256 floats on each
     side of every threshold, encoded as x = v * absmax: the arithmetic encoder (which multiplies
-    by 1 / absmax on AVX-512) agrees with the threshold search on x / absmax."""
+    by 1 / absmax on AVX-512 and AVX2) agrees with the threshold search on x / absmax."""
     checked, mismatches, first_bad = _C.adam8bit_encoder_sweep_cpu(
         dynamic_map(signed), 997, 256, absmax
     )
@@ -652,8 +666,8 @@ def _two_run_map(boundary: float, gap: float) -> torch.Tensor | None:
 @pytest.mark.parametrize("edge", [0.5, 0.125])
 def test_encoder_boundary_near_a_key_edge(cpu_isa, edge):
     """A boundary between two runs within 40 units in the last place of a key's edge (the
-    encoders' keys are pairs of binades): the encoder that takes the map (the AVX-512 one
-    multiplies by 1 / absmax, so values cross the boundary) still matches the exact rule on the
+    encoders' keys are pairs of binades): the encoder that takes the map (the AVX-512 and AVX2
+    ones multiply by 1 / absmax, so values cross the boundary) still matches the exact rule on the
     boundary's neighbours. One unit below the edge once escaped every key's near window."""
     edge_bits = torch.tensor(edge, dtype=torch.float32).view(torch.int32).item()
     tested, usable = [], []

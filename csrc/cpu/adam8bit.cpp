@@ -486,6 +486,23 @@ LP_TARGET_AVX2 inline __m256i avx2_encode(__m256 v, const SegmentedEncoder& enc,
   return _mm256_min_epi32(_mm256_max_epi32(code, first), last);
 }
 
+// Codes stored 32 at a time (four vectors of codes below 256): three packs and one lane
+// permute, where avx2_store_codes takes three shuffles per vector (the shuffle port is the
+// AVX2 encoder's bottleneck on Intel cores).
+constexpr int kVectorsPerAvx2CodeGroup = 4;
+constexpr int kAvx2CodeGroup = kVectorsPerAvx2CodeGroup * kAvx2Lanes;
+
+LP_TARGET_AVX2 inline void avx2_store_code_group(uint8_t* codes,
+                                                 const __m256i code[kVectorsPerAvx2CodeGroup]) {
+  // Per 128-bit lane: the packs interleave the vectors' halves, so dword d of the result holds
+  // codes 4 d' .. 4 d' + 3 of vector d % 4's lane d / 4; the permute puts them in order.
+  const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(code[0], code[1]),
+                                            _mm256_packus_epi32(code[2], code[3]));
+  _mm256_storeu_si256(
+      reinterpret_cast<__m256i*>(codes),
+      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
 // The magnitude encoder (above) on 8 lanes, for v in [-1, 1] (not NaN): the fixed-point
 // position, its code in bits 16..23, as avx512_encode_magnitude computes it; `near` gets the
 // lanes near a threshold or a boundary, whose code must come from the exact search. kSigned:
@@ -532,20 +549,38 @@ LP_TARGET_AVX2 void encode_magnitude_avx2(const float* values, int64_t count, fl
                                           const StateEncoder& state_encoder, uint8_t* codes) {
   const MagnitudeEncoder& enc = state_encoder.magnitude;
   const __m256 reciprocal = _mm256_set1_ps(1.0f / absmax);
-  const int64_t vector_end = count / kAvx2Lanes * kAvx2Lanes;
-  for (int64_t i = 0; i < vector_end; i += kAvx2Lanes) {
-    int near;
-    const __m256i fixed = avx2_encode_magnitude<kSigned>(
-        _mm256_mul_ps(_mm256_loadu_ps(values + i), reciprocal), enc, &near);
-    avx2_store_codes(codes + i, _mm256_srli_epi32(fixed, kPositionFractionBits));
+  // The exact codes of the near lanes of `near` (one bit per lane from element i on).
+  const auto fix_near = [&](int64_t i, uint32_t near) {
     for (; __builtin_expect(near != 0, 0); near &= near - 1) {
       const int64_t k = i + __builtin_ctz(near);
       codes[k] =
           encode_near_candidate(values[k] / absmax, codes[k], state_encoder.segmented.thresholds);
     }
+  };
+  int64_t i = 0;
+  for (; i + kAvx2CodeGroup <= count; i += kAvx2CodeGroup) {
+    __m256i code[kVectorsPerAvx2CodeGroup];
+    uint32_t near = 0;
+    for (int j = 0; j < kVectorsPerAvx2CodeGroup; ++j) {
+      int lanes_near;
+      code[j] = _mm256_srli_epi32(
+          avx2_encode_magnitude<kSigned>(
+              _mm256_mul_ps(_mm256_loadu_ps(values + i + j * kAvx2Lanes), reciprocal), enc,
+              &lanes_near),
+          kPositionFractionBits);
+      near |= static_cast<uint32_t>(lanes_near) << (j * kAvx2Lanes);
+    }
+    avx2_store_code_group(codes + i, code);
+    fix_near(i, near);
   }
-  encode_segmented_scalar(values + vector_end, count - vector_end, absmax, state_encoder.segmented,
-                          codes + vector_end);
+  for (; i + kAvx2Lanes <= count; i += kAvx2Lanes) {
+    int near;
+    const __m256i fixed = avx2_encode_magnitude<kSigned>(
+        _mm256_mul_ps(_mm256_loadu_ps(values + i), reciprocal), enc, &near);
+    avx2_store_codes(codes + i, _mm256_srli_epi32(fixed, kPositionFractionBits));
+    fix_near(i, static_cast<uint32_t>(near));
+  }
+  encode_segmented_scalar(values + i, count - i, absmax, state_encoder.segmented, codes + i);
 }
 
 // values[i] / absmax into codes. kSigned = false: no value is negative or -0 (the caller has

@@ -475,6 +475,25 @@ def test_cpu_gemm_bf16_tiles(cpu_isa, double_quant):
 
 
 @needs_cpu_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cpu_gemm_fp32_tiles(cpu_isa, dtype):
+    """GEMM shapes of the fp32 brgemm path (the AVX-512 path up to 128 rows of x, any x dtype
+    computed in fp32): rows of x padded to a multiple of 16 (13, 17, 100), more than 64 (two
+    microkernel calls per chunk), a last tile of weight rows cut short (70, 33), in_features in
+    several 1024-deep chunks with a short last one (2112) and odd (95: no split order), with
+    and without bias; 129 rows take torch's GEMM per tile."""
+    for out_f, in_f, blocksize, double_quant in ((70, 2112, 64, True), (33, 95, 32, False)):
+        w = _nonzero_randn(out_f, in_f, device="cpu")
+        qw, st = LF.quantize_4bit(w, blocksize, "nf4", double_quant)
+        for rows in (13, 17, 100, 128, 129):
+            x = _nonzero_randn(rows, in_f, device="cpu", dtype=dtype)
+            for b in (None, _nonzero_randn(out_f, device="cpu")):
+                out = torch.full((rows, out_f), float("nan"), dtype=dtype)
+                _C.matmul_4bit_gemm_cpu(x, *_weight_args(qw, st), b, out)
+                _assert_matmul_close(out, *_float64_product(x, qw, st, b), dtype, in_f)
+
+
+@needs_cpu_extension
 def test_cpu_gemm_bf16_computes_in_fp32_without_avx512_bf16(cpu_isa):
     """On x86 without AVX512_BF16 (torch's bf16 GEMM has no dot product there) bf16 x
     computes in fp32, exactly as x.float() does, then rounds once; elsewhere bf16 (brgemm
@@ -505,7 +524,7 @@ def test_cpu_gemv_max_rows_follow_the_path_in_force(cpu_isa, has_bf16, monkeypat
     monkeypatch.setattr(cpu_backend, "_CPU_HAS_AVX512_BF16", has_bf16)
     want = {  # fp32, bf16, fp16
         ("avx512", True): (512, 5, 512),
-        ("avx512", False): (32, 32, 32),
+        ("avx512", False): (12, 12, 12),
         ("avx2", True): (16, 16, 16),
         ("avx2", False): (16, 16, 16),
         ("scalar", True): (16, 6, 16),

@@ -388,6 +388,54 @@ bool brgemm_bf16_available() {
   return available && at::globalContext().userEnabledMkldnn();
 }
 
+// fp32 GEMM path (fp32 x, and fp16 or bf16 x computed in fp32) on the AVX-512 path, up to
+// kBrgemmF32MaxRows rows of x and in_features even: oneDNN's fp32 brgemm microkernel computes
+// y^T = W x^T, with A a tile of kBrgemmF32TileRows weight rows decoded in split order
+// (row-major, as the torch-GEMM path decodes them) and B = x^T in the same order, its columns
+// (rows of x) padded to a multiple of kBrgemmF32ColumnAlign. No operand is packed: torch's GEMM
+// per tile packed all of x again for every tile. Measured on an Intel Emerald Rapids (2
+// threads, 4096 x 4096 NF4, 36 weights rotated past the L3, builds alternated three times):
+// 16 / 32 / 64 / 128 rows of x took 3.0-3.1 / 4.5-4.6 / 7.8-8.0 / 14.6-16.4 ms against
+// 5.6-5.7 / 7.2-7.5 / 10.7-10.9 / 16.9-17.3 ms for torch's GEMM per 4 MiB tile (the GEMV:
+// 3.4 / 6.5 / 13 / 28 ms; F.linear on the dense fp32 weight: 5.0 ms at 16 rows, 15.4-15.6
+// at 128). 64-row tiles and 64 columns per call did best among 32-128 rows and 64-256 columns.
+constexpr int64_t kBrgemmF32TileRows = 64;
+// Packed bytes of each weight row per slice (see matmul_4bit_brgemm_f32): as many as keep the
+// slice's rows of x^T within kBrgemmF32SliceBudget bytes, at most kBrgemmF32MaxSliceBytes
+// (1024-deep microkernel calls; 4096-deep ones took twice the time).
+constexpr int64_t kBrgemmF32SliceBudget = int64_t{512} << 10;
+constexpr int64_t kBrgemmF32MaxSliceBytes = 1024;
+constexpr int64_t kBrgemmF32Columns = 64;
+// oneDNN's kernels for widths that are not a multiple of 16 ran far slower (20 rows of x took
+// 4.55 ms, 16 rows 2.68, 32 rows 4.21): the zero columns cost less.
+constexpr int64_t kBrgemmF32ColumnAlign = 16;
+// Above it, torch's GEMM per tile (192 / 256 / 512 rows: 26.3-27.2 / 27.9-31.3 / 59-68 ms on
+// this path against 23.1-23.9 / 31.8-32.9 / 57-58 ms).
+constexpr int64_t kBrgemmF32MaxRows = 128;
+
+// Whether torch's oneDNN brgemm microkernel multiplies fp32 here (a torch built with oneDNN
+// ukernels; mkldnn not disabled by the user). Probed once with a 2 x 16 x 2 product. Taken on
+// the AVX-512 path only: on the AVX2 path, with oneDNN held to AVX2, it was slower than torch's
+// GEMM per tile at 32-64 rows of x (9.9 / 16.2 against 9.6 / 12.8 ms).
+bool brgemm_f32_available() {
+  static const bool available = [] {
+    try {
+      float a[4] = {1.0f, 2.0f, 3.0f, 4.0f};  // [2][2]
+      float b[32];                            // [2][16]
+      for (int i = 0; i < 32; ++i)
+        b[i] = static_cast<float>(i);
+      float c[32];
+      at::native::cpublas::brgemm(2, 16, 2, 2, 16, 16, false, a, b, c, false);
+      at::native::cpublas::brgemm_release(false);
+      // c[1][3] = 3 * b[0][3] + 4 * b[1][3] = 3 * 3 + 4 * 19; c[0][0] = 1 * 0 + 2 * 16
+      return c[16 + 3] == 85.0f && c[0] == 32.0f;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return available && at::globalContext().userEnabledMkldnn();
+}
+
 cpu::Packed4bit packed_4bit(const at::Tensor& packed, const BlockScales& scales,
                             const at::Tensor& code, int64_t blocksize) {
   return {packed.data_ptr<uint8_t>(), scales, code.data_ptr<float>(), blocksize,
@@ -503,6 +551,60 @@ void matmul_4bit_brgemm_bf16(const at::Tensor& x, const cpu::Packed4bit& weight,
 
 }  // namespace
 
+// The fp32 brgemm path (see kBrgemmF32TileRows), for in_features even. Each thread walks the
+// packed rows slice by slice (slice_bytes bytes of each row: its even and its odd
+// elements, two runs of the split order) and, within a slice, its own tiles: a tile's slice is
+// decoded (256 KiB, L2 resident) and multiplied by the slice's rows of x^T (512 KiB at 128 rows
+// of x), which stay in L2 across the thread's tiles; y^T accumulates over the slices, and gets
+// the bias and one rounding to out's type at the end.
+void matmul_4bit_brgemm_f32(const at::Tensor& x, const cpu::Packed4bit& weight,
+                            int64_t out_features, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& out) {
+  const int64_t rows = x.size(0), in_features = x.size(1), half = in_features / 2;
+  const int64_t columns =
+      (rows + kBrgemmF32ColumnAlign - 1) / kBrgemmF32ColumnAlign * kBrgemmF32ColumnAlign;
+  const at::Tensor x_float = x.detach().to(at::kFloat);
+  // x^T in split order: row kk holds element 2 kk of x's rows (kk < half), else 2 (kk - half) + 1.
+  const at::Tensor xt = at::zeros({in_features, columns}, x.options().dtype(at::kFloat));
+  xt.narrow(1, 0, rows)
+      .copy_(at::cat({x_float.slice(1, 0, in_features, 2), x_float.slice(1, 1, in_features, 2)}, 1)
+                 .t());
+  const at::Tensor yt = at::empty({out_features, columns}, x.options().dtype(at::kFloat));
+  // Each byte holds two elements, each a row of `columns` floats of x^T.
+  const int64_t slice_bytes = std::clamp<int64_t>(
+      kBrgemmF32SliceBudget / (2 * columns * int64_t{sizeof(float)}), 1, kBrgemmF32MaxSliceBytes);
+  const float* b = xt.data_ptr<float>();
+  float* c = yt.data_ptr<float>();
+  const int64_t num_tiles = (out_features + kBrgemmF32TileRows - 1) / kBrgemmF32TileRows;
+  at::parallel_for(0, num_tiles, 1, [&](int64_t first, int64_t last) {
+    const at::Tensor tile =
+        at::empty({kBrgemmF32TileRows, 2 * slice_bytes}, x.options().dtype(at::kFloat));
+    float* a = tile.data_ptr<float>();
+    for (int64_t j0 = 0; j0 < half; j0 += slice_bytes) {
+      const int64_t slice = std::min(slice_bytes, half - j0);
+      for (int64_t t = first; t < last; ++t) {
+        const int64_t n0 = t * kBrgemmF32TileRows;
+        const int64_t n1 = std::min(out_features, n0 + kBrgemmF32TileRows);
+        cpu::dequantize_4bit_rows_split_slice(weight, in_features, n0, n1, j0, j0 + slice, a,
+                                              FloatType::kFloat32);
+        // The slice's even elements (rows j0.. of x^T), then its odd ones (rows half + j0..).
+        for (int parity = 0; parity < 2; ++parity) {
+          const float* b_rows = b + (parity * half + j0) * columns;
+          for (int64_t m0 = 0; m0 < columns; m0 += kBrgemmF32Columns) {
+            at::native::cpublas::brgemm(n1 - n0, std::min(kBrgemmF32Columns, columns - m0), slice,
+                                        2 * slice, columns, columns, /*add_C=*/j0 > 0 || parity > 0,
+                                        a + parity * slice, b_rows + m0, c + n0 * columns + m0,
+                                        false);
+          }
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release(false);
+  });
+  const at::Tensor y = yt.narrow(1, 0, rows).t();
+  out.copy_(bias ? y.add(bias->to(at::kFloat)) : y);
+}
+
 // Tiles of weight rows are decoded into a buffer in the compute dtype, then multiplied by
 // torch's GEMM (oneDNN / BLAS). The compute dtype is x's, except that fp16 computes in fp32,
 // and so does bf16 on an x86 CPU without AVX512_BF16 (cpu_bf16_gemm_native): torch's GEMM in
@@ -531,6 +633,11 @@ void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   }
   const at::ScalarType compute =
       x.scalar_type() == at::kBFloat16 && cpu::cpu_bf16_gemm_native() ? at::kBFloat16 : at::kFloat;
+  if (compute == at::kFloat && in_features % 2 == 0 && x.size(0) <= kBrgemmF32MaxRows &&
+      cpu::active_cpu_isa() == cpu::CpuIsa::kAvx512 && brgemm_f32_available()) {
+    matmul_4bit_brgemm_f32(x, w4, out_features, bias, out);
+    return;
+  }
   const FloatType tile_type = compute == at::kBFloat16 ? FloatType::kBFloat16 : FloatType::kFloat32;
   const bool split = in_features % 2 == 0;
   // Detached (the kernel computes a value; autograd is the op's business): an operand that

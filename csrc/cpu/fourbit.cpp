@@ -624,12 +624,21 @@ void dequantize_4bit(const Packed4bit& weight, int64_t n, void* out, FloatType o
 
 void dequantize_4bit_rows_split(const Packed4bit& weight, int64_t in_features, int64_t row_begin,
                                 int64_t row_end, void* out, FloatType out_type) {
+  dequantize_4bit_rows_split_slice(weight, in_features, row_begin, row_end, 0, in_features / 2, out,
+                                   out_type);
+}
+
+void dequantize_4bit_rows_split_slice(const Packed4bit& weight, int64_t in_features,
+                                      int64_t row_begin, int64_t row_end, int64_t byte_begin,
+                                      int64_t byte_end, void* out, FloatType out_type) {
   const DecodeRowSplitFn decode_row = decode_row_split_for(out_type, active_cpu_isa());
   const int64_t half = in_features / 2;
-  const int64_t row_bytes = in_features * element_size(out_type);
+  const int64_t slice = byte_end - byte_begin;
+  const int64_t row_bytes = 2 * slice * element_size(out_type);
   char* out_bytes = static_cast<char*>(out);
   for (int64_t n = row_begin; n < row_end; ++n) {
-    decode_row(weight, n * half, (n + 1) * half, out_bytes + (n - row_begin) * row_bytes, half);
+    decode_row(weight, n * half + byte_begin, n * half + byte_end,
+               out_bytes + (n - row_begin) * row_bytes, slice);
   }
 }
 

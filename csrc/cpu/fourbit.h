@@ -39,6 +39,12 @@ void dequantize_4bit_range(const Packed4bit& weight, int64_t begin, int64_t end,
 // permutes x's columns the same way, which leaves x @ W.T unchanged.
 void dequantize_4bit_rows_split(const Packed4bit& weight, int64_t in_features, int64_t row_begin,
                                 int64_t row_end, void* out, FloatType out_type);
+// The same for packed bytes [byte_begin, byte_end) of each row (elements 2 byte_begin to
+// 2 byte_end - 1): row r of out, 2 (byte_end - byte_begin) elements long, holds the even
+// elements of the slice, then the odd ones.
+void dequantize_4bit_rows_split_slice(const Packed4bit& weight, int64_t in_features,
+                                      int64_t row_begin, int64_t row_end, int64_t byte_begin,
+                                      int64_t byte_end, void* out, FloatType out_type);
 
 // Weight rows [row_begin, row_end) as the B operand of a brgemm microkernel computing
 // x @ W.T in bf16: VNNI layout, tile[j * ld + (n - row_begin)] holds W[n, 2j] (low 16 bits)

@@ -163,7 +163,8 @@ def int8_linear(x, weight, weight_scale, bias, threshold):
 # M <= 2, it streams the weight rows in order); above that the GEMM path: tiles of weight rows
 # decoded into a per-thread cache-resident buffer, then multiplied there (bf16: oneDNN's brgemm
 # microkernel on tiles decoded straight into its VNNI layout, where torch has it and
-# in_features is a multiple of 32 and of the blocksize; otherwise torch's GEMM per tile).
+# in_features is a multiple of 32 and of the blocksize; computed in fp32 on the AVX-512 path
+# up to 128 rows: oneDNN's fp32 brgemm microkernel; otherwise torch's GEMM per tile).
 # An x86 CPU without AVX512_BF16 computes bf16 x in fp32 on both paths, so on AVX-512 bf16
 # takes fp32's crossover there ("avx512" below; "avx512_bf16" is AVX-512 with it).
 # Crossovers, GEMV / GEMM time at 4096 x 4096, 2 threads (the AVX2 and scalar rows with torch's
@@ -174,8 +175,9 @@ def int8_linear(x, weight, weight_scale, bias, threshold):
 #   not measured; on the Intel below, whose GEMV has half of Zen 5's vector ports at 512 bits
 #   and one shuffle port, fp32 crosses near 32-64 rows.)
 # * avx512, measured on Intel Emerald Rapids with BF16 hidden by its hypervisor: fp32, fp16
-#   and bf16 (all three computed in fp32) 0.77 at 24 rows, 0.91 at 32, 1.00 at 40, 1.22 at
-#   64; at 11008 x 11008: 0.85 at 24, 1.00 at 32, 1.15 at 40 (GEMM tiles of 4 MiB);
+#   and bf16 (all three computed in fp32), against the fp32 brgemm path: 0.89 at 12 rows,
+#   1.06 at 14, 1.18 at 16; at 11008 x 11008: 0.94 at 12, 1.04-1.09 at 13-14 (against torch's
+#   GEMM per 4 MiB tile, before that path: 1.00 at 40 rows; at 11008, 1.00 at 32);
 # * avx2: bf16 0.5 up to 16 rows (no brgemm there); fp32 0.5-0.8 at 16-32 rows, about 1 near 48;
 # * scalar: on x86 (no AVX2, torch's GEMM held to SSE4) the GEMV was 4x slower at one row,
 #   more above; but the scalar path is mostly every target other than x86 (aarch64), where it
@@ -183,7 +185,7 @@ def int8_linear(x, weight, weight_scale, bias, threshold):
 #   also what keeps a row's result independent of the batch around it: torch's GEMM is not.)
 GEMV_MAX_ROWS = {
     "avx512_bf16": {torch.float32: 512, torch.bfloat16: 5, torch.float16: 512},
-    "avx512": {torch.float32: 32, torch.bfloat16: 32, torch.float16: 32},
+    "avx512": {torch.float32: 12, torch.bfloat16: 12, torch.float16: 12},
     "avx2": {torch.float32: 16, torch.bfloat16: 16, torch.float16: 16},
     "scalar": {torch.float32: 16, torch.bfloat16: 6, torch.float16: 16},
 }

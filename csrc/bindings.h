@@ -80,6 +80,12 @@ void int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Te
                      const at::Tensor& out);
 // The GEMM kernel the active CPU path runs for M rows ("vnni-packed", "vnni-dot", ...).
 std::string int8_gemm_kernel_cpu(int64_t M);
+// The kernel matmul_4bit_gemm_cpu runs for x and the blocksize: "brgemm_bf16", "brgemm_f32" or
+// "torch_gemm" (torch's GEMM per tile).
+std::string matmul_4bit_gemm_kernel_cpu(const at::Tensor& x, int64_t blocksize);
+// Whether the 4-bit GEMM path's fp32 brgemm kernel runs here now (the AVX-512 path, torch with
+// oneDNN, mkldnn enabled).
+bool cpu_fp32_brgemm_available();
 
 // cpu/bindings.cpp: NF4 / FP4. A 4-bit weight is (packed, absmax, code, blocksize) plus, when
 // absmax is uint8 (double quantization), (nested_absmax, nested_code, offset, nested_blocksize).

@@ -230,6 +230,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight_scale"), py::arg("bias"), py::arg("threshold"), py::arg("out"), no_gil);
   m.def("int8_gemm_kernel_cpu", &int8_gemm_kernel_cpu, py::arg("M"),
         "The int8 GEMM kernel the active CPU path runs for M rows.");
+  m.def("matmul_4bit_gemm_kernel_cpu", &matmul_4bit_gemm_kernel_cpu, py::arg("x"),
+        py::arg("blocksize"),
+        "The kernel matmul_4bit_gemm_cpu runs for x: brgemm_bf16, brgemm_f32 or torch_gemm.");
+  m.def("cpu_fp32_brgemm_available", &cpu_fp32_brgemm_available,
+        "Whether the 4-bit GEMM path's fp32 brgemm kernel runs now (AVX-512 path, oneDNN, "
+        "mkldnn enabled): it sets the GEMV crossover.");
 
   // NF4 / FP4: the weight arguments as in the ops (absmax, code, blocksize, nested_*).
   m.def("quantize_4bit_cpu", &quantize_4bit_cpu, py::arg("A"), py::arg("code"),

@@ -476,21 +476,50 @@ def test_cpu_gemm_bf16_tiles(cpu_isa, double_quant):
 
 @needs_cpu_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # mkldnn.flags
 def test_cpu_gemm_fp32_tiles(cpu_isa, dtype):
-    """GEMM shapes of the fp32 brgemm path (the AVX-512 path up to 128 rows of x, any x dtype
-    computed in fp32): rows of x padded to a multiple of 16 (13, 17, 100), more than 64 (two
-    microkernel calls per chunk), a last tile of weight rows cut short (70, 33), in_features in
-    several 1024-deep chunks with a short last one (2112) and odd (95: no split order), with
-    and without bias; 129 rows take torch's GEMM per tile."""
-    for out_f, in_f, blocksize, double_quant in ((70, 2112, 64, True), (33, 95, 32, False)):
+    """GEMM shapes of the fp32 brgemm path (the AVX-512 path up to 128 rows of x, in_features
+    even, any x dtype computed in fp32): rows of x padded to a multiple of 16 (13, 17, 100),
+    more than 64 (two microkernel calls per slice), a last tile of weight rows cut short (70,
+    33), in_features in several slices with a short last one (2112, 4100), with and without
+    bias, and with mkldnn disabled; odd in_features (95) and 129 rows take torch's GEMM per
+    tile."""
+    shapes = ((70, 2112, 64, True), (33, 4100, 64, True), (33, 95, 32, False))
+    for out_f, in_f, blocksize, double_quant in shapes:
         w = _nonzero_randn(out_f, in_f, device="cpu")
         qw, st = LF.quantize_4bit(w, blocksize, "nf4", double_quant)
         for rows in (13, 17, 100, 128, 129):
             x = _nonzero_randn(rows, in_f, device="cpu", dtype=dtype)
+            brgemm = (
+                _C.cpu_fp32_brgemm_available()
+                and in_f % 2 == 0
+                and rows <= 128
+                and not (dtype == torch.bfloat16 and _C.cpu_bf16_gemm_native())
+            )
+            kernel = _C.matmul_4bit_gemm_kernel_cpu(x, blocksize)
+            assert (kernel == "brgemm_f32") == brgemm, kernel
             for b in (None, _nonzero_randn(out_f, device="cpu")):
-                out = torch.full((rows, out_f), float("nan"), dtype=dtype)
-                _C.matmul_4bit_gemm_cpu(x, *_weight_args(qw, st), b, out)
-                _assert_matmul_close(out, *_float64_product(x, qw, st, b), dtype, in_f)
+                for mkldnn in (True, False):  # off: torch's GEMM per tile
+                    out = torch.full((rows, out_f), float("nan"), dtype=dtype)
+                    with torch.backends.mkldnn.flags(enabled=mkldnn):
+                        _C.matmul_4bit_gemm_cpu(x, *_weight_args(qw, st), b, out)
+                    _assert_matmul_close(out, *_float64_product(x, qw, st, b), dtype, in_f)
+
+
+@needs_cpu_extension
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+def test_cpu_matmul_no_in_features(path):
+    """in_features 0 (the op refuses such a weight; a direct kernel call may not): empty sums,
+    so out is the bias, or zeros."""
+    kernel = getattr(_C, f"matmul_4bit_{path}_cpu")
+    qw, st = LF.quantize_4bit(_nonzero_randn(8, 64, device="cpu"), 64, "nf4", False)
+    absmax, code, blocksize, _, *nested = st.op_args()
+    x = torch.empty(13, 0)
+    b = _nonzero_randn(5, device="cpu")
+    for bias, want in ((b, b.expand(13, 5)), (None, torch.zeros(13, 5))):
+        out = torch.full((13, 5), float("nan"))
+        kernel(x, qw[:0], absmax[:0], code, blocksize, *nested, bias, out)
+        assert torch.equal(out, want)
 
 
 @needs_cpu_extension
@@ -515,16 +544,19 @@ def test_cpu_gemm_bf16_computes_in_fp32_without_avx512_bf16(cpu_isa):
 
 
 @needs_cpu_extension
+@pytest.mark.parametrize("brgemm", [True, False], ids=["brgemm", "no-brgemm"])
 @pytest.mark.parametrize("has_bf16", [False, True], ids=["no-bf16", "bf16"])
-def test_cpu_gemv_max_rows_follow_the_path_in_force(cpu_isa, has_bf16, monkeypatch):
-    """The crossover follows the path in force (set_cpu_isa) and, on AVX-512, the CPU's BF16:
-    without it bf16 computes in fp32 and takes fp32's crossover."""
+def test_cpu_gemv_max_rows_follow_the_path_in_force(cpu_isa, has_bf16, brgemm, monkeypatch):
+    """The crossover follows the path in force (set_cpu_isa) and, on AVX-512, the CPU's BF16
+    (without it bf16 computes in fp32 and takes fp32's crossover) and whether the fp32 brgemm
+    kernel runs (torch with oneDNN, mkldnn enabled)."""
     from lowprec_kernels.backends import cpu as cpu_backend
 
     monkeypatch.setattr(cpu_backend, "_CPU_HAS_AVX512_BF16", has_bf16)
+    monkeypatch.setattr(cpu_backend._C, "cpu_fp32_brgemm_available", lambda: brgemm)
     want = {  # fp32, bf16, fp16
         ("avx512", True): (512, 5, 512),
-        ("avx512", False): (12, 12, 12),
+        ("avx512", False): (12, 12, 12) if brgemm else (32, 32, 32),
         ("avx2", True): (16, 16, 16),
         ("avx2", False): (16, 16, 16),
         ("scalar", True): (16, 6, 16),
@@ -535,6 +567,17 @@ def test_cpu_gemv_max_rows_follow_the_path_in_force(cpu_isa, has_bf16, monkeypat
     )
     assert got == want
     assert cpu_backend.gemv_max_rows(torch.int8) == 0
+
+
+@needs_cpu_extension
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # mkldnn.flags
+def test_cpu_fp32_brgemm_available_follows_mkldnn(cpu_isa):
+    """The fp32 brgemm kernel runs on the AVX-512 path of a torch with oneDNN, and not while
+    mkldnn is disabled (torch.backends.mkldnn.flags)."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not _C.cpu_fp32_brgemm_available()
+    want = cpu_isa == "avx512" and torch.backends.mkldnn.is_available()
+    assert _C.cpu_fp32_brgemm_available() == want
 
 
 @needs_cpu_extension

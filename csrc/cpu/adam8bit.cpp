@@ -67,9 +67,9 @@ constexpr int64_t kMaxCheckChunkElements = 1 << 20;
 //
 // The SIMD form of the segmented encoder (lowprec/adam8bit.h), rearranged so that a value
 // costs few shuffles, the scarce resource of the encoding pass (AVX-512; AVX2 looks each
-// 16-entry table up by two 8-entry permutes and a blend, and takes 30% less time per step than
+// 16-entry table up by two 8-entry permutes and a blend, and takes 35% less time per step than
 // with the segmented encoder, which divides and looks up two 32-entry tables and four 16-entry
-// ones per value: 180 -> 122 core cycles per 16 elements on an Intel core, data in L2):
+// ones per value: 180 -> 118 core cycles per 16 elements on an Intel core, data in L2):
 //   * it encodes |v| with the positive half of the key tables; a signed map whose negative
 //     entries mirror its positive ones (code K - c holds -code[c], K = twice the code of 0, as in
 //     the dynamic maps) gives a negative v the code max(K - code(|v|), 0). A map without negative

@@ -372,8 +372,9 @@ constexpr int64_t kBrgemmDepth = 2048;
 // hides it) the probe's product succeeds but oneDNN refuses larger shapes ("could not
 // generate a kernel"), and it would have no bf16 dot product to be fast with anyway.
 bool brgemm_bf16_available() {
+  // Checked before the probe, which would fail (and be remembered) with mkldnn disabled.
+  if (!cpu::cpu_has_avx512_bf16() || !at::globalContext().userEnabledMkldnn()) return false;
   static const bool available = [] {
-    if (!cpu::cpu_has_avx512_bf16()) return false;
     try {
       const at::BFloat16 a[2] = {1.0f, 2.0f};
       const at::BFloat16 b[2] = {3.0f, 4.0f};  // VNNI: the pair (k = 0, 1) of column 0
@@ -385,7 +386,7 @@ bool brgemm_bf16_available() {
       return false;
     }
   }();
-  return available && at::globalContext().userEnabledMkldnn();
+  return available;
 }
 
 // fp32 GEMM path (fp32 x, and fp16 or bf16 x computed in fp32) on the AVX-512 path, up to
@@ -400,6 +401,9 @@ bool brgemm_bf16_available() {
 // 3.4 / 6.5 / 13 / 28 ms; F.linear on the dense fp32 weight: 5.0 ms at 16 rows, 15.4-15.6
 // at 128). 64-row tiles and 64 columns per call did best among 32-128 rows and 64-256 columns.
 constexpr int64_t kBrgemmF32TileRows = 64;
+// Tiles are cut down, to no fewer rows than this, so that every thread has one (a narrow
+// layer on many threads).
+constexpr int64_t kBrgemmF32MinTileRows = 16;
 // Packed bytes of each weight row per slice (see matmul_4bit_brgemm_f32): as many as keep the
 // slice's rows of x^T within kBrgemmF32SliceBudget bytes, at most kBrgemmF32MaxSliceBytes
 // (1024-deep microkernel calls; 4096-deep ones took twice the time).
@@ -413,11 +417,14 @@ constexpr int64_t kBrgemmF32ColumnAlign = 16;
 // this path against 23.1-23.9 / 31.8-32.9 / 57-58 ms).
 constexpr int64_t kBrgemmF32MaxRows = 128;
 
-// Whether torch's oneDNN brgemm microkernel multiplies fp32 here (a torch built with oneDNN
-// ukernels; mkldnn not disabled by the user). Probed once with a 2 x 16 x 2 product. Taken on
-// the AVX-512 path only: on the AVX2 path, with oneDNN held to AVX2, it was slower than torch's
-// GEMM per tile at 32-64 rows of x (9.9 / 16.2 against 9.6 / 12.8 ms).
+// Whether the fp32 brgemm path runs: torch built with oneDNN (at::hasMKLDNN; its fp32 brgemm
+// call computes with torch's GEMM instead where oneDNN's ukernels are missing, a case not
+// measured) and mkldnn not disabled by the user; probed once with a 2 x 16 x 2 product, which
+// must not raise. Taken on the AVX-512 path only: on the AVX2 path, with oneDNN held to AVX2,
+// it was slower than torch's GEMM per tile at 32-64 rows of x (9.9 / 16.2 against 9.6 / 12.8
+// ms).
 bool brgemm_f32_available() {
+  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
   static const bool available = [] {
     try {
       float a[4] = {1.0f, 2.0f, 3.0f, 4.0f};  // [2][2]
@@ -433,7 +440,7 @@ bool brgemm_f32_available() {
       return false;
     }
   }();
-  return available && at::globalContext().userEnabledMkldnn();
+  return available;
 }
 
 cpu::Packed4bit packed_4bit(const at::Tensor& packed, const BlockScales& scales,
@@ -487,6 +494,14 @@ std::optional<cpu::Packed4bit> checked_matmul_4bit(
                                                blocksize, out_features * in_features, nested_absmax,
                                                nested_code, offset, nested_blocksize);
   if (rows == 0 || out_features == 0) return std::nullopt;
+  if (in_features == 0) {  // empty sums: y = bias, or 0
+    if (bias) {
+      out.copy_(bias->detach().expand_as(out));
+    } else {
+      out.zero_();
+    }
+    return std::nullopt;
+  }
   return packed_4bit(packed, scales, code, blocksize);
 }
 
@@ -546,17 +561,15 @@ void matmul_4bit_brgemm_bf16(const at::Tensor& x, const cpu::Packed4bit& weight,
     }
     at::native::cpublas::brgemm_release(true);
   });
-  out.copy_(bias ? y.add(bias->to(at::kFloat)) : y);
+  out.copy_(bias ? y.add(bias->detach().to(at::kFloat)) : y);
 }
-
-}  // namespace
 
 // The fp32 brgemm path (see kBrgemmF32TileRows), for in_features even. Each thread walks the
 // packed rows slice by slice (slice_bytes bytes of each row: its even and its odd
 // elements, two runs of the split order) and, within a slice, its own tiles: a tile's slice is
-// decoded (256 KiB, L2 resident) and multiplied by the slice's rows of x^T (512 KiB at 128 rows
-// of x), which stay in L2 across the thread's tiles; y^T accumulates over the slices, and gets
-// the bias and one rounding to out's type at the end.
+// decoded (at most 512 KiB, L2 resident) and multiplied by the slice's rows of x^T (at most
+// kBrgemmF32SliceBudget), which stay in L2 across the thread's tiles; y^T accumulates over the
+// slices, and gets the bias and one rounding to out's type at the end.
 void matmul_4bit_brgemm_f32(const at::Tensor& x, const cpu::Packed4bit& weight,
                             int64_t out_features, const std::optional<at::Tensor>& bias,
                             const at::Tensor& out) {
@@ -575,16 +588,20 @@ void matmul_4bit_brgemm_f32(const at::Tensor& x, const cpu::Packed4bit& weight,
       kBrgemmF32SliceBudget / (2 * columns * int64_t{sizeof(float)}), 1, kBrgemmF32MaxSliceBytes);
   const float* b = xt.data_ptr<float>();
   float* c = yt.data_ptr<float>();
-  const int64_t num_tiles = (out_features + kBrgemmF32TileRows - 1) / kBrgemmF32TileRows;
+  const int64_t threads = at::get_num_threads();
+  const int64_t share = (out_features + threads - 1) / threads;
+  const int64_t tile_rows = std::clamp<int64_t>(
+      (share + kBrgemmF32MinTileRows - 1) / kBrgemmF32MinTileRows * kBrgemmF32MinTileRows,
+      kBrgemmF32MinTileRows, kBrgemmF32TileRows);
+  const int64_t num_tiles = (out_features + tile_rows - 1) / tile_rows;
   at::parallel_for(0, num_tiles, 1, [&](int64_t first, int64_t last) {
-    const at::Tensor tile =
-        at::empty({kBrgemmF32TileRows, 2 * slice_bytes}, x.options().dtype(at::kFloat));
+    const at::Tensor tile = at::empty({tile_rows, 2 * slice_bytes}, x.options().dtype(at::kFloat));
     float* a = tile.data_ptr<float>();
     for (int64_t j0 = 0; j0 < half; j0 += slice_bytes) {
       const int64_t slice = std::min(slice_bytes, half - j0);
       for (int64_t t = first; t < last; ++t) {
-        const int64_t n0 = t * kBrgemmF32TileRows;
-        const int64_t n1 = std::min(out_features, n0 + kBrgemmF32TileRows);
+        const int64_t n0 = t * tile_rows;
+        const int64_t n1 = std::min(out_features, n0 + tile_rows);
         cpu::dequantize_4bit_rows_split_slice(weight, in_features, n0, n1, j0, j0 + slice, a,
                                               FloatType::kFloat32);
         // The slice's even elements (rows j0.. of x^T), then its odd ones (rows half + j0..).
@@ -602,8 +619,25 @@ void matmul_4bit_brgemm_f32(const at::Tensor& x, const cpu::Packed4bit& weight,
     at::native::cpublas::brgemm_release(false);
   });
   const at::Tensor y = yt.narrow(1, 0, rows).t();
-  out.copy_(bias ? y.add(bias->to(at::kFloat)) : y);
+  out.copy_(bias ? y.add(bias->detach().to(at::kFloat)) : y);
 }
+
+enum class Gemm4bitKernel { kBrgemmBf16, kBrgemmF32, kTorchGemm };
+
+// Which kernel matmul_4bit_gemm_cpu runs for x (rows, in_features, dtype) and the blocksize.
+Gemm4bitKernel gemm_4bit_kernel(const at::Tensor& x, int64_t blocksize) {
+  const int64_t rows = x.size(0), in_features = x.size(1);
+  if (x.scalar_type() == at::kBFloat16 && cpu::tile_vnni_supported(blocksize, in_features) &&
+      brgemm_bf16_available())
+    return Gemm4bitKernel::kBrgemmBf16;
+  const bool computes_in_fp32 = !(x.scalar_type() == at::kBFloat16 && cpu::cpu_bf16_gemm_native());
+  if (computes_in_fp32 && in_features % 2 == 0 && rows <= kBrgemmF32MaxRows &&
+      cpu_fp32_brgemm_available())
+    return Gemm4bitKernel::kBrgemmF32;
+  return Gemm4bitKernel::kTorchGemm;
+}
+
+}  // namespace
 
 // Tiles of weight rows are decoded into a buffer in the compute dtype, then multiplied by
 // torch's GEMM (oneDNN / BLAS). The compute dtype is x's, except that fp16 computes in fp32,
@@ -626,18 +660,18 @@ void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   if (!checked) return;
   const int64_t in_features = x.size(1), out_features = out.size(1);
   const cpu::Packed4bit& w4 = *checked;
-  if (x.scalar_type() == at::kBFloat16 && cpu::tile_vnni_supported(w4, in_features) &&
-      brgemm_bf16_available()) {
-    matmul_4bit_brgemm_bf16(x, w4, out_features, bias, out);
-    return;
+  switch (gemm_4bit_kernel(x, blocksize)) {
+    case Gemm4bitKernel::kBrgemmBf16:
+      matmul_4bit_brgemm_bf16(x, w4, out_features, bias, out);
+      return;
+    case Gemm4bitKernel::kBrgemmF32:
+      matmul_4bit_brgemm_f32(x, w4, out_features, bias, out);
+      return;
+    case Gemm4bitKernel::kTorchGemm:
+      break;
   }
   const at::ScalarType compute =
       x.scalar_type() == at::kBFloat16 && cpu::cpu_bf16_gemm_native() ? at::kBFloat16 : at::kFloat;
-  if (compute == at::kFloat && in_features % 2 == 0 && x.size(0) <= kBrgemmF32MaxRows &&
-      cpu::active_cpu_isa() == cpu::CpuIsa::kAvx512 && brgemm_f32_available()) {
-    matmul_4bit_brgemm_f32(x, w4, out_features, bias, out);
-    return;
-  }
   const FloatType tile_type = compute == at::kBFloat16 ? FloatType::kBFloat16 : FloatType::kFloat32;
   const bool split = in_features % 2 == 0;
   // Detached (the kernel computes a value; autograd is the op's business): an operand that
@@ -692,6 +726,22 @@ void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const a
     }
   });
   if (!y_compute.is_same(out)) out.copy_(y_compute);
+}
+
+std::string matmul_4bit_gemm_kernel_cpu(const at::Tensor& x, int64_t blocksize) {
+  switch (gemm_4bit_kernel(x, blocksize)) {
+    case Gemm4bitKernel::kBrgemmBf16:
+      return "brgemm_bf16";
+    case Gemm4bitKernel::kBrgemmF32:
+      return "brgemm_f32";
+    case Gemm4bitKernel::kTorchGemm:
+      break;
+  }
+  return "torch_gemm";
+}
+
+bool cpu_fp32_brgemm_available() {
+  return cpu::active_cpu_isa() == cpu::CpuIsa::kAvx512 && brgemm_f32_available();
 }
 
 // ------------------------------------------------------------------- matmul_4bit, eager entry

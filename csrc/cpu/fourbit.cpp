@@ -642,8 +642,8 @@ void dequantize_4bit_rows_split_slice(const Packed4bit& weight, int64_t in_featu
   }
 }
 
-bool tile_vnni_supported(const Packed4bit& weight, int64_t in_features) {
-  return in_features % (2 * kVnniTileStepBytes) == 0 && in_features % weight.blocksize == 0;
+bool tile_vnni_supported(int64_t blocksize, int64_t in_features) {
+  return in_features % (2 * kVnniTileStepBytes) == 0 && in_features % blocksize == 0;
 }
 
 void dequantize_4bit_tile_vnni(const Packed4bit& weight, int64_t in_features, int64_t row_begin,

@@ -53,7 +53,7 @@ void dequantize_4bit_rows_split_slice(const Packed4bit& weight, int64_t in_featu
 // Needs tile_vnni_supported (in_features a multiple of 32 and of the blocksize); runs on the
 // calling thread and prefetches the rows of the next tile of the same size (below
 // rows_total, the weight's row count), which a thread walking its tiles in order decodes next.
-bool tile_vnni_supported(const Packed4bit& weight, int64_t in_features);
+bool tile_vnni_supported(int64_t blocksize, int64_t in_features);
 void dequantize_4bit_tile_vnni(const Packed4bit& weight, int64_t in_features, int64_t row_begin,
                                int64_t row_end, int64_t rows_total, uint32_t* tile, int64_t ld);
 

@@ -163,21 +163,25 @@ def int8_linear(x, weight, weight_scale, bias, threshold):
 # M <= 2, it streams the weight rows in order); above that the GEMM path: tiles of weight rows
 # decoded into a per-thread cache-resident buffer, then multiplied there (bf16: oneDNN's brgemm
 # microkernel on tiles decoded straight into its VNNI layout, where torch has it and
-# in_features is a multiple of 32 and of the blocksize; computed in fp32 on the AVX-512 path
-# up to 128 rows: oneDNN's fp32 brgemm microkernel; otherwise torch's GEMM per tile).
+# in_features is a multiple of 32 and of the blocksize; computed in fp32 on the AVX-512 path,
+# up to 128 rows and in_features even: oneDNN's fp32 brgemm microkernel, where torch has oneDNN
+# and mkldnn is enabled; otherwise torch's GEMM per tile. _C.matmul_4bit_gemm_kernel_cpu
+# names the kernel).
 # An x86 CPU without AVX512_BF16 computes bf16 x in fp32 on both paths, so on AVX-512 bf16
 # takes fp32's crossover there ("avx512" below; "avx512_bf16" is AVX-512 with it).
 # Crossovers, GEMV / GEMM time at 4096 x 4096, 2 threads (the AVX2 and scalar rows with torch's
 # GEMM held to the same instructions; benchmarks/results/cpu-nf4.md):
 # * avx512_bf16, measured on AMD Zen 5: bf16 0.87 at 4 rows, 1.10 at 5, 1.21 at 6 (the brgemm
 #   path; at 11008 x 4096: 0.70, 0.94, 1.05); fp32 and fp16 (computed in fp32) 0.5 at 17 rows,
-#   0.86-0.88 at 256-512, 0.93 at 1024, above 1 at 2048. (An Intel CPU with AVX512_BF16 was
-#   not measured; on the Intel below, whose GEMV has half of Zen 5's vector ports at 512 bits
-#   and one shuffle port, fp32 crosses near 32-64 rows.)
+#   0.86-0.88 at 256-512, 0.93 at 1024, above 1 at 2048 (against torch's GEMM per tile; the
+#   fp32 brgemm path, which there runs only beyond 512 rows, was not measured there, nor was an
+#   Intel CPU with AVX512_BF16: on the Intel below, whose GEMV has half of Zen 5's vector ports
+#   at 512 bits and one shuffle port, fp32 crosses at 12-14 rows);
 # * avx512, measured on Intel Emerald Rapids with BF16 hidden by its hypervisor: fp32, fp16
 #   and bf16 (all three computed in fp32), against the fp32 brgemm path: 0.89 at 12 rows,
 #   1.06 at 14, 1.18 at 16; at 11008 x 11008: 0.94 at 12, 1.04-1.09 at 13-14 (against torch's
-#   GEMM per 4 MiB tile, before that path: 1.00 at 40 rows; at 11008, 1.00 at 32);
+#   GEMM per 4 MiB tile, which "avx512_torch_gemm" takes where the brgemm path does not run:
+#   1.00 at 40 rows; at 11008, 1.00 at 32);
 # * avx2: bf16 0.5 up to 16 rows (no brgemm there); fp32 0.5-0.8 at 16-32 rows, about 1 near 48;
 # * scalar: on x86 (no AVX2, torch's GEMM held to SSE4) the GEMV was 4x slower at one row,
 #   more above; but the scalar path is mostly every target other than x86 (aarch64), where it
@@ -186,6 +190,7 @@ def int8_linear(x, weight, weight_scale, bias, threshold):
 GEMV_MAX_ROWS = {
     "avx512_bf16": {torch.float32: 512, torch.bfloat16: 5, torch.float16: 512},
     "avx512": {torch.float32: 12, torch.bfloat16: 12, torch.float16: 12},
+    "avx512_torch_gemm": {torch.float32: 32, torch.bfloat16: 32, torch.float16: 32},
     "avx2": {torch.float32: 16, torch.bfloat16: 16, torch.float16: 16},
     "scalar": {torch.float32: 16, torch.bfloat16: 6, torch.float16: 16},
 }
@@ -198,6 +203,8 @@ def gemv_max_rows(dtype: torch.dtype) -> int:
     path = _C.get_cpu_isa()
     if path == "avx512" and _CPU_HAS_AVX512_BF16:
         path = "avx512_bf16"
+    elif path == "avx512" and not _C.cpu_fp32_brgemm_available():
+        path = "avx512_torch_gemm"
     return GEMV_MAX_ROWS[path].get(dtype, 0)
 
 

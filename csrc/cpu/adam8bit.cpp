@@ -62,6 +62,13 @@ constexpr int64_t kCheckBatchBytes = 8 << 20;
 constexpr int64_t kCheckChunksPerWorker = 4;
 constexpr int64_t kMinCheckChunkElements = 65536;
 constexpr int64_t kMaxCheckChunkElements = 1 << 20;
+// Independent running maxima in the finiteness pass: one would chain every load to the last
+// and hold the scan well below the memory bandwidth.
+constexpr int kFiniteAccumulators = 4;
+// How far ahead the SIMD finiteness passes prefetch, one line per step of kFiniteAccumulators
+// vectors: 16 KB took a two-core scan of 8.4M fp32 per core from 23-24 to 27-29 GB/s per core on
+// an Intel core (Emerald Rapids; 8 and 32 KB, or every line of the step, no better), AVX-512.
+constexpr int64_t kFinitePrefetchBytes = 16 << 10;
 
 // ---------------------------------------------------------------- the magnitude encoder
 //
@@ -733,28 +740,50 @@ LP_TARGET_AVX2 void update_float_states_avx2(const AdamTensor& t, const AdamCoef
 }
 
 template <FloatType T>
-LP_TARGET_AVX2 bool all_finite_avx2(const void* g, int64_t begin, int64_t end) {
-  constexpr int64_t kPerVector = T == FloatType::kFloat32 ? 8 : 16;
-  const int64_t elem_size = T == FloatType::kFloat32 ? 4 : 2;
-  const char* base = static_cast<const char*>(g);
-  int64_t i = begin;
-  __m256i largest = _mm256_setzero_si256();
+LP_TARGET_AVX2 inline __m256i avx2_max_exponent_bits(__m256i a, const char* data) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data));
   if constexpr (T == FloatType::kFloat32) {
-    const __m256i exponent = _mm256_set1_epi32(non_finite_exponent<T>());
-    for (; i + kPerVector <= end; i += kPerVector) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + i * elem_size));
-      largest = _mm256_max_epu32(largest, _mm256_and_si256(x, exponent));
-    }
-    largest = _mm256_cmpeq_epi32(largest, exponent);
+    return _mm256_max_epu32(a, _mm256_and_si256(x, _mm256_set1_epi32(non_finite_exponent<T>())));
   } else {
-    const __m256i exponent = _mm256_set1_epi16(static_cast<int16_t>(non_finite_exponent<T>()));
-    for (; i + kPerVector <= end; i += kPerVector) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + i * elem_size));
-      largest = _mm256_max_epu16(largest, _mm256_and_si256(x, exponent));
-    }
-    largest = _mm256_cmpeq_epi16(largest, exponent);
+    return _mm256_max_epu16(
+        a, _mm256_and_si256(x, _mm256_set1_epi16(static_cast<int16_t>(non_finite_exponent<T>()))));
   }
-  return _mm256_testz_si256(largest, largest) && all_finite_scalar<T>(g, i, end);
+}
+
+// As all_finite_avx512: kFiniteAccumulators running maxima, and a prefetch kFinitePrefetchBytes
+// ahead per step.
+template <FloatType T>
+LP_TARGET_AVX2 bool all_finite_avx2(const void* g, int64_t begin, int64_t end) {
+  constexpr int64_t kElementBytes = T == FloatType::kFloat32 ? 4 : 2;
+  constexpr int64_t kPerVector = 32 / kElementBytes;
+  constexpr int64_t kPerStep = kPerVector * kFiniteAccumulators;
+  const char* base = static_cast<const char*>(g);
+  __m256i largest[kFiniteAccumulators];
+  for (__m256i& l : largest)
+    l = _mm256_setzero_si256();
+  int64_t i = begin;
+  for (; i + kPerStep <= end; i += kPerStep) {
+    // The line may lie past the gradient's end (a prefetch never faults).
+    simd::prefetch_l1(base + i * kElementBytes + kFinitePrefetchBytes);
+    for (int a = 0; a < kFiniteAccumulators; ++a) {
+      largest[a] =
+          avx2_max_exponent_bits<T>(largest[a], base + (i + a * kPerVector) * kElementBytes);
+    }
+  }
+  for (; i + kPerVector <= end; i += kPerVector)
+    largest[0] = avx2_max_exponent_bits<T>(largest[0], base + i * kElementBytes);
+  __m256i any_non_finite = _mm256_setzero_si256();
+  for (const __m256i& l : largest) {
+    if constexpr (T == FloatType::kFloat32) {
+      any_non_finite = _mm256_or_si256(
+          any_non_finite, _mm256_cmpeq_epi32(l, _mm256_set1_epi32(non_finite_exponent<T>())));
+    } else {
+      any_non_finite = _mm256_or_si256(
+          any_non_finite,
+          _mm256_cmpeq_epi16(l, _mm256_set1_epi16(static_cast<int16_t>(non_finite_exponent<T>()))));
+    }
+  }
+  return _mm256_testz_si256(any_non_finite, any_non_finite) && all_finite_scalar<T>(g, i, end);
 }
 
 // ------------------------------------------------------------------------------ AVX-512 path
@@ -1384,14 +1413,6 @@ LP_TARGET_AVX512_VBMI void update_float_states_avx512(const AdamTensor& t,
     avx512_store<FloatType::kFloat32>(t.v, i, lanes, v);
   }
 }
-
-// Independent running maxima in the finiteness pass: one would chain every load to the last
-// and hold the scan well below the memory bandwidth.
-constexpr int kFiniteAccumulators = 4;
-// How far ahead the AVX-512 finiteness pass prefetches, one line per step of kFiniteAccumulators
-// vectors: 16 KB took a two-core scan of 8.4M fp32 per core from 23-24 to 27-29 GB/s per core on
-// an Intel core (Emerald Rapids; 8 and 32 KB, or every line of the step, no better).
-constexpr int64_t kFinitePrefetchBytes = 16 << 10;
 
 // Exponent bits of each element (16 floats or 32 halves per register), masked.
 template <FloatType T>

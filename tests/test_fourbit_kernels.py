@@ -507,6 +507,20 @@ def test_cpu_gemm_fp32_tiles(cpu_isa, dtype):
 
 
 @needs_cpu_extension
+@pytest.mark.parametrize("rows", [16, 200], ids=["brgemm-rows", "torch-gemm-rows"])
+def test_cpu_gemm_trainable_bias_leaves_out_plain(rows):
+    """A direct kernel call in grad mode with a bias that requires grad computes a value: out
+    gets no autograd history (the fp32 brgemm path recorded the bias add)."""
+    qw, st = LF.quantize_4bit(_nonzero_randn(64, 128, device="cpu"), 64, "nf4", True)
+    bias = _nonzero_randn(64, device="cpu").requires_grad_()
+    out = torch.full((rows, 64), float("nan"))
+    x = _nonzero_randn(rows, 128, device="cpu")
+    _C.matmul_4bit_gemm_cpu(x, *_weight_args(qw, st), bias, out)
+    assert not out.requires_grad
+    _assert_matmul_close(out, *_float64_product(x, qw, st, bias.detach()), torch.float32, 128)
+
+
+@needs_cpu_extension
 @pytest.mark.parametrize("path", ["gemv", "gemm"])
 def test_cpu_matmul_no_in_features(path):
     """in_features 0 (the op refuses such a weight; a direct kernel call may not): empty sums,

@@ -70,18 +70,23 @@ def caching_allowed() -> bool:
     )
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_dynamic_map(signed: bool, device: torch.device) -> torch.Tensor:
+def _build_codebook(kind: str, choice, device: torch.device) -> torch.Tensor:
+    """codebooks.dynamic_map(choice, device) (kind "dynamic_map", choice: signed) or
+    codebooks.code_4bit(choice, device) (kind "code_4bit", choice: the quant type)."""
     from lowprec_kernels.reference import codebooks
 
-    return codebooks.dynamic_map(signed, device)
+    return getattr(codebooks, kind)(choice, device)
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
-    from lowprec_kernels.reference import codebooks
+_cached_codebook = functools.lru_cache(maxsize=32)(_build_codebook)
 
-    return codebooks.code_4bit(quant_type, device)
+
+def _shared_codebook(kind: str, choice, device) -> torch.Tensor:
+    """One read-only tensor per (kind, choice, device), cached in plain eager execution only,
+    built afresh while tracing (caching_allowed)."""
+    if not caching_allowed():
+        return _build_codebook(kind, choice, device)
+    return _cached_codebook(kind, choice, torch.device(device))
 
 
 def shared_dynamic_map(signed: bool, device: torch.device) -> torch.Tensor:
@@ -89,20 +94,13 @@ def shared_dynamic_map(signed: bool, device: torch.device) -> torch.Tensor:
     read-only user (the functional API's default map, the optimizers' states, which one map
     per device lets a param group step in one fused call): cached in plain eager execution
     only, built afresh while tracing (caching_allowed)."""
-    if not caching_allowed():
-        from lowprec_kernels.reference import codebooks
-
-        return codebooks.dynamic_map(signed, device)
-    return _cached_dynamic_map(bool(signed), torch.device(device))
+    return _shared_codebook("dynamic_map", bool(signed), device)
 
 
 def shared_code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
-    """``quant_type``'s 4-bit codebook on ``device``, shared read-only as above."""
-    if not caching_allowed():
-        from lowprec_kernels.reference import codebooks
-
-        return codebooks.code_4bit(quant_type, device)
-    return _cached_code_4bit(quant_type, torch.device(device))
+    """``quant_type``'s 4-bit codebook on ``device``, shared read-only as above (the
+    functional API's QuantState code, the native kernels' quantize_4bit argument)."""
+    return _shared_codebook("code_4bit", quant_type, device)
 
 
 def to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:

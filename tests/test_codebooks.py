@@ -30,7 +30,7 @@ def test_dynamic_map_first_built_in_a_device_context(signed):
     """The CPU table is cached: built first inside torch.device("meta") (a model built on the
     meta device), it must still be built on the CPU, and the device asked for honoured."""
     codebooks._dynamic_map_cpu.cache_clear()
-    _tables._cached_dynamic_map.cache_clear()
+    _tables._cached_codebook.cache_clear()
     try:
         with torch.device("meta"):
             on_meta = LF.dynamic_map(signed)
@@ -39,7 +39,7 @@ def test_dynamic_map_first_built_in_a_device_context(signed):
         assert table.device.type == "cpu" and torch.equal(table, LF.dynamic_map(signed, "cpu"))
     finally:  # leave no table built here behind
         codebooks._dynamic_map_cpu.cache_clear()
-        _tables._cached_dynamic_map.cache_clear()
+        _tables._cached_codebook.cache_clear()
     assert torch.equal(table, LF.dynamic_map(signed))
 
 
@@ -113,8 +113,7 @@ def test_tracing_leaves_the_cached_tables_real(trace):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    _tables._cached_code_4bit.cache_clear()
-    _tables._cached_dynamic_map.cache_clear()
+    _tables._cached_codebook.cache_clear()
     codebooks._dynamic_map_cpu.cache_clear()
     w = torch.randn(8, 64)
     if trace == "fake-mode":
@@ -154,7 +153,7 @@ def test_an_optimizer_step_traced_with_fake_tensors_leaves_real_optimizers_worki
     step under FakeTensorMode neither caches fake maps nor breaks a later real step."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    _tables._cached_dynamic_map.cache_clear()
+    _tables._cached_codebook.cache_clear()
     codebooks._dynamic_map_cpu.cache_clear()
     with FakeTensorMode() as mode:
         p = torch.nn.Parameter(mode.from_tensor(torch.randn(5000)))

@@ -8,15 +8,13 @@ section per kernel family.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from lowprec_kernels import _C
 from lowprec_kernels._alloc import empty, poison
 from lowprec_kernels._dispatch import mark_available, register_eager, register_kernel
 from lowprec_kernels._ops import num_blocks
-from lowprec_kernels.reference.codebooks import code_4bit
+from lowprec_kernels._tables import shared_code_4bit
 
 # --------------------------------------------------------------------------- blockwise 8-bit
 
@@ -208,11 +206,6 @@ def gemv_max_rows(dtype: torch.dtype) -> int:
     return GEMV_MAX_ROWS[path].get(dtype, 0)
 
 
-@functools.lru_cache(maxsize=16)
-def _code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
-    return code_4bit(quant_type, device)
-
-
 def _optional(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
@@ -223,7 +216,7 @@ def _quantize_4bit(native, A: torch.Tensor, blocksize: int, quant_type: str):
     n = A.numel()
     packed = empty(((n + 1) // 2, 1), torch.uint8, A.device)
     absmax = empty((num_blocks(n, blocksize),), torch.float32, A.device)
-    native(A, _code_4bit(quant_type, A.device), blocksize, quant_type, packed, absmax)
+    native(A, shared_code_4bit(quant_type, A.device), blocksize, quant_type, packed, absmax)
     return packed, absmax
 
 

@@ -564,6 +564,20 @@ void matmul_4bit_brgemm_bf16(const at::Tensor& x, const cpu::Packed4bit& weight,
   out.copy_(bias ? y.add(bias->detach().to(at::kFloat)) : y);
 }
 
+// x's columns in split order (in_features even): its even elements, then its odd ones, the
+// order dequantize_4bit_rows_split decodes a weight row in.
+at::Tensor split_order_columns(const at::Tensor& x) {
+  const int64_t in_features = x.size(1);
+  return at::cat({x.slice(1, 0, in_features, 2), x.slice(1, 1, in_features, 2)}, 1);
+}
+
+// The dtype the GEMM path computes in: x's bf16 where torch's bf16 GEMM has a native dot
+// product (cpu_bf16_gemm_native), else fp32 (fp16 always, bf16 on x86 without AVX512_BF16).
+at::ScalarType gemm_compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 && cpu::cpu_bf16_gemm_native() ? at::kBFloat16
+                                                                         : at::kFloat;
+}
+
 // The fp32 brgemm path (see kBrgemmF32TileRows), for in_features even. Each thread walks the
 // packed rows slice by slice (slice_bytes bytes of each row: its even and its odd
 // elements, two runs of the split order) and, within a slice, its own tiles: a tile's slice is
@@ -576,12 +590,9 @@ void matmul_4bit_brgemm_f32(const at::Tensor& x, const cpu::Packed4bit& weight,
   const int64_t rows = x.size(0), in_features = x.size(1), half = in_features / 2;
   const int64_t columns =
       (rows + kBrgemmF32ColumnAlign - 1) / kBrgemmF32ColumnAlign * kBrgemmF32ColumnAlign;
-  const at::Tensor x_float = x.detach().to(at::kFloat);
   // x^T in split order: row kk holds element 2 kk of x's rows (kk < half), else 2 (kk - half) + 1.
   const at::Tensor xt = at::zeros({in_features, columns}, x.options().dtype(at::kFloat));
-  xt.narrow(1, 0, rows)
-      .copy_(at::cat({x_float.slice(1, 0, in_features, 2), x_float.slice(1, 1, in_features, 2)}, 1)
-                 .t());
+  xt.narrow(1, 0, rows).copy_(split_order_columns(x.detach().to(at::kFloat)).t());
   const at::Tensor yt = at::empty({out_features, columns}, x.options().dtype(at::kFloat));
   // Each byte holds two elements, each a row of `columns` floats of x^T.
   const int64_t slice_bytes = std::clamp<int64_t>(
@@ -630,8 +641,7 @@ Gemm4bitKernel gemm_4bit_kernel(const at::Tensor& x, int64_t blocksize) {
   if (x.scalar_type() == at::kBFloat16 && cpu::tile_vnni_supported(blocksize, in_features) &&
       brgemm_bf16_available())
     return Gemm4bitKernel::kBrgemmBf16;
-  const bool computes_in_fp32 = !(x.scalar_type() == at::kBFloat16 && cpu::cpu_bf16_gemm_native());
-  if (computes_in_fp32 && in_features % 2 == 0 && rows <= kBrgemmF32MaxRows &&
+  if (gemm_compute_type(x) == at::kFloat && in_features % 2 == 0 && rows <= kBrgemmF32MaxRows &&
       cpu_fp32_brgemm_available())
     return Gemm4bitKernel::kBrgemmF32;
   return Gemm4bitKernel::kTorchGemm;
@@ -670,17 +680,14 @@ void matmul_4bit_gemm_cpu(const at::Tensor& x, const at::Tensor& packed, const a
     case Gemm4bitKernel::kTorchGemm:
       break;
   }
-  const at::ScalarType compute =
-      x.scalar_type() == at::kBFloat16 && cpu::cpu_bf16_gemm_native() ? at::kBFloat16 : at::kFloat;
+  const at::ScalarType compute = gemm_compute_type(x);
   const FloatType tile_type = compute == at::kBFloat16 ? FloatType::kBFloat16 : FloatType::kFloat32;
   const bool split = in_features % 2 == 0;
   // Detached (the kernel computes a value; autograd is the op's business): an operand that
   // requires grad makes the out= GEMMs below refuse to run unless the thread is below
   // autograd. x, or a trainable bias already in the compute dtype, passes .to() unchanged.
   const at::Tensor x_cast = x.detach().to(compute);
-  const at::Tensor x_compute =
-      split ? at::cat({x_cast.slice(1, 0, in_features, 2), x_cast.slice(1, 1, in_features, 2)}, 1)
-            : x_cast;
+  const at::Tensor x_compute = split ? split_order_columns(x_cast) : x_cast;
   const at::Tensor y_compute =
       out.scalar_type() == compute ? out : at::empty(out.sizes(), out.options().dtype(compute));
   const at::Tensor bias_compute = bias ? bias->detach().to(compute) : at::Tensor();
